@@ -1,0 +1,408 @@
+"""The reconciler: observe, plan, apply; level-triggered.
+
+Requests and kernel events only say *which keys* may differ from the desired state
+(``kick``); a pass realizes those keys through the backends, each ensure observing first
+and acting only on the difference, and logs one line. A periodic full pass, and one after
+lost events or a failure, covers everything. Keys that keep failing back off
+exponentially instead of spinning.
+
+Requests realize their own changes under ``lock`` before they are answered, so
+``ctl plug`` returns once the namespace is plugged.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import structlog
+
+from netagent.backends.firewall import FirewallBackend, FirewallSpec
+from netagent.backends.netlink import NetlinkBackend, ensure_forwarding
+
+from . import intents as I
+from .bus import EventBus
+from .errors import NetagentError
+from .state import Change, DesiredState
+
+log = structlog.get_logger("netagent.reconcile")
+
+FIREWALL_KEY = "firewall"
+BACKOFF_MIN = 0.5
+BACKOFF_MAX = 60.0
+
+
+@dataclass
+class KeyStatus:
+    error: str | None = None
+    failures: int = 0
+    retry_at: float = 0.0
+    last_actions: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PassResult:
+    actions: dict[str, list[str]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def merge(self, key: str, actions: Iterable[str]) -> None:
+        acts = list(actions)
+        if acts:
+            self.actions.setdefault(key, []).extend(acts)
+
+
+def _order(key: str) -> int:
+    kind = key.split("/", 1)[0]
+    return I.KIND_ORDER.index(kind) if kind in I.KIND_ORDER else len(I.KIND_ORDER)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        desired: DesiredState,
+        links: NetlinkBackend,
+        firewall: FirewallBackend,
+        bus: EventBus,
+        resync_interval: float = 30.0,
+    ) -> None:
+        self.desired = desired
+        self.links = links
+        self.firewall = firewall
+        self.bus = bus
+        self.resync_interval = resync_interval
+        self.lock = anyio.Lock()
+        self.status: dict[str, KeyStatus] = {}
+        self.dirty: set[str] = set()
+        self.full_requested = True
+        self._wake = anyio.Event()
+        self.passes = 0
+        self.last_pass: dict[str, Any] = {}
+        self.conntrack = True
+
+    # ---- triggers -------------------------------------------------------------------
+    def kick(self, keys: Iterable[str] = (), full: bool = False) -> None:
+        self.dirty.update(keys)
+        if full:
+            self.full_requested = True
+        self._wake.set()
+
+    def firewall_spec(self) -> FirewallSpec:
+        return FirewallSpec(
+            forwards=tuple(self.desired.of_kind(I.Forward)),
+            bridges=tuple(self.desired.of_kind(I.Bridge)),
+        )
+
+    # ---- realizing one key ----------------------------------------------------------
+    async def _ensure(self, intent: I.Intent, old: I.Intent | None, dry_run: bool = False) -> list[str]:
+        if isinstance(intent, I.Namespace):
+            return await self.links.ensure_namespace(intent, dry_run=dry_run)
+        if isinstance(intent, I.Bridge):
+            assert old is None or isinstance(old, I.Bridge)
+            return await self.links.ensure_bridge(intent, old, dry_run=dry_run)
+        if isinstance(intent, I.Plug):
+            br = self.desired.bridge(intent.bridge)
+            assert br is not None
+            return await self.links.ensure_plug(intent, br, dry_run=dry_run)
+        if isinstance(intent, I.Wire):
+            return await self.links.ensure_wire(intent, dry_run=dry_run)
+        if isinstance(intent, I.AttachRule):
+            if dry_run:
+                return []
+            return await self.attach_existing(intent)
+        return []  # forwards are the firewall's, handled as a whole
+
+    async def _remove(self, intent: I.Intent) -> list[str]:
+        if isinstance(intent, I.Namespace):
+            return await self.links.remove_namespace(intent)
+        if isinstance(intent, I.Bridge):
+            return await self.links.remove_bridge(intent)
+        if isinstance(intent, I.Plug):
+            return await self.links.remove_plug(intent)
+        if isinstance(intent, I.Wire):
+            return await self.links.remove_wire(intent)
+        return []
+
+    async def inspect(self, intent: I.Intent) -> list[str]:
+        """What is missing for ``intent`` (empty: in place)."""
+        try:
+            return await self._ensure(intent, None, dry_run=True)
+        except NetagentError as exc:
+            return [exc.message]
+        except Exception as exc:
+            return [f"cannot check: {exc}"]
+
+    # ---- attach rules ---------------------------------------------------------------
+    def rule_for(self, ifname: str) -> I.AttachRule | None:
+        for rule in self.desired.of_kind(I.AttachRule):
+            if rule.matches(ifname):
+                return rule
+        return None
+
+    async def attach_existing(self, rule: I.AttachRule) -> list[str]:
+        done = []
+        links = await self.links.links()
+        by_name = {lk.name: lk for lk in links}
+        bridge = by_name.get(rule.bridge)
+        if bridge is None:
+            return []
+        for lk in links:
+            if lk.index == bridge.index or lk.kind == "bridge" or not rule.matches(lk.name):
+                continue
+            done.extend(await self.attach(lk.index, lk.name, lk.master, lk.up, bridge.index, rule))
+        return done
+
+    async def attach(
+        self,
+        index: int,
+        name: str,
+        master: int | None,
+        up: bool,
+        bridge_index: int,
+        rule: I.AttachRule,
+    ) -> list[str]:
+        if master == bridge_index and up:
+            return []
+        if master not in (None, 0, bridge_index):
+            other = await self.links.link_by_index(master)
+            other_name = other.name if other else f"index {master}"
+            self.bus.publish(
+                "left-alone",
+                f"{name} matches {rule.pattern!r} but is already enslaved to {other_name}; "
+                "netagent does not take it",
+                ifname=name,
+                bridge=rule.bridge,
+                master=other_name,
+            )
+            return [f"left {name} alone: it belongs to {other_name}"]
+        await self.links.enslave(index, bridge_index)
+        self.bus.publish(
+            "attached", f"{name} attached to {rule.bridge} (rule {rule.pattern!r})",
+            ifname=name, bridge=rule.bridge, rule=rule.key,
+        )
+        return [f"attached {name} to {rule.bridge}"]
+
+    # ---- passes ---------------------------------------------------------------------
+    async def realize(self, changes: list[Change]) -> PassResult:
+        """Realize the changes a request just made (called with ``lock`` held)."""
+        t0 = time.perf_counter()
+        result = PassResult()
+        removals = sorted((c for c in changes if c.new is None), key=lambda c: -_order(c.key))
+        updates = sorted((c for c in changes if c.new is not None), key=lambda c: _order(c.key))
+        fwd_added = [c.new for c in changes if isinstance(c.new, I.Forward)]
+        fwd_removed = [c.old for c in changes if isinstance(c.old, I.Forward)]
+        bridges_changed = any(isinstance(c.new or c.old, I.Bridge) for c in changes)
+        # the firewall first on removal (stop forwarding before the target goes away)
+        if fwd_removed or fwd_added or bridges_changed:
+            await self._firewall_update(fwd_added, fwd_removed, bridges_changed, result)
+        for c in removals:
+            assert c.old is not None
+            await self._step(c.key, self._remove(c.old), result)
+            self.status.pop(c.key, None)
+        for c in updates:
+            assert c.new is not None
+            if isinstance(c.new, I.Forward):
+                continue
+            await self._step(c.key, self._ensure(c.new, c.old), result)
+        await self._step("sysctl", self._forwarding(), result)
+        self._log_pass("request", t0, result, len(changes))
+        return result
+
+    async def _firewall_update(
+        self,
+        added: list[I.Forward],
+        removed: list[I.Forward],
+        full: bool,
+        result: PassResult,
+    ) -> None:
+        spec = self.firewall_spec()
+        try:
+            if full or self.status.get(FIREWALL_KEY, KeyStatus()).error:
+                await self._firewall_full(spec, result)
+            else:
+                batch = self.firewall.plan_update(spec, added, removed)
+                try:
+                    await self.firewall.apply(batch)
+                    result.merge(FIREWALL_KEY, batch.steps)
+                except NetagentError:
+                    # the table drifted under us: observe and converge the whole of it
+                    await self._firewall_full(spec, result)
+            self._ok(FIREWALL_KEY)
+        except NetagentError as exc:
+            self._fail(FIREWALL_KEY, exc.message, result)
+        # retargeted or removed forwards must not keep their old flows
+        if removed and self.conntrack:
+            await clear_conntrack(removed)
+
+    async def _firewall_full(self, spec: FirewallSpec, result: PassResult) -> None:
+        observed = await self.firewall.observe()
+        batch = self.firewall.plan(spec, observed)
+        await self.firewall.apply(batch)
+        result.merge(FIREWALL_KEY, batch.steps)
+
+    async def _forwarding(self) -> list[str]:
+        need4 = need6 = False
+        for br in self.desired.of_kind(I.Bridge):
+            need4 |= any(a.version == 4 for a in br.addresses)
+            need6 |= any(a.version == 6 for a in br.addresses)
+        for fwd in self.desired.of_kind(I.Forward):
+            need4 |= fwd.family == 4
+            need6 |= fwd.family == 6
+        return ensure_forwarding(need4, need6)
+
+    async def _step(self, key: str, coro: Any, result: PassResult) -> None:
+        try:
+            actions = await coro
+            result.merge(key, actions)
+            self._ok(key)
+        except NetagentError as exc:
+            self._fail(key, exc.message, result)
+        except OSError as exc:
+            self._fail(key, f"{type(exc).__name__}: {exc}", result)
+        except Exception as exc:  # the kernel said no (NetlinkError) or a bug; never crash
+            self._fail(key, f"{type(exc).__name__}: {exc}", result)
+
+    def _ok(self, key: str) -> None:
+        st = self.status.get(key)
+        if st is not None and st.error is not None:
+            self.bus.publish("recovered", f"{key} is in place again", key=key)
+        self.status[key] = KeyStatus()
+
+    def _fail(self, key: str, message: str, result: PassResult) -> None:
+        st = self.status.setdefault(key, KeyStatus())
+        st.failures += 1
+        st.error = message
+        delay = min(BACKOFF_MAX, BACKOFF_MIN * math.pow(2, st.failures - 1))
+        st.retry_at = time.monotonic() + delay
+        result.errors[key] = message
+        self.bus.publish("error", f"{key}: {message} (retry in {delay:.1f}s)", key=key)
+
+    def _log_pass(self, trigger: str, t0: float, result: PassResult, keys: int) -> None:
+        self.passes += 1
+        ms = (time.perf_counter() - t0) * 1000
+        self.last_pass = {
+            "trigger": trigger,
+            "keys": keys,
+            "changed": sum(len(a) for a in result.actions.values()),
+            "errors": len(result.errors),
+            "ms": round(ms, 2),
+            "at": time.time(),
+        }
+        log.info(
+            "reconcile pass",
+            trigger=trigger,
+            keys=keys,
+            changed=self.last_pass["changed"],
+            errors=result.errors or None,
+            duration_ms=round(ms, 2),
+        )
+
+    async def full_pass(self, trigger: str) -> PassResult:
+        """Converge everything: every intent, the whole firewall, sysctls."""
+        t0 = time.perf_counter()
+        result = PassResult()
+        intents = sorted(self.desired.intents.values(), key=lambda i: _order(i.key))
+        for intent in intents:
+            if isinstance(intent, I.Forward):
+                continue
+            await self._step(intent.key, self._ensure(intent, None), result)
+        try:
+            await self._firewall_full(self.firewall_spec(), result)
+            self._ok(FIREWALL_KEY)
+        except NetagentError as exc:
+            self._fail(FIREWALL_KEY, exc.message, result)
+        await self._step("sysctl", self._forwarding(), result)
+        self._publish_repairs(trigger, result)
+        self._log_pass(trigger, t0, result, len(intents))
+        return result
+
+    async def keys_pass(self, keys: set[str], trigger: str) -> PassResult:
+        t0 = time.perf_counter()
+        result = PassResult()
+        for key in sorted(keys, key=_order):
+            if key == FIREWALL_KEY:
+                try:
+                    await self._firewall_full(self.firewall_spec(), result)
+                    self._ok(FIREWALL_KEY)
+                except NetagentError as exc:
+                    self._fail(FIREWALL_KEY, exc.message, result)
+                continue
+            intent = self.desired.get(key)
+            if intent is None or isinstance(intent, I.Forward):
+                continue
+            await self._step(key, self._ensure(intent, None), result)
+            # what hangs off a repaired bridge or namespace comes back with it
+            if isinstance(intent, (I.Bridge, I.Namespace)) and result.actions.get(key):
+                for dep in self._dependents(intent):
+                    await self._step(dep.key, self._ensure(dep, None), result)
+        self._publish_repairs(trigger, result)
+        self._log_pass(trigger, t0, result, len(keys))
+        return result
+
+    def _dependents(self, intent: I.Intent) -> list[I.Intent]:
+        if isinstance(intent, I.Bridge):
+            return list(self.desired.users_of_bridge(intent.name))
+        if isinstance(intent, I.Namespace):
+            return self.desired.users_of_namespace(intent.name)
+        return []
+
+    def _publish_repairs(self, trigger: str, result: PassResult) -> None:
+        for key, actions in result.actions.items():
+            if key == "sysctl" or not actions:
+                continue
+            self.bus.publish(
+                "repaired", f"{key}: {'; '.join(actions)}", key=key, trigger=trigger,
+                actions=actions,
+            )
+
+    async def run(self) -> None:
+        """The background loop: coalesce kicks, run passes, back off failing keys."""
+        next_full = time.monotonic() + self.resync_interval
+        while True:
+            now = time.monotonic()
+            retry = [k for k, st in self.status.items() if st.error and st.retry_at <= now]
+            if not self.dirty and not self.full_requested and not retry:
+                timeout = next_full - now
+                pending = [st.retry_at for st in self.status.values() if st.error]
+                if pending:
+                    timeout = min(timeout, min(pending) - now)
+                with anyio.move_on_after(max(timeout, 0.0)):
+                    await self._wake.wait()
+                self._wake = anyio.Event()
+                now = time.monotonic()
+                if now >= next_full:
+                    self.full_requested = True
+                continue
+            # let a burst of events land before acting on it
+            await anyio.sleep(0.002)
+            async with self.lock:
+                if self.full_requested:
+                    self.full_requested = False
+                    self.dirty.clear()
+                    next_full = time.monotonic() + self.resync_interval
+                    await self.full_pass("periodic" if not retry else "retry")
+                else:
+                    keys = set(self.dirty) | set(retry)
+                    self.dirty.clear()
+                    await self.keys_pass(keys, "event" if not retry else "retry")
+
+
+async def clear_conntrack(forwards: list[I.Forward]) -> None:
+    """Drop conntrack entries of forwards that were removed or retargeted, so existing
+    flows do not keep using the old destination. Best effort: no conntrack tool, no-op."""
+    import shutil
+
+    tool = shutil.which("conntrack")
+    if tool is None:
+        return
+    for fwd in forwards:
+        for hport, dport in fwd.pairs()[:64]:
+            argv = [
+                tool, "-D", "-f", "ipv4" if fwd.family == 4 else "ipv6", "-p", fwd.proto,
+                "--orig-port-dst", str(hport), "--reply-src", str(fwd.dest_ip),
+                "--reply-port-src", str(dport),
+            ]
+            await anyio.run_process(argv, check=False)

@@ -1,0 +1,278 @@
+"""The nftables backend: one table, ``inet netagent``, driven with ``nft -f -``.
+
+Forwards are elements of maps read by a few fixed rules, so a packet costs the same with
+10,000 forwards as with one, and adding or removing a forward changes one element (see
+``shared/notes/nftables.md``). Only traffic addressed to the host is translated: every
+DNAT rule starts with ``fib daddr type local`` (CNI portmap's GHSA-jv3w-x3r3-g6rm).
+
+    table inet netagent
+      map dnat_{tcp,udp}{4,6}     port             : addr . port
+      map dnat_{tcp,udp}{4,6}h    host addr . port : addr . port   (--host-ip)
+      chain prerouting  nat/prerouting -100: fib daddr type local dnat ... map @...
+      chain output      nat/output -100:     the same, for the host's own traffic
+      chain postrouting nat/postrouting 100: masquerade for 127.0.0.1 -> forward,
+                                             hairpin and --masquerade per bridge
+
+Every change is one ``nft -f -`` transaction (a script on stdin: atomic, all or nothing);
+what exists is read with ``nft -j list table``. Changes are written in nft's own syntax,
+not JSON, because nft 1.0.6 (Debian 12) crashes with a segmentation fault parsing a JSON
+``dnat`` whose address comes from a map of concatenations (``addr . port``), which is the
+one rule this design needs. No other table is ever read or written.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from netagent.agent import intents as I
+from netagent.agent.errors import BackendFailed
+
+from .firewall import Batch, FirewallBackend, FirewallSpec
+
+TABLE = "netagent"
+FAMILY = "inet"
+
+Elem = tuple[str, str, str]  # (map name, key, value) in a normalized text form
+
+
+def map_name(proto: str, version: int, bound: bool) -> str:
+    return f"dnat_{proto}{version}{'h' if bound else ''}"
+
+
+MAPS = [(p, v, b) for p in I.PROTOS for v in (4, 6) for b in (False, True)]
+_ADDR_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
+_L3 = {4: "ip", 6: "ip6"}
+
+
+_L4 = {"tcp": "tcp", "udp": "udp"}
+
+
+def _dnat_rule(proto: str, version: int, bound: bool) -> str:
+    name = map_name(proto, version, bound)
+    key = f"{_L3[version]} daddr . {proto} dport" if bound else f"{proto} dport"
+    return (
+        f"fib daddr type local meta nfproto ipv{version} meta l4proto {proto} "
+        f'dnat {_L3[version]} to {key} map @{name} comment "{name}"'
+    )
+
+
+def _bridge_rules(br: I.Bridge) -> dict[str, str]:
+    """comment -> rule text, for the postrouting chain."""
+    rules = {}
+    for addr in br.addresses:
+        l3 = _L3[addr.version]
+        net = addr.network
+        # hairpin: a namespace reaching a forward through the host's address, DNATed back
+        # onto its own bridge; without the masquerade the reply would skip the host
+        c = f"hairpin {br.key} ipv{addr.version}"
+        rules[c] = f'ct status dnat {l3} saddr {net} {l3} daddr {net} masquerade comment "{c}"'
+        if br.masquerade:
+            c = f"masquerade {br.key} ipv{addr.version}"
+            rules[c] = f'{l3} saddr {net} oifname != "{br.name}" masquerade comment "{c}"'
+    return rules
+
+
+LOCALHOST_RULE = 'ct status dnat ip saddr 127.0.0.0/8 masquerade comment "localhost"'
+CHAINS = (
+    ("prerouting", "prerouting", -100),
+    ("output", "output", -100),
+    ("postrouting", "postrouting", 100),
+)
+
+
+def _table_text(bridge_rules: dict[str, str]) -> str:
+    lines = [f"table {FAMILY} {TABLE} {{"]
+    for proto, version, bound in MAPS:
+        key_type = f"{_ADDR_TYPE[version]} . inet_service" if bound else "inet_service"
+        lines.append(
+            f"  map {map_name(proto, version, bound)} "
+            f"{{ type {key_type} : {_ADDR_TYPE[version]} . inet_service; }}"
+        )
+    for chain, hook, prio in CHAINS:
+        lines.append(f"  chain {chain} {{")
+        lines.append(f"    type nat hook {hook} priority {prio}; policy accept;")
+        if chain != "postrouting":
+            lines.extend(f"    {_dnat_rule(*m)}" for m in MAPS)
+        else:
+            lines.append(f"    {LOCALHOST_RULE}")
+            lines.extend(f"    {r}" for r in bridge_rules.values())
+        lines.append("  }")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def forward_elems(fwd: I.Forward) -> list[Elem]:
+    name = map_name(fwd.proto, fwd.family, fwd.host_ip is not None)
+    out = []
+    for hport, dport in fwd.pairs():
+        key = f"{fwd.host_ip} . {hport}" if fwd.host_ip is not None else str(hport)
+        out.append((name, key, f"{fwd.dest_ip} . {dport}"))
+    return out
+
+
+def _elem_lines(verb: str, elems: list[Elem], keys_only: bool = False) -> list[str]:
+    by_map: dict[str, list[Elem]] = {}
+    for e in elems:
+        by_map.setdefault(e[0], []).append(e)
+    lines = []
+    for name, group in sorted(by_map.items()):
+        body = ", ".join(k if keys_only else f"{k} : {v}" for _m, k, v in group)
+        lines.append(f"{verb} element {FAMILY} {TABLE} {name} {{ {body} }}")
+    return lines
+
+
+def _norm(value: Any) -> str:
+    if isinstance(value, dict) and "concat" in value:
+        return " . ".join(_norm(v) for v in value["concat"])
+    if isinstance(value, str):
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            return value
+    return str(value)
+
+
+@dataclass
+class Observed:
+    present: bool = False
+    elems: set[Elem] = field(default_factory=set)
+    rules: dict[str, list[int]] = field(default_factory=dict)  # comment -> handles
+    chains: set[str] = field(default_factory=set)
+    maps: set[str] = field(default_factory=set)
+
+
+def parse_table(doc: dict[str, Any]) -> Observed:
+    obs = Observed(present=True)
+    for item in doc.get("nftables", []):
+        if "map" in item:
+            m = item["map"]
+            obs.maps.add(m["name"])
+            for k, v in m.get("elem", []):
+                obs.elems.add((m["name"], _norm(k), _norm(v)))
+        elif "chain" in item:
+            obs.chains.add(item["chain"]["name"])
+        elif "rule" in item:
+            r = item["rule"]
+            obs.rules.setdefault(r.get("comment", ""), []).append(r["handle"])
+    return obs
+
+
+class NftablesBackend(FirewallBackend):
+    name = "nftables"
+
+    def __init__(self) -> None:
+        self.nft = shutil.which("nft") or "nft"
+
+    @classmethod
+    def probe(cls) -> tuple[bool, str]:
+        nft = shutil.which("nft")
+        if nft is None:
+            return False, "the nft program is not installed (Debian package nftables)"
+        import subprocess
+
+        result = subprocess.run(
+            [nft, "-j", "list", "tables"], capture_output=True, env={"LANG": "C"}, check=False
+        )
+        if result.returncode != 0:
+            return False, f"nft cannot talk to the kernel: {result.stderr.decode().strip()}"
+        return True, f"{nft} answers and the kernel has nf_tables"
+
+    async def _nft(self, *args: str, stdin: bytes | None = None) -> bytes:
+        result = await anyio.run_process(
+            [self.nft, *args],
+            input=stdin,
+            check=False,
+            env={"LANG": "C", "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin")},
+        )
+        if result.returncode != 0:
+            raise BackendFailed(f"nft {' '.join(args)}: {result.stderr.decode().strip()}")
+        return bytes(result.stdout)
+
+    async def observe(self) -> Observed:
+        try:
+            out = await self._nft("-j", "list", "table", FAMILY, TABLE)
+        except BackendFailed as exc:
+            if "No such file or directory" in exc.message:
+                return Observed(present=False)
+            raise
+        return parse_table(json.loads(out))
+
+    def plan(self, spec: FirewallSpec, observed: Observed) -> Batch:
+        want_elems = {e for f in spec.forwards for e in forward_elems(f)}
+        bridge_rules: dict[str, str] = {}
+        for br in spec.bridges:
+            bridge_rules.update(_bridge_rules(br))
+        intact = (
+            observed.present
+            and {map_name(*m) for m in MAPS} <= observed.maps
+            and {c for c, _h, _p in CHAINS} <= observed.chains
+            and all(len(observed.rules.get(map_name(*m), [])) == 2 for m in MAPS)
+            and len(observed.rules.get("localhost", [])) == 1
+        )
+        if not intact:
+            return self._full(bridge_rules, want_elems, observed.present)
+        lines: list[str] = []
+        steps: list[str] = []
+        static = {map_name(*m) for m in MAPS} | {"localhost"}
+        # per-bridge rules: delete the ones no longer wanted, add the missing ones
+        for comment, handles in sorted(observed.rules.items()):
+            if comment in static:
+                continue
+            if comment in bridge_rules and len(handles) == 1:
+                continue
+            for h in handles:
+                chain = "postrouting"
+                lines.append(f"delete rule {FAMILY} {TABLE} {chain} handle {h}")
+            steps.append(f"delete rule {comment or '(no comment)'}")
+        for comment, rule in bridge_rules.items():
+            if len(observed.rules.get(comment, [])) != 1:
+                lines.append(f"add rule {FAMILY} {TABLE} postrouting {rule}")
+                steps.append(f"add rule {comment}")
+        extra = sorted(observed.elems - want_elems)
+        missing = sorted(want_elems - observed.elems)
+        lines += _elem_lines("delete", extra, keys_only=True) + _elem_lines("add", missing)
+        steps += [f"delete element {m} {{ {k} : {v} }}" for m, k, v in extra]
+        steps += [f"add element {m} {{ {k} : {v} }}" for m, k, v in missing]
+        return Batch(steps=steps, payload=lines)
+
+    def _full(self, bridge_rules: dict[str, str], elems: set[Elem], present: bool) -> Batch:
+        # add + delete + create: atomic whether or not the table exists now
+        lines = [f"add table {FAMILY} {TABLE}", f"delete table {FAMILY} {TABLE}"]
+        lines.append(_table_text(bridge_rules))
+        lines += _elem_lines("add", sorted(elems))
+        what = "rebuild" if present else "create"
+        rules = 2 * len(MAPS) + 1 + len(bridge_rules)
+        steps = [f"{what} table {FAMILY} {TABLE} ({rules} rules, {len(elems)} map elements)"]
+        return Batch(steps=steps, payload=lines, full=True)
+
+    def plan_update(
+        self, spec: FirewallSpec, added: list[I.Forward], removed: list[I.Forward]
+    ) -> Batch:
+        gone = [e for f in removed for e in forward_elems(f)]
+        new = [e for f in added for e in forward_elems(f)]
+        lines = _elem_lines("delete", gone, keys_only=True) + _elem_lines("add", new)
+        steps = [f"delete element {m} {{ {k} : {v} }}" for m, k, v in gone]
+        steps += [f"add element {m} {{ {k} : {v} }}" for m, k, v in new]
+        return Batch(steps=steps, payload=lines)
+
+    async def apply(self, batch: Batch) -> None:
+        if batch.empty:
+            return
+        script = "\n".join(batch.payload) + "\n"
+        await self._nft("-f", "-", stdin=script.encode())
+
+    async def present(self) -> bool:
+        return (await self.observe()).present
+
+    async def purge(self) -> list[str]:
+        if not await self.present():
+            return []
+        await self._nft("delete", "table", FAMILY, TABLE)
+        return [f"deleted table {FAMILY} {TABLE}"]

@@ -1,0 +1,3 @@
+"""netagent: a host networking agent for namespaces, veth pairs, bridges and NAT."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from netagent.cli.entry import main
+
+main()
