@@ -8,6 +8,7 @@ SIGTERM stops serving and exits; the data plane (links, rules) stays as it is.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import grp
 import os
@@ -666,6 +667,36 @@ def _bind_socket(config: Config) -> socket.socket:
     return sock
 
 
+async def _wait_for_stop_signal() -> int:
+    """Wait for SIGTERM or SIGINT sent to *this* process.
+
+    Not ``anyio.open_signal_receiver``: it uses a wakeup fd, which the processes pyroute2
+    forks to enter namespaces inherit; pyroute2 ends them with SIGTERM, and the signal
+    arrived through the shared fd as if the daemon itself had been told to stop. Here a
+    forked child that gets the signal just dies of it.
+    """
+    loop = asyncio.get_running_loop()
+    main_pid = os.getpid()
+    stop = anyio.Event()
+    received: list[int] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        if os.getpid() != main_pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        received.append(signum)
+        loop.call_soon_threadsafe(stop.set)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        await stop.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    return received[0]
+
+
 async def run_daemon(config: Config) -> None:
     agent = Agent(config)
     await agent.start()
@@ -681,11 +712,9 @@ async def run_daemon(config: Config) -> None:
         sdnotify.notify(f"READY=1\nSTATUS={agent.summary()}")
         tg.start_soon(sdnotify.watchdog_loop, agent.summary)
         log.info("netagent ready", socket=config.socket, firewall=agent.firewall_why)
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                log.info("stopping; links and rules stay in place", signal=signal.Signals(signum).name)
-                sdnotify.notify("STOPPING=1")
-                break
+        signum = await _wait_for_stop_signal()
+        log.info("stopping; links and rules stay in place", signal=signal.Signals(signum).name)
+        sdnotify.notify("STOPPING=1")
         tg.cancel_scope.cancel()
     with contextlib.suppress(Exception):
         await listener.aclose()
