@@ -1,0 +1,35 @@
+# Everything runs from the project's own virtual environment, made on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test unit lint bench setup clean
+
+## the main job: the seed's walk through the real daemon and CLI, in a sandbox (root)
+demo: $(STAMP)
+	$(VENV)/bin/netagent demo
+
+## lint, type-check and the whole test suite (privileged tests need root)
+test: $(STAMP) lint
+	$(PY) -m pytest
+
+## only the tests that need no root
+unit: $(STAMP)
+	$(PY) -m pytest -m "not privileged and not e2e"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+## speed, measured in a sandbox, figures side by side in one run
+bench: $(STAMP)
+	$(PY) bench/run.py
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	scripts/setup.sh $(VENV)
+	touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,95 @@
+"""Durable state: journal, torn writes, corruption, compaction (no root)."""
+
+from pathlib import Path
+
+import pytest
+
+from netagent.agent import errors as E
+from netagent.agent import intents as I
+from netagent.agent import store as S
+from netagent.agent.state import DesiredState
+
+
+def replay(directory: Path) -> DesiredState:
+    st = DesiredState()
+    st.load_changes(S.StateStore(directory).load())
+    return st
+
+
+def record(store: S.StateStore, state: DesiredState, fn) -> None:  # type: ignore[no-untyped-def]
+    with state.transaction() as changes:
+        fn()
+    store.append(changes)
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    store, state = S.StateStore(tmp_path), DesiredState()
+    store.load()
+    record(store, state, lambda: state.add_namespace("red"))
+    record(store, state, lambda: state.add_forward(I.make_forward("80", "10.0.0.2:80")))
+    record(store, state, lambda: state.del_forward("tcp", 80, 1, None))
+    store.close()
+    assert replay(tmp_path).to_wire() == state.to_wire()
+
+
+def test_torn_last_line_is_dropped(tmp_path: Path) -> None:
+    store, state = S.StateStore(tmp_path), DesiredState()
+    store.load()
+    record(store, state, lambda: state.add_namespace("red"))
+    store.close()
+    with open(tmp_path / "journal.jsonl", "ab") as f:
+        f.write(b'{"seq": 2, "changes": [{"key": "ns/bl')  # died inside write()
+    assert replay(tmp_path).to_wire() == [{"kind": "ns", "name": "red"}]
+    # the torn bytes were cut: the next append starts on a clean line
+    assert (tmp_path / "journal.jsonl").read_bytes().endswith(b"\n")
+
+
+def test_corrupt_journal_line_stops_start(tmp_path: Path) -> None:
+    (tmp_path / "journal.jsonl").write_bytes(b'{"seq": 1, "changes": []}\nnot json\n')
+    with pytest.raises(E.StateCorrupt, match="journal.jsonl is damaged.*line 2"):
+        S.StateStore(tmp_path).load()
+
+
+def test_corrupt_snapshot_names_last_good_copy(tmp_path: Path) -> None:
+    store, state = S.StateStore(tmp_path), DesiredState()
+    store.load()
+    record(store, state, lambda: state.add_namespace("red"))
+    store.compact(state.to_wire())
+    record(store, state, lambda: state.add_namespace("blue"))
+    store.compact(state.to_wire())
+    store.close()
+    (tmp_path / "state.json").write_bytes(b'{"format": 1, "seq": 2, "intents": [')
+    with pytest.raises(E.StateCorrupt) as exc:
+        S.StateStore(tmp_path).load()
+    assert str(tmp_path / "state.json") in exc.value.message
+    assert "state.json.prev" in exc.value.message
+    # the last good copy is real and loads
+    (tmp_path / "state.json.prev").rename(tmp_path / "state.json")
+    (tmp_path / "journal.jsonl").unlink()
+    assert replay(tmp_path).to_wire() == [{"kind": "ns", "name": "red"}]
+
+
+def test_compaction_keeps_everything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(S, "COMPACT_EVERY", 10)
+    store, state = S.StateStore(tmp_path), DesiredState()
+    store.load()
+    for port in range(1, 26):
+        record(store, state, lambda p=port: state.add_forward(I.make_forward(str(p), f"10.0.0.2:{p}")))
+        if store.needs_compaction():
+            store.compact(state.to_wire())
+    store.close()
+    again = replay(tmp_path)
+    assert again.to_wire() == state.to_wire()
+    assert len(again.of_kind(I.Forward)) == 25
+
+
+def test_crash_between_snapshot_and_journal_truncate(tmp_path: Path) -> None:
+    """The snapshot holds seq N, the journal still has lines <= N: they are skipped."""
+    store, state = S.StateStore(tmp_path), DesiredState()
+    store.load()
+    record(store, state, lambda: state.add_namespace("red"))
+    journal = (tmp_path / "journal.jsonl").read_bytes()
+    store.compact(state.to_wire())
+    store.close()
+    (tmp_path / "journal.jsonl").write_bytes(journal)  # as if truncate never happened
+    assert replay(tmp_path).to_wire() == [{"kind": "ns", "name": "red"}]

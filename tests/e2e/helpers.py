@@ -1,0 +1,79 @@
+"""Shared steps for end-to-end tests: the seed topology, an outside client, HTTP."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+from tests.conftest import Daemon
+
+CLIENT_HOST = "203.0.113.1"
+
+
+def build_seed(d: Daemon, forward: bool = True) -> None:
+    d.ok("ns", "add", "red")
+    d.ok("ns", "add", "blue")
+    d.ok("bridge", "add", "v-net-0", "--address", "192.168.15.5/24")
+    d.ok("plug", "red", "v-net-0", "--address", "192.168.15.1/24")
+    d.ok("plug", "blue", "v-net-0", "--address", "192.168.15.2/24")
+    if forward:
+        d.ok("forward", "80", "192.168.15.2:80")
+
+
+def add_client(d: Daemon) -> None:
+    """The outside world: a namespace wired to the host by hand (not netagent's)."""
+    d.sh("ip", "netns", "add", "client")
+    d.sh("ip", "link", "add", "to-client", "type", "veth", "peer", "name", "eth0", "netns", "client")
+    d.sh("ip", "addr", "add", f"{CLIENT_HOST}/24", "dev", "to-client")
+    d.sh("ip", "link", "set", "to-client", "up")
+    d.sh("ip", "-n", "client", "addr", "add", "203.0.113.2/24", "dev", "eth0")
+    d.sh("ip", "-n", "client", "link", "set", "eth0", "up")
+    d.sh("ip", "-n", "client", "route", "add", "default", "via", CLIENT_HOST)
+
+
+def serve_http(d: Daemon, ns: str, addr: str, port: int, body: str) -> None:
+    """A tiny HTTP server in a namespace answering ``body``; waits until it listens."""
+    code = (
+        "import http.server,sys\n"
+        "class H(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        f"        b={body!r}.encode(); self.send_response(200)\n"
+        "        self.send_header('Content-Length', str(len(b))); self.end_headers(); self.wfile.write(b)\n"
+        "    def log_message(self,*a): pass\n"
+        f"http.server.ThreadingHTTPServer(({addr!r},{port}),H).serve_forever()\n"
+    )
+    d.box.popen(["ip", "netns", "exec", ns, sys.executable, "-c", code])
+    for _ in range(200):
+        r = d.in_ns(ns, sys.executable, "-c",
+                    f"import socket;socket.create_connection(({addr!r},{port}),1)", check=False)
+        if r.returncode == 0:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"http server in {ns} did not start")
+
+
+def http_get(d: Daemon, ns: str | None, url: str) -> str:
+    code = ("import urllib.request;"
+            f"print(urllib.request.urlopen({url!r}, timeout=3).read().decode())")
+    argv = [sys.executable, "-c", code]
+    r = d.in_ns(ns, *argv, check=False) if ns else d.sh(*argv, check=False)
+    return r.stdout.strip() if r.returncode == 0 else f"ERROR {r.stderr.strip()[-200:]}"
+
+
+def ping(d: Daemon, ns: str | None, addr: str) -> bool:
+    argv = ["ping", "-c", "1", "-W", "2", addr]
+    r = d.in_ns(ns, *argv, check=False) if ns else d.sh(*argv, check=False)
+    return r.returncode == 0
+
+
+def show(d: Daemon) -> dict[str, Any]:
+    reply = json.loads(d.ctl("show", json_out=True, check=True).stdout)
+    assert reply["ok"] is True
+    result: dict[str, Any] = reply["result"]
+    return result
+
+
+def desired(d: Daemon) -> list[dict[str, Any]]:
+    return [i["intent"] for i in show(d)["intents"]]
