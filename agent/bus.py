@@ -35,8 +35,14 @@ class Watcher:
         batch = list(self.queue)
         self.queue.clear()
         if self.dropped:
-            batch.append({"ts": time.time(), "type": "lagged", "dropped": self.dropped,
-                          "message": f"this watcher was too slow: {self.dropped} events dropped"})
+            batch.append(
+                {
+                    "ts": time.time(),
+                    "type": "lagged",
+                    "dropped": self.dropped,
+                    "message": f"this watcher was too slow: {self.dropped} events dropped",
+                }
+            )
             self.dropped = 0
         return batch
 

@@ -54,7 +54,10 @@ class Config:
         return config
 
     def check(self) -> None:
-        if self.firewall not in ("nftables", "iptables", "auto") and not self.firewall.isidentifier():
+        if (
+            self.firewall not in ("nftables", "iptables", "auto")
+            and not self.firewall.isidentifier()
+        ):
             raise InvalidArgument(f"firewall {self.firewall!r}: use nftables, iptables or auto")
         if self.resync_interval <= 0 or self.client_timeout <= 0:
             raise InvalidArgument("resync_interval and client_timeout must be positive")

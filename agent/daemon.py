@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import grp
 import os
 import pwd
@@ -72,7 +73,7 @@ def _arg(args: dict[str, Any], name: str, kind: type | tuple[type, ...], default
             raise BadRequest(f"missing argument {name!r}")
         return default
     value = args[name]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         want = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
         raise InvalidArgument(f"argument {name!r} must be {want}, got {type(value).__name__}")
     return value
@@ -166,9 +167,8 @@ class Agent:
         self.rec = Reconciler(
             self.desired, self.links, self.firewall, self.bus, self.config.resync_interval
         )
-        async with self.rec.lock:
-            await self.rec.full_pass("start")
-            self.rec.full_requested = False
+        await self.rec.full_pass("start")
+        self.rec.full_requested = False
         log.info(
             "state loaded and reconciled",
             intents=len(self.desired.intents),
@@ -492,23 +492,47 @@ def _parse_apply_item(n: int, d: Any) -> tuple[str, Callable[[DesiredState], Any
 SO_PEERCRED_LEN = struct.calcsize("3i")
 
 
-def _peer_credentials(stream: SocketStream) -> tuple[int, int, int]:
-    sock = stream.extra(SocketAttribute.raw_socket)
+def _peer_credentials(stream: SocketStream) -> tuple[int, int, int, frozenset[int] | None]:
+    """(pid, uid, gid, supplementary groups) of the connected process, from the kernel.
+
+    SO_PEERCRED gives pid, uid and primary gid as of connect(); SO_PEERGROUPS (Linux 4.13)
+    the supplementary groups the process really had then, the same credentials the
+    socket file's permissions were checked against. Groups are None without it."""
+    import errno
+
+    sock = stream.extra(SocketAttribute.raw_socket)  # noqa: S610 - anyio, not Django
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, SO_PEERCRED_LEN)
     pid, uid, gid = struct.unpack("3i", raw)
-    return pid, uid, gid
+    so_peergroups = getattr(socket, "SO_PEERGROUPS", 59)  # 59 on every Linux arch
+    groups: frozenset[int] | None = None
+    for size in (4 * 256, 4 * 65536):  # NGROUPS_MAX is 65536
+        try:
+            buf = sock.getsockopt(socket.SOL_SOCKET, so_peergroups, size)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE:
+                continue
+            break
+        groups = frozenset(struct.unpack(f"{len(buf) // 4}I", buf[: len(buf) // 4 * 4]))
+        break
+    return pid, uid, gid, groups
 
 
 def _group_gid(name: str | None) -> int | None:
+    """The gid of a group given by name (or as a number); None when there is none."""
     if not name:
         return None
+    if name.isascii() and name.isdigit():
+        return int(name)
     try:
         return grp.getgrnam(name).gr_gid
     except KeyError:
         return None
 
 
-def _user_gids(uid: int, gid: int) -> set[int]:
+def _user_gids(uid: int, gid: int, groups: frozenset[int] | None = None) -> set[int]:
+    """Every group the peer is in: what SO_PEERGROUPS reported, else the group database."""
+    if groups is not None:
+        return {gid, *groups}
     try:
         user = pwd.getpwuid(uid).pw_name
     except KeyError:
@@ -517,51 +541,133 @@ def _user_gids(uid: int, gid: int) -> set[int]:
 
 
 class Server:
+    """The command server: a task per connection, each checked (SO_PEERCRED) and bounded
+    in time, so a silent, slow or hostile client holds up nobody but itself."""
+
     def __init__(self, agent: Agent, config: Config) -> None:
         self.agent = agent
         self.config = config
         self.admin_gid = _group_gid(config.socket_group)
         self.readonly_gid = _group_gid(config.readonly_group)
+        for setting, name, gid in (
+            ("socket_group", config.socket_group, self.admin_gid),
+            ("readonly_group", config.readonly_group, self.readonly_gid),
+        ):
+            if name and gid is None:
+                log.warning("group does not exist; its would-be members are refused",
+                            setting=setting, group=name)
         self.clients = 0
+        self.max_clients = self._max_clients()
+        self.refused = 0
+        self.timeouts = 0
 
-    def access_for(self, uid: int, gid: int) -> str | None:
+    @staticmethod
+    def _max_clients() -> int:
+        """Connections served at once: what the fd limit allows, less a reserve for the
+        work itself (nft/ip pipes, namespace sockets, the journal)."""
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return 65536
+        return max(16, soft - 128)
+
+    def access_for(self, uid: int, gid: int, groups: frozenset[int] | None = None) -> str | None:
+        """"rw" (root, the daemon's own user, the socket group), "ro" (the read-only
+        group) or None (anyone else)."""
         if uid == 0 or uid == os.getuid():
             return "rw"
-        gids = _user_gids(uid, gid)
+        gids = _user_gids(uid, gid, groups)
         if self.admin_gid is not None and self.admin_gid in gids:
             return "rw"
         if self.readonly_gid is not None and self.readonly_gid in gids:
             return "ro"
         return None
 
+    async def serve(self, listener: anyio.abc.SocketListener) -> None:
+        """Accept connections until cancelled. A failing accept (EMFILE: every fd taken)
+        is retried, not raised: anyio's ``serve`` would take the whole daemon down."""
+        failing = False
+        async with anyio.create_task_group() as tg:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except anyio.BrokenResourceError as exc:
+                    if not failing:
+                        log.warning("accepting connections fails; retrying",
+                                    error=str(exc.__cause__ or exc), clients=self.clients)
+                    failing = True
+                    await anyio.sleep(0.1)
+                    continue
+                failing = False
+                tg.start_soon(self.serve_connection, stream)
+
     async def serve_connection(self, stream: SocketStream) -> None:
         self.clients += 1
         try:
-            await self._serve(stream)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream):
-            pass
-        except Exception:
-            log.exception("connection failed")
+            pid, uid, gid, groups = _peer_credentials(stream)
+            with structlog.contextvars.bound_contextvars(peer_uid=uid, peer_pid=pid):
+                try:
+                    await self._serve(stream, pid, uid, gid, groups)
+                except* (anyio.BrokenResourceError, anyio.ClosedResourceError,
+                         anyio.EndOfStream, ConnectionError):
+                    pass  # the client went away
+                except* TimeoutError:
+                    self.timeouts += 1
+                    log.info("client did not read its replies in time; disconnected",
+                             timeout_s=self.config.client_timeout)
+                except* Exception:
+                    log.exception("connection failed")
+        except OSError:
+            log.exception("cannot read the peer's credentials; connection dropped")
         finally:
             self.clients -= 1
             with contextlib.suppress(Exception):
                 await stream.aclose()
 
     async def _send(self, stream: SocketStream, msg: dict[str, Any]) -> None:
+        """A reply; a client that does not read it within client_timeout is dropped."""
         with anyio.fail_after(self.config.client_timeout):
             await stream.send(protocol.encode(msg))
 
-    async def _serve(self, stream: SocketStream) -> None:
-        pid, uid, gid = _peer_credentials(stream)
-        access = self.access_for(uid, gid)
-        if access is None:
-            log.warning("connection refused", peer_uid=uid, peer_pid=pid)
-            err = PermissionDenied(
-                f"uid {uid} may not use netagent; ask an administrator to add you to the "
-                f"group {self.config.socket_group!r} (or {self.config.readonly_group!r} to look)"
-            )
+    async def _send_last(self, stream: SocketStream, err: NetagentError,
+                         req_id: Any = None) -> None:
+        """A last error reply before hanging up: best effort, never waits long."""
+        grace = min(1.0, self.config.client_timeout)
+        with contextlib.suppress(Exception), anyio.move_on_after(grace):
+            await stream.send(protocol.encode(protocol.reply_error(req_id, err)))
+
+    async def _refuse(self, stream: SocketStream, err: NetagentError) -> None:
+        """Answer the first request with ``err`` and hang up. The request is read first
+        (briefly, at most 64 KiB): closing on a client that is still sending would give
+        it EPIPE instead of the reason."""
+        req_id: Any = None
+        grace = min(1.0, self.config.client_timeout)
+        with contextlib.suppress(Exception), anyio.move_on_after(grace):
+            line = await BufferedByteReceiveStream(stream).receive_until(b"\n", 1 << 16)
             with contextlib.suppress(Exception):
-                await self._send(stream, protocol.reply_error(None, err))
+                req_id = protocol.parse_request(line)[0]
+        await self._send_last(stream, err, req_id)
+
+    async def _serve(self, stream: SocketStream, pid: int, uid: int, gid: int,
+                     groups: frozenset[int] | None) -> None:
+        if self.clients > self.max_clients:
+            log.warning("too many clients; connection refused", clients=self.clients - 1,
+                        limit=self.max_clients)
+            await self._refuse(stream, Internal(
+                f"netagent is serving {self.clients - 1} clients, its limit; try again shortly"))
+            return
+        access = self.access_for(uid, gid, groups)
+        if access is None:
+            self.refused += 1
+            log.warning("connection refused: not root and not in an allowed group",
+                        peer_gid=gid, socket_group=self.config.socket_group,
+                        readonly_group=self.config.readonly_group)
+            look = (f", or to {self.config.readonly_group!r} to look only"
+                    if self.config.readonly_group else "")
+            await self._refuse(stream, PermissionDenied(
+                f"uid {uid} (pid {pid}) may not use netagent: ask an administrator to add the "
+                f"user to the group {self.config.socket_group!r}{look}"))
             return
         peer = Peer(pid, uid, gid, access)
         reader = BufferedByteReceiveStream(stream)
@@ -570,15 +676,22 @@ class Server:
                 with anyio.fail_after(self.config.client_timeout):
                     line = await reader.receive_until(b"\n", protocol.MAX_LINE)
             except anyio.IncompleteRead:
-                return
+                if reader.buffer.strip():
+                    await self._send_last(stream, BadRequest(
+                        "the request ended without a newline; end each JSON object with \\n"))
+                return  # the client hung up
             except anyio.DelimiterNotFound:
-                err = RequestTooLarge(f"request is over {protocol.MAX_LINE} bytes")
-                await self._send(stream, protocol.reply_error(None, err))
+                log.info("request too large; disconnected", limit=protocol.MAX_LINE)
+                await self._send_last(stream, RequestTooLarge(
+                    f"request is over {protocol.MAX_LINE} bytes; send one JSON object per "
+                    "line, each smaller than that"))
                 return
             except TimeoutError:
-                with contextlib.suppress(Exception):
-                    await self._send(stream, protocol.reply_error(None, RequestTimeout(
-                        f"no complete request within {self.config.client_timeout:g}s")))
+                self.timeouts += 1
+                log.info("no complete request in time; disconnected",
+                         timeout_s=self.config.client_timeout, pending_bytes=len(reader.buffer))
+                await self._send_last(stream, RequestTimeout(
+                    f"no complete request within {self.config.client_timeout:g}s"))
                 return
             if not line.strip():
                 continue
@@ -590,27 +703,28 @@ class Server:
         t0 = time.perf_counter()
         req_id: Any = None
         op = "?"
-        bound = structlog.contextvars.bound_contextvars(peer_uid=peer.uid, peer_pid=peer.pid)
-        with bound:
+        try:
             try:
                 req_id, op, args = protocol.parse_request(line)
-                self.agent.requests += 1
-                if op == "events":
-                    await self._events(stream, req_id, args)
-                    return True
-                result = await self.agent.handle(op, args, peer)
-                reply = protocol.reply_ok(req_id, result)
-                log.info("request", op=op, ok=True,
-                         changed=result.get("changed") if isinstance(result, dict) else None,
-                         duration_ms=round((time.perf_counter() - t0) * 1000, 2))
-            except NetagentError as exc:
-                reply = protocol.reply_error(req_id, exc)
-                log.info("request", op=op, ok=False, code=exc.code, error=exc.message,
-                         duration_ms=round((time.perf_counter() - t0) * 1000, 2))
-            except Exception as exc:
-                log.exception("request failed", op=op)
-                reply = protocol.reply_error(req_id, Internal(f"internal error: {exc}"))
-            await self._send(stream, reply)
+            except RecursionError:  # json's C decoder on deeply nested arrays
+                raise BadRequest("request nests too deeply; send a flat JSON object") from None
+            self.agent.requests += 1
+            if op == "events":
+                await self._events(stream, req_id, args)
+                return True
+            result = await self.agent.handle(op, args, peer)
+            reply = protocol.reply_ok(req_id, result)
+            log.info("request", op=op, ok=True,
+                     changed=result.get("changed") if isinstance(result, dict) else None,
+                     duration_ms=round((time.perf_counter() - t0) * 1000, 2))
+        except NetagentError as exc:
+            reply = protocol.reply_error(req_id, exc)
+            log.info("request", op=op, ok=False, code=exc.code, error=exc.message,
+                     duration_ms=round((time.perf_counter() - t0) * 1000, 2))
+        except Exception as exc:
+            log.exception("request failed", op=op)
+            reply = protocol.reply_error(req_id, Internal(f"internal error: {exc}"))
+        await self._send(stream, reply)
         return False
 
     async def _events(self, stream: SocketStream, req_id: Any, args: dict[str, Any]) -> None:
@@ -635,36 +749,129 @@ class Server:
             bus.unsubscribe(watcher)
 
 
-def _bind_socket(config: Config) -> socket.socket:
-    """The listening socket: passed in by systemd (LISTEN_FDS) or bound here, 0660."""
-    passed = sdnotify.listen_fds()
+def _grant_socket_access(path: str, gid: int) -> None:
+    """Let a second group (the read-only one) connect to the 0660 socket: a POSIX ACL
+    entry ``group:GID:rw-`` (connect(2) needs write permission on a socket file). The mode
+    stays 0660; written as the ``system.posix_acl_access`` xattr, so no setfacl needed."""
+    undefined = 0xFFFFFFFF
+    entries = [  # (tag, perm, id), sorted by tag as the kernel requires
+        (0x01, 6, undefined),  # ACL_USER_OBJ rw
+        (0x04, 6, undefined),  # ACL_GROUP_OBJ rw
+        (0x08, 6, gid),  # ACL_GROUP gid rw
+        (0x10, 6, undefined),  # ACL_MASK rw
+        (0x20, 0, undefined),  # ACL_OTHER ---
+    ]
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+    try:
+        os.setxattr(path, "system.posix_acl_access", acl)
+    except OSError as exc:
+        log.warning("cannot let the read-only group reach the socket (no POSIX ACLs here?); "
+                    "its members will get 'permission denied'", socket=path, gid=gid,
+                    error=exc.strerror)
+
+
+def _bind_socket(config: Config) -> tuple[socket.socket, Path | None]:
+    """The listening socket, and the path to remove at exit (None when systemd owns it).
+
+    Passed in by systemd (LISTEN_FDS, netagent.socket: SocketMode=0660, SocketGroup=) or
+    bound here: created 0660 from the start (umask during bind), owner root, group
+    ``socket_group``; the read-only group, if any, gets an ACL entry."""
+    import stat
+
+    readonly_gid = _group_gid(config.readonly_group)
+    admin_gid = _group_gid(config.socket_group)
+    passed = sdnotify.listen_fds(unset_environment=True)
     if passed:
-        sock = socket.socket(fileno=passed[0])
-        log.info("using the socket systemd passed in", fd=passed[0])
-        return sock
+        if len(passed) > 1:
+            log.warning("systemd passed several sockets; using the first", fds=passed)
+        try:
+            sock = socket.socket(fileno=passed[0])
+        except OSError as exc:
+            raise Internal(f"fd {passed[0]} from systemd (LISTEN_FDS) is not a socket: "
+                           f"{exc.strerror}") from None
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM or not listening:
+            sock.detach()
+            raise Internal(f"fd {passed[0]} from systemd is not a listening Unix stream "
+                           "socket; netagent.socket needs ListenStream=/run/netagent/netagent.sock")
+        name = sock.getsockname()
+        where = name if isinstance(name, str) and name.startswith("/") else None
+        if where and readonly_gid is not None and readonly_gid != admin_gid:
+            _grant_socket_access(where, readonly_gid)
+        if where and where != config.socket:
+            log.warning("the socket systemd passed is not the configured one",
+                        passed=where, configured=config.socket)
+        log.info("using the socket systemd passed in", fd=passed[0], socket=where or repr(name))
+        return sock, None
     path = Path(config.socket)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    if path.exists() or path.is_symlink():
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise Internal(f"{path} exists and is not a socket; remove it or choose another "
+                           "--socket")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(str(path))
             raise Internal(f"another netagent is already listening on {path}")
         except (ConnectionRefusedError, FileNotFoundError):
-            path.unlink()
+            path.unlink(missing_ok=True)  # left by a daemon that died
         finally:
             probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     old_umask = os.umask(0o117)
     try:
         sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        raise Internal(f"cannot listen on {path}: {exc.strerror or exc}") from None
     finally:
         os.umask(old_umask)
-    gid = _group_gid(config.socket_group)
-    if gid is not None:
-        os.chown(path, 0 if os.getuid() == 0 else -1, gid)
-    os.chmod(path, 0o660)
-    sock.listen(512)
-    return sock
+    try:
+        made = path.stat()  # created by this process: owner = its uid, group = its gid
+        if admin_gid is not None and made.st_gid != admin_gid:
+            # needs CAP_CHOWN unless the daemon is in the group (systemd: Group=netagent)
+            try:
+                os.chown(path, -1, admin_gid)
+            except PermissionError:
+                raise Internal(f"cannot give {path} the group {config.socket_group!r}: run "
+                               "the daemon with that group (Group=) or CAP_CHOWN") from None
+        os.chmod(path, 0o660)
+        if readonly_gid is not None and readonly_gid != admin_gid:
+            _grant_socket_access(str(path), readonly_gid)
+        sock.listen(1024)
+    except BaseException:
+        sock.close()
+        path.unlink(missing_ok=True)
+        raise
+    return sock, path
+
+
+def _lock_state_dir(state_dir: str) -> int:
+    """One daemon per state dir: a second one would interleave journal lines.
+
+    A POSIX record lock (lockf), not flock: it belongs to this process only, so the
+    children pyroute2 forks to enter namespaces do not inherit it and keep it held after
+    ``kill -9``; the kernel drops it the moment the process dies."""
+    import fcntl
+
+    directory = Path(state_dir)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lock = directory / "lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise Internal(f"another netagent (pid {holder or '?'}) is using the state dir "
+                       f"{directory}; stop it first") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 async def _wait_for_stop_signal() -> int:
@@ -698,28 +905,51 @@ async def _wait_for_stop_signal() -> int:
 
 
 async def run_daemon(config: Config) -> None:
+    """Lock the state dir, take the socket, load and reconcile, then serve; READY=1 goes
+    to systemd only once all of that is done.
+
+    The socket is bound before the (possibly long) start-up so a client that comes early
+    waits in the backlog instead of being refused, and a second daemon on the same socket
+    stops before it touches anything."""
+    sdnotify.notify("STATUS=starting: loading state")
+    lock_fd = _lock_state_dir(config.state_dir)
+    raw, owned = _bind_socket(config)
     agent = Agent(config)
-    await agent.start()
-    assert agent.rec is not None
-    server = Server(agent, config)
-    raw = _bind_socket(config)
-    listener = await anyio.abc.SocketListener.from_socket(raw)
-    async with anyio.create_task_group() as tg:
-        agent.events = EventSource(agent.rec, agent.links, agent.bus)
-        await tg.start(agent.events.run)
-        tg.start_soon(agent.rec.run)
-        tg.start_soon(listener.serve, server.serve_connection)
-        sdnotify.notify(f"READY=1\nSTATUS={agent.summary()}")
-        tg.start_soon(sdnotify.watchdog_loop, agent.summary)
-        log.info("netagent ready", socket=config.socket, firewall=agent.firewall_why)
-        signum = await _wait_for_stop_signal()
-        log.info("stopping; links and rules stay in place", signal=signal.Signals(signum).name)
-        sdnotify.notify("STOPPING=1")
-        tg.cancel_scope.cancel()
-    with contextlib.suppress(Exception):
-        await listener.aclose()
-    if not sdnotify.listen_fds():
-        with contextlib.suppress(FileNotFoundError):
-            Path(config.socket).unlink()
-    agent.store.close()
-    await agent.links.close()
+    try:
+        try:
+            sdnotify.notify("STATUS=starting: loading state and reconciling")
+            await agent.start()
+        except NetagentError as exc:
+            sdnotify.notify(f"STATUS=failed to start: {sdnotify.one_line(exc.message)}")
+            raise
+        assert agent.rec is not None
+        server = Server(agent, config)
+        listener = await anyio.abc.SocketListener.from_socket(raw)
+        try:
+            async with anyio.create_task_group() as tg:
+                agent.events = EventSource(agent.rec, agent.links, agent.bus)
+                await tg.start(agent.events.run)
+                tg.start_soon(agent.rec.run)
+                tg.start_soon(server.serve, listener)
+                gc.freeze()  # what start-up made lives forever: keep it out of GC passes
+                sdnotify.notify(f"READY=1\nSTATUS={sdnotify.one_line(agent.summary())}")
+                tg.start_soon(sdnotify.watchdog_loop, agent.summary)
+                log.info("netagent ready", socket=config.socket, firewall=agent.firewall_why,
+                         max_clients=server.max_clients,
+                         watchdog_s=sdnotify.watchdog_interval())
+                signum = await _wait_for_stop_signal()
+                log.info("stopping; links and rules stay in place",
+                         signal=signal.Signals(signum).name)
+                sdnotify.notify("STOPPING=1")
+                tg.cancel_scope.cancel()
+        finally:
+            with contextlib.suppress(Exception):
+                await listener.aclose()
+    finally:
+        raw.close()
+        if owned is not None:
+            with contextlib.suppress(FileNotFoundError):
+                owned.unlink()
+        agent.store.close()
+        await agent.links.close()
+        os.close(lock_fd)

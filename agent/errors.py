@@ -182,5 +182,7 @@ def error_from_wire(wire: dict[str, Any]) -> NetagentError:
     code = wire.get("code")
     cls = ERRORS_BY_CODE.get(code, NetagentError) if isinstance(code, int) else NetagentError
     details = wire.get("details")
-    err = cls(str(wire.get("message", "unknown error")), **(details if isinstance(details, dict) else {}))
+    err = cls(
+        str(wire.get("message", "unknown error")), **(details if isinstance(details, dict) else {})
+    )
     return err

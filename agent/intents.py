@@ -141,8 +141,7 @@ def parse_destination(value: object) -> tuple[IPAddress, int, int]:
         host, sep, port = value.rpartition(":")
         if ":" in host:
             raise InvalidAddress(
-                f"destination {value!r}: write an IPv6 destination in brackets, "
-                "e.g. [fd00::2]:80"
+                f"destination {value!r}: write an IPv6 destination in brackets, e.g. [fd00::2]:80"
             )
     if not sep or not host:
         raise InvalidArgument(
@@ -291,7 +290,9 @@ class Plug:
 
     def describe(self) -> str:
         addrs = ", ".join(map(str, self.addresses))
-        return f"{self.ns}:{self.ifname} at {addrs} plugged into {self.bridge} via {self.host_ifname}"
+        return (
+            f"{self.ns}:{self.ifname} at {addrs} plugged into {self.bridge} via {self.host_ifname}"
+        )
 
 
 @dataclass(frozen=True)

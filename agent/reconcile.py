@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,15 @@ log = structlog.get_logger("netagent.reconcile")
 FIREWALL_KEY = "firewall"
 BACKOFF_MIN = 0.5
 BACKOFF_MAX = 60.0
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    index: int
+    name: str
+    kind: str | None
+    master: int | None
+    up: bool
 
 
 @dataclass
@@ -82,6 +91,8 @@ class Reconciler:
         self.passes = 0
         self.last_pass: dict[str, Any] = {}
         self.conntrack = True
+        #: the event source's view of the host's links (kept by events, no dump needed)
+        self.link_view: Callable[[], list[LinkInfo]] | None = None
 
     # ---- triggers -------------------------------------------------------------------
     def kick(self, keys: Iterable[str] = (), full: bool = False) -> None:
@@ -97,7 +108,9 @@ class Reconciler:
         )
 
     # ---- realizing one key ----------------------------------------------------------
-    async def _ensure(self, intent: I.Intent, old: I.Intent | None, dry_run: bool = False) -> list[str]:
+    async def _ensure(
+        self, intent: I.Intent, old: I.Intent | None, dry_run: bool = False
+    ) -> list[str]:
         if isinstance(intent, I.Namespace):
             return await self.links.ensure_namespace(intent, dry_run=dry_run)
         if isinstance(intent, I.Bridge):
@@ -143,16 +156,37 @@ class Reconciler:
         return None
 
     async def attach_existing(self, rule: I.AttachRule) -> list[str]:
-        done = []
-        links = await self.links.links()
+        """Attach what already exists and matches (a new rule, a start, a resync)."""
+        if self.link_view is not None:
+            links = self.link_view()
+        else:
+            links = [
+                LinkInfo(lk.index, lk.name, lk.kind, lk.master, lk.up)
+                for lk in await self.links.links()
+            ]
         by_name = {lk.name: lk for lk in links}
+        names = {lk.index: lk.name for lk in links}
         bridge = by_name.get(rule.bridge)
         if bridge is None:
             return []
+        done = []
         for lk in links:
             if lk.index == bridge.index or lk.kind == "bridge" or not rule.matches(lk.name):
                 continue
-            done.extend(await self.attach(lk.index, lk.name, lk.master, lk.up, bridge.index, rule))
+            try:
+                done.extend(
+                    await self.attach(
+                        lk.index,
+                        lk.name,
+                        lk.master,
+                        lk.up,
+                        bridge.index,
+                        rule,
+                        master_name=names.get(lk.master) if lk.master else None,
+                    )
+                )
+            except OSError as exc:  # vanished meanwhile, or the bridge is full
+                done.append(f"could not attach {lk.name}: {exc.strerror or exc}")
         return done
 
     async def attach(
@@ -163,25 +197,28 @@ class Reconciler:
         up: bool,
         bridge_index: int,
         rule: I.AttachRule,
+        master_name: str | None = None,
     ) -> list[str]:
         if master == bridge_index and up:
             return []
         if master not in (None, 0, bridge_index):
-            other = await self.links.link_by_index(master)
-            other_name = other.name if other else f"index {master}"
+            other = master_name or f"interface #{master}"
             self.bus.publish(
                 "left-alone",
-                f"{name} matches {rule.pattern!r} but is already enslaved to {other_name}; "
+                f"{name} matches {rule.pattern!r} but is already enslaved to {other}; "
                 "netagent does not take it",
                 ifname=name,
                 bridge=rule.bridge,
-                master=other_name,
+                master=other,
             )
-            return [f"left {name} alone: it belongs to {other_name}"]
+            return [f"left {name} alone: it belongs to {other}"]
         await self.links.enslave(index, bridge_index)
         self.bus.publish(
-            "attached", f"{name} attached to {rule.bridge} (rule {rule.pattern!r})",
-            ifname=name, bridge=rule.bridge, rule=rule.key,
+            "attached",
+            f"{name} attached to {rule.bridge} (rule {rule.pattern!r})",
+            ifname=name,
+            bridge=rule.bridge,
+            rule=rule.key,
         )
         return [f"attached {name} to {rule.bridge}"]
 
@@ -300,23 +337,37 @@ class Reconciler:
             duration_ms=round(ms, 2),
         )
 
+    async def _ensure_current(self, key: str, result: PassResult) -> I.Intent | None:
+        """Ensure one key as the desired state has it *now*, under the lock, so a
+        request that changed or removed it meanwhile wins. Background passes take the
+        lock per key: requests wait for one key, never for a whole pass."""
+        async with self.lock:
+            intent = self.desired.get(key)
+            if intent is None or isinstance(intent, I.Forward):
+                return None
+            await self._step(key, self._ensure(intent, None), result)
+            return intent
+
+    async def _firewall_pass(self, result: PassResult) -> None:
+        async with self.lock:
+            try:
+                await self._firewall_full(self.firewall_spec(), result)
+                self._ok(FIREWALL_KEY)
+            except NetagentError as exc:
+                self._fail(FIREWALL_KEY, exc.message, result)
+
     async def full_pass(self, trigger: str) -> PassResult:
         """Converge everything: every intent, the whole firewall, sysctls."""
         t0 = time.perf_counter()
         result = PassResult()
-        intents = sorted(self.desired.intents.values(), key=lambda i: _order(i.key))
-        for intent in intents:
-            if isinstance(intent, I.Forward):
-                continue
-            await self._step(intent.key, self._ensure(intent, None), result)
-        try:
-            await self._firewall_full(self.firewall_spec(), result)
-            self._ok(FIREWALL_KEY)
-        except NetagentError as exc:
-            self._fail(FIREWALL_KEY, exc.message, result)
-        await self._step("sysctl", self._forwarding(), result)
+        keys = sorted(self.desired.intents, key=_order)
+        for key in keys:
+            await self._ensure_current(key, result)
+        await self._firewall_pass(result)
+        async with self.lock:
+            await self._step("sysctl", self._forwarding(), result)
         self._publish_repairs(trigger, result)
-        self._log_pass(trigger, t0, result, len(intents))
+        self._log_pass(trigger, t0, result, len(keys))
         return result
 
     async def keys_pass(self, keys: set[str], trigger: str) -> PassResult:
@@ -324,20 +375,13 @@ class Reconciler:
         result = PassResult()
         for key in sorted(keys, key=_order):
             if key == FIREWALL_KEY:
-                try:
-                    await self._firewall_full(self.firewall_spec(), result)
-                    self._ok(FIREWALL_KEY)
-                except NetagentError as exc:
-                    self._fail(FIREWALL_KEY, exc.message, result)
+                await self._firewall_pass(result)
                 continue
-            intent = self.desired.get(key)
-            if intent is None or isinstance(intent, I.Forward):
-                continue
-            await self._step(key, self._ensure(intent, None), result)
+            intent = await self._ensure_current(key, result)
             # what hangs off a repaired bridge or namespace comes back with it
             if isinstance(intent, (I.Bridge, I.Namespace)) and result.actions.get(key):
                 for dep in self._dependents(intent):
-                    await self._step(dep.key, self._ensure(dep, None), result)
+                    await self._ensure_current(dep.key, result)
         self._publish_repairs(trigger, result)
         self._log_pass(trigger, t0, result, len(keys))
         return result
@@ -354,7 +398,10 @@ class Reconciler:
             if key == "sysctl" or not actions:
                 continue
             self.bus.publish(
-                "repaired", f"{key}: {'; '.join(actions)}", key=key, trigger=trigger,
+                "repaired",
+                f"{key}: {'; '.join(actions)}",
+                key=key,
+                trigger=trigger,
                 actions=actions,
             )
 
@@ -378,16 +425,16 @@ class Reconciler:
                 continue
             # let a burst of events land before acting on it
             await anyio.sleep(0.002)
-            async with self.lock:
-                if self.full_requested:
-                    self.full_requested = False
-                    self.dirty.clear()
-                    next_full = time.monotonic() + self.resync_interval
-                    await self.full_pass("periodic" if not retry else "retry")
-                else:
-                    keys = set(self.dirty) | set(retry)
-                    self.dirty.clear()
-                    await self.keys_pass(keys, "event" if not retry else "retry")
+            if self.full_requested:
+                self.full_requested = False
+                self.dirty.clear()
+                trigger = "periodic" if now >= next_full else "resync"
+                next_full = time.monotonic() + self.resync_interval
+                await self.full_pass(trigger)
+            else:
+                keys = set(self.dirty) | set(retry)
+                self.dirty.clear()
+                await self.keys_pass(keys, "retry" if retry and not keys - set(retry) else "event")
 
 
 async def clear_conntrack(forwards: list[I.Forward]) -> None:
@@ -401,8 +448,17 @@ async def clear_conntrack(forwards: list[I.Forward]) -> None:
     for fwd in forwards:
         for hport, dport in fwd.pairs()[:64]:
             argv = [
-                tool, "-D", "-f", "ipv4" if fwd.family == 4 else "ipv6", "-p", fwd.proto,
-                "--orig-port-dst", str(hport), "--reply-src", str(fwd.dest_ip),
-                "--reply-port-src", str(dport),
+                tool,
+                "-D",
+                "-f",
+                "ipv4" if fwd.family == 4 else "ipv6",
+                "-p",
+                fwd.proto,
+                "--orig-port-dst",
+                str(hport),
+                "--reply-src",
+                str(fwd.dest_ip),
+                "--reply-port-src",
+                str(dport),
             ]
             await anyio.run_process(argv, check=False)

@@ -185,7 +185,9 @@ class DesiredState:
     def del_namespace(self, name: str) -> list[Change]:
         I.check_name(name, "namespace name")
         if f"ns/{name}" not in self.intents:
-            raise NotFound(f"namespace {name} is not managed by netagent; `ns list` shows those that are")
+            raise NotFound(
+                f"namespace {name} is not managed by netagent; `ns list` shows those that are"
+            )
         users = self.users_of_namespace(name)
         if users:
             raise InUse(
@@ -262,7 +264,9 @@ class DesiredState:
             raise NotFound(f"bridge {name} does not exist; create it with `bridge add {name}`")
         return br
 
-    def _pick_name(self, preferred: str, fallback_seed: str, taken: dict[str, str], key: str) -> str:
+    def _pick_name(
+        self, preferred: str, fallback_seed: str, taken: dict[str, str], key: str
+    ) -> str:
         if len(preferred) <= I.MAX_NAME and taken.get(preferred, key) == key:
             return preferred
         return f"na{I.short_hash(fallback_seed, 10)}"
@@ -404,9 +408,7 @@ class DesiredState:
                 if other == fwd:
                     continue
                 same_scope = other.family == fwd.family and (
-                    other.host_ip is None
-                    or fwd.host_ip is None
-                    or other.host_ip == fwd.host_ip
+                    other.host_ip is None or fwd.host_ip is None or other.host_ip == fwd.host_ip
                 )
                 if same_scope:
                     raise PortInUse(
@@ -440,4 +442,3 @@ class DesiredState:
         order = {k: n for n, k in enumerate(I.KIND_ORDER)}
         items = sorted(self.intents.values(), key=lambda i: (order[i.kind], i.key))
         return [i.to_dict() for i in items]
-

@@ -57,9 +57,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def _encode_changes(changes: Iterable[Change]) -> list[dict[str, Any]]:
-    return [
-        {"key": c.key, "intent": None if c.new is None else c.new.to_dict()} for c in changes
-    ]
+    return [{"key": c.key, "intent": None if c.new is None else c.new.to_dict()} for c in changes]
 
 
 class StateStore:
@@ -92,7 +90,9 @@ class StateStore:
             try:
                 doc = json.loads(self.snapshot.read_bytes())
                 if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-                    raise ValueError(f"unknown format {doc.get('format') if isinstance(doc, dict) else doc!r}")
+                    raise ValueError(
+                        f"unknown format {doc.get('format') if isinstance(doc, dict) else doc!r}"
+                    )
                 snap_seq = int(doc["seq"])
                 for d in doc["intents"]:
                     intent = I.intent_from_dict(d)
@@ -143,9 +143,12 @@ class StateStore:
         if not changes:
             return
         self.seq += 1
-        line = json.dumps(
-            {"seq": self.seq, "changes": _encode_changes(changes)}, separators=(",", ":")
-        ).encode() + b"\n"
+        line = (
+            json.dumps(
+                {"seq": self.seq, "changes": _encode_changes(changes)}, separators=(",", ":")
+            ).encode()
+            + b"\n"
+        )
         fd = self._journal_fd()
         view = memoryview(line)
         while view:

@@ -127,7 +127,7 @@ def choose_backend(name: str) -> tuple[type[FirewallBackend], str]:
         if not ok:
             raise BackendUnavailable(f"firewall backend {name} is not usable here: {why}")
         return cls, f"{name} requested"
-    reasons = []
+    reasons: list[str] = []
     for candidate in AUTO_ORDER:
         cls = get_backend(candidate)
         ok, why = cls.probe()

@@ -294,6 +294,20 @@ def run(
         Optional[str],  # noqa: UP045
         typer.Option("--log-format", help="auto, console or json.", show_default="auto"),
     ] = None,
+    socket_group: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--socket-group", help="Group whose members may change things "
+                     "(the socket's group).", show_default="netagent"),
+    ] = None,
+    readonly_group: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--readonly-group", help="Group whose members may only look."),
+    ] = None,
+    client_timeout: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option("--client-timeout", help="Seconds a client may take to send a request "
+                     "or read a reply.", show_default="10"),
+    ] = None,
 ) -> None:
     """Run the daemon in the foreground (systemd runs it this way too)."""
     import anyio
@@ -307,7 +321,8 @@ def run(
         cfg = Config.load(
             str(config) if config else None,
             {"socket": socket, "state_dir": state_dir, "firewall": firewall,
-             "log_format": log_format},
+             "log_format": log_format, "socket_group": socket_group,
+             "readonly_group": readonly_group, "client_timeout": client_timeout},
         )
     except NetagentError as exc:
         C.fail(exc.message, 2)

@@ -46,7 +46,9 @@ class Client:
             ) from None
         except ConnectionRefusedError:
             self.sock.close()
-            raise Unreachable(f"nothing listens on {self.path}: the daemon is not running") from None
+            raise Unreachable(
+                f"nothing listens on {self.path}: the daemon is not running"
+            ) from None
         self._buf = b""
         self._next_id = 1
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from netagent.agent.errors import NetagentError
@@ -27,8 +28,11 @@ def run_op(op: str, args: dict[str, Any], socket: str | None, as_json: bool) -> 
             reply = client.raw(op, args)
     except Unreachable as exc:
         if as_json:
-            print(json.dumps({"ok": False, "error": {"code": 0, "name": "unreachable",
-                                                     "message": str(exc)}}))
+            print(
+                json.dumps(
+                    {"ok": False, "error": {"code": 0, "name": "unreachable", "message": str(exc)}}
+                )
+            )
         fail(str(exc), Unreachable.exit_status)
     except OSError as exc:
         fail(f"talking to the daemon failed: {exc}", Unreachable.exit_status)
@@ -39,8 +43,10 @@ def run_op(op: str, args: dict[str, Any], socket: str | None, as_json: bool) -> 
         return
     if not reply.get("ok"):
         err = reply.get("error") or {}
-        fail(f"{err.get('message', 'unknown error')} [{err.get('name')} {err.get('code')}]",
-             _exit_status(reply))
+        fail(
+            f"{err.get('message', 'unknown error')} [{err.get('name')} {err.get('code')}]",
+            _exit_status(reply),
+        )
     render(op, reply.get("result"))
 
 
@@ -59,8 +65,10 @@ def stream_events(socket: str | None, as_json: bool) -> None:
                 else:
                     ts = time.strftime("%H:%M:%S", time.localtime(event.get("ts", 0)))
                     ms = f"{event.get('ts', 0) % 1:.3f}"[1:]
-                    print(f"{ts}{ms} {event.get('type', '?'):<14} {event.get('message', '')}",
-                          flush=True)
+                    print(
+                        f"{ts}{ms} {event.get('type', '?'):<14} {event.get('message', '')}",
+                        flush=True,
+                    )
     except Unreachable as exc:
         fail(str(exc), Unreachable.exit_status)
     except NetagentError as exc:
@@ -110,8 +118,10 @@ def _status(r: dict[str, Any]) -> None:
     print(f"desired   {r['summary']}")
     lp = r.get("last_pass") or {}
     if lp:
-        print(f"last pass {lp.get('trigger')}: {lp.get('changed')} changes, "
-              f"{lp.get('errors')} errors, {lp.get('ms')} ms")
+        print(
+            f"last pass {lp.get('trigger')}: {lp.get('changed')} changes, "
+            f"{lp.get('errors')} errors, {lp.get('ms')} ms"
+        )
     for key, err in sorted((r.get("failing") or {}).items()):
         print(f"FAILING   {key}: {err}")
 
@@ -119,23 +129,43 @@ def _status(r: dict[str, Any]) -> None:
 def _ns_list(rows: list[dict[str, Any]]) -> None:
     if not rows:
         print("no namespaces")
-    _table([[r["name"], "netagent" if r["managed"] else "external",
-             "present" if r["present"] else "MISSING"] for r in rows], ["NAME", "OWNER", "STATE"])
+    _table(
+        [
+            [
+                r["name"],
+                "netagent" if r["managed"] else "external",
+                "present" if r["present"] else "MISSING",
+            ]
+            for r in rows
+        ],
+        ["NAME", "OWNER", "STATE"],
+    )
 
 
 def _bridge_list(rows: list[dict[str, Any]]) -> None:
     if not rows:
         print("no bridges")
-    _table([[r["name"], ",".join(r["addresses"]) or "-", "yes" if r["masquerade"] else "no",
-             ",".join(r["plugs"]) or "-"] for r in rows],
-           ["NAME", "ADDRESS", "MASQUERADE", "PLUGGED"])
+    _table(
+        [
+            [
+                r["name"],
+                ",".join(r["addresses"]) or "-",
+                "yes" if r["masquerade"] else "no",
+                ",".join(r["plugs"]) or "-",
+            ]
+            for r in rows
+        ],
+        ["NAME", "ADDRESS", "MASQUERADE", "PLUGGED"],
+    )
 
 
 def _forwards(rows: list[dict[str, Any]]) -> None:
     if not rows:
         print("no forwards")
-    _table([[r["proto"], r.get("host_ip") or "*", r["host_ports"], r["destination"]]
-            for r in rows], ["PROTO", "HOST IP", "HOST PORT", "DESTINATION"])
+    _table(
+        [[r["proto"], r.get("host_ip") or "*", r["host_ports"], r["destination"]] for r in rows],
+        ["PROTO", "HOST IP", "HOST PORT", "DESTINATION"],
+    )
 
 
 def _rules(rows: list[dict[str, Any]]) -> None:
@@ -145,23 +175,42 @@ def _rules(rows: list[dict[str, Any]]) -> None:
 
 
 def _links(rows: list[dict[str, Any]]) -> None:
-    _table([[str(r["index"]), r["name"], r["kind"] or "-", r["state"], r["master"] or "-",
-             " ".join(r["addresses"]) or "-", r["owner"] or "-"] for r in rows],
-           ["#", "NAME", "KIND", "STATE", "MASTER", "ADDRESSES", "NETAGENT"])
+    _table(
+        [
+            [
+                str(r["index"]),
+                r["name"],
+                r["kind"] or "-",
+                r["state"],
+                r["master"] or "-",
+                " ".join(r["addresses"]) or "-",
+                r["owner"] or "-",
+            ]
+            for r in rows
+        ],
+        ["#", "NAME", "KIND", "STATE", "MASTER", "ADDRESSES", "NETAGENT"],
+    )
 
 
 def _neigh(rows: list[dict[str, Any]]) -> None:
     if not rows:
         print("no neighbours")
-    _table([[r["address"], r["lladdr"] or "(incomplete)", r["dev"], r["state"]] for r in rows],
-           ["ADDRESS", "HWADDRESS", "IFACE", "STATE"])
+    _table(
+        [[r["address"], r["lladdr"] or "(incomplete)", r["dev"], r["state"]] for r in rows],
+        ["ADDRESS", "HWADDRESS", "IFACE", "STATE"],
+    )
 
 
 def _routes(rows: list[dict[str, Any]]) -> None:
     if not rows:
         print("no routes")
-    _table([[r["destination"], r["gateway"] or "-", r["dev"] or "-", r["source"] or "-"]
-            for r in rows], ["DESTINATION", "GATEWAY", "IFACE", "SOURCE"])
+    _table(
+        [
+            [r["destination"], r["gateway"] or "-", r["dev"] or "-", r["source"] or "-"]
+            for r in rows
+        ],
+        ["DESTINATION", "GATEWAY", "IFACE", "SOURCE"],
+    )
 
 
 def _show(r: dict[str, Any]) -> None:
@@ -183,7 +232,7 @@ def _show(r: dict[str, Any]) -> None:
         print(f"      error: {fw['error']}")
 
 
-_RENDERERS = {
+_RENDERERS: dict[str, Callable[[Any], None]] = {
     "status": _status,
     "ns.list": _ns_list,
     "bridge.list": _bridge_list,

@@ -55,17 +55,24 @@ class Demo:
     # ---- running things -----------------------------------------------------------
     def ctl(self, *args: str, expect: int = 0) -> str:
         print(f"{BOLD}$ netagent ctl {' '.join(args)}{RESET}")
-        r = subprocess.run([*self.cli, "ctl", "--socket", self.socket, *args],
-                           capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [*self.cli, "ctl", "--socket", self.socket, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         out = (r.stdout + r.stderr).rstrip()
         if out:
             print("\n".join(f"  {line}" for line in out.splitlines()))
         if r.returncode != expect:
-            raise DemoFailed(f"`netagent ctl {' '.join(args)}` exited {r.returncode}, "
-                             f"expected {expect}")
+            raise DemoFailed(
+                f"`netagent ctl {' '.join(args)}` exited {r.returncode}, expected {expect}"
+            )
         return out
 
-    def host(self, *argv: str, show: bool = True, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def host(
+        self, *argv: str, show: bool = True, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         if show:
             print(f"{DIM}# {' '.join(argv)}{RESET}")
         return self.box.run(list(argv), check=check)
@@ -73,9 +80,20 @@ class Demo:
     def start_daemon(self) -> None:
         with open(self.log, "a") as log:
             self.daemon = self.box.popen(
-                [sys.executable, "-m", "netagent", "run", "--socket", self.socket,
-                 "--state-dir", self.state, "--log-format", "json"],
-                stdout=log, stderr=subprocess.STDOUT,
+                [
+                    sys.executable,
+                    "-m",
+                    "netagent",
+                    "run",
+                    "--socket",
+                    self.socket,
+                    "--state-dir",
+                    self.state,
+                    "--log-format",
+                    "json",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -107,7 +125,9 @@ class Demo:
         print(f"{DIM}# GET {url} {where}{RESET}")
         r = self.box.run(argv, check=False)
         if r.returncode != 0:
-            return f"ERROR: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}"
+            return (
+                f"ERROR: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}"
+            )
         return r.stdout.strip()
 
     def ping(self, ns: str | None, addr: str) -> bool:
@@ -151,7 +171,9 @@ class Demo:
         self.ctl("ns", "del", "green")
         self.check(self.ping("red", "192.168.15.2"), "red pings blue through the bridge")
         self.check(self.ping("blue", "192.168.15.1"), "blue pings red through the bridge")
-        self.check(self.ping(None, "192.168.15.2"), "the host pings blue (bridge address as gateway)")
+        self.check(
+            self.ping(None, "192.168.15.2"), "the host pings blue (bridge address as gateway)"
+        )
         self.ctl("links", "--ns", "blue")
         self.ctl("routes", "--ns", "blue")
 
@@ -160,17 +182,41 @@ class Demo:
         (self.work / "www" / "index.html").write_text("hello from blue\n")
         print(f"{DIM}# ip netns exec blue python -m http.server 80 --bind 192.168.15.2{RESET}")
         server = self.box.popen(
-            ["ip", "netns", "exec", "blue", sys.executable, "-m", "http.server", "80",
-             "--bind", "192.168.15.2", "--directory", str(self.work / "www")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "ip",
+                "netns",
+                "exec",
+                "blue",
+                sys.executable,
+                "-m",
+                "http.server",
+                "80",
+                "--bind",
+                "192.168.15.2",
+                "--directory",
+                str(self.work / "www"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         self.ctl("forward", "80", "192.168.15.2:80")
         self.ctl("forward", "80", "192.168.15.3:80", expect=4)
         self.ctl("forward", "0", "192.168.15.2:80", expect=2)
         print("the outside world: a client namespace wired to the host by hand")
         self.host("ip", "netns", "add", "client")
-        self.host("ip", "link", "add", "to-client", "type", "veth", "peer", "name", "eth0",
-                  "netns", "client")
+        self.host(
+            "ip",
+            "link",
+            "add",
+            "to-client",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            "client",
+        )
         self.host("ip", "addr", "add", CLIENT_HOST, "dev", "to-client")
         self.host("ip", "link", "set", "to-client", "up")
         self.host("ip", "-n", "client", "addr", "add", CLIENT_ADDR, "dev", "eth0")
@@ -194,8 +240,10 @@ class Demo:
         self.check(body == "hello from blue", "with the daemon down, the forward still works")
         self.start_daemon()
         out = self.ctl("show")
-        self.check("!!" not in out and out.count("ok ") == 6,
-                   "after a restart the same topology is reported, all in place")
+        self.check(
+            "!!" not in out and out.count("ok ") == 6,
+            "after a restart the same topology is reported, all in place",
+        )
 
         self.section("6. remove everything netagent made")
         self.ctl("purge", "--yes")
@@ -210,9 +258,18 @@ class Demo:
         for _ in range(100):
             if server.poll() is not None:
                 raise DemoFailed("the web server in blue exited")
-            r = self.box.run(["ip", "netns", "exec", "blue", sys.executable, "-c",
-                              "import socket;socket.create_connection(('192.168.15.2',80),1)"],
-                             check=False)
+            r = self.box.run(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    "blue",
+                    sys.executable,
+                    "-c",
+                    "import socket;socket.create_connection(('192.168.15.2',80),1)",
+                ],
+                check=False,
+            )
             if r.returncode == 0:
                 return
             time.sleep(0.05)
@@ -231,8 +288,10 @@ def main(show_log: bool = False) -> int:
     status = 0
     try:
         demo.run()
-        print(f"\n{GREEN}{BOLD}demo passed: {demo.checks} checks{RESET}; "
-              "the sandbox and everything in it are gone")
+        print(
+            f"\n{GREEN}{BOLD}demo passed: {demo.checks} checks{RESET}; "
+            "the sandbox and everything in it are gone"
+        )
     except (DemoFailed, SandboxError, subprocess.TimeoutExpired) as exc:
         print(f"\n{RED}{BOLD}demo failed: {exc}{RESET}", file=sys.stderr)
         print(demo.log.read_text()[-4000:] if demo.log.exists() else "", file=sys.stderr)

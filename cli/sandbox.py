@@ -51,8 +51,17 @@ class Sandbox:
             raise SandboxError(f"cannot make a sandbox: {why}")
         os.makedirs("/run/netns", exist_ok=True)  # unshare needs the mount point
         self.holder = subprocess.Popen(
-            ["unshare", "--net", "--mount", "--propagation", "private", "--",
-             sys.executable, "-c", _HOLDER],
+            [
+                "unshare",
+                "--net",
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                sys.executable,
+                "-c",
+                _HOLDER,
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -68,7 +77,9 @@ class Sandbox:
     def argv(self, argv: list[str]) -> list[str]:
         return ["nsenter", f"--target={self.pid}", "--net", "--mount", "--", *argv]
 
-    def run(self, argv: list[str], check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, argv: list[str], check: bool = True, **kw: Any
+    ) -> subprocess.CompletedProcess[str]:
         kw.setdefault("capture_output", True)
         kw.setdefault("text", True)
         kw.setdefault("timeout", 60)
@@ -84,7 +95,9 @@ class Sandbox:
         self.children.append(proc)
         return proc
 
-    def stop(self, proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+    def stop(
+        self, proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 10
+    ) -> int:
         """Stop one process we started, by its PID."""
         if proc.poll() is None:
             proc.send_signal(sig)

@@ -60,8 +60,13 @@ def sandbox() -> Iterator[Sandbox]:
 class Daemon:
     """The real daemon in a sandbox, driven by the real CLI."""
 
-    def __init__(self, box: Sandbox, workdir: Path, firewall: str = "nftables",
-                 extra: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        box: Sandbox,
+        workdir: Path,
+        firewall: str = "nftables",
+        extra: list[str] | None = None,
+    ) -> None:
         self.box = box
         self.dir = workdir
         self.socket = str(workdir / "netagent.sock")
@@ -76,10 +81,23 @@ class Daemon:
         self.starts += 1
         log = open(self.log_path, "a")  # noqa: SIM115 - handed to the child
         self.proc = self.box.popen(
-            [sys.executable, "-m", "netagent", "run", "--socket", self.socket,
-             "--state-dir", str(self.state_dir), "--firewall", self.firewall,
-             "--log-format", "json", *self.extra],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "netagent",
+                "run",
+                "--socket",
+                self.socket,
+                "--state-dir",
+                str(self.state_dir),
+                "--firewall",
+                self.firewall,
+                "--log-format",
+                "json",
+                *self.extra,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         log.close()
         if wait:
@@ -124,17 +142,25 @@ class Daemon:
                 continue
         return out
 
-    def ctl(self, *args: str, check: bool | None = None, json_out: bool = False,
-            input: str | None = None) -> subprocess.CompletedProcess[str]:
+    def ctl(
+        self,
+        *args: str,
+        check: bool | None = None,
+        json_out: bool = False,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         """Run the real CLI (outside the sandbox: the socket is a file in /tmp)."""
         argv = [*netagent_argv(), "ctl", "--socket", self.socket]
         if json_out:
             argv.append("--json")
-        result = subprocess.run([*argv, *args], capture_output=True, text=True, timeout=60,
-                                input=input)
+        result = subprocess.run(
+            [*argv, *args], capture_output=True, text=True, timeout=60, input=input
+        )
         if check is True and result.returncode != 0:
-            raise AssertionError(f"ctl {' '.join(args)} failed ({result.returncode}): "
-                                 f"{result.stdout}{result.stderr}\n--- daemon log ---\n{self.log()[-4000:]}")
+            raise AssertionError(
+                f"ctl {' '.join(args)} failed ({result.returncode}): "
+                f"{result.stdout}{result.stderr}\n--- daemon log ---\n{self.log()[-4000:]}"
+            )
         return result
 
     def ok(self, *args: str) -> str:
@@ -144,12 +170,15 @@ class Daemon:
         with Client(self.socket) as c:
             return c.call(op, args)
 
-    def sh(self, *argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    def sh(
+        self, *argv: str, check: bool = True, timeout: float = 30
+    ) -> subprocess.CompletedProcess[str]:
         """A command inside the sandbox (the daemon's "host")."""
         return self.box.run(list(argv), check=check, timeout=timeout)
 
-    def in_ns(self, ns: str, *argv: str, check: bool = True,
-              timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    def in_ns(
+        self, ns: str, *argv: str, check: bool = True, timeout: float = 30
+    ) -> subprocess.CompletedProcess[str]:
         return self.box.run(["ip", "netns", "exec", ns, *argv], check=check, timeout=timeout)
 
 

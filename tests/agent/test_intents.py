@@ -111,10 +111,21 @@ def test_intents_round_trip() -> None:
     items: list[I.Intent] = [
         I.Namespace("red"),
         I.Bridge("v-net-0", (ipaddress.ip_interface("192.168.15.5/24"),), True),
-        I.Plug("red", "v-net-0", (ipaddress.ip_interface("192.168.15.1/24"),), "veth-red",
-               "veth-red-br"),
-        I.Wire("red", (ipaddress.ip_interface("10.0.0.1/24"),), "blue",
-               (ipaddress.ip_interface("10.0.0.2/24"),), "veth-red", "veth-blue"),
+        I.Plug(
+            "red",
+            "v-net-0",
+            (ipaddress.ip_interface("192.168.15.1/24"),),
+            "veth-red",
+            "veth-red-br",
+        ),
+        I.Wire(
+            "red",
+            (ipaddress.ip_interface("10.0.0.1/24"),),
+            "blue",
+            (ipaddress.ip_interface("10.0.0.2/24"),),
+            "veth-red",
+            "veth-blue",
+        ),
         I.AttachRule("tap*", "v-net-0"),
         I.make_forward("8000-8001", "192.168.15.2:9000-9001", "udp", "10.0.0.1"),
     ]

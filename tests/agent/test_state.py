@@ -145,10 +145,14 @@ def test_bridges_must_not_overlap(state: DesiredState) -> None:
 
 def test_transaction_rolls_back(state: DesiredState) -> None:
     before = state.to_wire()
-    with pytest.raises(E.PortInUse), state.transaction():
-        state.add_forward(I.make_forward("80", "192.168.15.2:80"))
-        state.add_namespace("green")
-        state.add_forward(I.make_forward("80", "192.168.15.3:80"))
+    def three_changes() -> None:
+        with state.transaction():
+            state.add_forward(I.make_forward("80", "192.168.15.2:80"))
+            state.add_namespace("green")
+            state.add_forward(I.make_forward("80", "192.168.15.3:80"))
+
+    with pytest.raises(E.PortInUse):
+        three_changes()
     assert state.to_wire() == before
     assert state.forwards_covering("tcp", 80) == []
 

@@ -46,7 +46,7 @@ def test_torn_last_line_is_dropped(tmp_path: Path) -> None:
 
 def test_corrupt_journal_line_stops_start(tmp_path: Path) -> None:
     (tmp_path / "journal.jsonl").write_bytes(b'{"seq": 1, "changes": []}\nnot json\n')
-    with pytest.raises(E.StateCorrupt, match="journal.jsonl is damaged.*line 2"):
+    with pytest.raises(E.StateCorrupt, match=r"journal\.jsonl is damaged.*line 2"):
         S.StateStore(tmp_path).load()
 
 
@@ -74,7 +74,9 @@ def test_compaction_keeps_everything(tmp_path: Path, monkeypatch: pytest.MonkeyP
     store, state = S.StateStore(tmp_path), DesiredState()
     store.load()
     for port in range(1, 26):
-        record(store, state, lambda p=port: state.add_forward(I.make_forward(str(p), f"10.0.0.2:{p}")))
+        record(
+            store, state, lambda p=port: state.add_forward(I.make_forward(str(p), f"10.0.0.2:{p}"))
+        )
         if store.needs_compaction():
             store.compact(state.to_wire())
     store.close()

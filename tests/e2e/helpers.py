@@ -25,7 +25,9 @@ def build_seed(d: Daemon, forward: bool = True) -> None:
 def add_client(d: Daemon) -> None:
     """The outside world: a namespace wired to the host by hand (not netagent's)."""
     d.sh("ip", "netns", "add", "client")
-    d.sh("ip", "link", "add", "to-client", "type", "veth", "peer", "name", "eth0", "netns", "client")
+    d.sh(
+        "ip", "link", "add", "to-client", "type", "veth", "peer", "name", "eth0", "netns", "client"
+    )
     d.sh("ip", "addr", "add", f"{CLIENT_HOST}/24", "dev", "to-client")
     d.sh("ip", "link", "set", "to-client", "up")
     d.sh("ip", "-n", "client", "addr", "add", "203.0.113.2/24", "dev", "eth0")
@@ -40,14 +42,20 @@ def serve_http(d: Daemon, ns: str, addr: str, port: int, body: str) -> None:
         "class H(http.server.BaseHTTPRequestHandler):\n"
         "    def do_GET(self):\n"
         f"        b={body!r}.encode(); self.send_response(200)\n"
-        "        self.send_header('Content-Length', str(len(b))); self.end_headers(); self.wfile.write(b)\n"
+        "        self.send_header('Content-Length', str(len(b)))\n"
+        "        self.end_headers(); self.wfile.write(b)\n"
         "    def log_message(self,*a): pass\n"
         f"http.server.ThreadingHTTPServer(({addr!r},{port}),H).serve_forever()\n"
     )
     d.box.popen(["ip", "netns", "exec", ns, sys.executable, "-c", code])
     for _ in range(200):
-        r = d.in_ns(ns, sys.executable, "-c",
-                    f"import socket;socket.create_connection(({addr!r},{port}),1)", check=False)
+        r = d.in_ns(
+            ns,
+            sys.executable,
+            "-c",
+            f"import socket;socket.create_connection(({addr!r},{port}),1)",
+            check=False,
+        )
         if r.returncode == 0:
             return
         time.sleep(0.05)
@@ -55,8 +63,9 @@ def serve_http(d: Daemon, ns: str, addr: str, port: int, body: str) -> None:
 
 
 def http_get(d: Daemon, ns: str | None, url: str) -> str:
-    code = ("import urllib.request;"
-            f"print(urllib.request.urlopen({url!r}, timeout=3).read().decode())")
+    code = (
+        f"import urllib.request;print(urllib.request.urlopen({url!r}, timeout=3).read().decode())"
+    )
     argv = [sys.executable, "-c", code]
     r = d.in_ns(ns, *argv, check=False) if ns else d.sh(*argv, check=False)
     return r.stdout.strip() if r.returncode == 0 else f"ERROR {r.stderr.strip()[-200:]}"

@@ -99,9 +99,12 @@ def test_restart_keeps_state_and_data_plane(daemon: Daemon) -> None:
 
 def test_repeat_reports_nothing_changed(daemon: Daemon) -> None:
     build_seed(daemon)
-    for args in (("ns", "add", "red"), ("bridge", "add", "v-net-0", "--address", "192.168.15.5/24"),
-                 ("plug", "red", "v-net-0", "--address", "192.168.15.1/24"),
-                 ("forward", "80", "192.168.15.2:80")):
+    for args in (
+        ("ns", "add", "red"),
+        ("bridge", "add", "v-net-0", "--address", "192.168.15.5/24"),
+        ("plug", "red", "v-net-0", "--address", "192.168.15.1/24"),
+        ("forward", "80", "192.168.15.2:80"),
+    ):
         r = daemon.ctl(*args)
         assert r.returncode == 0, r.stderr
         assert "nothing changed" in r.stdout

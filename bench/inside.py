@@ -1,0 +1,206 @@
+"""Measurements that must run inside the sandbox (they watch the kernel's events).
+
+Run as ``python bench/inside.py KIND ARGS...``; prints one JSON object. A raw netlink
+socket (no pyroute2) watches link events, so the watcher itself adds almost nothing:
+times are taken when the kernel's messages reach it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+RTMGRP_LINK = 0x1
+RTMGRP_IPV4_IFADDR = 0x10
+RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR = 16, 17, 20
+IFLA_IFNAME, IFLA_MASTER = 3, 10
+IFF_UP = 0x1
+
+
+class Watcher:
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        self.sock.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)  # SO_RCVBUFFORCE
+        self.sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR))
+
+    def events(self, timeout: float) -> list[tuple[float, int, int, str | None, int | None, int]]:
+        """(time, type, index, ifname, master, flags) for each message of the next
+        datagram (empty after timeout)."""
+        self.sock.settimeout(timeout)
+        out: list[tuple[float, int, int, str | None, int | None, int]] = []
+        try:
+            data = self.sock.recv(1 << 20)
+        except TimeoutError:
+            return out
+        now = time.monotonic()
+        off = 0
+        while off + 16 <= len(data):
+            length, mtype = struct.unpack_from("IH", data, off)
+            if length < 16:
+                break
+            if mtype in (RTM_NEWLINK, RTM_DELLINK):
+                _fam, _pad, _type, index, flags, _change = struct.unpack_from(
+                    "BBHiII", data, off + 16
+                )
+                name, master = None, None
+                a = off + 32
+                while a + 4 <= off + length:
+                    alen, atype = struct.unpack_from("HH", data, a)
+                    if alen < 4:
+                        break
+                    payload = data[a + 4 : a + alen]
+                    if atype == IFLA_IFNAME:
+                        name = payload.rstrip(b"\0").decode()
+                    elif atype == IFLA_MASTER:
+                        master = struct.unpack("I", payload[:4])[0]
+                    a += (alen + 3) & ~3
+                out.append((now, mtype, index, name, master, flags))
+            elif mtype == RTM_NEWADDR:
+                index = struct.unpack_from("BBBBI", data, off + 16)[4]
+                out.append((now, mtype, index, None, None, 0))
+            off += (length + 3) & ~3
+        return out
+
+
+def ifindex(name: str) -> int:
+    return socket.if_nametoindex(name)
+
+
+def until(
+    w: Watcher,
+    done: Callable[[tuple[float, int, int, str | None, int | None, int]], bool],
+    timeout: float,
+) -> float | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for ev in w.events(max(0.01, deadline - time.monotonic())):
+            if done(ev):
+                return ev[0]
+    return None
+
+
+def attach_single(count: int, bridge: str, prefix: str) -> dict[str, object]:
+    """Create interfaces one by one; time from the kernel announcing each to it being
+    enslaved to the bridge and up (both as seen by this watcher)."""
+    w = Watcher()
+    br = ifindex(bridge)
+    lat = []
+    for i in range(count):
+        name = f"{prefix}{i}"
+        subprocess.run(
+            ["ip", "link", "add", name, "type", "veth", "peer", "name", f"p{prefix}{i}"], check=True
+        )
+        seen: float | None = None
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            evs = w.events(0.5)
+            hit = False
+            for t, mtype, _idx, ifn, master, flags in evs:
+                if mtype != RTM_NEWLINK or ifn != name:
+                    continue
+                if seen is None:
+                    seen = t
+                if master == br and flags & IFF_UP:
+                    lat.append(t - seen)
+                    hit = True
+                    break
+            if hit:
+                break
+        else:
+            raise SystemExit(f"{name} was not attached within 5 s")
+    lat.sort()
+    return {
+        "n": len(lat),
+        "p50_ms": lat[len(lat) // 2] * 1000,
+        "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000,
+    }
+
+
+def attach_burst(count: int, bridge: str, prefix: str) -> dict[str, object]:
+    """1,000 veth pairs from one ``ip -batch``: time until the last is attached, as a
+    ratio to the time the batch took."""
+    w = Watcher()
+    br = ifindex(bridge)
+    with tempfile.NamedTemporaryFile("w", suffix=".batch", delete=False) as f:
+        for i in range(count):
+            f.write(f"link add {prefix}{i} type veth peer name p{prefix}{i}\n")
+        path = f.name
+    attached: set[str] = set()
+    t0 = time.monotonic()
+    proc = subprocess.Popen(["ip", "-batch", path])
+    t_batch = None
+    deadline = t0 + 30
+    last = t0
+    while len(attached) < count and time.monotonic() < deadline:
+        for t, mtype, _idx, ifn, master, flags in w.events(0.2):
+            if mtype != RTM_NEWLINK or ifn is None or not ifn.startswith(prefix):
+                continue
+            if master == br and flags & IFF_UP and ifn not in attached:
+                attached.add(ifn)
+                last = t
+        if t_batch is None and proc.poll() is not None:
+            t_batch = time.monotonic()
+    proc.wait()
+    if t_batch is None:
+        t_batch = time.monotonic()
+    os.unlink(path)
+    batch_s = t_batch - t0
+    total_s = last - t0
+    ports = subprocess.run(
+        ["ip", "-o", "link", "show", "master", bridge], capture_output=True, text=True, check=True
+    ).stdout
+    in_kernel = sum(1 for line in ports.splitlines() if f": {prefix}" in line)
+    return {
+        "n": count,
+        "attached": len(attached),
+        "in_kernel": in_kernel,
+        "batch_s": batch_s,
+        "last_attached_s": total_s,
+        "ratio": total_s / batch_s,
+    }
+
+
+def repair_bridge(bridge: str, ports: int) -> dict[str, object]:
+    """Delete the bridge; time until it is back with its address and all its ports."""
+    w = Watcher()
+    t0 = time.monotonic()
+    subprocess.run(["ip", "link", "del", bridge], check=True)
+    new_index: int | None = None
+    enslaved: set[int] = set()
+    have_addr = False
+    deadline = t0 + 10
+    done_at = None
+    while time.monotonic() < deadline and done_at is None:
+        for t, mtype, idx, ifn, master, _flags in w.events(0.2):
+            if mtype == RTM_NEWLINK and ifn == bridge:
+                new_index = idx
+            elif mtype == RTM_NEWLINK and new_index is not None and master == new_index:
+                enslaved.add(idx)
+            elif mtype == RTM_NEWADDR and idx == new_index:
+                have_addr = True
+            if new_index is not None and have_addr and len(enslaved) >= ports:
+                done_at = t
+                break
+    if done_at is None:
+        raise SystemExit(f"bridge not repaired in 10 s (addr={have_addr}, ports={len(enslaved)})")
+    return {"ports": ports, "repair_ms": (done_at - t0) * 1000}
+
+
+if __name__ == "__main__":
+    kind, *args = sys.argv[1:]
+    if kind == "single":
+        result = attach_single(int(args[0]), args[1], args[2])
+    elif kind == "burst":
+        result = attach_burst(int(args[0]), args[1], args[2])
+    elif kind == "repair":
+        result = repair_bridge(args[0], int(args[1]))
+    else:
+        raise SystemExit(f"unknown measurement {kind}")
+    print(json.dumps(result))

@@ -1,0 +1,224 @@
+"""``make bench``: netagent's speed, measured in a sandbox, figures side by side in one run.
+
+These machines are shared and noisy: compare ratios measured in the same run, not
+absolute numbers across runs. Sections can be chosen: ``bench/run.py cli agent attach``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from netagent.cli.client import Client  # noqa: E402
+from netagent.cli.sandbox import Sandbox  # noqa: E402
+
+INSIDE = str(REPO / "bench" / "inside.py")
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(len(s) * p))]
+
+
+def fmt(values: list[float]) -> str:
+    return f"p50 {pct(values, 0.5):7.2f} ms   p99 {pct(values, 0.99):7.2f} ms   (n={len(values)})"
+
+
+class Bench:
+    def __init__(self) -> None:
+        self.box = Sandbox()
+        self.work = Path(tempfile.mkdtemp(prefix="netagent-bench-"))
+        self.socket = str(self.work / "netagent.sock")
+        self.proc: subprocess.Popen[Any] | None = None
+        exe = Path(sys.executable).parent / "netagent"
+        self.cli_argv = [str(exe)] if exe.exists() else [shutil.which("netagent") or "netagent"]
+        self.results: dict[str, Any] = {}
+
+    def start(self, *extra: str) -> None:
+        log = open(self.work / "daemon.log", "a")  # noqa: SIM115
+        self.proc = self.box.popen(
+            [
+                sys.executable,
+                "-m",
+                "netagent",
+                "run",
+                "--socket",
+                self.socket,
+                "--state-dir",
+                str(self.work / "state"),
+                "--log-format",
+                "json",
+                *extra,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        for _ in range(400):
+            try:
+                with Client(self.socket, timeout=5) as c:
+                    c.call("status")
+                return
+            except Exception:
+                time.sleep(0.025)
+        raise SystemExit("daemon did not start:\n" + (self.work / "daemon.log").read_text())
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.box.stop(self.proc)
+        self.box.close()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def inside(self, *args: str, timeout: float = 300) -> dict[str, Any]:
+        r = self.box.run([sys.executable, INSIDE, *args], timeout=timeout)
+        result: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
+        return result
+
+    # ---- sections -----------------------------------------------------------------
+    def cli(self, n: int = 30) -> None:
+        print("\n== CLI round trip (wall time of the whole command, process start included)")
+        minimal = self.work / "minimal_typer.py"
+        minimal.write_text(
+            "import typer\napp = typer.Typer()\n@app.command()\ndef status() -> None:\n"
+            "    print('ok')\n@app.command()\ndef other() -> None:\n    pass\napp()\n"
+        )
+
+        def timeit(argv: list[str]) -> list[float]:
+            out = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                subprocess.run(argv, check=True, capture_output=True)
+                out.append((time.perf_counter() - t0) * 1000)
+            return out
+
+        base = [*self.cli_argv, "ctl", "--socket", self.socket]
+        status = timeit([*base, "status"])
+        typer_path = timeit([*base, "ns", "add", "bench0"])  # nothing changes after the first
+        minimal_app = timeit([sys.executable, str(minimal), "status"])
+        bare = timeit([sys.executable, "-c", "pass"])
+        print(f"netagent ctl status            {fmt(status)}   target p50 <= 100 ms")
+        print(f"netagent ctl ns add (typer)    {fmt(typer_path)}")
+        print(f"minimal typer app, one command {fmt(minimal_app)}")
+        print(f"python -c pass                 {fmt(bare)}")
+        print(f"ctl status / minimal typer app: {pct(status, 0.5) / pct(minimal_app, 0.5):.2f}x")
+        self.results["cli_status_p50_ms"] = pct(status, 0.5)
+
+    def agent(self, n: int = 100) -> None:
+        print("\n== agent-side latency (a client on the socket, no CLI process)")
+        with Client(self.socket) as c:
+            c.call("bridge.add", {"name": "v-net-0", "addresses": ["10.100.0.1/16"]})
+            for i in range(n):
+                c.call("ns.add", {"name": f"b{i}"})
+            plug, fwd, both = [], [], []
+            for i in range(n):
+                t0 = time.perf_counter()
+                c.call(
+                    "plug.add",
+                    {
+                        "ns": f"b{i}",
+                        "bridge": "v-net-0",
+                        "addresses": [f"10.100.{i // 250}.{i % 250 + 2}/16"],
+                    },
+                )
+                t1 = time.perf_counter()
+                c.call(
+                    "fwd.add",
+                    {
+                        "host_ports": str(20000 + i),
+                        "destination": f"10.100.{i // 250}.{i % 250 + 2}:80",
+                    },
+                )
+                t2 = time.perf_counter()
+                plug.append((t1 - t0) * 1000)
+                fwd.append((t2 - t1) * 1000)
+                both.append((t2 - t0) * 1000)
+            status = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                c.call("status")
+                status.append((time.perf_counter() - t0) * 1000)
+        print(f"plug a namespace into the bridge {fmt(plug)}")
+        print(f"add a forward                    {fmt(fwd)}")
+        print(f"plug + forward together          {fmt(both)}   target p50 <= 15 ms")
+        print(f"status op (socket round trip)    {fmt(status)}")
+        print("for scale (shared/notes): netavark setup ~54 ms p50, CNI bridge+portmap ~56 ms p50")
+        self.results["plug_forward_p50_ms"] = pct(both, 0.5)
+
+    def attach(self, single: int = 200, burst: int = 1000) -> None:
+        print("\n== attach rules: kernel announcement -> enslaved and up (seen by a raw listener)")
+        with Client(self.socket) as c:
+            c.call("bridge.add", {"name": "br-att"})
+            c.call("bridge.add", {"name": "br-burst"})  # a bridge takes at most 1023 ports
+            c.call("rule.add", {"pattern": "one*", "bridge": "br-att"})
+            c.call("rule.add", {"pattern": "bst*", "bridge": "br-burst"})
+        r = self.inside("single", str(single), "br-att", "one")
+        print(
+            f"single interface: p50 {r['p50_ms']:.3f} ms   p99 {r['p99_ms']:.3f} ms   "
+            f"(n={r['n']})   target p50 <= 1 ms, p99 <= 3 ms"
+        )
+        r = self.inside("burst", str(burst), "br-burst", "bst")
+        print(
+            f"burst of {r['n']} veth pairs from one ip -batch: batch {r['batch_s']:.3f} s, "
+            f"last attached {r['last_attached_s']:.3f} s, ratio {r['ratio']:.2f}x "
+            f"({r['attached']}/{r['n']} seen attached, {r['in_kernel']} on the bridge)"
+            "   target <= 1.25x"
+        )
+        with Client(self.socket) as c:
+            resyncs = c.call("status")["event_resyncs"]
+        print(f"event resyncs after ENOBUFS during the burst: {resyncs}")
+
+    def repair(self, ports: int = 10) -> None:
+        print("\n== self-repair: bridge deleted -> bridge, address and ports back")
+        with Client(self.socket) as c:
+            c.call("bridge.add", {"name": "br-rep", "addresses": ["10.200.0.1/24"]})
+            for i in range(ports):
+                c.call("ns.add", {"name": f"r{i}"})
+                c.call(
+                    "plug.add",
+                    {"ns": f"r{i}", "bridge": "br-rep", "addresses": [f"10.200.0.{i + 2}/24"]},
+                )
+        times = []
+        for _ in range(5):
+            r = self.inside("repair", "br-rep", str(ports))
+            times.append(r["repair_ms"])
+            time.sleep(0.3)
+        print(
+            f"bridge + address + {ports} ports back: "
+            f"median {statistics.median(times):.1f} ms, max {max(times):.1f} ms (5 runs)"
+            "   target <= 200 ms"
+        )
+
+
+SECTIONS = ("cli", "agent", "attach", "repair")
+
+
+def main() -> None:
+    chosen = [a for a in sys.argv[1:] if a in SECTIONS] or list(SECTIONS)
+    if os.geteuid() != 0:
+        raise SystemExit("bench: needs root (it runs in a sandbox of network namespaces)")
+    b = Bench()
+    try:
+        b.start()
+        print(
+            f"netagent benchmark, {time.strftime('%Y-%m-%d %H:%M:%S')}, "
+            f"{os.cpu_count()} CPUs, in a sandbox"
+        )
+        for name in chosen:
+            getattr(b, name)()
+    finally:
+        b.close()
+
+
+if __name__ == "__main__":
+    main()
