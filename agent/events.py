@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,14 @@ from .reconcile import LinkInfo, Reconciler
 
 log = structlog.get_logger("netagent.events")
 
+NS_GROUPS = (
+    rtnl.RTMGRP_LINK
+    | rtnl.RTMGRP_IPV4_IFADDR
+    | rtnl.RTMGRP_IPV6_IFADDR
+    | rtnl.RTMGRP_IPV4_ROUTE
+    | rtnl.RTMGRP_IPV6_ROUTE
+)
+
 
 @dataclass
 class Seen:
@@ -38,6 +47,7 @@ class Seen:
     master: int | None
     up: bool
     owner: str | None
+    peer: int | None = None
 
 
 class EventSource:
@@ -81,24 +91,122 @@ class EventSource:
                 with contextlib.suppress(Exception):
                     sock.close()
 
+    # ---- inside the namespaces ------------------------------------------------------
+    def _ns_keys(self, name: str) -> list[str]:
+        keys = [f"ns/{name}"] if f"ns/{name}" in self.rec.desired.intents else []
+        return keys + [i.key for i in self.rec.desired.users_of_namespace(name)]
+
+    def _watched_namespaces(self) -> set[str]:
+        names = {n.name for n in self.rec.desired.of_kind(I.Namespace)}
+        for intent in self.rec.desired.intents.values():
+            if isinstance(intent, I.Plug):
+                names.add(intent.ns)
+            elif isinstance(intent, I.Wire):
+                names.update((intent.ns_a, intent.ns_b))
+        return names
+
+    async def watch_namespaces(self, interval: float = 0.25) -> None:
+        """Notice a namespace deleted (nothing in the host announces it when no veth
+        joins it), and watch inside each namespace for what netagent set there (an
+        address, a route, the veth) being removed. A namespace recreated under the same
+        name is a new namespace: its watcher is opened anew."""
+        watchers: dict[str, tuple[tuple[int, int], rtnl.EventSocket, anyio.CancelScope]] = {}
+        try:
+            async with anyio.create_task_group() as tg:
+                while True:
+                    wanted = self._watched_namespaces()
+                    for name in list(watchers):
+                        if name not in wanted:
+                            _ino, sock, scope = watchers.pop(name)
+                            scope.cancel()
+                            sock.close()
+                    for name in wanted:
+                        path = str(self.links.netns_dir / name)
+                        try:
+                            st = os.stat(path)
+                            ino = (st.st_dev, st.st_ino)
+                        except FileNotFoundError:
+                            ino = None
+                        current = watchers.get(name)
+                        if current is not None and current[0] == ino:
+                            continue
+                        if current is not None:
+                            current[2].cancel()
+                            current[1].close()
+                            del watchers[name]
+                            if ino is None or f"ns/{name}" in self.rec.desired.intents:
+                                self.bus.publish(
+                                    "ns-removed" if ino is None else "ns-replaced",
+                                    f"namespace {name} was "
+                                    f"{'deleted' if ino is None else 'replaced'}",
+                                    ns=name,
+                                )
+                            self.rec.kick(self._ns_keys(name))
+                        if ino is None:
+                            continue
+                        try:
+                            raw = await anyio.to_thread.run_sync(rtnl.socket_in_netns, path)
+                        except OSError:
+                            continue
+                        sock = rtnl.EventSocket(groups=NS_GROUPS, rcvbuf=4 << 20, sock=raw)
+                        scope = anyio.CancelScope()
+                        watchers[name] = (ino, sock, scope)
+                        tg.start_soon(self._watch_inside, name, sock, scope)
+                    await anyio.sleep(interval)
+        finally:
+            for _ino, sock, scope in watchers.values():
+                scope.cancel()
+                sock.close()
+
+    async def _watch_inside(
+        self, name: str, sock: rtnl.EventSocket, scope: anyio.CancelScope
+    ) -> None:
+        with scope:
+            while True:
+                try:
+                    datagrams = await sock.receive()
+                except OSError:
+                    self.rec.kick(self._ns_keys(name))
+                    continue
+                for datagram in datagrams:
+                    for ev in rtnl.parse(datagram):
+                        gone = getattr(ev, "deleted", False) or (
+                            isinstance(ev, rtnl.LinkEvent) and ev.owner_key and not ev.up
+                        )
+                        if gone:
+                            keys = self._ns_keys(name)
+                            self.bus.publish(
+                                "ns-drift",
+                                f"something netagent set in {name} changed",
+                                ns=name,
+                                keys=keys,
+                            )
+                            self.rec.kick(keys)
+                            break
+
     def link_view(self) -> list[LinkInfo]:
-        return [LinkInfo(i, s.name, s.kind, s.master, s.up) for i, s in self.seen.items()]
+        return [LinkInfo(i, s.name, s.kind, s.master, s.up, s.peer) for i, s in self.seen.items()]
 
     async def _resync(self) -> None:
         links = await self.links.links()
         self.attached.clear()
         self.seen = {
-            lk.index: Seen(lk.name, lk.kind, lk.master, lk.up, lk.owner_key) for lk in links
+            lk.index: Seen(lk.name, lk.kind, lk.master, lk.up, lk.owner_key, lk.peer)
+            for lk in links
         }
         self.bridges = {lk.name: lk.index for lk in links if lk.kind == "bridge"}
         for lk in links:
-            ev = rtnl.LinkEvent(False, lk.index, lk.name, lk.up, lk.master, lk.alias, lk.kind)
+            ev = rtnl.LinkEvent(
+                False, lk.index, lk.name, lk.up, lk.master, lk.alias, lk.kind, lk.peer
+            )
             self._consider(ev, time.monotonic())
         self.rec.link_view = self.link_view
         self.rec.kick(full=True)
 
     def _handle(self, ev: rtnl.Event) -> None:
         t_recv = time.monotonic()
+        if isinstance(ev, rtnl.RouteEvent):
+            return
         if isinstance(ev, rtnl.AddrEvent):
             seen = self.seen.get(ev.index)
             if ev.deleted and seen is not None and seen.owner in self.rec.desired.intents:
@@ -125,7 +233,7 @@ class EventSource:
             return
         if ev.index not in self.seen:
             self.bus.publish("link-appeared", f"{ev.name} appeared", ifname=ev.name, kind=ev.kind)
-        self.seen[ev.index] = Seen(ev.name, ev.kind, ev.master, ev.up, ev.owner_key)
+        self.seen[ev.index] = Seen(ev.name, ev.kind, ev.master, ev.up, ev.owner_key, ev.peer)
         if ev.kind == "bridge":
             self.bridges[ev.name] = ev.index
         self._consider(ev, t_recv)
@@ -148,6 +256,18 @@ class EventSource:
             return
         if ev.index in self.pending:
             return
+        if ev.peer is not None and ev.peer != ev.index:
+            peer = self.seen.get(ev.peer)
+            if ev.peer in self.pending or (peer is not None and peer.master == bridge_index):
+                self.bus.publish(
+                    "left-alone",
+                    f"{ev.name} matches {rule.pattern!r}, but its veth peer "
+                    f"{peer.name if peer else ev.peer} is on {rule.bridge} already: both ends "
+                    "on one bridge would make a loop",
+                    ifname=ev.name,
+                    bridge=rule.bridge,
+                )
+                return
         master = self.seen.get(ev.master) if ev.master else None
         self.pending.add(ev.index)
         assert self._tg is not None

@@ -43,6 +43,7 @@ class LinkInfo:
     kind: str | None
     master: int | None
     up: bool
+    peer: int | None = None
 
 
 @dataclass
@@ -161,7 +162,7 @@ class Reconciler:
             links = self.link_view()
         else:
             links = [
-                LinkInfo(lk.index, lk.name, lk.kind, lk.master, lk.up)
+                LinkInfo(lk.index, lk.name, lk.kind, lk.master, lk.up, lk.peer)
                 for lk in await self.links.links()
             ]
         by_name = {lk.name: lk for lk in links}
@@ -170,9 +171,21 @@ class Reconciler:
         if bridge is None:
             return []
         done = []
+        on_bridge = {lk.index for lk in links if lk.master == bridge.index}
         for lk in links:
             if lk.index == bridge.index or lk.kind == "bridge" or not rule.matches(lk.name):
                 continue
+            if lk.peer is not None and lk.peer in on_bridge and lk.index not in on_bridge:
+                self.bus.publish(
+                    "left-alone",
+                    f"{lk.name} matches {rule.pattern!r}, but its veth peer "
+                    f"{names.get(lk.peer)} is on {rule.bridge} already: both ends on one "
+                    "bridge would make a loop",
+                    ifname=lk.name,
+                    bridge=rule.bridge,
+                )
+                continue
+            on_bridge.add(lk.index)
             try:
                 done.extend(
                     await self.attach(
@@ -370,10 +383,25 @@ class Reconciler:
         self._log_pass(trigger, t0, result, len(keys))
         return result
 
+    def _prerequisites(self, keys: set[str]) -> set[str]:
+        """A plug needs its namespace and bridge, a wire its two namespaces: a repair of
+        the one brings back the others first (a deleted namespace is recreated, then
+        re-plugged)."""
+        out = set(keys)
+        for key in keys:
+            intent = self.desired.get(key)
+            needs: list[str] = []
+            if isinstance(intent, I.Plug):
+                needs = [f"ns/{intent.ns}", f"br/{intent.bridge}"]
+            elif isinstance(intent, I.Wire):
+                needs = [f"ns/{intent.ns_a}", f"ns/{intent.ns_b}"]
+            out.update(k for k in needs if k in self.desired.intents)
+        return out
+
     async def keys_pass(self, keys: set[str], trigger: str) -> PassResult:
         t0 = time.perf_counter()
         result = PassResult()
-        for key in sorted(keys, key=_order):
+        for key in sorted(self._prerequisites(keys), key=_order):
             if key == FIREWALL_KEY:
                 await self._firewall_pass(result)
                 continue

@@ -38,9 +38,9 @@ from . import rtnl
 
 T = TypeVar("T")
 ALIAS_PREFIX = "netagent:"
-#: route protocol number marking routes netagent installs (rtnetlink leaves 5-255 to users;
-#: 188 is not in iproute2's rt_protos table)
-RTPROT_NETAGENT = 188
+#: route protocol number marking routes netagent installs (rtnetlink leaves values above
+#: RTPROT_STATIC to userspace; 201 is not taken in iproute2's rt_protos table)
+RTPROT_NETAGENT = 201
 IFF_UP = 0x1
 NETNS_DIR = Path(os.environ.get("NETAGENT_NETNS_DIR", "/run/netns"))
 
@@ -66,6 +66,7 @@ class Link:
     master: int | None
     alias: str | None
     link_netnsid: int | None = None
+    peer: int | None = None  # a veth's peer index, when in the same namespace
 
     @classmethod
     def from_msg(cls, msg: Any) -> Link:
@@ -81,6 +82,11 @@ class Link:
             master=msg.get_attr("IFLA_MASTER"),
             alias=msg.get_attr("IFLA_IFALIAS"),
             link_netnsid=msg.get_attr("IFLA_LINK_NETNSID"),
+            peer=(
+                msg.get_attr("IFLA_LINK") or None
+                if kind == "veth" and msg.get_attr("IFLA_LINK_NETNSID") is None
+                else None
+            ),
         )
 
     @property
@@ -114,7 +120,7 @@ class NetlinkBackend:
         self.netns_dir = netns_dir
         self.ipr: Any = None
         self.raw: rtnl.Requests | None = None
-        self._ns: dict[str, Any] = {}
+        self._ns: dict[str, tuple[tuple[int, int], Any]] = {}
         self._ns_lock = anyio.Lock()
 
     # ---- lifecycle ------------------------------------------------------------------
@@ -143,24 +149,40 @@ class NetlinkBackend:
         except FileNotFoundError:
             return []
 
+    def _ns_identity(self, name: str) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.netns_dir / name)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
     async def ns_socket(self, name: str) -> Any:
-        """A request socket inside namespace ``name``; kept open (opening forks)."""
-        sock = self._ns.get(name)
-        if sock is not None:
-            return sock
+        """A request socket inside namespace ``name``; kept open (opening forks).
+
+        Kept with the namespace's identity (the nsfs inode): a namespace deleted and made
+        again under the same name is another namespace, and the old socket would talk
+        to the dead one."""
+        ident = self._ns_identity(name)
+        cached = self._ns.get(name)
+        if cached is not None and cached[0] == ident:
+            return cached[1]
         async with self._ns_lock:
-            sock = self._ns.get(name)
-            if sock is None:
-                if not self.namespace_exists(name):
-                    raise FileNotFoundError(f"namespace {name} does not exist")
-                sock = AsyncIPRoute(netns=name, flags=0)
-                await sock.setup_endpoint()
-                self._ns[name] = sock
+            ident = self._ns_identity(name)
+            cached = self._ns.get(name)
+            if cached is not None and cached[0] == ident:
+                return cached[1]
+            await self.forget_namespace(name)
+            if ident is None:
+                raise FileNotFoundError(f"namespace {name} does not exist")
+            sock = AsyncIPRoute(netns=name, flags=0)
+            await sock.setup_endpoint()
+            self._ns[name] = (ident, sock)
         return sock
 
     async def forget_namespace(self, name: str) -> None:
-        sock = self._ns.pop(name, None)
-        if sock is not None:
+        cached = self._ns.pop(name, None)
+        if cached is not None:
+            sock = cached[1]
             with contextlib.suppress(Exception):
                 sock.close()
 

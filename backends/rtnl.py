@@ -24,11 +24,15 @@ from dataclasses import dataclass
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
 RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_DELADDR = 16, 17, 20, 21
+RTM_NEWROUTE, RTM_DELROUTE = 24, 25
 NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
-IFLA_IFNAME, IFLA_MASTER, IFLA_LINKINFO, IFLA_IFALIAS = 3, 10, 18, 20
+IFLA_IFNAME, IFLA_LINK, IFLA_MASTER, IFLA_LINKINFO, IFLA_IFALIAS = 3, 5, 10, 18, 20
+IFLA_LINK_NETNSID = 37
 IFLA_INFO_KIND = 1
 IFF_UP = 0x1
 RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR = 0x1, 0x10, 0x100
+RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE = 0x40, 0x400
+CLONE_NEWNET = 0x40000000
 SO_RCVBUFFORCE = 33
 
 _NLMSGHDR = struct.Struct("IHHII")
@@ -46,6 +50,8 @@ class LinkEvent:
     master: int | None
     alias: str | None
     kind: str | None
+    #: a veth's peer index, when the peer is in the same namespace
+    peer: int | None = None
 
     @property
     def owner_key(self) -> str | None:
@@ -60,7 +66,12 @@ class AddrEvent:
     index: int
 
 
-Event = LinkEvent | AddrEvent
+@dataclass(frozen=True)
+class RouteEvent:
+    deleted: bool
+
+
+Event = LinkEvent | AddrEvent | RouteEvent
 
 
 def _attrs(data: bytes, start: int, end: int) -> dict[int, bytes]:
@@ -88,9 +99,18 @@ def parse(data: bytes) -> list[Event]:
             break
         body = off + _NLMSGHDR.size
         if mtype in (RTM_NEWLINK, RTM_DELLINK) and length >= _NLMSGHDR.size + _IFINFOMSG.size:
-            _family, _type, index, flags, _change = _IFINFOMSG.unpack_from(data, body)
+            family, _type, index, flags, _change = _IFINFOMSG.unpack_from(data, body)
+            if family != socket.AF_UNSPEC:
+                # AF_BRIDGE copies announce bridge-port changes: a port leaving a bridge
+                # comes as RTM_DELLINK of family AF_BRIDGE, not the interface going away
+                off += (length + 3) & ~3
+                continue
             attrs = _attrs(data, body + _IFINFOMSG.size, off + length)
             master = attrs.get(IFLA_MASTER)
+            link = attrs.get(IFLA_LINK)
+            peer = None
+            if link is not None and IFLA_LINK_NETNSID not in attrs:
+                peer = struct.unpack("I", link[:4])[0] or None
             kind = None
             info = attrs.get(IFLA_LINKINFO)
             if info is not None:
@@ -104,11 +124,14 @@ def parse(data: bytes) -> list[Event]:
                     master=struct.unpack("I", master[:4])[0] if master else None,
                     alias=_cstr(attrs.get(IFLA_IFALIAS)),
                     kind=kind,
+                    peer=peer if kind == "veth" else None,
                 )
             )
         elif mtype in (RTM_NEWADDR, RTM_DELADDR) and length >= _NLMSGHDR.size + _IFADDRMSG.size:
             index = _IFADDRMSG.unpack_from(data, body)[4]
             events.append(AddrEvent(deleted=mtype == RTM_DELADDR, index=index))
+        elif mtype in (RTM_NEWROUTE, RTM_DELROUTE):
+            events.append(RouteEvent(deleted=mtype == RTM_DELROUTE))
         off += (length + 3) & ~3
     return events
 
@@ -120,8 +143,9 @@ class EventSocket:
         self,
         groups: int = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR,
         rcvbuf: int = 32 << 20,
+        sock: socket.socket | None = None,
     ) -> None:
-        self.sock = socket.socket(
+        self.sock = sock or socket.socket(
             socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE
         )
         try:
@@ -215,3 +239,41 @@ class Requests:
     def close(self) -> None:
         self._loop.remove_reader(self.sock.fileno())
         self.sock.close()
+
+
+def socket_in_netns(path: str) -> socket.socket:
+    """A rtnetlink socket living in the network namespace bound at ``path``.
+
+    A socket belongs to the namespace it was created in. A short-lived thread enters the
+    namespace (setns changes only the calling thread), creates the socket and ends, so no
+    thread of the daemon is ever left in another namespace, and nothing forks."""
+    import ctypes
+    import threading
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    result: list[socket.socket | BaseException] = []
+
+    def work() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns {path}: {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            result.append(
+                socket.socket(
+                    socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE
+                )
+            )
+        except BaseException as exc:
+            result.append(exc)
+
+    thread = threading.Thread(target=work, name="netagent-setns", daemon=True)
+    thread.start()
+    thread.join()
+    got = result[0]
+    if isinstance(got, BaseException):
+        raise got
+    return got
