@@ -270,7 +270,8 @@ class Reconciler:
     ) -> None:
         spec = self.firewall_spec()
         try:
-            if full or self.status.get(FIREWALL_KEY, KeyStatus()).error:
+            empty = not spec.forwards and not spec.bridges
+            if full or empty or self.status.get(FIREWALL_KEY, KeyStatus()).error:
                 await self._firewall_full(spec, result)
             else:
                 batch = self.firewall.plan_update(spec, added, removed)
@@ -288,6 +289,11 @@ class Reconciler:
             await clear_conntrack(removed)
 
     async def _firewall_full(self, spec: FirewallSpec, result: PassResult) -> None:
+        if not spec.forwards and not spec.bridges:
+            # nothing to do: the firewall holds nothing of netagent's (after a purge,
+            # an empty table or empty chains would be something left behind)
+            result.merge(FIREWALL_KEY, await self.firewall.purge())
+            return
         observed = await self.firewall.observe()
         batch = self.firewall.plan(spec, observed)
         await self.firewall.apply(batch)

@@ -64,6 +64,9 @@ class Batch:
 
 class FirewallBackend(ABC):
     name: ClassVar[str]
+    #: text in an ``nft monitor`` line that means the change touched what this backend
+    #: owns (see ``agent/fwwatch.py``)
+    monitor_markers: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     @abstractmethod

@@ -400,6 +400,8 @@ class IptablesBackend(FirewallBackend):
     runs nothing, so planning can be tested without root."""
 
     name = "iptables"
+    # iptables-nft keeps its chains in nf_tables' "ip nat" / "ip6 nat" tables
+    monitor_markers = (" ip nat", " ip6 nat")
 
     def __init__(self, families: tuple[int, ...] | None = None) -> None:
         if families is None:

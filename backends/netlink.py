@@ -277,17 +277,7 @@ class NetlinkBackend:
             if addr in have:
                 continue
             if acts.add(f"add {addr} to {where}"):
-                try:
-                    await sock.addr(
-                        "add",
-                        index=link.index,
-                        address=str(addr.ip),
-                        prefixlen=addr.network.prefixlen,
-                        family=_addr_family(addr),
-                    )
-                except NetlinkError as exc:
-                    if exc.code != errno.EEXIST:
-                        raise
+                await _add_address(sock, link.index, addr)
 
     async def _remove_addresses(
         self, sock: Any, link: Link, gone: tuple[I.IPInterface, ...], where: str, acts: Actions
@@ -451,13 +441,7 @@ class NetlinkBackend:
         acts.add(f"mark {plug.host_ifname} and {where}, set {where} up")
         for addr in plug.addresses:
             acts.add(f"add {addr} to {where}")
-            await ns_sock.addr(
-                "add",
-                index=inner.index,
-                address=str(addr.ip),
-                prefixlen=addr.network.prefixlen,
-                family=_addr_family(addr),
-            )
+            await _add_address(ns_sock, inner.index, addr)
         for addr in plug.addresses:
             gw = br.gateway(addr.version)
             if gw is None:
@@ -661,6 +645,27 @@ _NUD = {
     0x40: "NOARP",
     0x80: "PERMANENT",
 }
+
+
+IFA_F_NODAD = 0x02
+
+
+async def _add_address(sock: Any, index: int, addr: I.IPInterface) -> None:
+    """Add an address; one already there is fine. IPv6 addresses skip duplicate address
+    detection (IFA_F_NODAD): netagent refuses duplicates on a segment itself, and DAD
+    would leave a new address unusable ("tentative") for a second or two."""
+    try:
+        await sock.addr(
+            "add",
+            index=index,
+            address=str(addr.ip),
+            prefixlen=addr.network.prefixlen,
+            family=_addr_family(addr),
+            flags=IFA_F_NODAD if addr.version == 6 else 0,
+        )
+    except NetlinkError as exc:
+        if exc.code != errno.EEXIST:
+            raise
 
 
 def ifindex(name: str) -> int | None:

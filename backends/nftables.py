@@ -223,6 +223,7 @@ def _open_lib() -> LibNftables | None:
 
 class NftablesBackend(FirewallBackend):
     name = "nftables"
+    monitor_markers = (f" {FAMILY} {TABLE}",)
 
     def __init__(self) -> None:
         self.nft = shutil.which("nft") or "nft"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from typing import Any
@@ -38,14 +39,16 @@ def add_client(d: Daemon) -> None:
 def serve_http(d: Daemon, ns: str, addr: str, port: int, body: str) -> None:
     """A tiny HTTP server in a namespace answering ``body``; waits until it listens."""
     code = (
-        "import http.server,sys\n"
+        "import http.server,socket,sys\n"
         "class H(http.server.BaseHTTPRequestHandler):\n"
         "    def do_GET(self):\n"
         f"        b={body!r}.encode(); self.send_response(200)\n"
         "        self.send_header('Content-Length', str(len(b)))\n"
         "        self.end_headers(); self.wfile.write(b)\n"
         "    def log_message(self,*a): pass\n"
-        f"http.server.ThreadingHTTPServer(({addr!r},{port}),H).serve_forever()\n"
+        "class S(http.server.ThreadingHTTPServer):\n"
+        f"    address_family = socket.AF_INET6 if ':' in {addr!r} else socket.AF_INET\n"
+        f"S(({addr!r},{port}),H).serve_forever()\n"
     )
     d.box.popen(["ip", "netns", "exec", ns, sys.executable, "-c", code])
     for _ in range(200):
@@ -86,3 +89,47 @@ def show(d: Daemon) -> dict[str, Any]:
 
 def desired(d: Daemon) -> list[dict[str, Any]]:
     return [i["intent"] for i in show(d)["intents"]]
+
+
+BACKENDS = ["nftables", "iptables"]
+
+
+def udp_server(d: Daemon, ns: str, addr: str, port: int, reply: str) -> None:
+    """Answers each datagram with ``reply``; waits until bound."""
+    family = "socket.AF_INET6" if ":" in addr else "socket.AF_INET"
+    code = (
+        "import socket\n"
+        f"s=socket.socket({family},socket.SOCK_DGRAM); s.bind(({addr!r},{port}))\n"
+        "print('ready',flush=True)\n"
+        f"while True:\n    data,peer=s.recvfrom(100); s.sendto({reply!r}.encode(),peer)\n"
+    )
+    proc = d.box.popen(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", code], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+
+
+def peer_echo_server(d: Daemon, ns: str, addr: str, port: int) -> None:
+    """A TCP server that answers with the address the connection came from."""
+    code = (
+        "import socket\n"
+        f"s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+        f"s.bind(({addr!r},{port})); s.listen(16); print('ready',flush=True)\n"
+        "while True:\n    c,p=s.accept(); c.sendall(p[0].encode()); c.close()\n"
+    )
+    proc = d.box.popen(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", code], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+
+
+def tcp_read(d: Daemon, ns: str | None, host: str, port: int) -> str:
+    code = (
+        "import socket\n"
+        f"c=socket.create_connection(({host!r},{port}),3); print(c.recv(100).decode())"
+    )
+    argv = [sys.executable, "-c", code]
+    r = d.in_ns(ns, *argv, check=False) if ns else d.sh(*argv, check=False)
+    return r.stdout.strip() if r.returncode == 0 else "ERROR"

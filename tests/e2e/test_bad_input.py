@@ -52,7 +52,7 @@ def kernel_snapshot(d: Daemon) -> tuple[str, str, str, str]:
         d.sh("ip", "netns", "list").stdout,
         d.sh("ip", "-o", "link").stdout.replace("state UNKNOWN", ""),
         d.sh("nft", "list", "ruleset").stdout,
-        d.sh("ip", "-n", "red", "-o", "addr").stdout,
+        d.sh("ip", "-4", "-n", "red", "-o", "addr").stdout,
     )
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from tests.conftest import Daemon
 from tests.e2e.helpers import (
+    BACKENDS,
     CLIENT_HOST,
     add_client,
     build_seed,
@@ -36,6 +37,7 @@ def test_wire_ping_and_arp(daemon: Daemon) -> None:
     assert daemon.sh("ip", "-n", "red", "link", "show", "veth-red", check=False).returncode != 0
 
 
+@pytest.mark.parametrize("daemon", BACKENDS, indirect=True)
 def test_bridge_forward_from_outside_host_and_localhost(daemon: Daemon) -> None:
     build_seed(daemon)
     assert ping(daemon, "red", "192.168.15.2")
@@ -54,14 +56,19 @@ def test_bridge_forward_from_outside_host_and_localhost(daemon: Daemon) -> None:
     assert http_get(daemon, None, f"http://{CLIENT_HOST}:80/") == "hello from blue"
     assert http_get(daemon, None, "http://127.0.0.1:80/") == "hello from blue"
     assert daemon.sh("sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "1"
-    # the forward is exactly one map element in netagent's own table
-    table = daemon.sh("nft", "list", "table", "inet", "netagent").stdout
-    assert table.count("80 : 192.168.15.2 . 80") == 1
+    if daemon.firewall == "nftables":
+        # the forward is exactly one map element in netagent's own table
+        table = daemon.sh("nft", "list", "table", "inet", "netagent").stdout
+        assert table.count("80 : 192.168.15.2 . 80") == 1
+    else:
+        rules = daemon.sh("iptables-save", "-t", "nat").stdout
+        assert rules.count("--to-destination 192.168.15.2:80") == 2  # PREROUTING + OUTPUT
     result = show(daemon)
     assert all(i["in_place"] for i in result["intents"]), result
     assert result["firewall"]["in_place"] is True
 
 
+@pytest.mark.parametrize("daemon", BACKENDS, indirect=True)
 def test_transit_traffic_is_not_translated(daemon: Daemon) -> None:
     """Only traffic addressed to the host is DNATed (CNI portmap GHSA-jv3w-x3r3-g6rm):
     a packet to port 80 of red, passing through the host, must reach red, not blue."""
@@ -75,6 +82,7 @@ def test_transit_traffic_is_not_translated(daemon: Daemon) -> None:
     assert http_get(daemon, "client", f"http://{CLIENT_HOST}:80/") == "blue"
 
 
+@pytest.mark.parametrize("daemon", BACKENDS, indirect=True)
 def test_restart_keeps_state_and_data_plane(daemon: Daemon) -> None:
     build_seed(daemon)
     add_client(daemon)
@@ -90,7 +98,12 @@ def test_restart_keeps_state_and_data_plane(daemon: Daemon) -> None:
     # nothing duplicated: one veth per plug, one element per forward
     links = daemon.sh("ip", "-o", "link").stdout
     assert links.count("veth-red-br") == 1 and links.count("veth-blue-br") == 1
-    assert daemon.sh("nft", "list", "ruleset").stdout.count("80 : 192.168.15.2 . 80") == 1
+    if daemon.firewall == "nftables":
+        assert daemon.sh("nft", "list", "ruleset").stdout.count("80 : 192.168.15.2 . 80") == 1
+    else:
+        saved = daemon.sh("iptables-save", "-t", "nat").stdout
+        assert saved.count("-j NETAGENT-PREROUTING") == 1
+        assert saved.count("--to-destination 192.168.15.2:80") == 2  # PREROUTING, OUTPUT
     assert http_get(daemon, "client", f"http://{CLIENT_HOST}:80/") == "up"
     # the restart's log says it reconciled before serving
     events = [e.get("event") for e in daemon.log_events()]

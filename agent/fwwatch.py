@@ -1,0 +1,72 @@
+"""Notice when someone changes the firewall under netagent, and have it put back.
+
+``nft monitor`` prints every committed ruleset change, each batch closed by a line
+``# new generation N by process PID (COMM)``. A batch by another process that touches
+what the backend owns (its ``monitor_markers``: the table's name, the nat tables its
+chains live in, ``flush ruleset``) kicks a firewall pass: observe, plan, apply. The
+iptables backend is covered too when iptables is the nf_tables flavour (Debian's
+default), whose changes are nf_tables changes. Batches by the daemon's own pid are its
+own work (libnftables runs in-process) and ignored. The periodic full pass remains the
+safety net (legacy iptables, a monitor that died).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+import anyio
+import structlog
+
+from netagent.backends.firewall import FirewallBackend
+
+from .bus import EventBus
+from .reconcile import FIREWALL_KEY, Reconciler
+
+log = structlog.get_logger("netagent.fwwatch")
+_GENERATION = re.compile(r"^# new generation \d+ by process (\d+) \((.*)\)")
+
+
+def relevant(line: str, backend: FirewallBackend) -> bool:
+    return any(marker in line for marker in (*backend.monitor_markers, "flush ruleset"))
+
+
+async def watch_firewall(rec: Reconciler, backend: FirewallBackend, bus: EventBus) -> None:
+    nft = shutil.which("nft")
+    if nft is None:
+        log.warning("nft is not installed: firewall drift is found by the periodic pass only")
+        return
+    me = os.getpid()
+    while True:
+        async with await anyio.open_process(
+            [nft, "monitor"], env={"LANG": "C", "PATH": os.environ.get("PATH", "")}
+        ) as proc:
+            assert proc.stdout is not None
+            pending: list[str] = []
+            buffer = b""
+            async for chunk in proc.stdout:
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for raw in lines:
+                    line = raw.decode(errors="replace").rstrip()
+                    gen = _GENERATION.match(line)
+                    if gen is None:
+                        if relevant(line, backend):
+                            pending.append(line)
+                        continue
+                    pid, comm = int(gen.group(1)), gen.group(2)
+                    if pending and pid != me:
+                        bus.publish(
+                            "firewall-drift",
+                            f"{comm} (pid {pid}) changed netagent's rules: "
+                            f"{'; '.join(pending[:3])}{' ...' if len(pending) > 3 else ''}",
+                            pid=pid,
+                            process=comm,
+                        )
+                        log.info("firewall drift", process=comm, pid=pid, changes=len(pending))
+                        rec.kick([FIREWALL_KEY])
+                    pending = []
+        log.warning("nft monitor ended; restarting it")
+        rec.kick([FIREWALL_KEY])
+        await anyio.sleep(1)
