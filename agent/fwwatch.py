@@ -7,7 +7,8 @@ chains live in, ``flush ruleset``) kicks a firewall pass: observe, plan, apply. 
 iptables backend is covered too when iptables is the nf_tables flavour (Debian's
 default), whose changes are nf_tables changes. Batches by the daemon's own pid are its
 own work (libnftables runs in-process) and ignored. The periodic full pass remains the
-safety net (legacy iptables, a monitor that died).
+safety net (legacy iptables, a monitor that died). Changes made by the iptables backend's
+own ``iptables-restore`` processes do cause one extra, idempotent firewall pass.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ from .reconcile import FIREWALL_KEY, Reconciler
 
 log = structlog.get_logger("netagent.fwwatch")
 _GENERATION = re.compile(r"^# new generation \d+ by process (\d+) \((.*)\)")
+
+
+def _ours(pid: int, me: int) -> bool:
+    """nf_tables reports the committing *task*: a worker thread of the daemon (big
+    transactions run off the event loop) shows its thread id, not the daemon's pid."""
+    return pid == me or os.path.exists(f"/proc/{me}/task/{pid}")
 
 
 def relevant(line: str, backend: FirewallBackend) -> bool:
@@ -56,7 +63,7 @@ async def watch_firewall(rec: Reconciler, backend: FirewallBackend, bus: EventBu
                             pending.append(line)
                         continue
                     pid, comm = int(gen.group(1)), gen.group(2)
-                    if pending and pid != me:
+                    if pending and not _ours(pid, me):
                         bus.publish(
                             "firewall-drift",
                             f"{comm} (pid {pid}) changed netagent's rules: "

@@ -7,10 +7,11 @@ is wrong and what to do. Standard library only: the CLI imports this module.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeAlias
 
 from .errors import InvalidAddress, InvalidArgument, InvalidName, InvalidPattern, InvalidPort
@@ -80,13 +81,18 @@ def parse_interface(value: object, what: str = "address") -> IPInterface:
     return iface
 
 
+@functools.lru_cache(maxsize=4096)
+def _ip(text: str) -> IPAddress:
+    return ipaddress.ip_address(text)
+
+
 def parse_ip(value: object, what: str = "address") -> IPAddress:
     if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
         return value
     if not isinstance(value, str):
         raise InvalidAddress(f"{what} must be a string like 192.168.15.2")
     try:
-        ip = ipaddress.ip_address(value)
+        ip = _ip(value)  # cached: a 10,000-forward apply names the same few addresses
     except ValueError:
         raise InvalidAddress(
             f"{what} {value!r} is not an IP address; e.g. 192.168.15.2 or fd00:15::2"
@@ -408,7 +414,6 @@ class Forward:
     dest_port: int
     count: int = 1
     host_ip: IPAddress | None = None
-    _ports: tuple[int, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         parse_proto(self.proto)
@@ -424,7 +429,7 @@ class Forward:
                 "IP versions; NAT cannot translate between them"
             )
 
-    @property
+    @functools.cached_property
     def family(self) -> int:
         return self.dest_ip.version
 
@@ -436,7 +441,7 @@ class Forward:
     def port_spec(self) -> str:
         return port_spec(self.host_port, self.count)
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         return forward_key(self.proto, self.host_port, self.count, self.host_ip, self.family)
 

@@ -92,6 +92,7 @@ class Reconciler:
         self.passes = 0
         self.last_pass: dict[str, Any] = {}
         self.conntrack = True
+        self.conntrack_pending: list[I.Forward] = []
         #: the event source's view of the host's links (kept by events, no dump needed)
         self.link_view: Callable[[], list[LinkInfo]] | None = None
 
@@ -284,9 +285,11 @@ class Reconciler:
             self._ok(FIREWALL_KEY)
         except NetagentError as exc:
             self._fail(FIREWALL_KEY, exc.message, result)
-        # retargeted or removed forwards must not keep their old flows
+        # retargeted or removed forwards must not keep their old flows; the conntrack
+        # tool takes ~20 ms, so the background loop runs it right after the reply
         if removed and self.conntrack:
-            await clear_conntrack(removed)
+            self.conntrack_pending.extend(removed)
+            self._wake.set()
 
     async def _firewall_full(self, spec: FirewallSpec, result: PassResult) -> None:
         if not spec.forwards and not spec.bridges:
@@ -304,10 +307,8 @@ class Reconciler:
         for br in self.desired.of_kind(I.Bridge):
             need4 |= any(a.version == 4 for a in br.addresses)
             need6 |= any(a.version == 6 for a in br.addresses)
-        for fwd in self.desired.of_kind(I.Forward):
-            need4 |= fwd.family == 4
-            need6 |= fwd.family == 6
-        return ensure_forwarding(need4, need6)
+        families = self.desired.forward_families()
+        return ensure_forwarding(need4 or 4 in families, need6 or 6 in families)
 
     async def _step(self, key: str, coro: Any, result: PassResult) -> None:
         try:
@@ -443,6 +444,9 @@ class Reconciler:
         """The background loop: coalesce kicks, run passes, back off failing keys."""
         next_full = time.monotonic() + self.resync_interval
         while True:
+            if self.conntrack_pending:
+                forwards, self.conntrack_pending = self.conntrack_pending, []
+                await clear_conntrack(forwards)
             now = time.monotonic()
             retry = [k for k, st in self.status.items() if st.error and st.retry_at <= now]
             if not self.dirty and not self.full_requested and not retry:

@@ -167,6 +167,19 @@ def parse_table(doc: dict[str, Any]) -> Observed:
     return obs
 
 
+def _element_steps(gone: list[Elem], new: list[Elem], detail: int = 50) -> list[str]:
+    """One line per element for small changes; a count for big ones (a 10,000-forward
+    apply need not answer with 10,000 lines)."""
+    if len(gone) + len(new) > detail:
+        return [
+            f"{verb} {len(elems)} map elements"
+            for verb, elems in (("delete", gone), ("add", new))
+            if elems
+        ]
+    steps = [f"delete element {m} {{ {k} : {v} }}" for m, k, v in gone]
+    return steps + [f"add element {m} {{ {k} : {v} }}" for m, k, v in new]
+
+
 class LibNftables:
     """In-process libnftables (Debian's libnftables1) through ctypes: the same language
     and the same one-transaction-per-call semantics as ``nft -f -``, without a process
@@ -312,8 +325,7 @@ class NftablesBackend(FirewallBackend):
         extra = sorted(observed.elems - want_elems)
         missing = sorted(want_elems - observed.elems)
         lines += _elem_lines("delete", extra, keys_only=True) + _elem_lines("add", missing)
-        steps += [f"delete element {m} {{ {k} : {v} }}" for m, k, v in extra]
-        steps += [f"add element {m} {{ {k} : {v} }}" for m, k, v in missing]
+        steps += _element_steps(extra, missing)
         return Batch(steps=steps, payload=lines)
 
     def _full(self, bridge_rules: dict[str, str], elems: set[Elem], present: bool) -> Batch:
@@ -332,9 +344,7 @@ class NftablesBackend(FirewallBackend):
         gone = [e for f in removed for e in forward_elems(f)]
         new = [e for f in added for e in forward_elems(f)]
         lines = _elem_lines("delete", gone, keys_only=True) + _elem_lines("add", new)
-        steps = [f"delete element {m} {{ {k} : {v} }}" for m, k, v in gone]
-        steps += [f"add element {m} {{ {k} : {v} }}" for m, k, v in new]
-        return Batch(steps=steps, payload=lines)
+        return Batch(steps=_element_steps(gone, new), payload=lines)
 
     async def apply(self, batch: Batch) -> None:
         if batch.empty:

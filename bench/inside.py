@@ -193,6 +193,58 @@ def repair_bridge(bridge: str, ports: int) -> dict[str, object]:
     return {"ports": ports, "repair_ms": (done_at - t0) * 1000}
 
 
+def connect_p50(host: str, port: int, count: int) -> dict[str, object]:
+    """Sequential TCP connects through a forward; p50 of the connect time."""
+    times = []
+    for _ in range(count):
+        s = socket.socket()
+        t0 = time.perf_counter()
+        s.connect((host, port))
+        times.append(time.perf_counter() - t0)
+        s.close()
+    times.sort()
+    return {"n": count, "p50_us": times[count // 2] * 1e6, "p90_us": times[int(count * 0.9)] * 1e6}
+
+
+def accept_forever(addr: str, port: int) -> None:
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((addr, port))
+    srv.listen(4096)
+    print("ready", flush=True)
+    while True:
+        c, _ = srv.accept()
+        c.close()
+
+
+def drift(host: str, port: int, breaker: list[str]) -> dict[str, object]:
+    """Break the firewall with ``breaker``; time until a connect through the forward
+    succeeds again (the daemon notices and repairs)."""
+    t0 = time.monotonic()
+    subprocess.run(breaker, check=True)
+    broke = time.monotonic()
+    back = until_reachable(host, port, 10, t0)
+    return {**back, "breaker_ms": (broke - t0) * 1000}
+
+
+def until_reachable(
+    host: str, port: int, timeout: float, t0: float | None = None
+) -> dict[str, object]:
+    """Time until a TCP connect through the forward succeeds again."""
+    t0 = time.monotonic() if t0 is None else t0
+    while time.monotonic() - t0 < timeout:
+        s = socket.socket()
+        s.settimeout(0.05)
+        try:
+            s.connect((host, port))
+            return {"back_ms": (time.monotonic() - t0) * 1000}
+        except OSError:
+            time.sleep(0.002)
+        finally:
+            s.close()
+    raise SystemExit("not reachable again")
+
+
 if __name__ == "__main__":
     kind, *args = sys.argv[1:]
     if kind == "single":
@@ -201,6 +253,13 @@ if __name__ == "__main__":
         result = attach_burst(int(args[0]), args[1], args[2])
     elif kind == "repair":
         result = repair_bridge(args[0], int(args[1]))
+    elif kind == "connect":
+        result = connect_p50(args[0], int(args[1]), int(args[2]))
+    elif kind == "serve":
+        accept_forever(args[0], int(args[1]))
+        raise SystemExit(0)
+    elif kind == "drift":
+        result = drift(args[0], int(args[1]), args[2:])
     else:
         raise SystemExit(f"unknown measurement {kind}")
     print(json.dumps(result))

@@ -56,6 +56,21 @@ def _exit_status(reply: dict[str, Any]) -> int:
     return error_from_wire(reply.get("error") or {}).exit_status
 
 
+def apply_file(path: str, prune: bool, socket: str | None, as_json: bool) -> None:
+    """``ctl apply FILE``: a JSON document ``{"intents": [...]}`` (or ``-``: stdin)."""
+    try:
+        text = sys.stdin.read() if path == "-" else open(path).read()  # noqa: SIM115
+        doc = json.loads(text)
+    except OSError as exc:
+        fail(f"cannot read {path}: {exc.strerror}", 2)
+    except ValueError as exc:
+        fail(f"{path} is not valid JSON: {exc}", 2)
+    intents = doc.get("intents") if isinstance(doc, dict) else doc
+    if not isinstance(intents, list):
+        fail(f'{path}: expected {{"intents": [...]}} or a list of intents', 2)
+    run_op("apply", {"intents": intents, "prune": prune}, socket, as_json)
+
+
 def stream_events(socket: str | None, as_json: bool) -> None:
     try:
         with Client(socket) as client:
@@ -101,8 +116,12 @@ def _render_change(result: dict[str, Any]) -> None:
     if not result["changed"]:
         print("nothing changed: already as asked")
         return
-    for change in result.get("changes", []):
+    changes = result.get("changes", [])
+    for change in changes:
         print(f"{change['action']}: {change['what']}")
+    more = result.get("changes_total", len(changes)) - len(changes)
+    if more > 0:
+        print(f"... and {more} more changes")
     for key, actions in sorted((result.get("actions") or {}).items()):
         for a in actions:
             print(f"  {key}: {a}")

@@ -51,7 +51,7 @@ def test_apply_is_one_pass_and_idempotent(daemon: Daemon) -> None:
     doc.write_text(json.dumps(DOC))
     reply = json.loads(daemon.ctl("apply", str(doc), json_out=True, check=True).stdout)
     assert reply["ok"] and reply["result"]["changed"]
-    assert len(reply["result"]["changes"]) == len(DOC["intents"])
+    assert reply["result"]["changes_total"] == len(DOC["intents"])
     add_client(daemon)
     serve_http(daemon, "blue", "192.168.15.2", 80, "applied")
     assert http_get(daemon, "client", f"http://{CLIENT_HOST}:80/") == "applied"
