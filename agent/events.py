@@ -301,7 +301,7 @@ class EventSource:
             self.pending.discard(ev.index)
         if done and done[0].startswith("attached"):
             self.attached.add(ev.index)
-            log.info(
+            log.debug(
                 "attached",
                 ifname=ev.name,
                 bridge=rule.bridge,

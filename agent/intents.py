@@ -557,7 +557,13 @@ _ALPHABET = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234
 _Token = tuple[str, frozenset[str]]  # ("*", ALPHABET) or ("c", allowed chars)
 
 
-def _glob_tokens(pattern: str) -> list[_Token]:
+@functools.lru_cache(maxsize=256)
+def _glob_tokens(pattern: str) -> tuple[_Token, ...]:
+    """Parsed once per pattern: every link event is matched against every rule."""
+    return tuple(_parse_glob(pattern))
+
+
+def _parse_glob(pattern: str) -> list[_Token]:
     tokens: list[_Token] = []
     i = 0
     while i < len(pattern):

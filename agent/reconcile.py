@@ -93,6 +93,7 @@ class Reconciler:
         self.last_pass: dict[str, Any] = {}
         self.conntrack = True
         self.conntrack_pending: list[I.Forward] = []
+        self._conntrack_wake = anyio.Event()
         #: the event source's view of the host's links (kept by events, no dump needed)
         self.link_view: Callable[[], list[LinkInfo]] | None = None
 
@@ -289,7 +290,7 @@ class Reconciler:
         # tool takes ~20 ms, so the background loop runs it right after the reply
         if removed and self.conntrack:
             self.conntrack_pending.extend(removed)
-            self._wake.set()
+            self._conntrack_wake.set()
 
     async def _firewall_full(self, spec: FirewallSpec, result: PassResult) -> None:
         if not spec.forwards and not spec.bridges:
@@ -442,11 +443,23 @@ class Reconciler:
 
     async def run(self) -> None:
         """The background loop: coalesce kicks, run passes, back off failing keys."""
-        next_full = time.monotonic() + self.resync_interval
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._conntrack_worker)
+            await self._loop()
+
+    async def _conntrack_worker(self) -> None:
+        """Clears the tracked connections of removed forwards, beside the loop: 50
+        removals in a row cost ~1 s of conntrack runs, which must not delay repairs."""
         while True:
-            if self.conntrack_pending:
+            await self._conntrack_wake.wait()
+            self._conntrack_wake = anyio.Event()
+            while self.conntrack_pending:
                 forwards, self.conntrack_pending = self.conntrack_pending, []
                 await clear_conntrack(forwards)
+
+    async def _loop(self) -> None:
+        next_full = time.monotonic() + self.resync_interval
+        while True:
             now = time.monotonic()
             retry = [k for k, st in self.status.items() if st.error and st.retry_at <= now]
             if not self.dirty and not self.full_requested and not retry:

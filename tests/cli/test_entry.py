@@ -1,0 +1,83 @@
+"""The CLI's start-up fast path: which argv it takes, and that it hands the same op and
+arguments to the same function the typer commands use (no root)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from netagent.cli import ctl, entry
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
+    seen: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(ctl, "run_op", lambda *a: seen.append(("op", *a)))
+    monkeypatch.setattr(ctl, "apply_file", lambda *a: seen.append(("apply", *a)))
+    monkeypatch.delenv("NETAGENT_SOCKET", raising=False)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["ctl", "status"], ("op", "status", {}, None, False)),
+        (["ctl", "--json", "status"], ("op", "status", {}, None, True)),
+        (["ctl", "status", "--json"], ("op", "status", {}, None, True)),
+        (["ctl", "--socket", "/tmp/s", "show"], ("op", "show", {}, "/tmp/s", False)),
+        (["ctl", "--socket=/tmp/s", "forwards"], ("op", "fwd.list", {}, "/tmp/s", False)),
+        (["ctl", "links", "--ns", "red"], ("op", "links", {"ns": "red"}, None, False)),
+        (["ctl", "ns", "list"], ("op", "ns.list", {}, None, False)),
+        (["ctl", "apply", "f.json", "--prune"], ("apply", "f.json", True, None, False)),
+        (["ctl", "apply", "-"], ("apply", "-", False, None, False)),
+    ],
+)
+def test_fast_path_takes(
+    argv: list[str], expected: tuple[Any, ...], calls: list[tuple[Any, ...]]
+) -> None:
+    assert entry._fast(argv) is True
+    assert calls == [expected]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["ctl", "status", "--help"],
+        ["ctl", "ns", "add", "red"],
+        ["ctl", "forward", "80", "10.0.0.2:80"],
+        ["ctl", "show", "--ns", "red"],  # --ns belongs to links/neigh/routes only
+        ["ctl", "status", "--bogus"],
+        ["run"],
+        ["ctl"],
+        ["ctl", "status", "--prune"],
+    ],
+)
+def test_everything_else_goes_to_typer(argv: list[str], calls: list[tuple[Any, ...]]) -> None:
+    assert entry._fast(argv) is False
+    assert calls == []
+
+
+def test_env_socket_is_used(monkeypatch: pytest.MonkeyPatch, calls: list[tuple[Any, ...]]) -> None:
+    monkeypatch.setenv("NETAGENT_SOCKET", "/run/x.sock")
+    assert entry._fast(["ctl", "status"])
+    assert calls == [("op", "status", {}, "/run/x.sock", False)]
+
+
+def test_fast_path_imports_no_typer() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from netagent.cli import entry\n"
+        "from netagent.cli import ctl\n"
+        "ctl.run_op = lambda *a: None\n"
+        "entry._fast(['ctl', 'status'])\n"
+        "heavy = [m for m in ('typer', 'pyroute2', 'structlog', 'anyio', 'pydantic') "
+        "if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert out == ""
