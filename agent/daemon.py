@@ -40,6 +40,7 @@ from .errors import (
     BadRequest,
     Internal,
     InvalidArgument,
+    NameTaken,
     NetagentError,
     NotFound,
     PermissionDenied,
@@ -49,6 +50,7 @@ from .errors import (
     UnknownOp,
 )
 from .events import EventSource
+from .fwwatch import watch_firewall
 from .reconcile import FIREWALL_KEY, Reconciler
 from .state import Change, DesiredState
 from .store import StateStore
@@ -56,6 +58,7 @@ from .store import StateStore
 log = structlog.get_logger("netagent")
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+MAX_LISTED = 200
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,7 @@ class Agent:
         self.config = config
         self.started = time.time()
         self.bus = EventBus()
-        self.links = NetlinkBackend()
+        self.links = NetlinkBackend(claims_dir=Path(config.state_dir) / "claims")
         self.desired = DesiredState(external_namespace=self.links.namespace_exists)
         self.store = StateStore(Path(config.state_dir))
         self.firewall: fwreg.FirewallBackend | None = None
@@ -184,12 +187,18 @@ class Agent:
             try:
                 old = fwreg.get_backend(previous)()
                 removed = await old.purge()
-                log.info("removed the previous firewall backend's rules", backend=previous,
-                         removed=removed)
+                log.info(
+                    "removed the previous firewall backend's rules",
+                    backend=previous,
+                    removed=removed,
+                )
                 self.bus.publish("firewall-switched", f"removed {previous} rules; now {current}")
             except NetagentError as exc:
-                log.warning("could not remove the previous backend's rules", backend=previous,
-                            error=exc.message)
+                log.warning(
+                    "could not remove the previous backend's rules",
+                    backend=previous,
+                    error=exc.message,
+                )
         if previous != current:
             tmp = marker.with_name(marker.name + ".tmp")
             tmp.write_text(current + "\n")
@@ -200,8 +209,15 @@ class Agent:
         for i in self.desired.intents.values():
             counts[i.kind] = counts.get(i.kind, 0) + 1
         errors = sum(1 for s in (self.rec.status.values() if self.rec else []) if s.error)
-        parts = [f"{counts.get(k, 0)} {n}" for k, n in (
-            ("ns", "namespaces"), ("br", "bridges"), ("plug", "plugs"), ("fwd", "forwards"))]
+        parts = [
+            f"{counts.get(k, 0)} {n}"
+            for k, n in (
+                ("ns", "namespaces"),
+                ("br", "bridges"),
+                ("plug", "plugs"),
+                ("fwd", "forwards"),
+            )
+        ]
         return ", ".join(parts) + (f", {errors} failing" if errors else "")
 
     # ---- request dispatch -----------------------------------------------------------
@@ -214,20 +230,61 @@ class Agent:
             raise ReadOnly(f"uid {peer.uid} may only look; {op} changes state")
         return await handler(args)
 
+    async def _refuse_foreign(self, changes: list[Change]) -> None:
+        """A new intent must not name what exists and is not netagent's: a namespace,
+        bridge or interface someone else made is never taken over."""
+        for c in changes:
+            if c.old is not None or c.new is None:
+                continue
+            intent = c.new
+            if isinstance(intent, I.Namespace):
+                if self.links.namespace_exists(
+                    intent.name
+                ) and not await self.links.namespace_owned(intent.name):
+                    raise NameTaken(
+                        f"namespace {intent.name} exists and was not made by netagent; "
+                        "netagent will not take it over: plug it as it is (no `ns add` "
+                        "needed), or pick another name"
+                    )
+                continue
+            names: list[tuple[str | None, str]] = []
+            if isinstance(intent, I.Bridge):
+                names = [(None, intent.name)]
+            elif isinstance(intent, I.Plug):
+                names = [(None, intent.host_ifname), (intent.ns, intent.ifname)]
+            elif isinstance(intent, I.Wire):
+                names = [(intent.ns_a, intent.ifname_a), (intent.ns_b, intent.ifname_b)]
+            for ns, ifname in names:
+                link = await self.links.existing(ns, ifname)
+                if link is not None and not link.belongs_to(intent.key):
+                    where = f"{ns}:{ifname}" if ns else ifname
+                    raise NameTaken(
+                        f"{where} exists and was not made by netagent for this; it is left "
+                        "alone: remove it, or choose another name"
+                        + (" (--ifname)" if isinstance(intent, I.Plug) else "")
+                    )
+
     async def mutate(self, fn: Callable[[], list[Change]]) -> dict[str, Any]:
         """Validate and record a change, persist it, realize it; then answer."""
         assert self.rec is not None
         async with self.rec.lock:
             with self.desired.transaction() as changes:
                 fn()
-            if changes:
+                await self._refuse_foreign(changes)
+                # inside the transaction: if the journal cannot take it (disk full), the
+                # change is undone in memory too, and the request fails unacknowledged
                 self.store.append(changes)
-                if self.store.needs_compaction():
+            if changes and self.store.needs_compaction():
+                try:
                     self.store.compact(self.desired.to_wire())
+                except OSError as exc:  # the journal holds it all: compaction can wait
+                    log.warning("state compaction failed; will retry", error=str(exc))
             result = await self.rec.realize(changes) if changes else None
         reply: dict[str, Any] = {
             "changed": bool(changes),
-            "changes": [c.to_wire() for c in changes],
+            # a 10,000-intent apply answers with the first ones and the count
+            "changes": [c.to_wire() for c in changes[:MAX_LISTED]],
+            "changes_total": len(changes),
         }
         if result is not None:
             reply["actions"] = result.actions
@@ -366,6 +423,7 @@ class Agent:
                 gone = [i for i in self.desired.intents.values() if i.key not in named]
                 for intent in sorted(gone, key=lambda i: -order[i.kind]):
                     self.desired.remove(intent.key)
+                self.desired.check_references()
             return []
 
         return await self.mutate(run)
@@ -425,13 +483,19 @@ class Agent:
             },
         }
 
-    async def _kernel_view(self, args: dict[str, Any], fn: Callable[[str | None], Awaitable[Any]]) -> Any:
+    async def _kernel_view(
+        self, args: dict[str, Any], fn: Callable[[str | None], Awaitable[Any]]
+    ) -> Any:
         ns = _arg(args, "ns", str, None)
         if ns is not None:
             I.check_name(ns, "namespace name")
             if not self.links.namespace_exists(ns):
                 raise NotFound(f"namespace {ns} does not exist; `ns list` shows the namespaces")
-        return await fn(ns)
+        try:
+            return await fn(ns)
+        finally:
+            if ns is not None and self.rec is not None:
+                await self.rec.forget_unused(ns)  # looking keeps nothing open
 
     async def op_links(self, args: dict[str, Any]) -> Any:
         return await self._kernel_view(args, self.links.show_links)
@@ -554,8 +618,11 @@ class Server:
             ("readonly_group", config.readonly_group, self.readonly_gid),
         ):
             if name and gid is None:
-                log.warning("group does not exist; its would-be members are refused",
-                            setting=setting, group=name)
+                log.warning(
+                    "group does not exist; its would-be members are refused",
+                    setting=setting,
+                    group=name,
+                )
         self.clients = 0
         self.max_clients = self._max_clients()
         self.refused = 0
@@ -573,7 +640,7 @@ class Server:
         return max(16, soft - 128)
 
     def access_for(self, uid: int, gid: int, groups: frozenset[int] | None = None) -> str | None:
-        """"rw" (root, the daemon's own user, the socket group), "ro" (the read-only
+        """ "rw" (root, the daemon's own user, the socket group), "ro" (the read-only
         group) or None (anyone else)."""
         if uid == 0 or uid == os.getuid():
             return "rw"
@@ -594,8 +661,11 @@ class Server:
                     stream = await listener.accept()
                 except anyio.BrokenResourceError as exc:
                     if not failing:
-                        log.warning("accepting connections fails; retrying",
-                                    error=str(exc.__cause__ or exc), clients=self.clients)
+                        log.warning(
+                            "accepting connections fails; retrying",
+                            error=str(exc.__cause__ or exc),
+                            clients=self.clients,
+                        )
                     failing = True
                     await anyio.sleep(0.1)
                     continue
@@ -609,13 +679,19 @@ class Server:
             with structlog.contextvars.bound_contextvars(peer_uid=uid, peer_pid=pid):
                 try:
                     await self._serve(stream, pid, uid, gid, groups)
-                except* (anyio.BrokenResourceError, anyio.ClosedResourceError,
-                         anyio.EndOfStream, ConnectionError):
+                except* (
+                    anyio.BrokenResourceError,
+                    anyio.ClosedResourceError,
+                    anyio.EndOfStream,
+                    ConnectionError,
+                ):
                     pass  # the client went away
                 except* TimeoutError:
                     self.timeouts += 1
-                    log.info("client did not read its replies in time; disconnected",
-                             timeout_s=self.config.client_timeout)
+                    log.info(
+                        "client did not read its replies in time; disconnected",
+                        timeout_s=self.config.client_timeout,
+                    )
                 except* Exception:
                     log.exception("connection failed")
         except OSError:
@@ -630,8 +706,9 @@ class Server:
         with anyio.fail_after(self.config.client_timeout):
             await stream.send(protocol.encode(msg))
 
-    async def _send_last(self, stream: SocketStream, err: NetagentError,
-                         req_id: Any = None) -> None:
+    async def _send_last(
+        self, stream: SocketStream, err: NetagentError, req_id: Any = None
+    ) -> None:
         """A last error reply before hanging up: best effort, never waits long."""
         grace = min(1.0, self.config.client_timeout)
         with contextlib.suppress(Exception), anyio.move_on_after(grace):
@@ -649,49 +726,85 @@ class Server:
                 req_id = protocol.parse_request(line)[0]
         await self._send_last(stream, err, req_id)
 
-    async def _serve(self, stream: SocketStream, pid: int, uid: int, gid: int,
-                     groups: frozenset[int] | None) -> None:
+    async def _serve(
+        self, stream: SocketStream, pid: int, uid: int, gid: int, groups: frozenset[int] | None
+    ) -> None:
         if self.clients > self.max_clients:
-            log.warning("too many clients; connection refused", clients=self.clients - 1,
-                        limit=self.max_clients)
-            await self._refuse(stream, Internal(
-                f"netagent is serving {self.clients - 1} clients, its limit; try again shortly"))
+            log.warning(
+                "too many clients; connection refused",
+                clients=self.clients - 1,
+                limit=self.max_clients,
+            )
+            await self._refuse(
+                stream,
+                Internal(
+                    f"netagent is serving {self.clients - 1} clients, its limit; try again shortly"
+                ),
+            )
             return
         access = self.access_for(uid, gid, groups)
         if access is None:
             self.refused += 1
-            log.warning("connection refused: not root and not in an allowed group",
-                        peer_gid=gid, socket_group=self.config.socket_group,
-                        readonly_group=self.config.readonly_group)
-            look = (f", or to {self.config.readonly_group!r} to look only"
-                    if self.config.readonly_group else "")
-            await self._refuse(stream, PermissionDenied(
-                f"uid {uid} (pid {pid}) may not use netagent: ask an administrator to add the "
-                f"user to the group {self.config.socket_group!r}{look}"))
+            log.warning(
+                "connection refused: not root and not in an allowed group",
+                peer_gid=gid,
+                socket_group=self.config.socket_group,
+                readonly_group=self.config.readonly_group,
+            )
+            look = (
+                f", or to {self.config.readonly_group!r} to look only"
+                if self.config.readonly_group
+                else ""
+            )
+            await self._refuse(
+                stream,
+                PermissionDenied(
+                    f"uid {uid} (pid {pid}) may not use netagent: ask an administrator to add the "
+                    f"user to the group {self.config.socket_group!r}{look}"
+                ),
+            )
             return
         peer = Peer(pid, uid, gid, access)
         reader = BufferedByteReceiveStream(stream)
         while True:
             try:
                 with anyio.fail_after(self.config.client_timeout):
-                    line = await reader.receive_until(b"\n", protocol.MAX_LINE)
+                    # +1: a line of exactly MAX_LINE bytes must not trip the limit before
+                    # its newline arrives; a longer one that came in the same chunk as
+                    # its newline is caught below
+                    line = await reader.receive_until(b"\n", protocol.MAX_LINE + 1)
+                if len(line) > protocol.MAX_LINE:
+                    raise anyio.DelimiterNotFound(protocol.MAX_LINE)
             except anyio.IncompleteRead:
                 if reader.buffer.strip():
-                    await self._send_last(stream, BadRequest(
-                        "the request ended without a newline; end each JSON object with \\n"))
+                    await self._send_last(
+                        stream,
+                        BadRequest(
+                            "the request ended without a newline; end each JSON object with \\n"
+                        ),
+                    )
                 return  # the client hung up
             except anyio.DelimiterNotFound:
                 log.info("request too large; disconnected", limit=protocol.MAX_LINE)
-                await self._send_last(stream, RequestTooLarge(
-                    f"request is over {protocol.MAX_LINE} bytes; send one JSON object per "
-                    "line, each smaller than that"))
+                await self._send_last(
+                    stream,
+                    RequestTooLarge(
+                        f"request is over {protocol.MAX_LINE} bytes; send one JSON object per "
+                        "line, each smaller than that"
+                    ),
+                )
                 return
             except TimeoutError:
                 self.timeouts += 1
-                log.info("no complete request in time; disconnected",
-                         timeout_s=self.config.client_timeout, pending_bytes=len(reader.buffer))
-                await self._send_last(stream, RequestTimeout(
-                    f"no complete request within {self.config.client_timeout:g}s"))
+                log.info(
+                    "no complete request in time; disconnected",
+                    timeout_s=self.config.client_timeout,
+                    pending_bytes=len(reader.buffer),
+                )
+                await self._send_last(
+                    stream,
+                    RequestTimeout(f"no complete request within {self.config.client_timeout:g}s"),
+                )
                 return
             if not line.strip():
                 continue
@@ -714,13 +827,23 @@ class Server:
                 return True
             result = await self.agent.handle(op, args, peer)
             reply = protocol.reply_ok(req_id, result)
-            log.info("request", op=op, ok=True,
-                     changed=result.get("changed") if isinstance(result, dict) else None,
-                     duration_ms=round((time.perf_counter() - t0) * 1000, 2))
+            log.info(
+                "request",
+                op=op,
+                ok=True,
+                changed=result.get("changed") if isinstance(result, dict) else None,
+                duration_ms=round((time.perf_counter() - t0) * 1000, 2),
+            )
         except NetagentError as exc:
             reply = protocol.reply_error(req_id, exc)
-            log.info("request", op=op, ok=False, code=exc.code, error=exc.message,
-                     duration_ms=round((time.perf_counter() - t0) * 1000, 2))
+            log.info(
+                "request",
+                op=op,
+                ok=False,
+                code=exc.code,
+                error=exc.message,
+                duration_ms=round((time.perf_counter() - t0) * 1000, 2),
+            )
         except Exception as exc:
             log.exception("request failed", op=op)
             reply = protocol.reply_error(req_id, Internal(f"internal error: {exc}"))
@@ -730,6 +853,13 @@ class Server:
     async def _events(self, stream: SocketStream, req_id: Any, args: dict[str, Any]) -> None:
         bus = self.agent.bus
         watcher = bus.subscribe()
+        watcher.push(
+            {
+                "ts": time.time(),
+                "type": "watching",
+                "message": f"watching netagent (pid {os.getpid()})",
+            }
+        )
         try:
             await self._send(stream, protocol.reply_ok(req_id, {"streaming": True}))
             async with anyio.create_task_group() as tg:
@@ -765,9 +895,13 @@ def _grant_socket_access(path: str, gid: int) -> None:
     try:
         os.setxattr(path, "system.posix_acl_access", acl)
     except OSError as exc:
-        log.warning("cannot let the read-only group reach the socket (no POSIX ACLs here?); "
-                    "its members will get 'permission denied'", socket=path, gid=gid,
-                    error=exc.strerror)
+        log.warning(
+            "cannot let the read-only group reach the socket (no POSIX ACLs here?); "
+            "its members will get 'permission denied'",
+            socket=path,
+            gid=gid,
+            error=exc.strerror,
+        )
 
 
 def _bind_socket(config: Config) -> tuple[socket.socket, Path | None]:
@@ -787,20 +921,26 @@ def _bind_socket(config: Config) -> tuple[socket.socket, Path | None]:
         try:
             sock = socket.socket(fileno=passed[0])
         except OSError as exc:
-            raise Internal(f"fd {passed[0]} from systemd (LISTEN_FDS) is not a socket: "
-                           f"{exc.strerror}") from None
+            raise Internal(
+                f"fd {passed[0]} from systemd (LISTEN_FDS) is not a socket: {exc.strerror}"
+            ) from None
         listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
         if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM or not listening:
             sock.detach()
-            raise Internal(f"fd {passed[0]} from systemd is not a listening Unix stream "
-                           "socket; netagent.socket needs ListenStream=/run/netagent/netagent.sock")
+            raise Internal(
+                f"fd {passed[0]} from systemd is not a listening Unix stream "
+                "socket; netagent.socket needs ListenStream=/run/netagent/netagent.sock"
+            )
         name = sock.getsockname()
         where = name if isinstance(name, str) and name.startswith("/") else None
         if where and readonly_gid is not None and readonly_gid != admin_gid:
             _grant_socket_access(where, readonly_gid)
         if where and where != config.socket:
-            log.warning("the socket systemd passed is not the configured one",
-                        passed=where, configured=config.socket)
+            log.warning(
+                "the socket systemd passed is not the configured one",
+                passed=where,
+                configured=config.socket,
+            )
         log.info("using the socket systemd passed in", fd=passed[0], socket=where or repr(name))
         return sock, None
     path = Path(config.socket)
@@ -811,8 +951,9 @@ def _bind_socket(config: Config) -> tuple[socket.socket, Path | None]:
         st = None
     if st is not None:
         if not stat.S_ISSOCK(st.st_mode):
-            raise Internal(f"{path} exists and is not a socket; remove it or choose another "
-                           "--socket")
+            raise Internal(
+                f"{path} exists and is not a socket; remove it or choose another --socket"
+            )
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(str(path))
@@ -837,8 +978,10 @@ def _bind_socket(config: Config) -> tuple[socket.socket, Path | None]:
             try:
                 os.chown(path, -1, admin_gid)
             except PermissionError:
-                raise Internal(f"cannot give {path} the group {config.socket_group!r}: run "
-                               "the daemon with that group (Group=) or CAP_CHOWN") from None
+                raise Internal(
+                    f"cannot give {path} the group {config.socket_group!r}: run "
+                    "the daemon with that group (Group=) or CAP_CHOWN"
+                ) from None
         os.chmod(path, 0o660)
         if readonly_gid is not None and readonly_gid != admin_gid:
             _grant_socket_access(str(path), readonly_gid)
@@ -867,8 +1010,10 @@ def _lock_state_dir(state_dir: str) -> int:
     except OSError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
         os.close(fd)
-        raise Internal(f"another netagent (pid {holder or '?'}) is using the state dir "
-                       f"{directory}; stop it first") from None
+        raise Internal(
+            f"another netagent (pid {holder or '?'}) is using the state dir "
+            f"{directory}; stop it first"
+        ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
@@ -923,6 +1068,7 @@ async def run_daemon(config: Config) -> None:
             sdnotify.notify(f"STATUS=failed to start: {sdnotify.one_line(exc.message)}")
             raise
         assert agent.rec is not None
+        assert agent.firewall is not None
         server = Server(agent, config)
         listener = await anyio.abc.SocketListener.from_socket(raw)
         try:
@@ -930,16 +1076,23 @@ async def run_daemon(config: Config) -> None:
                 agent.events = EventSource(agent.rec, agent.links, agent.bus)
                 await tg.start(agent.events.run)
                 tg.start_soon(agent.rec.run)
+                tg.start_soon(agent.events.watch_namespaces)
+                tg.start_soon(watch_firewall, agent.rec, agent.firewall, agent.bus)
                 tg.start_soon(server.serve, listener)
                 gc.freeze()  # what start-up made lives forever: keep it out of GC passes
                 sdnotify.notify(f"READY=1\nSTATUS={sdnotify.one_line(agent.summary())}")
                 tg.start_soon(sdnotify.watchdog_loop, agent.summary)
-                log.info("netagent ready", socket=config.socket, firewall=agent.firewall_why,
-                         max_clients=server.max_clients,
-                         watchdog_s=sdnotify.watchdog_interval())
+                log.info(
+                    "netagent ready",
+                    socket=config.socket,
+                    firewall=agent.firewall_why,
+                    max_clients=server.max_clients,
+                    watchdog_s=sdnotify.watchdog_interval(),
+                )
                 signum = await _wait_for_stop_signal()
-                log.info("stopping; links and rules stay in place",
-                         signal=signal.Signals(signum).name)
+                log.info(
+                    "stopping; links and rules stay in place", signal=signal.Signals(signum).name
+                )
                 sdnotify.notify("STOPPING=1")
                 tg.cancel_scope.cancel()
         finally:

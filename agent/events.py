@@ -50,6 +50,12 @@ class Seen:
     peer: int | None = None
 
 
+def _is_enobufs(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_is_enobufs(e) for e in exc.exceptions)
+    return getattr(exc, "errno", None) == errno.ENOBUFS
+
+
 class EventSource:
     def __init__(self, reconciler: Reconciler, links: NetlinkBackend, bus: EventBus) -> None:
         self.rec = reconciler
@@ -81,12 +87,17 @@ class EventSource:
                         for datagram in await sock.receive():
                             for event in rtnl.parse(datagram):
                                 self._handle(event)
-            except* OSError as group:
-                if not all(getattr(e, "errno", None) == errno.ENOBUFS for e in group.exceptions):
-                    raise
-                self.resyncs += 1
-                log.warning("netlink events lost (ENOBUFS); resubscribing and resyncing")
-                self.bus.publish("resync", "kernel events were lost (ENOBUFS); full resync")
+            except Exception as exc:
+                if not started:
+                    raise  # at start-up: fail loudly rather than hang
+                if _is_enobufs(exc):
+                    self.resyncs += 1
+                    log.warning("netlink events lost (ENOBUFS); resubscribing and resyncing")
+                    self.bus.publish("resync", "kernel events were lost (ENOBUFS); full resync")
+                else:
+                    # never let the daemon go deaf: resubscribe, dump, resync
+                    log.exception("event source failed; resubscribing")
+                    await anyio.sleep(1)
             finally:
                 with contextlib.suppress(Exception):
                     sock.close()
@@ -114,44 +125,48 @@ class EventSource:
         try:
             async with anyio.create_task_group() as tg:
                 while True:
-                    wanted = self._watched_namespaces()
-                    for name in list(watchers):
-                        if name not in wanted:
-                            _ino, sock, scope = watchers.pop(name)
-                            scope.cancel()
-                            sock.close()
-                    for name in wanted:
-                        path = str(self.links.netns_dir / name)
-                        try:
-                            st = os.stat(path)
-                            ino = (st.st_dev, st.st_ino)
-                        except FileNotFoundError:
-                            ino = None
-                        current = watchers.get(name)
-                        if current is not None and current[0] == ino:
-                            continue
-                        if current is not None:
-                            current[2].cancel()
-                            current[1].close()
-                            del watchers[name]
-                            if ino is None or f"ns/{name}" in self.rec.desired.intents:
-                                self.bus.publish(
-                                    "ns-removed" if ino is None else "ns-replaced",
-                                    f"namespace {name} was "
-                                    f"{'deleted' if ino is None else 'replaced'}",
-                                    ns=name,
-                                )
-                            self.rec.kick(self._ns_keys(name))
-                        if ino is None:
-                            continue
-                        try:
-                            raw = await anyio.to_thread.run_sync(rtnl.socket_in_netns, path)
-                        except OSError:
-                            continue
-                        sock = rtnl.EventSocket(groups=NS_GROUPS, rcvbuf=4 << 20, sock=raw)
-                        scope = anyio.CancelScope()
-                        watchers[name] = (ino, sock, scope)
-                        tg.start_soon(self._watch_inside, name, sock, scope)
+                    try:
+                        wanted = self._watched_namespaces()
+                        for name in list(watchers):
+                            if name not in wanted:
+                                _ino, sock, scope = watchers.pop(name)
+                                scope.cancel()
+                                sock.close()
+                        for name in wanted:
+                            path = str(self.links.netns_dir / name)
+                            try:
+                                st = os.stat(path)
+                                ino = (st.st_dev, st.st_ino)
+                            except FileNotFoundError:
+                                ino = None
+                            current = watchers.get(name)
+                            if current is not None and current[0] == ino:
+                                continue
+                            if current is not None:
+                                current[2].cancel()
+                                current[1].close()
+                                del watchers[name]
+                                await self.links.forget_namespace(name)  # the old one
+                                if ino is None or f"ns/{name}" in self.rec.desired.intents:
+                                    self.bus.publish(
+                                        "ns-removed" if ino is None else "ns-replaced",
+                                        f"namespace {name} was "
+                                        f"{'deleted' if ino is None else 'replaced'}",
+                                        ns=name,
+                                    )
+                                self.rec.kick(self._ns_keys(name))
+                            if ino is None:
+                                continue
+                            try:
+                                raw = await anyio.to_thread.run_sync(rtnl.socket_in_netns, path)
+                            except OSError:
+                                continue
+                            sock = rtnl.EventSocket(groups=NS_GROUPS, rcvbuf=4 << 20, sock=raw)
+                            scope = anyio.CancelScope()
+                            watchers[name] = (ino, sock, scope)
+                            tg.start_soon(self._watch_inside, name, sock, scope)
+                    except Exception:
+                        log.exception("namespace watch failed; trying again")
                     await anyio.sleep(interval)
         finally:
             for _ino, sock, scope in watchers.values():
@@ -185,7 +200,10 @@ class EventSource:
                             break
 
     def link_view(self) -> list[LinkInfo]:
-        return [LinkInfo(i, s.name, s.kind, s.master, s.up, s.peer) for i, s in self.seen.items()]
+        return [
+            LinkInfo(i, s.name, s.kind, s.master, s.up, s.peer, s.owner)
+            for i, s in self.seen.items()
+        ]
 
     async def _resync(self) -> None:
         links = await self.links.links()

@@ -13,6 +13,7 @@ own ``iptables-restore`` processes do cause one extra, idempotent firewall pass.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -39,6 +40,16 @@ def relevant(line: str, backend: FirewallBackend) -> bool:
     return any(marker in line for marker in (*backend.monitor_markers, "flush ruleset"))
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the daemon dies, even of SIGKILL, so no `nft monitor`
+    outlives it (and keeps a sandbox's namespaces alive)."""
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 async def watch_firewall(rec: Reconciler, backend: FirewallBackend, bus: EventBus) -> None:
     nft = shutil.which("nft")
     if nft is None:
@@ -46,34 +57,43 @@ async def watch_firewall(rec: Reconciler, backend: FirewallBackend, bus: EventBu
         return
     me = os.getpid()
     while True:
-        async with await anyio.open_process(
-            [nft, "monitor"], env={"LANG": "C", "PATH": os.environ.get("PATH", "")}
-        ) as proc:
+        proc = None
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                nft,
+                "monitor",
+                stdout=asyncio.subprocess.PIPE,
+                stdin=asyncio.subprocess.DEVNULL,
+                env={"LANG": "C", "PATH": os.environ.get("PATH", "")},
+                preexec_fn=_die_with_parent,
+            )
             assert proc.stdout is not None
             pending: list[str] = []
-            buffer = b""
-            async for chunk in proc.stdout:
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                for raw in lines:
-                    line = raw.decode(errors="replace").rstrip()
-                    gen = _GENERATION.match(line)
-                    if gen is None:
-                        if relevant(line, backend):
-                            pending.append(line)
-                        continue
-                    pid, comm = int(gen.group(1)), gen.group(2)
-                    if pending and not _ours(pid, me):
-                        bus.publish(
-                            "firewall-drift",
-                            f"{comm} (pid {pid}) changed netagent's rules: "
-                            f"{'; '.join(pending[:3])}{' ...' if len(pending) > 3 else ''}",
-                            pid=pid,
-                            process=comm,
-                        )
-                        log.info("firewall drift", process=comm, pid=pid, changes=len(pending))
-                        rec.kick([FIREWALL_KEY])
-                    pending = []
-        log.warning("nft monitor ended; restarting it")
+            while raw := await proc.stdout.readline():
+                line = raw.decode(errors="replace").rstrip()
+                gen = _GENERATION.match(line)
+                if gen is None:
+                    if relevant(line, backend):
+                        pending.append(line)
+                    continue
+                pid, comm = int(gen.group(1)), gen.group(2)
+                if pending and not _ours(pid, me):
+                    bus.publish(
+                        "firewall-drift",
+                        f"{comm} (pid {pid}) changed netagent's rules: "
+                        f"{'; '.join(pending[:3])}{' ...' if len(pending) > 3 else ''}",
+                        pid=pid,
+                        process=comm,
+                    )
+                    log.info("firewall drift", process=comm, pid=pid, changes=len(pending))
+                    rec.kick([FIREWALL_KEY])
+                pending = []
+            log.warning("nft monitor ended; restarting it")
+        except OSError as exc:
+            log.warning("nft monitor failed; restarting it", error=str(exc))
+        finally:
+            if proc is not None and proc.returncode is None:
+                proc.kill()
+                await proc.wait()
         rec.kick([FIREWALL_KEY])
         await anyio.sleep(1)

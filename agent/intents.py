@@ -107,7 +107,7 @@ def parse_port(value: object, what: str = "port") -> int:
         raise InvalidPort(f"{what} must be a number from 1 to 65535")
     if isinstance(value, int):
         port = value
-    elif isinstance(value, str) and value.isdigit() and len(value) <= 5:
+    elif isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 5:
         port = int(value)
     else:
         raise InvalidPort(f"{what} {value!r} is not a number; give a port from 1 to 65535")

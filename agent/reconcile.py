@@ -44,6 +44,7 @@ class LinkInfo:
     master: int | None
     up: bool
     peer: int | None = None
+    owner: str | None = None  # the netagent key it belongs to, if any
 
 
 @dataclass
@@ -93,6 +94,8 @@ class Reconciler:
         self.last_pass: dict[str, Any] = {}
         self.conntrack = True
         self.conntrack_pending: list[I.Forward] = []
+        #: removals that failed, retried until they succeed (or the key is wanted again)
+        self.removals: dict[str, I.Intent] = {}
         self._conntrack_wake = anyio.Event()
         #: the event source's view of the host's links (kept by events, no dump needed)
         self.link_view: Callable[[], list[LinkInfo]] | None = None
@@ -137,10 +140,21 @@ class Reconciler:
         if isinstance(intent, I.Bridge):
             return await self.links.remove_bridge(intent)
         if isinstance(intent, I.Plug):
-            return await self.links.remove_plug(intent)
+            done = await self.links.remove_plug(intent)
+            await self.forget_unused(intent.ns)
+            return done
         if isinstance(intent, I.Wire):
-            return await self.links.remove_wire(intent)
+            done = await self.links.remove_wire(intent)
+            await self.forget_unused(intent.ns_a)
+            await self.forget_unused(intent.ns_b)
+            return done
         return []
+
+    async def forget_unused(self, ns: str) -> None:
+        """Close the socket kept in a namespace nothing of netagent's uses any more: an
+        open socket keeps a deleted namespace alive in the kernel."""
+        if f"ns/{ns}" not in self.desired.intents and not self.desired.users_of_namespace(ns):
+            await self.links.forget_namespace(ns)
 
     async def inspect(self, intent: I.Intent) -> list[str]:
         """What is missing for ``intent`` (empty: in place)."""
@@ -153,6 +167,8 @@ class Reconciler:
 
     # ---- attach rules ---------------------------------------------------------------
     def rule_for(self, ifname: str) -> I.AttachRule | None:
+        if ifname == "lo":
+            return None  # a rule like '*' must not try to enslave the loopback
         for rule in self.desired.of_kind(I.AttachRule):
             if rule.matches(ifname):
                 return rule
@@ -164,7 +180,7 @@ class Reconciler:
             links = self.link_view()
         else:
             links = [
-                LinkInfo(lk.index, lk.name, lk.kind, lk.master, lk.up, lk.peer)
+                LinkInfo(lk.index, lk.name, lk.kind, lk.master, lk.up, lk.peer, lk.owner_key)
                 for lk in await self.links.links()
             ]
         by_name = {lk.name: lk for lk in links}
@@ -175,8 +191,9 @@ class Reconciler:
         done = []
         on_bridge = {lk.index for lk in links if lk.master == bridge.index}
         for lk in links:
-            if lk.index == bridge.index or lk.kind == "bridge" or not rule.matches(lk.name):
-                continue
+            skip = lk.index == bridge.index or lk.kind == "bridge" or lk.owner is not None
+            if skip or self.rule_for(lk.name) != rule:
+                continue  # bridges and what netagent made itself are never attached
             if lk.peer is not None and lk.peer in on_bridge and lk.index not in on_bridge:
                 self.bus.publish(
                     "left-alone",
@@ -253,12 +270,19 @@ class Reconciler:
         for c in removals:
             assert c.old is not None
             await self._step(c.key, self._remove(c.old), result)
-            self.status.pop(c.key, None)
+            if c.key in result.errors:
+                self.removals[c.key] = c.old  # retried with backoff until it is gone
+            else:
+                self.status.pop(c.key, None)
         for c in updates:
             assert c.new is not None
             if isinstance(c.new, I.Forward):
                 continue
             await self._step(c.key, self._ensure(c.new, c.old), result)
+            if isinstance(c.new, I.Bridge) and isinstance(c.old, I.Bridge):
+                # a new gateway address gives the plugs on the bridge their default route
+                for plug in self.desired.plugs_on(c.new.name):
+                    await self._step(plug.key, self._ensure(plug, None), result)
         await self._step("sysctl", self._forwarding(), result)
         self._log_pass("request", t0, result, len(changes))
         return result
@@ -330,6 +354,7 @@ class Reconciler:
         self.status[key] = KeyStatus()
 
     def _fail(self, key: str, message: str, result: PassResult) -> None:
+        self._wake.set()  # the loop must learn when to retry
         st = self.status.setdefault(key, KeyStatus())
         st.failures += 1
         st.error = message
@@ -363,8 +388,21 @@ class Reconciler:
         request that changed or removed it meanwhile wins. Background passes take the
         lock per key: requests wait for one key, never for a whole pass."""
         async with self.lock:
+            if key == "sysctl":
+                await self._step("sysctl", self._forwarding(), result)
+                return None
             intent = self.desired.get(key)
-            if intent is None or isinstance(intent, I.Forward):
+            if intent is None:
+                gone = self.removals.pop(key, None)
+                if gone is not None:
+                    await self._step(key, self._remove(gone), result)
+                    if key in result.errors:
+                        self.removals[key] = gone
+                        return None
+                self.status.pop(key, None)
+                return None
+            self.removals.pop(key, None)  # wanted again
+            if isinstance(intent, I.Forward):
                 return None
             await self._step(key, self._ensure(intent, None), result)
             return intent
@@ -376,13 +414,15 @@ class Reconciler:
                 self._ok(FIREWALL_KEY)
             except NetagentError as exc:
                 self._fail(FIREWALL_KEY, exc.message, result)
+            except Exception as exc:  # EMFILE spawning nft and the like: retry, never die
+                self._fail(FIREWALL_KEY, f"{type(exc).__name__}: {exc}", result)
 
     async def full_pass(self, trigger: str) -> PassResult:
         """Converge everything: every intent, the whole firewall, sysctls."""
         t0 = time.perf_counter()
         result = PassResult()
         keys = sorted(self.desired.intents, key=_order)
-        for key in keys:
+        for key in [*sorted(self.removals, key=lambda k: -_order(k)), *keys]:
             await self._ensure_current(key, result)
         await self._firewall_pass(result)
         async with self.lock:
@@ -476,16 +516,24 @@ class Reconciler:
                 continue
             # let a burst of events land before acting on it
             await anyio.sleep(0.002)
-            if self.full_requested:
-                self.full_requested = False
-                self.dirty.clear()
-                trigger = "periodic" if now >= next_full else "resync"
-                next_full = time.monotonic() + self.resync_interval
-                await self.full_pass(trigger)
-            else:
-                keys = set(self.dirty) | set(retry)
-                self.dirty.clear()
-                await self.keys_pass(keys, "retry" if retry and not keys - set(retry) else "event")
+            try:
+                if self.full_requested:
+                    self.full_requested = False
+                    self.dirty.clear()
+                    trigger = "periodic" if now >= next_full else "resync"
+                    next_full = time.monotonic() + self.resync_interval
+                    await self.full_pass(trigger)
+                else:
+                    keys = set(self.dirty) | set(retry)
+                    self.dirty.clear()
+                    trigger = "retry" if retry and not keys - set(retry) else "event"
+                    await self.keys_pass(keys, trigger)
+            except Exception:
+                # a bug or the host refusing in a way not foreseen: log it, keep the
+                # loop alive, and converge everything on the next try
+                log.exception("reconcile pass failed")
+                self.full_requested = True
+                await anyio.sleep(1)
 
 
 async def clear_conntrack(forwards: list[I.Forward]) -> None:
@@ -496,6 +544,13 @@ async def clear_conntrack(forwards: list[I.Forward]) -> None:
     tool = shutil.which("conntrack")
     if tool is None:
         return
+    try:
+        await _run_conntrack(tool, forwards)
+    except OSError as exc:
+        log.warning("clearing conntrack entries failed", error=str(exc))
+
+
+async def _run_conntrack(tool: str, forwards: list[I.Forward]) -> None:
     for fwd in forwards:
         for hport, dport in fwd.pairs()[:64]:
             argv = [

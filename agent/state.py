@@ -282,6 +282,28 @@ class DesiredState:
             return preferred
         return f"na{I.short_hash(fallback_seed, 10)}"
 
+    def _check_namespace_subnets(
+        self, ns: str, addresses: tuple[I.IPInterface, ...], key: str
+    ) -> None:
+        """Two interfaces of one namespace in overlapping subnets make its routing
+        ambiguous (the seed's wire and bridge both at 192.168.15.0/24): refuse it."""
+        for other in self.users_of_namespace(ns):
+            if other.key == key:
+                continue
+            if isinstance(other, I.Plug):
+                theirs = other.addresses
+            elif isinstance(other, I.Wire):
+                theirs = other.addresses_a if other.ns_a == ns else other.addresses_b
+            else:
+                continue
+            for a in addresses:
+                for b in theirs:
+                    if a.version == b.version and a.network.overlaps(b.network):
+                        raise Conflict(
+                            f"{ns} already has {b} through {other.key}, in an overlapping "
+                            f"subnet; remove that first or use another subnet"
+                        )
+
     def add_plug(
         self,
         ns: str,
@@ -302,6 +324,11 @@ class DesiredState:
                     f"{addr} is outside {bridge}'s subnet {gw.network}; "
                     f"pick an address in {gw.network}"
                 )
+            if gw is not None and addr.network != gw.network:
+                raise InvalidAddress(
+                    f"{addr} has another prefix length than {bridge}'s subnet {gw.network}; "
+                    f"give it as {addr.ip}/{gw.network.prefixlen}"
+                )
             if gw is not None and addr.ip == gw.ip:
                 raise AddressInUse(f"{addr.ip} is {bridge}'s own address; pick another address")
             for other in self.plugs_on(bridge):
@@ -312,6 +339,9 @@ class DesiredState:
                     )
         if ifname is not None:
             I.check_name(ifname, "interface name")
+            if ifname == "lo":
+                raise NameTaken("lo is the namespace's loopback; pick another --ifname")
+        self._check_namespace_subnets(ns, addresses, key)
         if isinstance(existing, I.Plug):
             if existing.addresses == tuple(addresses) and ifname in (None, existing.ifname):
                 return []
@@ -361,6 +391,8 @@ class DesiredState:
                         "route to the other; give both ends the same prefix"
                     )
         key = I.wire_key(ns_a, ns_b)
+        self._check_namespace_subnets(ns_a, addresses_a, key)
+        self._check_namespace_subnets(ns_b, addresses_b, key)
         existing = self.intents.get(key)
         if isinstance(existing, I.Wire):
             same = (existing.ns_a, existing.addresses_a, existing.addresses_b) == (
@@ -449,6 +481,29 @@ class DesiredState:
         return changes
 
     # ---- whole documents ------------------------------------------------------------
+    def check_references(self) -> None:
+        """Every plug, wire and rule still has what it hangs on (after ``apply --prune``
+        removed what a document did not name)."""
+        for intent in self.intents.values():
+            needs: list[tuple[str, bool]] = []
+            if isinstance(intent, I.Plug):
+                needs = [
+                    (f"namespace {intent.ns}", self.namespace_known(intent.ns)),
+                    (f"bridge {intent.bridge}", self.bridge(intent.bridge) is not None),
+                ]
+            elif isinstance(intent, I.Wire):
+                needs = [
+                    (f"namespace {n}", self.namespace_known(n)) for n in (intent.ns_a, intent.ns_b)
+                ]
+            elif isinstance(intent, I.AttachRule):
+                needs = [(f"bridge {intent.bridge}", self.bridge(intent.bridge) is not None)]
+            for what, present in needs:
+                if not present:
+                    raise InUse(
+                        f"{intent.key} needs {what}, which this change removes; "
+                        "name it in the document too, or remove both"
+                    )
+
     def to_wire(self) -> list[dict[str, Any]]:
         order = {k: n for n, k in enumerate(I.KIND_ORDER)}
         items = sorted(self.intents.values(), key=lambda i: (order[i.kind], i.key))

@@ -9,7 +9,8 @@ Files in the state dir:
 * ``state.json``: snapshot ``{"format": 1, "seq": N, "intents": [...]}``, written with
   temp file + fsync + rename + fsync of the directory;
 * ``state.json.prev``: the snapshot before the current one, the last good copy;
-* ``journal.jsonl``: one line per acknowledged request ``{"seq": n, "changes": [...]}``.
+* ``journal.jsonl``: one line per acknowledged request
+  ``{"seq": n, "changes": [...], "crc": crc32}``.
 
 Loading replays journal lines with a seq above the snapshot's. A torn last line (no
 newline: the process died inside ``write``) was never acknowledged and is dropped; any
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,13 @@ def _atomic_write(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def _crc(encoded_changes: Any) -> int:
+    """A checksum of a journal entry's changes: a flipped bit in a key (which a removal
+    carries alone) would otherwise load as a valid, different removal."""
+    canonical = json.dumps(encoded_changes, separators=(",", ":"), sort_keys=True)
+    return zlib.crc32(canonical.encode())
+
+
 def _encode_changes(changes: Iterable[Change]) -> list[dict[str, Any]]:
     return [{"key": c.key, "intent": None if c.new is None else c.new.to_dict()} for c in changes]
 
@@ -72,14 +81,28 @@ class StateStore:
 
     # ---- loading --------------------------------------------------------------------
     def _corrupt(self, path: Path, why: str) -> StateCorrupt:
-        good = self.prev if self.prev.exists() else None
-        hint = (
-            f"the last good copy is {good}; inspect both, then move the damaged file away "
-            f"and copy {good.name} to {self.snapshot.name} to start from it"
-            if good
-            else "no earlier copy exists; move the damaged file away to start empty"
+        if path == self.journal:
+            good = self.snapshot if self.snapshot.exists() else None
+            hint = (
+                f"the last good copy is {good} (the changes after it are in the journal); "
+                f"keep a copy of {path.name}, then move it away to start from {good.name}"
+                if good
+                else f"no snapshot exists; keep a copy of {path.name}, repair or remove "
+                "the damaged line, and start again"
+            )
+        else:
+            good = self.prev if self.prev.exists() else None
+            hint = (
+                f"the last good copy is {good}; keep a copy of both, then copy "
+                f"{good.name} over {path.name} and move the journal away to start from it"
+                if good
+                else f"no earlier copy exists; keep a copy of {path.name} and repair it"
+            )
+        return StateCorrupt(
+            f"state file {path} is damaged ({why}); {hint}",
+            file=str(path),
+            last_good=str(good) if good else None,
         )
-        return StateCorrupt(f"state file {path} is damaged ({why}); {hint}", file=str(path))
 
     def load(self) -> list[tuple[str, I.Intent | None]]:
         """Everything persisted, as an ordered list of (key, intent or None)."""
@@ -111,6 +134,8 @@ class StateStore:
                 try:
                     entry = json.loads(line)
                     seq = int(entry["seq"])
+                    if entry["crc"] != _crc(entry["changes"]):
+                        raise ValueError("checksum mismatch")
                     if seq <= snap_seq:
                         continue
                     for c in entry["changes"]:
@@ -118,7 +143,10 @@ class StateStore:
                         if not isinstance(key, str):
                             raise TypeError("key is not a string")
                         d = c["intent"]
-                        changes.append((key, None if d is None else I.intent_from_dict(d)))
+                        put = None if d is None else I.intent_from_dict(d)
+                        if put is not None and put.key != key:
+                            raise ValueError(f"key {key!r} does not match its intent")
+                        changes.append((key, put))
                     self.seq = max(self.seq, seq)
                     count += 1
                 except (ValueError, KeyError, TypeError, NetagentError) as exc:
@@ -142,19 +170,24 @@ class StateStore:
         """Make changes durable. Returns only when they are on disk."""
         if not changes:
             return
-        self.seq += 1
-        line = (
-            json.dumps(
-                {"seq": self.seq, "changes": _encode_changes(changes)}, separators=(",", ":")
-            ).encode()
-            + b"\n"
-        )
+        encoded = _encode_changes(changes)
+        entry = {"seq": self.seq + 1, "changes": encoded, "crc": _crc(encoded)}
+        line = json.dumps(entry, separators=(",", ":")).encode() + b"\n"
         fd = self._journal_fd()
-        view = memoryview(line)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fdatasync(fd)
+        end = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(line)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fdatasync(fd)
+        except OSError:
+            # disk full or an I/O error: take back the part that was written, so later
+            # lines do not follow a broken one; the caller undoes the change in memory
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, end)
+            raise
+        self.seq += 1
         self._journal_lines += 1
 
     def needs_compaction(self) -> bool:

@@ -38,6 +38,9 @@ from . import rtnl
 
 T = TypeVar("T")
 ALIAS_PREFIX = "netagent:"
+#: link group given at creation (the alias cannot be): if the daemon dies between
+#: creating a link and marking it, the link is still known as netagent's
+NETAGENT_GROUP = 0x4E41
 #: route protocol number marking routes netagent installs (rtnetlink leaves values above
 #: RTPROT_STATIC to userspace; 201 is not taken in iproute2's rt_protos table)
 RTPROT_NETAGENT = 201
@@ -67,6 +70,7 @@ class Link:
     alias: str | None
     link_netnsid: int | None = None
     peer: int | None = None  # a veth's peer index, when in the same namespace
+    group: int = 0
 
     @classmethod
     def from_msg(cls, msg: Any) -> Link:
@@ -82,12 +86,18 @@ class Link:
             master=msg.get_attr("IFLA_MASTER"),
             alias=msg.get_attr("IFLA_IFALIAS"),
             link_netnsid=msg.get_attr("IFLA_LINK_NETNSID"),
+            group=msg.get_attr("IFLA_GROUP") or 0,
             peer=(
                 msg.get_attr("IFLA_LINK") or None
                 if kind == "veth" and msg.get_attr("IFLA_LINK_NETNSID") is None
                 else None
             ),
         )
+
+    def belongs_to(self, key: str) -> bool:
+        """Made by netagent for ``key``: its mark, or (a crash between creating and
+        marking it) netagent's creation-time group under the name of that intent."""
+        return self.owner_key == key or (self.owner_key is None and self.group == NETAGENT_GROUP)
 
     @property
     def owner_key(self) -> str | None:
@@ -116,8 +126,11 @@ def _addr_family(addr: I.IPInterface) -> int:
 class NetlinkBackend:
     """Links, addresses and routes in the daemon's namespace and in named namespaces."""
 
-    def __init__(self, netns_dir: Path = NETNS_DIR) -> None:
+    def __init__(self, netns_dir: Path = NETNS_DIR, claims_dir: Path | None = None) -> None:
         self.netns_dir = netns_dir
+        #: a file per namespace being created, written before ``ip netns add`` and
+        #: removed once the namespace is marked: a crash in between leaves it known
+        self.claims_dir = claims_dir
         self.ipr: Any = None
         self.raw: rtnl.Requests | None = None
         self._ns: dict[str, tuple[tuple[int, int], Any]] = {}
@@ -191,9 +204,12 @@ class NetlinkBackend:
 
     async def ensure_namespace(self, ns: I.Namespace, dry_run: bool = False) -> list[str]:
         acts = Actions(dry_run)
+        created = False
         if not self.namespace_exists(ns.name) and acts.add(f"create namespace {ns.name}"):
             await self.forget_namespace(ns.name)
+            self._claim(ns.name)
             await _run(["ip", "netns", "add", ns.name])
+            created = True
         if dry_run and not self.namespace_exists(ns.name):
             acts.add(f"set lo up in {ns.name}")
             return acts.done
@@ -201,15 +217,54 @@ class NetlinkBackend:
         lo = await self._link(sock, "lo")
         if lo is None:
             return acts.done
-        if lo.alias != alias_for(ns.key) and acts.add(f"mark {ns.name} as netagent's"):
-            await sock.link("set", index=lo.index, ifalias=alias_for(ns.key))
+        if lo.alias != alias_for(ns.key):
+            if not created and not self._claimed(ns.name):
+                # someone else's namespace under this name: never take it over
+                raise BackendFailed(
+                    f"namespace {ns.name} exists and was not made by netagent; it is left "
+                    "alone (plug it as it is, or pick another name)"
+                )
+            if acts.add(f"mark {ns.name} as netagent's"):
+                await sock.link("set", index=lo.index, ifalias=alias_for(ns.key))
+                self._unclaim(ns.name)
         if not lo.up and acts.add(f"set lo up in {ns.name}"):
             await sock.link("set", index=lo.index, state="up")
         return acts.done
 
+    def _claim_path(self, name: str) -> Path | None:
+        return None if self.claims_dir is None else self.claims_dir / f"ns-{name}"
+
+    def _claim(self, name: str) -> None:
+        path = self._claim_path(name)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def _claimed(self, name: str) -> bool:
+        path = self._claim_path(name)
+        return path is not None and path.exists()
+
+    def _unclaim(self, name: str) -> None:
+        path = self._claim_path(name)
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
     async def namespace_owned(self, name: str) -> bool:
         if not self.namespace_exists(name):
             return False
+        if self._claimed(name):
+            return True
         sock = await self.ns_socket(name)
         lo = await self._link(sock, "lo")
         return lo is not None and lo.alias == alias_for(f"ns/{name}")
@@ -236,6 +291,14 @@ class NetlinkBackend:
         finally:
             _drain(sock)
         return Link.from_msg(msgs[0]) if msgs else None
+
+    async def existing(self, ns: str | None, ifname: str) -> Link | None:
+        """The interface ``ifname`` in the host (None) or in namespace ``ns``, if any."""
+        if ns is not None and not self.namespace_exists(ns):
+            return None
+        if ns is None and ifindex(ifname) is None:
+            return None  # the common case, without a netlink round trip
+        return await self._link(await self._sock(ns), ifname)
 
     async def links(self, ns: str | None = None) -> list[Link]:
         sock = await self._sock(ns)
@@ -299,6 +362,7 @@ class NetlinkBackend:
         self, br: I.Bridge, old: I.Bridge | None = None, dry_run: bool = False
     ) -> list[str]:
         acts = Actions(dry_run)
+        created = False
         link = await self._link(self.ipr, br.name)
         if link is not None and link.kind != "bridge":
             raise BackendFailed(
@@ -310,16 +374,20 @@ class NetlinkBackend:
                 acts.add(f"set {br.name} up")
                 acts.done.extend(f"add {a} to {br.name}" for a in br.addresses)
                 return acts.done
-            try:
-                await self.ipr.link("add", ifname=br.name, kind="bridge", state="up")
-            except NetlinkError as exc:
-                if exc.code != errno.EEXIST:
-                    raise
+            await self.ipr.link(
+                "add", ifname=br.name, kind="bridge", state="up", group=NETAGENT_GROUP
+            )
+            created = True
             link = await self._link(self.ipr, br.name)
             assert link is not None
-        unmarked = link.alias != alias_for(br.key) and link.owner_key is None
-        if unmarked and acts.add(f"mark {br.name} as netagent's"):
-            await self.ipr.link("set", index=link.index, ifalias=alias_for(br.key))
+        if link.alias != alias_for(br.key):
+            if not created and not link.belongs_to(br.key):
+                raise BackendFailed(
+                    f"{br.name} exists and was not made by netagent; it is left alone: "
+                    "pick another name"
+                )
+            if acts.add(f"mark {br.name} as netagent's"):
+                await self.ipr.link("set", index=link.index, ifalias=alias_for(br.key))
         if not link.up and acts.add(f"set {br.name} up"):
             await self.ipr.link("set", index=link.index, state="up")
         await self._ensure_addresses(self.ipr, link, br.addresses, br.name, acts)
@@ -336,7 +404,7 @@ class NetlinkBackend:
         link = await self._link(self.ipr, br.name)
         if link is None:
             return []
-        if link.owner_key != br.key:
+        if not link.belongs_to(br.key):
             return [f"left {br.name} in place: netagent did not make it"]
         await self._del_link(self.ipr, link.index)
         return [f"deleted bridge {br.name}"]
@@ -366,14 +434,14 @@ class NetlinkBackend:
                 acts.add(f"create veth {plug.host_ifname} <-> {plug.ns}:{plug.ifname}")
                 return acts.done
             raise BackendFailed(f"bridge {plug.bridge} does not exist")
-        if host is not None and host.owner_key not in (plug.key, None):
-            raise BackendFailed(
-                f"{plug.host_ifname} already exists for {host.owner_key}; netagent leaves it alone"
-            )
-        if host is not None and host.owner_key is None and host.kind != "veth":
-            raise BackendFailed(
-                f"{plug.host_ifname} exists and is not netagent's; remove it or pass --ifname"
-            )
+        for link, where in ((host, plug.host_ifname), (inner, f"{plug.ns}:{plug.ifname}")):
+            if link is not None and not link.belongs_to(plug.key):
+                # never take over, change or delete an interface netagent did not make
+                owner = link.owner_key or "not made by netagent"
+                raise BackendFailed(
+                    f"{where} exists and is not this plug's ({owner}); netagent leaves it "
+                    "alone: remove it, or plug with another --ifname"
+                )
         broken = (host is None) != (inner is None) or (
             host is not None and inner is not None and host.link_netnsid is None
         )
@@ -391,14 +459,13 @@ class NetlinkBackend:
             await self._create_plug(plug, br, bridge_index, ns_sock, acts)
             return acts.done
         assert inner is not None
-        if host.alias != alias_for(plug.key) and acts.add(f"mark {plug.host_ifname}"):
-            await self.ipr.link("set", index=host.index, ifalias=alias_for(plug.key))
+        for link, sock in ((host, self.ipr), (inner, ns_sock)):
+            if link.alias != alias_for(plug.key) and acts.add(f"mark {link.name}"):
+                await sock.link("set", index=link.index, ifalias=alias_for(plug.key))
         if host.master != bridge_index and acts.add(f"enslave {plug.host_ifname} to {plug.bridge}"):
             await self.ipr.link("set", index=host.index, master=bridge_index)
         if not host.up and acts.add(f"set {plug.host_ifname} up"):
             await self.ipr.link("set", index=host.index, state="up")
-        if inner.alias != alias_for(plug.key) and acts.add(f"mark {plug.ns}:{plug.ifname}"):
-            await ns_sock.link("set", index=inner.index, ifalias=alias_for(plug.key))
         await self._ensure_addresses(
             ns_sock, inner, plug.addresses, f"{plug.ns}:{plug.ifname}", acts
         )
@@ -425,7 +492,12 @@ class NetlinkBackend:
             kind="veth",
             master=bridge_index,
             state="up",
-            peer={"ifname": plug.ifname, "net_ns_fd": str(self.netns_dir / plug.ns)},
+            group=NETAGENT_GROUP,
+            peer={
+                "ifname": plug.ifname,
+                "net_ns_fd": str(self.netns_dir / plug.ns),
+                "group": NETAGENT_GROUP,
+            },
         )
         host_index = ifindex(plug.host_ifname)
         inner = await self._link(ns_sock, plug.ifname)
@@ -459,18 +531,15 @@ class NetlinkBackend:
             except NetlinkError as exc:
                 if exc.code != errno.EEXIST:
                     raise
-                acts.done.append(f"kept the existing default route in {plug.ns} (not netagent's)")
+                acts.done.append(f"kept the default route already in {plug.ns}")
 
     async def _ensure_default_route(
         self, sock: Any, link: Link, gw: I.IPInterface, ns: str, acts: Actions
     ) -> None:
         family = _addr_family(gw)
-        routes = await self._default_routes(sock, family)
-        if any(g == str(gw.ip) for g, _ in routes):
-            return
-        if routes:
-            # a default route someone else set: theirs stays
-            acts.done.append(f"kept the existing default route in {ns} (not netagent's)")
+        if await self._default_routes(sock, family):
+            # one default route per IP version: a namespace plugged into two bridges
+            # routes through the first; a route someone else set stays theirs
             return
         if acts.add(f"route default via {gw.ip} in {ns}"):
             try:
@@ -489,13 +558,13 @@ class NetlinkBackend:
     async def remove_plug(self, plug: I.Plug) -> list[str]:
         host = await self._link(self.ipr, plug.host_ifname)
         done = []
-        if host is not None and host.owner_key == plug.key:
+        if host is not None and host.belongs_to(plug.key):
             await self._del_link(self.ipr, host.index)
             done.append(f"deleted veth {plug.host_ifname}")
         if self.namespace_exists(plug.ns):
             sock = await self.ns_socket(plug.ns)
             inner = await self._link(sock, plug.ifname)
-            if inner is not None and inner.owner_key == plug.key:
+            if inner is not None and inner.belongs_to(plug.key):
                 await self._del_link(sock, inner.index)
                 done.append(f"deleted {plug.ns}:{plug.ifname}")
         return done
@@ -511,8 +580,12 @@ class NetlinkBackend:
         a = await self._link(sock_a, wire.ifname_a)
         b = await self._link(sock_b, wire.ifname_b)
         for link, ns in ((a, wire.ns_a), (b, wire.ns_b)):
-            if link is not None and link.owner_key not in (wire.key, None):
-                raise BackendFailed(f"{ns}:{link.name} belongs to {link.owner_key}")
+            if link is not None and not link.belongs_to(wire.key):
+                owner = link.owner_key or "not made by netagent"
+                raise BackendFailed(
+                    f"{ns}:{link.name} exists and is not this wire's ({owner}); netagent "
+                    "leaves it alone: remove it first"
+                )
         if (a is None) != (b is None):
             if a is not None and acts.add(f"delete stray {wire.ns_a}:{wire.ifname_a}"):
                 await self._del_link(sock_a, a.index)
@@ -528,7 +601,12 @@ class NetlinkBackend:
                 ifname=wire.ifname_a,
                 kind="veth",
                 net_ns_fd=str(self.netns_dir / wire.ns_a),
-                peer={"ifname": wire.ifname_b, "net_ns_fd": str(self.netns_dir / wire.ns_b)},
+                group=NETAGENT_GROUP,
+                peer={
+                    "ifname": wire.ifname_b,
+                    "net_ns_fd": str(self.netns_dir / wire.ns_b),
+                    "group": NETAGENT_GROUP,
+                },
             )
             a = await self._link(sock_a, wire.ifname_a)
             b = await self._link(sock_b, wire.ifname_b)
@@ -557,7 +635,7 @@ class NetlinkBackend:
                 continue
             sock = await self.ns_socket(ns)
             link = await self._link(sock, name)
-            if link is not None and link.owner_key == wire.key:
+            if link is not None and link.belongs_to(wire.key):
                 await self._del_link(sock, link.index)
                 done.append(f"deleted {ns}:{name}")
         return done

@@ -146,7 +146,9 @@ def _norm(value: Any) -> str:
 class Observed:
     present: bool = False
     elems: set[Elem] = field(default_factory=set)
-    rules: dict[str, list[int]] = field(default_factory=dict)  # comment -> handles
+    rules: dict[str, list[tuple[str, int]]] = field(
+        default_factory=dict
+    )  # comment -> (chain, handle)
     chains: set[str] = field(default_factory=set)
     maps: set[str] = field(default_factory=set)
 
@@ -163,7 +165,7 @@ def parse_table(doc: dict[str, Any]) -> Observed:
             obs.chains.add(item["chain"]["name"])
         elif "rule" in item:
             r = item["rule"]
-            obs.rules.setdefault(r.get("comment", ""), []).append(r["handle"])
+            obs.rules.setdefault(r.get("comment", ""), []).append((r["chain"], r["handle"]))
     return obs
 
 
@@ -300,8 +302,12 @@ class NftablesBackend(FirewallBackend):
             observed.present
             and {map_name(*m) for m in MAPS} <= observed.maps
             and {c for c, _h, _p in CHAINS} <= observed.chains
-            and all(len(observed.rules.get(map_name(*m), [])) == 2 for m in MAPS)
-            and len(observed.rules.get("localhost", [])) == 1
+            and all(
+                sorted(c for c, _h in observed.rules.get(map_name(*m), []))
+                == ["output", "prerouting"]
+                for m in MAPS
+            )
+            and [c for c, _h in observed.rules.get("localhost", [])] == ["postrouting"]
         )
         if not intact:
             return self._full(bridge_rules, want_elems, observed.present)
@@ -312,14 +318,16 @@ class NftablesBackend(FirewallBackend):
         for comment, handles in sorted(observed.rules.items()):
             if comment in static:
                 continue
-            if comment in bridge_rules and len(handles) == 1:
+            if (
+                comment in bridge_rules
+                and handles == [(c, h) for c, h in handles if c == "postrouting"][:1]
+            ):
                 continue
-            for h in handles:
-                chain = "postrouting"
+            for chain, h in handles:
                 lines.append(f"delete rule {FAMILY} {TABLE} {chain} handle {h}")
             steps.append(f"delete rule {comment or '(no comment)'}")
         for comment, rule in bridge_rules.items():
-            if len(observed.rules.get(comment, [])) != 1:
+            if [c for c, _h in observed.rules.get(comment, [])] != ["postrouting"]:
                 lines.append(f"add rule {FAMILY} {TABLE} postrouting {rule}")
                 steps.append(f"add rule {comment}")
         extra = sorted(observed.elems - want_elems)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -24,8 +22,9 @@ ctl = typer.Typer(
 )
 ns_app = typer.Typer(help="Network namespaces.", no_args_is_help=True)
 bridge_app = typer.Typer(help="Linux bridges.", no_args_is_help=True)
-attach_app = typer.Typer(help="Rules that attach matching interfaces to a bridge.",
-                         no_args_is_help=True)
+attach_app = typer.Typer(
+    help="Rules that attach matching interfaces to a bridge.", no_args_is_help=True
+)
 app.add_typer(ctl, name="ctl")
 ctl.add_typer(ns_app, name="ns")
 ctl.add_typer(bridge_app, name="bridge")
@@ -52,8 +51,12 @@ def _do(op: str, args: dict[str, Any], as_json: bool = False) -> None:
 def ctl_main(
     socket: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option("--socket", envvar="NETAGENT_SOCKET", help="The daemon's socket.",
-                     show_default=DEFAULT_SOCKET),
+        typer.Option(
+            "--socket",
+            envvar="NETAGENT_SOCKET",
+            help="The daemon's socket.",
+            show_default=DEFAULT_SOCKET,
+        ),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -105,8 +108,7 @@ def bridge_add(
     as_json: JsonOpt = False,
 ) -> None:
     """Create a bridge, up, optionally with a gateway address."""
-    _do("bridge.add", {"name": name, "addresses": address or [], "masquerade": masquerade},
-        as_json)
+    _do("bridge.add", {"name": name, "addresses": address or [], "masquerade": masquerade}, as_json)
 
 
 @bridge_app.command("del")
@@ -135,8 +137,7 @@ def plug(
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Plug a namespace into a bridge: veth pair, addressed and up, lo up, default route
-    via the bridge's address."""
+    """Plug a namespace into a bridge (veth pair, address, default route via the bridge)."""
     args: dict[str, Any] = {"ns": ns, "bridge": bridge, "addresses": address}
     if ifname:
         args["ifname"] = ifname
@@ -152,8 +153,11 @@ def unplug(ns: str, bridge: str, as_json: JsonOpt = False) -> None:
 @ctl.command("wire")
 def wire(ns_a: str, cidr_a: str, ns_b: str, cidr_b: str, as_json: JsonOpt = False) -> None:
     """Link two namespaces directly with a veth pair (the seed's first step)."""
-    _do("wire.add", {"ns_a": ns_a, "addresses_a": [cidr_a], "ns_b": ns_b,
-                     "addresses_b": [cidr_b]}, as_json)
+    _do(
+        "wire.add",
+        {"ns_a": ns_a, "addresses_a": [cidr_a], "ns_b": ns_b, "addresses_b": [cidr_b]},
+        as_json,
+    )
 
 
 @ctl.command("unwire")
@@ -165,9 +169,7 @@ def unwire(ns_a: str, ns_b: str, as_json: JsonOpt = False) -> None:
 @ctl.command("forward")
 def forward(
     host_port: Annotated[str, typer.Argument(help="Host port or range, e.g. 80 or 8000-8009.")],
-    destination: Annotated[
-        str, typer.Argument(help="IP:PORT, IP:FIRST-LAST or [IPv6]:PORT.")
-    ],
+    destination: Annotated[str, typer.Argument(help="IP:PORT, IP:FIRST-LAST or [IPv6]:PORT.")],
     proto: ProtoOpt = "tcp",
     host_ip: Annotated[
         Optional[str],  # noqa: UP045
@@ -246,24 +248,16 @@ def events(as_json: JsonOpt = False) -> None:
 
 @ctl.command("apply")
 def apply(
-    file: Annotated[Path, typer.Argument(help="JSON document: {\"intents\": [...]}, or - for stdin.")],
+    file: Annotated[
+        Path, typer.Argument(help='JSON document: {"intents": [...]}, or - for stdin.')
+    ],
     prune: Annotated[
         bool, typer.Option("--prune", help="Also remove what the file does not name.")
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Apply a declarative file of intents in one pass; again changes nothing."""
-    try:
-        text = sys.stdin.read() if str(file) == "-" else file.read_text()
-        doc = json.loads(text)
-    except OSError as exc:
-        C.fail(f"cannot read {file}: {exc.strerror}", 2)
-    except ValueError as exc:
-        C.fail(f"{file} is not valid JSON: {exc}", 2)
-    intents = doc.get("intents") if isinstance(doc, dict) else doc
-    if not isinstance(intents, list):
-        C.fail(f"{file}: expected {{\"intents\": [...]}} or a list of intents", 2)
-    _do("apply", {"intents": intents, "prune": prune}, as_json)
+    C.apply_file(str(file), prune, G.socket, as_json or G.json)
 
 
 @ctl.command("purge")
@@ -271,8 +265,7 @@ def purge(
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Remove everything netagent made (rules, links, bridges, its namespaces) and nothing
-    else, and forget the desired state."""
+    """Remove everything netagent made, and nothing else; forget the desired state."""
     if not yes and not typer.confirm("Remove everything netagent made?"):
         raise typer.Exit(1)
     _do("purge", {}, as_json)
@@ -281,10 +274,18 @@ def purge(
 # ---- run ----------------------------------------------------------------------------
 @app.command("run")
 def run(
-    socket: Annotated[Optional[str], typer.Option("--socket", help="Socket to listen on.",  # noqa: UP045
-                                                  show_default="/run/netagent/netagent.sock")] = None,
-    state_dir: Annotated[Optional[str], typer.Option("--state-dir", help="Where desired state is kept.",  # noqa: UP045
-                                                     show_default="/var/lib/netagent")] = None,
+    socket: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--socket", help="Socket to listen on.", show_default="/run/netagent/netagent.sock"
+        ),
+    ] = None,
+    state_dir: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--state-dir", help="Where desired state is kept.", show_default="/var/lib/netagent"
+        ),
+    ] = None,
     firewall: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option("--firewall", help="nftables, iptables or auto.", show_default="nftables"),
@@ -296,8 +297,11 @@ def run(
     ] = None,
     socket_group: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option("--socket-group", help="Group whose members may change things "
-                     "(the socket's group).", show_default="netagent"),
+        typer.Option(
+            "--socket-group",
+            help="Group whose members may change things (the socket's group).",
+            show_default="netagent",
+        ),
     ] = None,
     readonly_group: Annotated[
         Optional[str],  # noqa: UP045
@@ -305,8 +309,11 @@ def run(
     ] = None,
     client_timeout: Annotated[
         Optional[float],  # noqa: UP045
-        typer.Option("--client-timeout", help="Seconds a client may take to send a request "
-                     "or read a reply.", show_default="10"),
+        typer.Option(
+            "--client-timeout",
+            help="Seconds a client may take to send a request or read a reply.",
+            show_default="10",
+        ),
     ] = None,
 ) -> None:
     """Run the daemon in the foreground (systemd runs it this way too)."""
@@ -320,9 +327,15 @@ def run(
     try:
         cfg = Config.load(
             str(config) if config else None,
-            {"socket": socket, "state_dir": state_dir, "firewall": firewall,
-             "log_format": log_format, "socket_group": socket_group,
-             "readonly_group": readonly_group, "client_timeout": client_timeout},
+            {
+                "socket": socket,
+                "state_dir": state_dir,
+                "firewall": firewall,
+                "log_format": log_format,
+                "socket_group": socket_group,
+                "readonly_group": readonly_group,
+                "client_timeout": client_timeout,
+            },
         )
     except NetagentError as exc:
         C.fail(exc.message, 2)
@@ -337,10 +350,11 @@ def run(
 
 @app.command("demo")
 def demo(
-    keep_logs: Annotated[bool, typer.Option("--show-log", help="Print the daemon's log at the end.")] = False,
+    keep_logs: Annotated[
+        bool, typer.Option("--show-log", help="Print the daemon's log at the end.")
+    ] = False,
 ) -> None:
-    """Start the real daemon in a throwaway sandbox, build the seed's topology through the
-    real CLI, prove it works, and leave nothing behind. Needs root."""
+    """The seed's walk through the real daemon and CLI, in a throwaway sandbox (root)."""
     from . import demo as D
 
     raise typer.Exit(D.main(show_log=keep_logs))

@@ -145,6 +145,7 @@ def test_bridges_must_not_overlap(state: DesiredState) -> None:
 
 def test_transaction_rolls_back(state: DesiredState) -> None:
     before = state.to_wire()
+
     def three_changes() -> None:
         with state.transaction():
             state.add_forward(I.make_forward("80", "192.168.15.2:80"))
@@ -166,3 +167,28 @@ def test_load_changes_replays() -> None:
     b = DesiredState()
     b.load_changes([(c.key, c.new) for c in log])
     assert b.to_wire() == a.to_wire() == [{"kind": "ns", "name": "red"}]
+
+
+def test_plug_prefix_must_match_the_bridge(state: DesiredState) -> None:
+    with pytest.raises(E.InvalidAddress, match="another prefix length"):
+        state.add_plug("red", "v-net-0", (cidr("192.168.15.1/32"),))
+
+
+def test_lo_is_not_an_interface_name_to_give(state: DesiredState) -> None:
+    with pytest.raises(E.NameTaken, match="loopback"):
+        state.add_plug("red", "v-net-0", (cidr("192.168.15.1/24"),), ifname="lo")
+
+
+def test_overlapping_subnets_in_one_namespace(state: DesiredState) -> None:
+    state.add_plug("red", "v-net-0", (cidr("192.168.15.1/24"),))
+    with pytest.raises(E.Conflict, match="overlapping"):
+        state.add_wire("red", (cidr("192.168.15.7/24"),), "blue", (cidr("192.168.15.8/24"),))
+    assert state.add_wire("red", (cidr("10.0.0.1/24"),), "blue", (cidr("10.0.0.2/24"),))
+
+
+def test_check_references_after_pruning(state: DesiredState) -> None:
+    state.add_plug("red", "v-net-0", (cidr("192.168.15.1/24"),))
+    state.check_references()
+    state.remove("br/v-net-0")
+    with pytest.raises(E.InUse, match="needs bridge v-net-0"):
+        state.check_references()

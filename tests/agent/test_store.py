@@ -1,5 +1,6 @@
 """Durable state: journal, torn writes, corruption, compaction (no root)."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -45,9 +46,53 @@ def test_torn_last_line_is_dropped(tmp_path: Path) -> None:
 
 
 def test_corrupt_journal_line_stops_start(tmp_path: Path) -> None:
-    (tmp_path / "journal.jsonl").write_bytes(b'{"seq": 1, "changes": []}\nnot json\n')
-    with pytest.raises(E.StateCorrupt, match=r"journal\.jsonl is damaged.*line 2"):
+    store, state = S.StateStore(tmp_path), DesiredState()
+    store.load()
+    record(store, state, lambda: state.add_namespace("red"))
+    store.close()
+    with open(tmp_path / "journal.jsonl", "ab") as f:
+        f.write(b"not json\n")
+    with pytest.raises(E.StateCorrupt, match=r"journal\.jsonl is damaged.*line 2") as exc:
         S.StateStore(tmp_path).load()
+    assert "keep a copy of journal.jsonl" in exc.value.message
+
+
+def test_a_flipped_key_is_caught_by_the_checksum(tmp_path: Path) -> None:
+    store, state = S.StateStore(tmp_path), DesiredState()
+    store.load()
+    record(store, state, lambda: state.add_forward(I.make_forward("9", "10.0.0.2:9")))
+    record(store, state, lambda: state.del_forward("tcp", 9, 1, None))
+    store.close()
+    journal = tmp_path / "journal.jsonl"
+    journal.write_bytes(
+        journal.read_bytes().replace(
+            b'"key":"fwd/tcp/9","intent":null', b'"key":"fwd/tcp/8","intent":null'
+        )
+    )
+    with pytest.raises(E.StateCorrupt, match="checksum mismatch"):
+        S.StateStore(tmp_path).load()
+
+
+def test_a_failed_append_leaves_no_partial_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, state = S.StateStore(tmp_path), DesiredState()
+    store.load()
+    record(store, state, lambda: state.add_namespace("red"))
+    real_write = os.write
+
+    def half_then_enospc(fd: int, data: bytes) -> int:
+        real_write(fd, bytes(data[:10]))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_enospc)
+    with pytest.raises(OSError, match="No space"):
+        record(store, state, lambda: state.add_namespace("blue"))
+    monkeypatch.undo()
+    record(store, state, lambda: state.add_namespace("green"))
+    store.close()
+    names = [d["name"] for d in replay(tmp_path).to_wire()]
+    assert names == ["green", "red"]
 
 
 def test_corrupt_snapshot_names_last_good_copy(tmp_path: Path) -> None:

@@ -59,6 +59,35 @@ async def main():
             out["present"] = await be.present()
         elif op == "probe":
             out["probe"] = list(IptablesBackend.probe())
+        elif op == "remember":
+            # how many times iptables-save runs: observe, apply, observe, an update,
+            # observe, then someone else's change, observe
+            saves = []
+            real = be._run
+
+            async def counting(argv, stdin=None):
+                if argv[0].endswith("-save"):
+                    saves.append(argv[0])
+                return await real(argv, stdin)
+
+            be._run = counting
+            counts = []
+            batch = be.plan(spec, await be.observe())
+            await be.apply(batch)
+            counts.append(len(saves))
+            observed = await be.observe()
+            out["in_sync"] = be.plan(spec, observed).empty
+            counts.append(len(saves))
+            added = [I.Forward.from_dict(f) for f in req["added"]]
+            grown = FirewallSpec(forwards=(*spec.forwards, *added), bridges=spec.bridges)
+            await be.apply(be.plan_update(grown, added, []))
+            out["update_in_sync"] = be.plan(grown, await be.observe()).empty
+            counts.append(len(saves))
+            import subprocess
+            subprocess.run(["iptables", "-t", "nat", "-F", "NETAGENT-DNAT"], check=True)
+            out["after_flush"] = be.plan(grown, await be.observe()).steps
+            counts.append(len(saves))
+            out["saves"] = counts
     except NetagentError as exc:
         out = {"ok": False, "error": exc.message}
     print(json.dumps(out))
@@ -155,20 +184,34 @@ def test_apply_is_idempotent_and_purge_leaves_the_rest(sandbox: Sandbox) -> None
         "NETAGENT-PREROUTING"
     )
     for chain in ("PREROUTING", "OUTPUT"):
-        assert (
-            f"-A NETAGENT-{chain} -p tcp -m addrtype --dst-type LOCAL -m tcp --dport 80 "
-            '-m comment --comment "netagent:fwd/tcp/80" -j DNAT --to-destination 192.168.15.2:80'
-        ) in v4
-        assert (
-            f"-A NETAGENT-{chain} -d 10.0.0.1/32 -p tcp -m addrtype --dst-type LOCAL -m tcp "
-            '--dport 81 -m comment --comment "netagent:fwd/tcp/81/10.0.0.1" -j DNAT '
-            "--to-destination 10.0.0.9:81"
-        ) in v4
-        ranged = [line for line in v4 if line.startswith(f"-A NETAGENT-{chain} -p udp")]
-        assert [line.rsplit(" ", 1)[1] for line in ranged] == [
-            "192.168.15.3:9000",
-            "192.168.15.3:9001",
+        assert [line for line in v4 if line.startswith(f"-A NETAGENT-{chain} ")] == [
+            f"-A NETAGENT-{chain} -m addrtype ! --dst-type LOCAL "
+            '-m comment --comment "netagent:local-only" -j RETURN',
+            f'-A NETAGENT-{chain} -m comment --comment "netagent:forwards" -j NETAGENT-DNAT',
         ]
+    assert (
+        "-A NETAGENT-DNAT -p tcp -m tcp --dport 0:4095 "
+        '-m comment --comment "netagent:ports/tcp/0-4095" -j NETAGENT-TCP-0-4095'
+    ) in v4
+    assert (
+        "-A NETAGENT-TCP-0-4095 -p tcp -m tcp --dport 64:127 "
+        '-m comment --comment "netagent:ports/tcp/64-127" -j NETAGENT-TCP-64-127'
+    ) in v4
+    assert (
+        "-A NETAGENT-TCP-64-127 -p tcp -m tcp --dport 80 "
+        '-m comment --comment "netagent:fwd/tcp/80" -j DNAT --to-destination 192.168.15.2:80'
+    ) in v4
+    assert (
+        "-A NETAGENT-TCP-64-127 -d 10.0.0.1/32 -p tcp -m tcp "
+        '--dport 81 -m comment --comment "netagent:fwd/tcp/81/10.0.0.1" -j DNAT '
+        "--to-destination 10.0.0.9:81"
+    ) in v4
+    ranged = [line for line in v4 if line.startswith("-A NETAGENT-UDP-8000-8063 ")]
+    assert [line.rsplit(" ", 1)[1] for line in ranged] == [
+        "192.168.15.3:9000",
+        "192.168.15.3:9001",
+    ]
+    assert sum("-j DNAT" in line for line in v4) == 4 + 1  # once each; USER-CHAIN has one
     assert (
         "-A NETAGENT-POSTROUTING -s 127.0.0.0/8 -m conntrack --ctstate DNAT "
         '-m comment --comment "netagent:localhost" -j MASQUERADE'
@@ -179,7 +222,7 @@ def test_apply_is_idempotent_and_purge_leaves_the_rest(sandbox: Sandbox) -> None
     ) in v4
     v6 = save(sandbox, 6)
     assert (
-        "-A NETAGENT-PREROUTING -p tcp -m addrtype --dst-type LOCAL -m tcp --dport 80 "
+        "-A NETAGENT-TCP-64-127 -p tcp -m tcp --dport 80 "
         '-m comment --comment "netagent:fwd/tcp/80/ipv6" -j DNAT '
         "--to-destination [fd00:15::2]:8080"
     ) in v6
@@ -193,7 +236,8 @@ def test_apply_is_idempotent_and_purge_leaves_the_rest(sandbox: Sandbox) -> None
     assert drive(sandbox, "present")["present"]
 
     removed = drive(sandbox, "purge")["removed"]
-    assert "deleted chain NETAGENT-PREROUTING (ipv4, 4 rules)" in removed
+    assert "deleted chain NETAGENT-PREROUTING (ipv4, 2 rules)" in removed
+    assert "deleted chain NETAGENT-UDP-8000-8063 (ipv4, 2 rules)" in removed
     assert "deleted jump POSTROUTING -> NETAGENT-POSTROUTING (ipv6)" in removed
     assert ours(save(sandbox, 4)) == []
     assert ours(save(sandbox, 6)) == []
@@ -207,27 +251,45 @@ def test_drift_is_repaired(sandbox: Sandbox) -> None:
     add_user_rules(sandbox)
     assert drive(sandbox, "sync")["ok"]
     wanted = ours(save(sandbox, 4))
-    # someone deletes a rule of ours and a jump, and adds a duplicate jump
+    # someone deletes a rule of ours (the local-only check) and a jump, adds a duplicate
+    # jump, and empties a block
     sandbox.run(["iptables", "-t", "nat", "-D", "NETAGENT-OUTPUT", "1"])
     sandbox.run(["iptables", "-t", "nat", "-D", "PREROUTING", "-m", "comment",
                  "--comment", "netagent:jump", "-j", "NETAGENT-PREROUTING"])  # fmt: skip
     sandbox.run(["iptables", "-t", "nat", "-A", "POSTROUTING", "-m", "comment",
                  "--comment", "netagent:jump", "-j", "NETAGENT-POSTROUTING"])  # fmt: skip
     sandbox.run(["iptables", "-t", "nat", "-A", "NETAGENT-POSTROUTING", "-j", "RETURN"])
+    sandbox.run(["iptables", "-t", "nat", "-F", "NETAGENT-UDP-8000-8063"])
 
     pending = drive(sandbox, "plan")
     assert pending["full"]
     assert set(pending["steps"]) == {
         "delete duplicate jump POSTROUTING -> NETAGENT-POSTROUTING (ipv4)",
-        "rewrite chain NETAGENT-OUTPUT (ipv4, 4 rules)",
+        "rewrite chain NETAGENT-OUTPUT (ipv4, 2 rules)",
         "rewrite chain NETAGENT-POSTROUTING (ipv4, 3 rules)",
+        "rewrite chain NETAGENT-UDP-8000-8063 (ipv4, 2 rules)",
         "add jump PREROUTING -> NETAGENT-PREROUTING (ipv4)",
         "delete rule -j RETURN",
-        "add DNAT 80/tcp -> 192.168.15.2:80",
+        "add local-only",
+        "add DNAT 8000/udp -> 192.168.15.3:9000",
+        "add DNAT 8001/udp -> 192.168.15.3:9001",
     }
     assert drive(sandbox, "sync")["ok"]
     assert sorted(ours(save(sandbox, 4))) == sorted(wanted)
     assert drive(sandbox, "plan")["steps"] == []
+
+
+def test_the_table_is_remembered_until_someone_else_changes_it(sandbox: Sandbox) -> None:
+    """iptables-nft: after the first read, the backend's own changes need no read back
+    (the nf_tables generation moved by exactly its own commits), and planning the same
+    desired state again is free; someone else's change is noticed."""
+    new = I.make_forward("443", "192.168.15.2:443")
+    result = drive(sandbox, "remember", added=[new])
+    assert result["ok"], result
+    assert result["in_sync"] and result["update_in_sync"]
+    assert result["saves"][:3] == [2, 2, 2]  # one read per family, at the start only
+    assert result["saves"][3] == 4
+    assert "rewrite chain NETAGENT-DNAT (ipv4, 2 rules)" in result["after_flush"]
 
 
 def test_plan_update_and_the_fallback_when_a_jump_is_gone(sandbox: Sandbox) -> None:
@@ -239,7 +301,7 @@ def test_plan_update_and_the_fallback_when_a_jump_is_gone(sandbox: Sandbox) -> N
     assert update["ok"], update
     assert "add DNAT 443/tcp -> 192.168.15.2:443" in update["steps"]
     assert drive(sandbox, "plan", grown)["steps"] == []
-    assert sum("--dport 443" in line for line in save(sandbox, 4)) == 2
+    assert sum("--dport 443" in line for line in save(sandbox, 4)) == 1
 
     assert drive(sandbox, "update", SPEC, removed=[new])["ok"]
     assert drive(sandbox, "plan", SPEC)["steps"] == []
@@ -255,6 +317,23 @@ def test_plan_update_and_the_fallback_when_a_jump_is_gone(sandbox: Sandbox) -> N
     assert save(sandbox, 4) == before  # atomic: nothing of the rewrite landed
     assert drive(sandbox, "sync", grown)["ok"]
     assert drive(sandbox, "plan", grown)["steps"] == []
+
+    # the same when the path to the block the change lands in is broken, or the
+    # local-only check is gone: transit traffic must never meet the forwards unchecked
+    near = I.make_forward("100", "192.168.15.2:100")
+    nearer = FirewallSpec(forwards=(*grown.forwards, near), bridges=SPEC.bridges)
+    for breaker in (
+        ["-D", "NETAGENT-TCP-0-4095", "-p", "tcp", "-m", "tcp", "--dport", "64:127",
+         "-m", "comment", "--comment", "netagent:ports/tcp/64-127", "-j", "NETAGENT-TCP-64-127"],
+        ["-D", "NETAGENT-PREROUTING", "1"],
+    ):  # fmt: skip
+        sandbox.run(["iptables", "-t", "nat", *breaker])
+        before = save(sandbox, 4)
+        failed = drive(sandbox, "update", nearer, added=[near])
+        assert not failed["ok"]
+        assert save(sandbox, 4) == before
+        assert drive(sandbox, "sync", grown)["ok"]
+        assert drive(sandbox, "plan", grown)["steps"] == []
 
 
 # ---- real traffic ---------------------------------------------------------------------

@@ -196,6 +196,41 @@ def test_self_repair(daemon: Daemon) -> None:
     assert all(i["in_place"] for i in result["intents"]), result
 
 
+def test_nothing_foreign_is_taken_over(daemon: Daemon) -> None:
+    """Names that exist and are not netagent's are refused, and left exactly as they are:
+    a namespace, a bridge, an interface inside a namespace netagent does not own."""
+    daemon.sh("ip", "netns", "add", "theirs")
+    daemon.sh("ip", "link", "add", "user-br", "type", "bridge")
+    daemon.sh("ip", "netns", "add", "ctr")
+    daemon.sh(
+        "ip", "link", "add", "ctr-host", "type", "veth", "peer", "name", "eth0", "netns", "ctr"
+    )
+    before = (
+        daemon.sh("ip", "-d", "link").stdout,
+        daemon.sh("ip", "-n", "ctr", "-d", "link", "show", "eth0").stdout,
+        daemon.sh("ip", "-n", "theirs", "-d", "link").stdout,
+    )
+    r = daemon.ctl("ns", "add", "theirs")
+    assert r.returncode == 4 and "not made by netagent" in r.stderr
+    r = daemon.ctl("bridge", "add", "user-br")
+    assert r.returncode == 4 and "not made by netagent" in r.stderr
+    daemon.ok("bridge", "add", "v-net-0", "--address", "192.168.15.5/24")
+    r = daemon.ctl("plug", "ctr", "v-net-0", "--address", "192.168.15.9/24", "--ifname", "eth0")
+    assert r.returncode == 4 and "ctr:eth0 exists" in r.stderr
+    # an outside namespace can be plugged under a free name (plugging sets its lo up),
+    # and unplugging keeps the namespace
+    daemon.ok("plug", "ctr", "v-net-0", "--address", "192.168.15.9/24", "--ifname", "eth1")
+    daemon.ok("unplug", "ctr", "v-net-0")
+    daemon.ok("bridge", "del", "v-net-0")
+    after = (
+        daemon.sh("ip", "-d", "link").stdout,
+        daemon.sh("ip", "-n", "ctr", "-d", "link", "show", "eth0").stdout,
+        daemon.sh("ip", "-n", "theirs", "-d", "link").stdout,
+    )
+    assert after == before
+    assert "ctr" in daemon.sh("ip", "netns", "list").stdout
+
+
 def test_nothing_foreign_is_touched(daemon: Daemon) -> None:
     build_seed(daemon, forward=False)
     daemon.sh("ip", "link", "add", "user-br", "type", "bridge")

@@ -138,10 +138,8 @@ def test_switching_backends_removes_the_old_rules(daemon: Daemon) -> None:
     daemon.firewall = "iptables"
     daemon.start()
     assert "netagent" not in daemon.sh("nft", "list", "tables").stdout
-    assert (
-        daemon.sh("iptables-save", "-t", "nat").stdout.count("--to-destination 192.168.15.2:80")
-        == 2
-    )
+    saved = daemon.sh("iptables-save", "-t", "nat").stdout
+    assert saved.count("--to-destination 192.168.15.2:80") == 1
     assert http_get(daemon, "client", f"http://{CLIENT_HOST}:80/") == "up"
     daemon.stop()
     daemon.firewall = "auto"
