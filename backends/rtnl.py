@@ -182,6 +182,11 @@ class EventSocket:
         self.sock.close()
 
 
+def _expire(fut: asyncio.Future[int]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError("no answer from the kernel in 5 s"))
+
+
 class Requests:
     """Fire-and-await RTM_NEWLINK requests on a raw socket."""
 
@@ -228,10 +233,17 @@ class Requests:
         )
         fut: asyncio.Future[int] = self._loop.create_future()
         self._waiting[seq] = fut
+        # a plain timer, not asyncio.wait_for (which wraps every request in a task of
+        # its own: measurable in a burst of 1,000 attaches)
+        timer = self._loop.call_later(5, _expire, fut)
         try:
-            await self._loop.sock_sendall(self.sock, msg)
-            code = await asyncio.wait_for(fut, 5)
+            try:
+                self.sock.send(msg)
+            except BlockingIOError:
+                await self._loop.sock_sendall(self.sock, msg)
+            code = await fut
         finally:
+            timer.cancel()
             self._waiting.pop(seq, None)
         if code:
             raise OSError(code, os.strerror(code))
