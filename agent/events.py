@@ -64,6 +64,9 @@ class EventSource:
         self.seen: dict[int, Seen] = {}
         self.bridges: dict[str, int] = {}
         self.resyncs = 0
+        #: the receive buffer of the host's event socket; NETAGENT_EVENT_RCVBUF makes it
+        #: tiny in a test, to prove that lost events (ENOBUFS) lose no interface
+        self.rcvbuf = int(os.environ.get("NETAGENT_EVENT_RCVBUF", 32 << 20))
         self._tg: anyio.abc.TaskGroup | None = None
         # interfaces this source attached: a later event still showing no master was
         # queued before the attach (the kernel announces a new veth more than once)
@@ -73,7 +76,7 @@ class EventSource:
     async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         started = False
         while True:
-            sock = rtnl.EventSocket()
+            sock = rtnl.EventSocket(rcvbuf=self.rcvbuf)
             try:
                 async with anyio.create_task_group() as tg:
                     # attaches run as tasks: a burst is handled pipelined, the reader never

@@ -282,3 +282,53 @@ def test_both_ends_of_a_veth_never_on_one_bridge(daemon: Daemon) -> None:
     )
     time.sleep(0.3)
     assert [master_of(daemon, "loopc"), master_of(daemon, "loopd")].count("v-net-0") == 1
+
+
+def test_lost_events_lose_no_interface(sandbox: object, workdir: object) -> None:
+    """With a receive buffer far too small for a burst, the kernel drops events
+    (ENOBUFS); the daemon resubscribes, dumps, resyncs, and every interface ends up
+    attached. Two watchers see it all; one that never reads stalls nothing."""
+    import os
+    import socket
+    from pathlib import Path
+
+    from netagent.cli.sandbox import Sandbox
+
+    assert isinstance(sandbox, Sandbox) and isinstance(workdir, Path)
+    os.environ["NETAGENT_EVENT_RCVBUF"] = "4096"
+    try:
+        d = Daemon(sandbox, workdir)
+        d.start()
+    finally:
+        del os.environ["NETAGENT_EVENT_RCVBUF"]
+    try:
+        d.ok("bridge", "add", "br-burst")
+        d.ok("attach", "add", "bst*", "br-burst")
+        watchers = [Events(d), Events(d)]
+        # a watcher that subscribes and then never reads a byte
+        stuck = socket.socket(socket.AF_UNIX)
+        stuck.connect(d.socket)
+        stuck.sendall(b'{"v":1,"op":"events"}\n')
+        batch = d.dir / "burst.batch"
+        batch.write_text(
+            "".join(f"link add bst{i} type veth peer name pbst{i}\n" for i in range(300))
+        )
+        d.sh("ip", "-batch", str(batch), timeout=120)
+
+        def attached() -> int:
+            out = d.sh("ip", "-o", "link", "show", "master", "br-burst").stdout
+            return sum(1 for line in out.splitlines() if ": bst" in line)
+
+        wait_for(lambda: attached() == 300, timeout=30, what="300 attached")
+        status = json.loads(d.ctl("status", json_out=True).stdout)["result"]
+        assert status["event_resyncs"] >= 1
+        for w in watchers:
+            w.until(lambda e: e.get("type") == "resync")
+            w.until(lambda e: e.get("type") == "attached")
+            w.close()
+        t0 = time.monotonic()
+        d.call("status")
+        assert time.monotonic() - t0 < 1.0  # the silent watcher holds nothing up
+        stuck.close()
+    finally:
+        d.stop()
