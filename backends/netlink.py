@@ -2,8 +2,10 @@
 
 pyroute2's async API (0.9.7, asyncio only). Notes on the quirks worked around here:
 
-* ``AsyncIPRoute(netns=..., flags=0)``: without ``flags=0`` pyroute2 silently *creates* a
-  missing namespace. Opening forks once (8-10 ms), so namespace sockets are kept.
+* namespace sockets are made by a thread that enters the namespace
+  (``rtnl.socket_in_netns``) and handed to ``AsyncIPRoute(fileno=...)``: pyroute2's own
+  ``netns=`` forks (8-10 ms, and unsafe in a threaded process) and, without ``flags=0``,
+  silently *creates* a missing namespace. The sockets are kept.
 * every ``"get"`` request leaves its ACK in the socket's root queue; ``_drain`` empties it
   so a daemon that runs for months does not grow without bound.
 * veth peers are created directly in their namespace (moving a link costs a grace period).
@@ -187,7 +189,11 @@ class NetlinkBackend:
             await self.forget_namespace(name)
             if ident is None:
                 raise FileNotFoundError(f"namespace {name} does not exist")
-            sock = AsyncIPRoute(netns=name, flags=0)
+            # not AsyncIPRoute(netns=...): that forks, and a fork while another thread of
+            # the daemon holds a lock can leave the child (and the daemon waiting on it)
+            # stuck; a short-lived thread that enters the namespace makes the socket
+            raw = await anyio.to_thread.run_sync(rtnl.socket_in_netns, str(self.netns_dir / name))
+            sock = AsyncIPRoute(fileno=raw.detach())
             await sock.setup_endpoint()
             self._ns[name] = (ident, sock)
         return sock

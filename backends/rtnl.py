@@ -274,9 +274,11 @@ def socket_in_netns(path: str) -> socket.socket:
                     raise OSError(err, f"setns {path}: {os.strerror(err)}")
             finally:
                 os.close(fd)
+            # SOCK_DGRAM (netlink treats it as SOCK_RAW): pyroute2 takes it as fileno=
+            # only as a datagram socket
             result.append(
                 socket.socket(
-                    socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE
+                    socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE
                 )
             )
         except BaseException as exc:
