@@ -21,7 +21,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from netagent.cli.client import Client  # noqa: E402
-from netagent.cli.sandbox import Sandbox  # noqa: E402
+from netagent.cli.sandbox import (  # noqa: E402
+    Sandbox,
+    daemon_argv,
+    outside_client_steps,
+    wait_ready,
+)
 
 INSIDE = str(REPO / "bench" / "inside.py")
 
@@ -46,33 +51,16 @@ class Bench:
         self.results: dict[str, Any] = {}
 
     def start(self, *extra: str) -> None:
-        log = open(self.work / "daemon.log", "a")  # noqa: SIM115
-        self.proc = self.box.popen(
-            [
-                sys.executable,
-                "-m",
-                "netagent",
-                "run",
-                "--socket",
-                self.socket,
-                "--state-dir",
-                str(self.work / "state"),
-                "--log-format",
-                "json",
-                *extra,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
-        for _ in range(400):
-            try:
-                with Client(self.socket, timeout=5) as c:
-                    c.call("status")
-                return
-            except Exception:
-                time.sleep(0.025)
-        raise SystemExit("daemon did not start:\n" + (self.work / "daemon.log").read_text())
+        with open(self.work / "daemon.log", "a") as log:
+            self.proc = self.box.popen(
+                daemon_argv(self.socket, str(self.work / "state"), *extra),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            wait_ready(self.socket, self.proc)
+        except Exception as exc:
+            raise SystemExit(f"{exc}:\n" + (self.work / "daemon.log").read_text()) from None
 
     def close(self) -> None:
         if self.proc is not None:
@@ -208,28 +196,7 @@ class Bench:
             c.call(
                 "plug.add", {"ns": "blue", "bridge": "v-net-0", "addresses": ["192.168.15.2/24"]}
             )
-        for argv in (
-            ["ip", "netns", "add", "client"],
-            [
-                "ip",
-                "link",
-                "add",
-                "to-client",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                "client",
-            ],
-            ["ip", "addr", "add", f"{host}/24", "dev", "to-client"],
-            ["ip", "link", "set", "to-client", "up"],
-            ["ip", "-n", "client", "addr", "add", "203.0.113.2/24", "dev", "eth0"],
-            ["ip", "-n", "client", "link", "set", "eth0", "up"],
-            ["ip", "-n", "client", "link", "set", "lo", "up"],
-            ["ip", "-n", "client", "route", "add", "default", "via", host],
-        ):
+        for argv in outside_client_steps():
             self.box.run(argv)
         server = self.box.popen(
             ["ip", "netns", "exec", "blue", sys.executable, INSIDE, "serve", "192.168.15.2", "80"],

@@ -12,17 +12,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .client import Client
-from .sandbox import Sandbox, SandboxError
+from .sandbox import (
+    CLIENT_HOST,
+    Sandbox,
+    SandboxError,
+    daemon_argv,
+    outside_client_steps,
+    wait_ready,
+)
 
 BOLD = "\033[1m" if sys.stdout.isatty() else ""
 DIM = "\033[2m" if sys.stdout.isatty() else ""
 GREEN = "\033[32m" if sys.stdout.isatty() else ""
 RED = "\033[31m" if sys.stdout.isatty() else ""
 RESET = "\033[0m" if sys.stdout.isatty() else ""
-
-CLIENT_HOST = "203.0.113.1/24"  # the host's "outside" address (TEST-NET-3, sandbox only)
-CLIENT_ADDR = "203.0.113.2/24"
 
 
 class DemoFailed(Exception):
@@ -80,32 +83,12 @@ class Demo:
     def start_daemon(self) -> None:
         with open(self.log, "a") as log:
             self.daemon = self.box.popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "netagent",
-                    "run",
-                    "--socket",
-                    self.socket,
-                    "--state-dir",
-                    self.state,
-                    "--log-format",
-                    "json",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
+                daemon_argv(self.socket, self.state), stdout=log, stderr=subprocess.STDOUT
             )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.daemon.poll() is not None:
-                raise DemoFailed(f"the daemon exited at start:\n{self.log.read_text()[-2000:]}")
-            try:
-                with Client(self.socket, timeout=5) as c:
-                    c.call("status")
-                return
-            except Exception:
-                time.sleep(0.05)
-        raise DemoFailed("the daemon did not become ready in 20 s")
+        try:
+            wait_ready(self.socket, self.daemon)
+        except SandboxError as exc:
+            raise DemoFailed(f"{exc}:\n{self.log.read_text()[-2000:]}") from None
 
     def stop_daemon(self) -> None:
         if self.daemon is not None:
@@ -203,27 +186,10 @@ class Demo:
         self.ctl("forward", "80", "192.168.15.3:80", expect=4)
         self.ctl("forward", "0", "192.168.15.2:80", expect=2)
         print("the outside world: a client namespace wired to the host by hand")
-        self.host("ip", "netns", "add", "client")
-        self.host(
-            "ip",
-            "link",
-            "add",
-            "to-client",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            "client",
-        )
-        self.host("ip", "addr", "add", CLIENT_HOST, "dev", "to-client")
-        self.host("ip", "link", "set", "to-client", "up")
-        self.host("ip", "-n", "client", "addr", "add", CLIENT_ADDR, "dev", "eth0")
-        self.host("ip", "-n", "client", "link", "set", "eth0", "up")
-        self.host("ip", "-n", "client", "route", "add", "default", "via", CLIENT_HOST.split("/")[0])
+        for argv in outside_client_steps():
+            self.host(*argv)
         self._wait_http(server)
-        host_ip = CLIENT_HOST.split("/")[0]
+        host_ip = CLIENT_HOST
         body = self.http("client", f"http://{host_ip}:80/")
         print(f"  {body}")
         self.check(body == "hello from blue", "client -> host:80 reaches blue's web server")

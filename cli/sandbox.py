@@ -130,3 +130,70 @@ class Sandbox:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ---- steps the demo, the tests and the benchmark share ----------------------------------
+CLIENT_HOST = "203.0.113.1"  # the host's "outside" address (TEST-NET-3, sandbox only)
+CLIENT_ADDR = "203.0.113.2"
+
+
+def outside_client_steps() -> list[list[str]]:
+    """The commands that make the outside world: a namespace ``client`` wired to the host
+    by hand (not netagent's), the host at 203.0.113.1, the client at .2 routing via it."""
+    return [
+        ["ip", "netns", "add", "client"],
+        [
+            "ip",
+            "link",
+            "add",
+            "to-client",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            "client",
+        ],
+        ["ip", "addr", "add", f"{CLIENT_HOST}/24", "dev", "to-client"],
+        ["ip", "link", "set", "to-client", "up"],
+        ["ip", "-n", "client", "addr", "add", f"{CLIENT_ADDR}/24", "dev", "eth0"],
+        ["ip", "-n", "client", "link", "set", "eth0", "up"],
+        ["ip", "-n", "client", "link", "set", "lo", "up"],
+        ["ip", "-n", "client", "route", "add", "default", "via", CLIENT_HOST],
+    ]
+
+
+def daemon_argv(socket: str, state_dir: str, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "netagent",
+        "run",
+        "--socket",
+        socket,
+        "--state-dir",
+        state_dir,
+        "--log-format",
+        "json",
+        *extra,
+    ]
+
+
+def wait_ready(socket: str, proc: subprocess.Popen[Any], timeout: float = 20) -> None:
+    """Until the daemon answers ``status``; SandboxError if it exits or takes too long."""
+    import time
+
+    from .client import Client
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SandboxError(f"the daemon exited at start ({proc.returncode})")
+        try:
+            with Client(socket, timeout=5) as c:
+                c.call("status")
+            return
+        except Exception:
+            time.sleep(0.02)
+    raise SandboxError(f"the daemon did not answer within {timeout:g} s")

@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,13 @@ from typing import Any
 import pytest
 
 from netagent.cli.client import Client
-from netagent.cli.sandbox import Sandbox, check_privileges
+from netagent.cli.sandbox import (
+    Sandbox,
+    SandboxError,
+    check_privileges,
+    daemon_argv,
+    wait_ready,
+)
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 REPO = Path(__file__).resolve().parent.parent
@@ -79,43 +84,23 @@ class Daemon:
 
     def start(self, wait: bool = True) -> None:
         self.starts += 1
-        log = open(self.log_path, "a")  # noqa: SIM115 - handed to the child
-        self.proc = self.box.popen(
-            [
-                sys.executable,
-                "-m",
-                "netagent",
-                "run",
-                "--socket",
-                self.socket,
-                "--state-dir",
-                str(self.state_dir),
-                "--firewall",
-                self.firewall,
-                "--log-format",
-                "json",
-                *self.extra,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
+        with open(self.log_path, "a") as log:
+            self.proc = self.box.popen(
+                daemon_argv(
+                    self.socket, str(self.state_dir), "--firewall", self.firewall, *self.extra
+                ),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         if wait:
             self.wait_ready()
 
     def wait_ready(self, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited ({self.proc.returncode}):\n{self.log()}")
-            try:
-                with Client(self.socket, timeout=5) as c:
-                    c.call("status")
-                return
-            except Exception:
-                time.sleep(0.02)
-        raise AssertionError(f"daemon not ready in {timeout}s:\n{self.log()}")
+        assert self.proc is not None
+        try:
+            wait_ready(self.socket, self.proc, timeout)
+        except SandboxError as exc:
+            raise AssertionError(f"{exc}:\n{self.log()}") from None
 
     def stop(self) -> int:
         assert self.proc is not None

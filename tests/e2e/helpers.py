@@ -8,9 +8,9 @@ import sys
 import time
 from typing import Any
 
+from netagent.cli.sandbox import CLIENT_HOST as CLIENT_HOST
+from netagent.cli.sandbox import outside_client_steps
 from tests.conftest import Daemon
-
-CLIENT_HOST = "203.0.113.1"
 
 
 def build_seed(d: Daemon, forward: bool = True) -> None:
@@ -25,15 +25,8 @@ def build_seed(d: Daemon, forward: bool = True) -> None:
 
 def add_client(d: Daemon) -> None:
     """The outside world: a namespace wired to the host by hand (not netagent's)."""
-    d.sh("ip", "netns", "add", "client")
-    d.sh(
-        "ip", "link", "add", "to-client", "type", "veth", "peer", "name", "eth0", "netns", "client"
-    )
-    d.sh("ip", "addr", "add", f"{CLIENT_HOST}/24", "dev", "to-client")
-    d.sh("ip", "link", "set", "to-client", "up")
-    d.sh("ip", "-n", "client", "addr", "add", "203.0.113.2/24", "dev", "eth0")
-    d.sh("ip", "-n", "client", "link", "set", "eth0", "up")
-    d.sh("ip", "-n", "client", "route", "add", "default", "via", CLIENT_HOST)
+    for argv in outside_client_steps():
+        d.sh(*argv)
 
 
 def serve_http(d: Daemon, ns: str, addr: str, port: int, body: str) -> None:
