@@ -130,6 +130,7 @@ class Agent:
         self.firewall_why = ""
         self.rec: Reconciler | None = None
         self.events: EventSource | None = None
+        self.server: Server | None = None
         self.requests = 0
         self.ops: dict[str, tuple[Handler, bool]] = {
             "status": (self.op_status, False),
@@ -317,6 +318,10 @@ class Agent:
             "last_pass": self.rec.last_pass,
             "failing": failing,
             "event_resyncs": self.events.resyncs if self.events else 0,
+            # the server counts these; status is where an operator sees them
+            "clients": self.server.clients if self.server else 0,
+            "refused": self.server.refused if self.server else 0,
+            "timeouts": self.server.timeouts if self.server else 0,
         }
 
     async def op_ns_add(self, args: dict[str, Any]) -> Any:
@@ -1069,7 +1074,7 @@ async def run_daemon(config: Config) -> None:
             raise
         assert agent.rec is not None
         assert agent.firewall is not None
-        server = Server(agent, config)
+        server = agent.server = Server(agent, config)
         listener = await anyio.abc.SocketListener.from_socket(raw)
         try:
             async with anyio.create_task_group() as tg:

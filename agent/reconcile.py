@@ -52,7 +52,6 @@ class KeyStatus:
     error: str | None = None
     failures: int = 0
     retry_at: float = 0.0
-    last_actions: list[str] = field(default_factory=list)
 
 
 @dataclass
