@@ -126,7 +126,7 @@ class Agent:
         self.links = NetlinkBackend(claims_dir=Path(config.state_dir) / "claims")
         self.desired = DesiredState(external_namespace=self.links.namespace_exists)
         self.store = StateStore(Path(config.state_dir))
-        self.firewall: fwreg.FirewallBackend | None = None
+        self.firewall: fwreg.AnyBackend | None = None
         self.firewall_why = ""
         self.rec: Reconciler | None = None
         self.events: EventSource | None = None
@@ -475,7 +475,7 @@ class Agent:
         observed = await self.firewall.observe()
         pending = self.firewall.plan(self.rec.firewall_spec(), observed)
         for item in items:
-            if item["kind"] == "fwd" and pending.full:
+            if item["kind"] == "fwd" and pending.touches(str(item["key"])):
                 item["in_place"] = False
                 item["missing"] = pending.steps
         return {

@@ -21,7 +21,7 @@ from typing import Any
 import anyio
 import structlog
 
-from netagent.backends.firewall import FirewallBackend, FirewallSpec
+from netagent.backends.firewall import AnyBackend, FirewallSpec
 from netagent.backends.netlink import NetlinkBackend, ensure_forwarding
 
 from . import intents as I
@@ -75,7 +75,7 @@ class Reconciler:
         self,
         desired: DesiredState,
         links: NetlinkBackend,
-        firewall: FirewallBackend,
+        firewall: AnyBackend,
         bus: EventBus,
         resync_interval: float = 30.0,
     ) -> None:

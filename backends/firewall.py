@@ -1,21 +1,28 @@
 """The firewall backend interface and the registry that finds backends by name.
 
 A backend realizes a :class:`FirewallSpec` (the forwards and the bridges' NAT needs) in
-rules it owns, and nothing else. The reconciler calls, in this order:
+rules it owns, and nothing else. It is generic over what it observes (``ObservedT``) and
+what a batch carries to :meth:`FirewallBackend.apply` (``PayloadT``), so the reconciler
+never looks inside either. The reconciler calls, in this order:
 
 ``probe()``
     classmethod: is this backend usable on this host? ``(ok, why)``.
 ``observe()``
-    read only what the backend owns; returns an opaque observation.
+    read only what the backend owns. The one place a backend may keep a cache (an
+    observation still valid because nothing changed), and only in a separate object.
 ``plan(spec, observed)``
-    **pure**: desired + observed -> a :class:`Batch` (empty when nothing differs).
+    **pure**: desired + observed -> a :class:`Batch` (empty when nothing differs). The
+    same arguments give the same batch, and nothing is remembered.
 ``plan_update(spec, added, removed)``
     **pure**: the smaller batch for forwards added/removed since the last sync, applied
-    without observing first; if it fails the reconciler falls back to observe + plan.
+    without observing first; if applying it fails the reconciler observes and plans.
 ``apply(batch)``
-    one transaction.
+    one transaction: all of it or nothing.
 ``purge()``
-    remove everything the backend owns (and nothing else).
+    remove everything the backend owns (and nothing else); idempotent.
+``drift_watcher()``
+    what tells the reconciler that someone changed the backend's rules (or None: the
+    periodic pass finds it).
 
 Third-party backends register under the entry point group ``netagent.firewall_backends``
 (``name = "package.module:Class"``) and are then selectable with ``--firewall name``.
@@ -25,12 +32,15 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Generic, Protocol, TypeVar
 
-from netagent.agent import intents as I
 from netagent.agent.errors import BackendUnavailable, InvalidArgument
+
+if TYPE_CHECKING:
+    from netagent.agent import intents as I
 
 ENTRY_POINT_GROUP = "netagent.firewall_backends"
 BUILTIN: dict[str, str] = {
@@ -40,6 +50,9 @@ BUILTIN: dict[str, str] = {
 #: the order ``--firewall auto`` tries
 AUTO_ORDER = ("nftables", "iptables")
 
+ObservedT = TypeVar("ObservedT")
+PayloadT = TypeVar("PayloadT")
+
 
 @dataclass(frozen=True)
 class FirewallSpec:
@@ -48,56 +61,81 @@ class FirewallSpec:
     forwards: tuple[I.Forward, ...] = ()
     bridges: tuple[I.Bridge, ...] = ()
 
+    @property
+    def empty(self) -> bool:
+        return not self.forwards and not self.bridges
+
 
 @dataclass
-class Batch:
-    """A transaction a backend will run, with a human description of each step."""
+class Batch(Generic[PayloadT]):
+    """A transaction a backend will run, with a human description of each step.
+
+    ``rebuild``: the batch rewrites what every forward's path depends on (a table, a
+    jump from a built-in chain); until it is applied no forward is in place.
+    ``touched``: the keys of the forwards whose own rules or elements the batch adds or
+    changes; until it is applied those are not in place. ``show`` asks :meth:`touches`.
+    """
 
     steps: list[str] = field(default_factory=list)
-    payload: Any = None
-    full: bool = False
+    payload: PayloadT | None = None
+    rebuild: bool = False
+    touched: frozenset[str] = frozenset()
 
     @property
     def empty(self) -> bool:
         return not self.steps
 
+    def touches(self, key: str) -> bool:
+        return self.rebuild or key in self.touched
 
-class FirewallBackend(ABC):
+
+#: called by a drift watcher with a one-line description of the foreign change
+DriftCallback = Callable[[str], None]
+
+
+class DriftWatcher(Protocol):
+    """Runs until cancelled; calls ``on_drift`` when someone else changed what the
+    backend owns. It must never raise for a transient failure: it retries."""
+
+    async def run(self, on_drift: DriftCallback) -> None: ...
+
+
+class FirewallBackend(ABC, Generic[ObservedT, PayloadT]):
     name: ClassVar[str]
-    #: text in an ``nft monitor`` line that means the change touched what this backend
-    #: owns (see ``agent/fwwatch.py``)
-    monitor_markers: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     @abstractmethod
     def probe(cls) -> tuple[bool, str]: ...
 
     @abstractmethod
-    async def observe(self) -> Any: ...
+    async def observe(self) -> ObservedT: ...
 
     @abstractmethod
-    def plan(self, spec: FirewallSpec, observed: Any) -> Batch: ...
+    def plan(self, spec: FirewallSpec, observed: ObservedT) -> Batch[PayloadT]: ...
 
     @abstractmethod
     def plan_update(
         self, spec: FirewallSpec, added: list[I.Forward], removed: list[I.Forward]
-    ) -> Batch: ...
+    ) -> Batch[PayloadT]: ...
 
     @abstractmethod
-    async def apply(self, batch: Batch) -> None: ...
+    async def apply(self, batch: Batch[PayloadT]) -> None: ...
 
     @abstractmethod
     async def purge(self) -> list[str]: ...
 
-    @abstractmethod
-    async def present(self) -> bool:
-        """Does anything of ours exist (used when switching backends)?"""
+    def drift_watcher(self) -> DriftWatcher | None:
+        """None: drift is found by the periodic pass only."""
+        return None
 
-    async def close(self) -> None:  # noqa: B027 - optional hook
-        """Release what the backend holds open."""
+    async def close(self) -> None:
+        """Release what the backend holds open (called once, at shutdown)."""
 
 
-def _load(ref: str) -> type[FirewallBackend]:
+AnyBackend = FirewallBackend[object, object]
+
+
+def _load(ref: str) -> type[AnyBackend]:
     module, _, attr = ref.partition(":")
     cls = getattr(importlib.import_module(module), attr)
     if not (isinstance(cls, type) and issubclass(cls, FirewallBackend)):
@@ -113,7 +151,7 @@ def available() -> dict[str, str]:
     return found
 
 
-def get_backend(name: str) -> type[FirewallBackend]:
+def get_backend(name: str) -> type[AnyBackend]:
     refs = available()
     if name not in refs:
         raise InvalidArgument(
@@ -122,7 +160,7 @@ def get_backend(name: str) -> type[FirewallBackend]:
     return _load(refs[name])
 
 
-def choose_backend(name: str) -> tuple[type[FirewallBackend], str]:
+def choose_backend(name: str) -> tuple[type[AnyBackend], str]:
     """Resolve ``--firewall``: a name, or ``auto``. Returns the class and why it was chosen."""
     if name != "auto":
         cls = get_backend(name)

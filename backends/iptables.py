@@ -87,7 +87,8 @@ import anyio
 from netagent.agent import intents as I
 from netagent.agent.errors import BackendFailed, BackendUnavailable
 
-from .firewall import Batch, FirewallBackend, FirewallSpec
+from .firewall import Batch, DriftWatcher, FirewallBackend, FirewallSpec
+from .nftmonitor import NftMonitorWatcher
 
 PREFIX = "NETAGENT-"
 CHAIN_PRE = "NETAGENT-PREROUTING"
@@ -826,7 +827,7 @@ def _ipv6_kernel() -> bool:
     return os.path.exists("/proc/net/if_inet6")
 
 
-class IptablesBackend(FirewallBackend):
+class IptablesBackend(FirewallBackend[Observed, "RestorePayload"]):
     """NAT in netagent's own ``NETAGENT-*`` chains of the nat table, for IPv4 and IPv6.
 
     ``families`` is which IP versions to manage; by default IPv4, plus IPv6 when
@@ -834,8 +835,6 @@ class IptablesBackend(FirewallBackend):
     runs nothing, so planning can be tested without root."""
 
     name = "iptables"
-    # iptables-nft keeps its chains in nf_tables' "ip nat" / "ip6 nat" tables
-    monitor_markers = (" ip nat", " ip6 nat")
 
     def __init__(self, families: tuple[int, ...] | None = None) -> None:
         if families is None:
@@ -852,6 +851,13 @@ class IptablesBackend(FirewallBackend):
         self.known: Known | None = None
         #: the last desired state planned, and its chains per family (never mutated)
         self.desired: tuple[FirewallSpec, dict[int, dict[str, list[Rule]]]] | None = None
+
+    def drift_watcher(self) -> DriftWatcher | None:
+        # iptables-nft keeps its chains in nf_tables' "ip nat" / "ip6 nat" tables;
+        # legacy iptables changes are found by the periodic pass
+        if not self.generations:
+            return None
+        return NftMonitorWatcher((" ip nat", " ip6 nat"))
 
     @classmethod
     def probe(cls) -> tuple[bool, str]:
@@ -927,7 +933,7 @@ class IptablesBackend(FirewallBackend):
                 "remove those forwards/addresses or use --firewall nftables"
             )
 
-    def plan(self, spec: FirewallSpec, observed: Observed) -> Batch:
+    def plan(self, spec: FirewallSpec, observed: Observed) -> Batch[RestorePayload]:
         """Pure (but for memos). Families whose chains and jumps are as wanted contribute
         nothing; the others get one restore file that rewrites just the chains that
         differ. A family missing from ``observed`` is planned as if nothing of ours were
@@ -964,11 +970,11 @@ class IptablesBackend(FirewallBackend):
             if known is not None and observed is known.observed:
                 known.spec = spec  # a memo: the next pass over the same table is free
             return Batch()
-        return Batch(steps=steps, payload=payload, full=full)
+        return Batch(steps=steps, payload=payload, rebuild=full)
 
     def plan_update(
         self, spec: FirewallSpec, added: list[I.Forward], removed: list[I.Forward]
-    ) -> Batch:
+    ) -> Batch[RestorePayload]:
         """Pure (but for a memo). The added forwards' rules appended to their port blocks,
         the removed ones' deleted, one ``iptables-restore --noflush`` per family: a change
         costs about the same with 10 forwards or 10,000. See :func:`plan_update_family`;
@@ -988,7 +994,7 @@ class IptablesBackend(FirewallBackend):
             payload[str(version)] = restore_text(fplan.lines)
             payload.effects[version] = fplan.effect
         self._follow(spec, added, removed, payload.effects)
-        return Batch(steps=steps, payload=payload)
+        return Batch(steps=steps, payload=payload, touched=frozenset(f.key for f in added))
 
     def _follow(
         self,
@@ -1019,22 +1025,22 @@ class IptablesBackend(FirewallBackend):
         _save, restore = self.tools[version]
         await self._run([restore, "--noflush", "-w"], stdin=text.encode())
 
-    async def apply(self, batch: Batch) -> None:
+    async def apply(self, batch: Batch[RestorePayload]) -> None:
         """One ``iptables-restore --noflush`` per family (IPv4 first), each atomic.
 
         When the table was known before and the generation moved by exactly one per
         file (each file is a real change: one commit), nobody else changed anything in
         between, and what is there now is what was there with the batch's effects."""
-        if batch.empty:
+        if batch.empty or batch.payload is None:
             return
         start = self._generation()
         known = self.known if self.known is not None and self.known.generation == start else None
         self.known = None
-        items = sorted(batch.payload.items())
+        payload = batch.payload
+        items = sorted(payload.items())
         for version, text in items:
             await self._restore(int(version), text)
-        payload = batch.payload
-        if start is None or known is None or not isinstance(payload, RestorePayload):
+        if start is None or known is None:
             return
         if self._generation() != start + len(items):
             return
@@ -1059,9 +1065,6 @@ class IptablesBackend(FirewallBackend):
         if before.spec is not None and _is_update_of(before.spec, payload.spec, added, removed):
             return payload.spec
         return None
-
-    async def present(self) -> bool:
-        return (await self.observe()).present
 
     async def purge(self) -> list[str]:
         """Remove our jumps (by their exact rule), then flush and delete our chains: one

@@ -37,7 +37,8 @@ import anyio
 from netagent.agent import intents as I
 from netagent.agent.errors import BackendFailed
 
-from .firewall import Batch, FirewallBackend, FirewallSpec
+from .firewall import Batch, DriftWatcher, FirewallBackend, FirewallSpec
+from .nftmonitor import NftMonitorWatcher
 
 TABLE = "netagent"
 FAMILY = "inet"
@@ -236,9 +237,8 @@ def _open_lib() -> LibNftables | None:
         return None
 
 
-class NftablesBackend(FirewallBackend):
+class NftablesBackend(FirewallBackend[Observed, list[str]]):
     name = "nftables"
-    monitor_markers = (f" {FAMILY} {TABLE}",)
 
     def __init__(self) -> None:
         self.nft = shutil.which("nft") or "nft"
@@ -293,7 +293,10 @@ class NftablesBackend(FirewallBackend):
             raise
         return parse_table(json.loads(out))
 
-    def plan(self, spec: FirewallSpec, observed: Observed) -> Batch:
+    def drift_watcher(self) -> DriftWatcher:
+        return NftMonitorWatcher((f" {FAMILY} {TABLE}",))
+
+    def plan(self, spec: FirewallSpec, observed: Observed) -> Batch[list[str]]:
         want_elems = {e for f in spec.forwards for e in forward_elems(f)}
         bridge_rules: dict[str, str] = {}
         for br in spec.bridges:
@@ -334,9 +337,17 @@ class NftablesBackend(FirewallBackend):
         missing = sorted(want_elems - observed.elems)
         lines += _elem_lines("delete", extra, keys_only=True) + _elem_lines("add", missing)
         steps += _element_steps(extra, missing)
-        return Batch(steps=steps, payload=lines)
+        touched: frozenset[str] = frozenset()
+        if missing:
+            lost = set(missing)
+            touched = frozenset(
+                f.key for f in spec.forwards if not lost.isdisjoint(forward_elems(f))
+            )
+        return Batch(steps=steps, payload=lines, touched=touched)
 
-    def _full(self, bridge_rules: dict[str, str], elems: set[Elem], present: bool) -> Batch:
+    def _full(
+        self, bridge_rules: dict[str, str], elems: set[Elem], present: bool
+    ) -> Batch[list[str]]:
         # add + delete + create: atomic whether or not the table exists now
         lines = [f"add table {FAMILY} {TABLE}", f"delete table {FAMILY} {TABLE}"]
         lines.append(_table_text(bridge_rules))
@@ -344,27 +355,28 @@ class NftablesBackend(FirewallBackend):
         what = "rebuild" if present else "create"
         rules = 2 * len(MAPS) + 1 + len(bridge_rules)
         steps = [f"{what} table {FAMILY} {TABLE} ({rules} rules, {len(elems)} map elements)"]
-        return Batch(steps=steps, payload=lines, full=True)
+        return Batch(steps=steps, payload=lines, rebuild=True)
 
     def plan_update(
         self, spec: FirewallSpec, added: list[I.Forward], removed: list[I.Forward]
-    ) -> Batch:
+    ) -> Batch[list[str]]:
         gone = [e for f in removed for e in forward_elems(f)]
         new = [e for f in added for e in forward_elems(f)]
         lines = _elem_lines("delete", gone, keys_only=True) + _elem_lines("add", new)
-        return Batch(steps=_element_steps(gone, new), payload=lines)
+        return Batch(
+            steps=_element_steps(gone, new),
+            payload=lines,
+            touched=frozenset(f.key for f in added),
+        )
 
-    async def apply(self, batch: Batch) -> None:
-        if batch.empty:
+    async def apply(self, batch: Batch[list[str]]) -> None:
+        if batch.empty or batch.payload is None:
             return
         script = "\n".join(batch.payload) + "\n"
         await self._nft("-f", "-", stdin=script.encode())
 
-    async def present(self) -> bool:
-        return (await self.observe()).present
-
     async def purge(self) -> list[str]:
-        if not await self.present():
+        if not (await self.observe()).present:
             return []
         await self._nft("delete", "table", FAMILY, TABLE)
         return [f"deleted table {FAMILY} {TABLE}"]

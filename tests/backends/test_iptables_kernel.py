@@ -56,7 +56,7 @@ async def main():
         elif op == "purge":
             out["removed"] = await be.purge()
         elif op == "present":
-            out["present"] = await be.present()
+            out["present"] = (await be.observe()).present
         elif op == "probe":
             out["probe"] = list(IptablesBackend.probe())
         elif op == "remember":

@@ -219,7 +219,7 @@ def test_registry_finds_the_backend() -> None:
 def test_plan_from_nothing_creates_chains_rules_and_jumps() -> None:
     spec = FirewallSpec(forwards=(FWD80,))
     batch = backend().plan(spec, nothing())
-    assert batch.full
+    assert batch.rebuild
     assert set(batch.payload) == {"4", "6"}
     v4 = payload_lines(batch, "4")
     assert v4[:6] == [
@@ -281,7 +281,7 @@ def test_an_empty_spec_still_installs_the_skeleton() -> None:
 def test_a_missing_family_in_the_observation_is_planned_from_nothing() -> None:
     batch = backend().plan(SPEC, Observed())
     assert set(batch.payload) == {"4", "6"}
-    assert batch.full
+    assert batch.rebuild
 
 
 def test_port_range_is_one_rule_per_port() -> None:
@@ -428,7 +428,7 @@ def test_a_deleted_rule_rewrites_only_its_chain() -> None:
         "rewrite chain NETAGENT-TCP-64-127 (ipv4, 2 rules)",
         "add DNAT 80/tcp -> 192.168.15.2:80",
     ]
-    assert batch.full
+    assert batch.rebuild
     assert_only_ours(batch)
 
 
@@ -443,7 +443,7 @@ def test_a_deleted_entry_rule_is_put_back() -> None:
         f"-A NETAGENT-OUTPUT {TO_FORWARDS}",
     ]
     assert batch.steps == ["rewrite chain NETAGENT-OUTPUT (ipv4, 2 rules)", "add local-only"]
-    assert batch.full
+    assert batch.rebuild
 
 
 def test_a_rule_someone_added_to_our_chain_is_removed() -> None:
@@ -471,7 +471,7 @@ def test_a_bridge_change_rewrites_postrouting_only_and_is_not_full() -> None:
         "rewrite chain NETAGENT-POSTROUTING (ipv4, 3 rules)",
         "delete hairpin br/br1 ipv4",
     ]
-    assert not batch.full
+    assert not batch.rebuild
 
 
 def test_a_removed_forward_is_reported_once() -> None:
@@ -496,7 +496,7 @@ def test_a_removed_forward_is_reported_once() -> None:
         "delete DNAT 8001/udp -> 192.168.15.3:9001",
         "delete ports/udp/4096-8191",
     ]
-    assert batch.full
+    assert batch.rebuild
 
 
 def test_a_missing_jump_is_inserted_and_nothing_else() -> None:
@@ -505,7 +505,7 @@ def test_a_missing_jump_is_inserted_and_nothing_else() -> None:
     batch = backend().plan(SPEC, obs)
     assert payload_lines(batch, "4") == ["-I OUTPUT 1 " + JUMPS["OUTPUT"]]
     assert batch.steps == ["add jump OUTPUT -> NETAGENT-OUTPUT (ipv4)"]
-    assert batch.full
+    assert batch.rebuild
 
 
 def test_duplicate_jumps_are_deleted_down_to_one() -> None:
@@ -602,7 +602,7 @@ def test_plan_update_checks_the_path_and_creates_a_block() -> None:
         f"-A NETAGENT-TCP-0-4095 {dispatch('tcp', 384, 447)}",
     ]
     assert batch.steps == ["add DNAT 443/tcp -> 192.168.15.2:443"]
-    assert not batch.full
+    assert not batch.rebuild
     assert_only_ours(batch)
     # what it writes is exactly what a full plan wants
     assert chains_after(SPEC, batch) == wanted(spec)
