@@ -164,6 +164,13 @@ class BackendUnavailable(NetagentError):
     exit_status = 6
 
 
+class HostTimeout(BackendFailed):
+    """The kernel or a tool did not answer in time: the request fails, the daemon not."""
+
+    code = 5005
+    name = "host-timeout"
+
+
 def _all_error_classes() -> list[type[NetagentError]]:
     seen: list[type[NetagentError]] = []
     stack: list[type[NetagentError]] = [NetagentError]

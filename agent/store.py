@@ -25,11 +25,14 @@ import os
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import intents as I
 from .errors import NetagentError, StateCorrupt
-from .state import Change
+
+if TYPE_CHECKING:
+    from .kinds import Registry
+    from .kinds.base import Intent
+    from .state import Change
 
 FORMAT = 1
 COMPACT_EVERY = 2000  # journal lines
@@ -70,8 +73,12 @@ def _encode_changes(changes: Iterable[Change]) -> list[dict[str, Any]]:
 
 
 class StateStore:
-    def __init__(self, directory: Path) -> None:
+    """The files. Its methods block (fsync): the daemon calls them from a worker thread,
+    one at a time (under the API's commit lock)."""
+
+    def __init__(self, directory: Path, kinds: Registry) -> None:
         self.dir = directory
+        self.kinds = kinds
         self.snapshot = directory / "state.json"
         self.prev = directory / "state.json.prev"
         self.journal = directory / "journal.jsonl"
@@ -104,10 +111,10 @@ class StateStore:
             last_good=str(good) if good else None,
         )
 
-    def load(self) -> list[tuple[str, I.Intent | None]]:
+    def load(self) -> list[tuple[str, Intent | None]]:
         """Everything persisted, as an ordered list of (key, intent or None)."""
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        changes: list[tuple[str, I.Intent | None]] = []
+        changes: list[tuple[str, Intent | None]] = []
         snap_seq = 0
         if self.snapshot.exists():
             try:
@@ -118,7 +125,7 @@ class StateStore:
                     )
                 snap_seq = int(doc["seq"])
                 for d in doc["intents"]:
-                    intent = I.intent_from_dict(d)
+                    intent = self.kinds.from_dict(d)
                     changes.append((intent.key, intent))
             except (ValueError, KeyError, TypeError, NetagentError) as exc:
                 raise self._corrupt(self.snapshot, str(exc)) from None
@@ -143,7 +150,7 @@ class StateStore:
                         if not isinstance(key, str):
                             raise TypeError("key is not a string")
                         d = c["intent"]
-                        put = None if d is None else I.intent_from_dict(d)
+                        put = None if d is None else self.kinds.from_dict(d)
                         if put is not None and put.key != key:
                             raise ValueError(f"key {key!r} does not match its intent")
                         changes.append((key, put))

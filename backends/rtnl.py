@@ -2,12 +2,13 @@
 
 pyroute2 parses every attribute of every message in Python (~0.5-1 ms per link message
 here), which is fine for requests but not for an event listener that must react within a
-millisecond and keep up with a burst of 1,000 new interfaces (``shared/notes``: a minimal
-pyroute2 listener p50 0.7 ms, p99 2.3 ms, burst 1.32x; raw netlink 0.04 ms / 0.45 ms /
-1.18x). This module reads only the few fields netagent uses:
+millisecond and keep up with a burst of 1,000 new interfaces (``docs/kernel-facts.md``: a
+minimal pyroute2 listener p50 0.7 ms, p99 2.3 ms, burst 1.32x; raw netlink 0.04 ms /
+0.45 ms / 1.18x). This module reads only the few fields netagent uses:
 
-* :class:`EventSocket`: link and address events, the attributes ifname, master, alias,
-  kind; a receive buffer forced to 32 MiB; ENOBUFS surfaces as ``OSError``.
+* :class:`EventSocket`: link and address events, parsed straight into
+  :class:`~netagent.backends.netlink.Link` records (name, kind, master, alias, group,
+  veth peer, MAC); a receive buffer forced to 32 MiB; ENOBUFS surfaces as ``OSError``.
 * :class:`Requests`: "enslave to this bridge and set up" in one RTM_NEWLINK, with the
   kernel's ACK awaited without blocking the loop.
 """
@@ -21,12 +22,14 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from .netlink import Link
+
 NLMSG_ERROR = 2
-RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_DELADDR = 16, 17, 20, 21
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_NEWADDR, RTM_DELADDR = 16, 17, 18, 20, 21
 RTM_NEWROUTE, RTM_DELROUTE = 24, 25
 NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
 IFLA_IFNAME, IFLA_LINK, IFLA_MASTER, IFLA_LINKINFO, IFLA_IFALIAS = 3, 5, 10, 18, 20
-IFLA_LINK_NETNSID = 37
+IFLA_ADDRESS, IFLA_GROUP, IFLA_LINK_NETNSID = 1, 27, 37
 IFLA_INFO_KIND = 1
 IFF_UP = 0x1
 RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR = 0x1, 0x10, 0x100
@@ -40,23 +43,10 @@ _IFADDRMSG = struct.Struct("BBBBI")
 _RTATTR = struct.Struct("HH")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LinkEvent:
     deleted: bool
-    index: int
-    name: str | None
-    up: bool
-    master: int | None
-    alias: str | None
-    kind: str | None
-    #: a veth's peer index, when the peer is in the same namespace
-    peer: int | None = None
-
-    @property
-    def owner_key(self) -> str | None:
-        if self.alias and self.alias.startswith("netagent:"):
-            return self.alias[len("netagent:") :]
-        return None
+    link: Link
 
 
 @dataclass(frozen=True)
@@ -114,18 +104,26 @@ def parse(data: bytes) -> list[Event]:
             info = attrs.get(IFLA_LINKINFO)
             if info is not None:
                 kind = _cstr(_attrs(info, 0, len(info)).get(IFLA_INFO_KIND))
-            events.append(
-                LinkEvent(
-                    deleted=mtype == RTM_DELLINK,
-                    index=index,
-                    name=_cstr(attrs.get(IFLA_IFNAME)),
-                    up=bool(flags & IFF_UP),
-                    master=struct.unpack("I", master[:4])[0] if master else None,
-                    alias=_cstr(attrs.get(IFLA_IFALIAS)),
-                    kind=kind,
-                    peer=peer if kind == "veth" else None,
-                )
+            name = _cstr(attrs.get(IFLA_IFNAME))
+            if name is None:  # never seen; an interface is always announced by name
+                off += (length + 3) & ~3
+                continue
+            group = attrs.get(IFLA_GROUP)
+            netnsid = attrs.get(IFLA_LINK_NETNSID)
+            mac = attrs.get(IFLA_ADDRESS)
+            link_rec = Link(
+                index=index,
+                name=name,
+                kind=kind,
+                up=bool(flags & IFF_UP),
+                master=(struct.unpack("I", master[:4])[0] or None) if master else None,
+                alias=_cstr(attrs.get(IFLA_IFALIAS)),
+                group=struct.unpack("I", group[:4])[0] if group else 0,
+                peer=peer if kind == "veth" else None,
+                link_netnsid=struct.unpack("i", netnsid[:4])[0] if netnsid else None,
+                mac=":".join(f"{b:02x}" for b in mac) if mac and len(mac) == 6 else None,
             )
+            events.append(LinkEvent(mtype == RTM_DELLINK, link_rec))
         elif mtype in (RTM_NEWADDR, RTM_DELADDR) and length >= _NLMSGHDR.size + _IFADDRMSG.size:
             index = _IFADDRMSG.unpack_from(data, body)[4]
             events.append(AddrEvent(deleted=mtype == RTM_DELADDR, index=index))
@@ -181,13 +179,17 @@ class EventSocket:
         self.sock.close()
 
 
-def _expire(fut: asyncio.Future[int]) -> None:
+#: seconds a raw request may wait for the kernel's answer
+TIMEOUT = 5.0
+
+
+def _expire(fut: asyncio.Future[int | bytes]) -> None:
     if not fut.done():
-        fut.set_exception(TimeoutError("no answer from the kernel in 5 s"))
+        fut.set_exception(TimeoutError(f"no answer from the kernel in {TIMEOUT:g} s"))
 
 
 class Requests:
-    """Fire-and-await RTM_NEWLINK requests on a raw socket."""
+    """Fire-and-await requests on a raw socket: "enslave and up" and "get one link"."""
 
     def __init__(self) -> None:
         self.sock = socket.socket(
@@ -196,7 +198,8 @@ class Requests:
         self.sock.bind((0, 0))
         self.sock.setblocking(False)
         self._seq = 0
-        self._waiting: dict[int, asyncio.Future[int]] = {}
+        #: seq -> the future of the request: an errno (ACK/error) or the reply's bytes
+        self._waiting: dict[int, asyncio.Future[int | bytes]] = {}
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self.sock.fileno(), self._on_readable)
 
@@ -211,41 +214,52 @@ class Requests:
                 length, mtype, _f, seq, _pid = _NLMSGHDR.unpack_from(data, off)
                 if length < _NLMSGHDR.size:
                     break
-                if mtype == NLMSG_ERROR:
-                    code = struct.unpack_from("i", data, off + _NLMSGHDR.size)[0]
-                    fut = self._waiting.pop(seq, None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(-code)
+                fut = self._waiting.pop(seq, None)
+                if fut is not None and not fut.done():
+                    if mtype == NLMSG_ERROR:
+                        fut.set_result(-struct.unpack_from("i", data, off + _NLMSGHDR.size)[0])
+                    else:
+                        fut.set_result(data[off : off + length])
                 off += (length + 3) & ~3
 
-    async def set_master_up(self, index: int, master: int) -> None:
-        """``ip link set dev INDEX master MASTER up`` in one request."""
+    async def _request(self, mtype: int, flags: int, body: bytes) -> int | bytes:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         seq = self._seq
-        attr = _RTATTR.pack(8, IFLA_MASTER) + struct.pack("I", master)
-        body = _IFINFOMSG.pack(0, 0, index, IFF_UP, IFF_UP) + attr
-        msg = (
-            _NLMSGHDR.pack(
-                _NLMSGHDR.size + len(body), RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, seq, 0
-            )
-            + body
-        )
-        fut: asyncio.Future[int] = self._loop.create_future()
+        msg = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), mtype, flags, seq, 0) + body
+        fut: asyncio.Future[int | bytes] = self._loop.create_future()
         self._waiting[seq] = fut
         # a plain timer, not asyncio.wait_for (which wraps every request in a task of
         # its own: measurable in a burst of 1,000 attaches)
-        timer = self._loop.call_later(5, _expire, fut)
+        timer = self._loop.call_later(TIMEOUT, _expire, fut)
         try:
             try:
                 self.sock.send(msg)
             except BlockingIOError:
                 await self._loop.sock_sendall(self.sock, msg)
-            code = await fut
+            return await fut
         finally:
             timer.cancel()
             self._waiting.pop(seq, None)
-        if code:
+
+    async def set_master_up(self, index: int, master: int) -> None:
+        """``ip link set dev INDEX master MASTER up`` in one request."""
+        attr = _RTATTR.pack(8, IFLA_MASTER) + struct.pack("I", master)
+        body = _IFINFOMSG.pack(0, 0, index, IFF_UP, IFF_UP) + attr
+        code = await self._request(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, body)
+        if isinstance(code, int) and code:
             raise OSError(code, os.strerror(code))
+
+    async def get_link(self, index: int) -> Link | None:
+        """One link as the kernel has it now (None: it is gone)."""
+        body = _IFINFOMSG.pack(0, 0, index, 0, 0)
+        reply = await self._request(RTM_GETLINK, NLM_F_REQUEST, body)
+        if isinstance(reply, int):
+            if reply in (0, errno.ENODEV):
+                return None
+            raise OSError(reply, os.strerror(reply))
+        events = parse(reply)
+        found = [e.link for e in events if isinstance(e, LinkEvent)]
+        return found[0] if found else None
 
     def close(self) -> None:
         self._loop.remove_reader(self.sock.fileno())

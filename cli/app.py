@@ -1,11 +1,22 @@
-"""The typer CLI: ``netagent run``, ``netagent ctl ...``, ``netagent demo``."""
+"""The typer CLI: ``netagent run``, ``netagent ctl ...``, ``netagent demo``.
+
+The ``ctl`` commands are built from the request declarations in ``agent/ops.py`` (the
+same ones the daemon parses and the fast path in ``entry.py`` reads), so each command's
+arguments and help are declared once. typer is here for ``--help``, completion and the
+error messages of a command line that is not right; a right one never loads it.
+"""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+
+from netagent.agent import ops
+from netagent.agent.schema import Field, Request
 
 from . import ctl as C
 from .client import DEFAULT_SOCKET
@@ -13,26 +24,21 @@ from .client import DEFAULT_SOCKET
 app = typer.Typer(
     help="netagent: a host networking agent for namespaces, veth pairs, bridges and NAT.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
 )
-ctl = typer.Typer(
-    help="Talk to the running daemon over its Unix socket.",
-    no_args_is_help=True,
-)
-ns_app = typer.Typer(help="Network namespaces.", no_args_is_help=True)
-bridge_app = typer.Typer(help="Linux bridges.", no_args_is_help=True)
-attach_app = typer.Typer(
-    help="Rules that attach matching interfaces to a bridge.", no_args_is_help=True
-)
+ctl = typer.Typer(help="Talk to the running daemon over its Unix socket.", no_args_is_help=True)
 app.add_typer(ctl, name="ctl")
-ctl.add_typer(ns_app, name="ns")
-ctl.add_typer(bridge_app, name="bridge")
-ctl.add_typer(attach_app, name="attach")
+GROUPS = {
+    "ns": "Network namespaces.",
+    "bridge": "Linux bridges.",
+    "attach": "Rules that attach matching interfaces to a bridge.",
+}
+_groups: dict[str, typer.Typer] = {}
+for _name, _help in GROUPS.items():
+    _groups[_name] = typer.Typer(help=_help, no_args_is_help=True)
+    ctl.add_typer(_groups[_name], name=_name)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the reply as JSON.")]
-NsOpt = Annotated[Optional[str], typer.Option("--ns", help="Look inside this namespace.")]  # noqa: UP045
-ProtoOpt = Annotated[str, typer.Option("--proto", help="tcp or udp.")]
 
 
 class Globals:
@@ -41,10 +47,6 @@ class Globals:
 
 
 G = Globals()
-
-
-def _do(op: str, args: dict[str, Any], as_json: bool = False) -> None:
-    C.run_op(op, args, G.socket, as_json or G.json)
 
 
 @ctl.callback()
@@ -64,182 +66,64 @@ def ctl_main(
     G.json = as_json
 
 
-# ---- ctl ----------------------------------------------------------------------------
-@ctl.command("status")
-def status(as_json: JsonOpt = False) -> None:
-    """Is the daemon up, and what does it hold."""
-    _do("status", {}, as_json)
-
-
-@ctl.command("show")
-def show(as_json: JsonOpt = False) -> None:
-    """The desired topology, and whether each part is in place."""
-    _do("show", {}, as_json)
-
-
-@ns_app.command("add")
-def ns_add(name: str, as_json: JsonOpt = False) -> None:
-    """Create a network namespace (ip netns add)."""
-    _do("ns.add", {"name": name}, as_json)
-
-
-@ns_app.command("del")
-def ns_del(name: str, as_json: JsonOpt = False) -> None:
-    """Delete a namespace netagent made (refused while plugs or wires use it)."""
-    _do("ns.del", {"name": name}, as_json)
-
-
-@ns_app.command("list")
-def ns_list(as_json: JsonOpt = False) -> None:
-    """Namespaces: netagent's and the others present."""
-    _do("ns.list", {}, as_json)
-
-
-@bridge_app.command("add")
-def bridge_add(
-    name: str,
-    address: Annotated[
-        Optional[list[str]],  # noqa: UP045
-        typer.Option("--address", help="Gateway address in CIDR form (repeat for IPv4 + IPv6)."),
-    ] = None,
-    masquerade: Annotated[
-        bool, typer.Option("--masquerade", help="NAT the bridge's subnet going out.")
-    ] = False,
-    as_json: JsonOpt = False,
-) -> None:
-    """Create a bridge, up, optionally with a gateway address."""
-    _do("bridge.add", {"name": name, "addresses": address or [], "masquerade": masquerade}, as_json)
-
-
-@bridge_app.command("del")
-def bridge_del(name: str, as_json: JsonOpt = False) -> None:
-    """Delete a bridge (refused while plugs or attach rules use it)."""
-    _do("bridge.del", {"name": name}, as_json)
-
-
-@bridge_app.command("list")
-def bridge_list(as_json: JsonOpt = False) -> None:
-    """Bridges and what is plugged into them."""
-    _do("bridge.list", {}, as_json)
-
-
-@ctl.command("plug")
-def plug(
-    ns: str,
-    bridge: str,
-    address: Annotated[
-        list[str],
-        typer.Option("--address", help="The namespace end's address in CIDR form (repeatable)."),
-    ],
-    ifname: Annotated[
+# ---- ctl commands from the request declarations --------------------------------------
+def _parameter(f: Field[Any]) -> inspect.Parameter:
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    if f.flag is None:
+        ann: Any = Annotated[str, typer.Argument(help=f.help, metavar=f.metavar)]
+        return inspect.Parameter(f.name, kind, annotation=ann)
+    if f.is_flag:
+        ann = Annotated[bool, typer.Option(f.flag, help=f.help)]
+        return inspect.Parameter(f.name, kind, annotation=ann, default=False)
+    if f.many:
+        ann = Annotated[list[str], typer.Option(f.flag, help=f.help, metavar=f.metavar)]
+        if f.required:
+            return inspect.Parameter(f.name, kind, annotation=ann)
+        ann = Annotated[
+            Optional[list[str]],  # noqa: UP045
+            typer.Option(f.flag, help=f.help, metavar=f.metavar),
+        ]
+        return inspect.Parameter(f.name, kind, annotation=ann, default=None)
+    shown = None if f.default is None else str(f.default)
+    ann = Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option("--ifname", help="Name of the interface inside the namespace."),
-    ] = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Plug a namespace into a bridge (veth pair, address, default route via the bridge)."""
-    args: dict[str, Any] = {"ns": ns, "bridge": bridge, "addresses": address}
-    if ifname:
-        args["ifname"] = ifname
-    _do("plug.add", args, as_json)
+        typer.Option(f.flag, help=f.help, metavar=f.metavar, show_default=shown or False),
+    ]
+    return inspect.Parameter(f.name, kind, annotation=ann, default=None)
 
 
-@ctl.command("unplug")
-def unplug(ns: str, bridge: str, as_json: JsonOpt = False) -> None:
-    """Remove a namespace's veth from a bridge."""
-    _do("plug.del", {"ns": ns, "bridge": bridge}, as_json)
-
-
-@ctl.command("wire")
-def wire(ns_a: str, cidr_a: str, ns_b: str, cidr_b: str, as_json: JsonOpt = False) -> None:
-    """Link two namespaces directly with a veth pair (the seed's first step)."""
-    _do(
-        "wire.add",
-        {"ns_a": ns_a, "addresses_a": [cidr_a], "ns_b": ns_b, "addresses_b": [cidr_b]},
-        as_json,
+def _command(req: type[Request]) -> Callable[..., None]:
+    params = [_parameter(f) for f in req.fields]
+    params.append(
+        inspect.Parameter(
+            "as_json",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=JsonOpt,
+            default=False,
+        )
     )
 
+    def command(**values: Any) -> None:
+        as_json = values.pop("as_json")
+        # what the fast path sends for the same line: only what was given
+        args = {k: v for k, v in values.items() if v is not None and v is not False and v != []}
+        C.run_op(req.op, args, G.socket, as_json or G.json)
 
-@ctl.command("unwire")
-def unwire(ns_a: str, ns_b: str, as_json: JsonOpt = False) -> None:
-    """Remove the direct link between two namespaces."""
-    _do("wire.del", {"ns_a": ns_a, "ns_b": ns_b}, as_json)
-
-
-@ctl.command("forward")
-def forward(
-    host_port: Annotated[str, typer.Argument(help="Host port or range, e.g. 80 or 8000-8009.")],
-    destination: Annotated[str, typer.Argument(help="IP:PORT, IP:FIRST-LAST or [IPv6]:PORT.")],
-    proto: ProtoOpt = "tcp",
-    host_ip: Annotated[
-        Optional[str],  # noqa: UP045
-        typer.Option("--host-ip", help="Only traffic addressed to this host address."),
-    ] = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Forward a host port (from outside and from the host itself) to a destination."""
-    args: dict[str, Any] = {"host_ports": host_port, "destination": destination, "proto": proto}
-    if host_ip:
-        args["host_ip"] = host_ip
-    _do("fwd.add", args, as_json)
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = req.__doc__
+    command.__name__ = "_".join(req.cli)
+    return command
 
 
-@ctl.command("unforward")
-def unforward(
-    host_port: Annotated[str, typer.Argument(help="Host port or range as it was forwarded.")],
-    proto: ProtoOpt = "tcp",
-    host_ip: Annotated[Optional[str], typer.Option("--host-ip")] = None,  # noqa: UP045
-    as_json: JsonOpt = False,
-) -> None:
-    """Stop forwarding a host port (and drop its tracked connections)."""
-    args: dict[str, Any] = {"host_ports": host_port, "proto": proto}
-    if host_ip:
-        args["host_ip"] = host_ip
-    _do("fwd.del", args, as_json)
+for _req in ops.REQUESTS:
+    if not _req.cli or _req in (ops.Apply, ops.Purge, ops.Events):
+        continue
+    _where = _groups[_req.cli[0]] if len(_req.cli) == 2 else ctl
+    _where.command(_req.cli[-1], help=_req.__doc__)(_command(_req))
 
 
-@ctl.command("forwards")
-def forwards(as_json: JsonOpt = False) -> None:
-    """List the port forwards."""
-    _do("fwd.list", {}, as_json)
-
-
-@ctl.command("links")
-def links(ns: NsOpt = None, as_json: JsonOpt = False) -> None:
-    """Interfaces the kernel has (like ip link / ip addr)."""
-    _do("links", {"ns": ns} if ns else {}, as_json)
-
-
-@ctl.command("neigh")
-def neigh(ns: NsOpt = None, as_json: JsonOpt = False) -> None:
-    """The neighbour (ARP/NDP) table (like arp)."""
-    _do("neigh", {"ns": ns} if ns else {}, as_json)
-
-
-@ctl.command("routes")
-def routes(ns: NsOpt = None, as_json: JsonOpt = False) -> None:
-    """The main routing table (like route / ip route)."""
-    _do("routes", {"ns": ns} if ns else {}, as_json)
-
-
-@attach_app.command("add")
-def attach_add(pattern: str, bridge: str, as_json: JsonOpt = False) -> None:
-    """Attach interfaces matching a shell-style PATTERN to BRIDGE as they appear."""
-    _do("rule.add", {"pattern": pattern, "bridge": bridge}, as_json)
-
-
-@attach_app.command("del")
-def attach_del(pattern: str, bridge: str, as_json: JsonOpt = False) -> None:
-    """Remove an attach rule (attached interfaces stay where they are)."""
-    _do("rule.del", {"pattern": pattern, "bridge": bridge}, as_json)
-
-
-@attach_app.command("list")
-def attach_list(as_json: JsonOpt = False) -> None:
-    """List the attach rules."""
-    _do("rule.list", {}, as_json)
-
-
+# ---- ctl commands whose command line differs from their request ----------------------
 @ctl.command("events")
 def events(as_json: JsonOpt = False) -> None:
     """Stream what the agent sees and does, live (Ctrl-C to stop)."""
@@ -268,7 +152,7 @@ def purge(
     """Remove everything netagent made, and nothing else; forget the desired state."""
     if not yes and not typer.confirm("Remove everything netagent made?"):
         raise typer.Exit(1)
-    _do("purge", {}, as_json)
+    C.run_op("purge", {}, G.socket, as_json or G.json)
 
 
 # ---- run ----------------------------------------------------------------------------
@@ -321,8 +205,8 @@ def run(
 
     from netagent.agent import logs
     from netagent.agent.config import Config
-    from netagent.agent.daemon import run_daemon
     from netagent.agent.errors import NetagentError
+    from netagent.agent.main import run_daemon
 
     try:
         cfg = Config.load(

@@ -1,10 +1,10 @@
 """The ``netagent`` console script.
 
-typer costs ~250 ms to import and build here (it pulls in pydantic and rich), more than
-``ctl status`` should take in all. Read-only ``ctl`` commands without arguments of their
-own, and ``ctl apply FILE`` (big documents), are recognized here and handed straight to
-the functions in ``ctl.py`` that the typer commands call too; everything else,
-``--help`` included, goes through typer.
+typer costs ~150-250 ms to import and build here (it pulls in pydantic and rich): more
+than a whole ``ctl`` command should take. So every ``ctl`` command line that is plainly
+valid is parsed here, from the same request declarations the typer commands are built
+from (``agent/ops.py``), and sent at once; anything else (``--help``, completion, a
+mistake typer should explain, ``run``, ``demo``) goes through typer.
 """
 
 from __future__ import annotations
@@ -12,64 +12,63 @@ from __future__ import annotations
 import os
 import sys
 
-# argv after "ctl" (global options removed) -> op
-FAST: dict[tuple[str, ...], str] = {
-    ("status",): "status",
-    ("show",): "show",
-    ("forwards",): "fwd.list",
-    ("ns", "list"): "ns.list",
-    ("bridge", "list"): "bridge.list",
-    ("attach", "list"): "rule.list",
-    ("links",): "links",
-    ("neigh",): "neigh",
-    ("routes",): "routes",
-}
-_NS_OK = {"links", "neigh", "routes"}
-
 
 def _fast(argv: list[str]) -> bool:
-    """Handle ``ctl`` read-only commands without typer; False when it is not one."""
+    """Handle a ``ctl`` command without typer; False when typer should."""
     if len(argv) < 2 or argv[0] != "ctl":
         return False
+    rest = argv[1:]
     socket: str | None = None
     as_json = False
-    prune = False
-    ns: str | None = None
-    words: list[str] = []
-    rest = argv[1:]
-    i = 0
-    while i < len(rest):
-        a = rest[i]
-        if a == "--json":
-            as_json = True
-        elif a == "--prune":
-            prune = True
-        elif a in ("--socket", "--ns") and i + 1 < len(rest) and not rest[i + 1].startswith("-"):
-            if a == "--socket":
-                socket = rest[i + 1]
-            else:
-                ns = rest[i + 1]
-            i += 1
-        elif a.startswith("--socket="):
-            socket = a.split("=", 1)[1]
-        elif a.startswith("-") and a != "-":
-            return False  # --help and anything else: typer
+    while rest and rest[0].startswith("-"):
+        word = rest[0]
+        if word == "--json":
+            as_json, rest = True, rest[1:]
+        elif word == "--socket" and len(rest) > 1:
+            socket, rest = rest[1], rest[2:]
+        elif word.startswith("--socket="):
+            socket, rest = word.split("=", 1)[1], rest[1:]
         else:
-            words.append(a)
-        i += 1
+            return False
+    if "--json" in rest:
+        as_json = True
+        rest = [w for w in rest if w != "--json"]
     sock = socket or os.environ.get("NETAGENT_SOCKET")
-    if len(words) == 2 and words[0] == "apply" and ns is None:
-        # big documents: 10,000 forwards should not wait for typer to load
-        from .ctl import apply_file
+    if rest[:1] == ["apply"]:
+        return _apply(rest[1:], sock, as_json)
+    if rest == ["events"]:
+        from .ctl import stream_events
 
-        apply_file(words[1], prune, sock, as_json)
+        stream_events(sock, as_json)
         return True
-    op = FAST.get(tuple(words))
-    if op is None or prune or (ns is not None and op not in _NS_OK):
-        return False
-    from .ctl import run_op
+    if rest == ["purge", "--yes"]:
+        from .ctl import run_op
 
-    run_op(op, {"ns": ns} if ns else {}, sock, as_json)
+        run_op("purge", {}, sock, as_json)
+        return True
+    from netagent.agent.ops import BY_CLI
+
+    for n in (2, 1):
+        cls = BY_CLI.get(tuple(rest[:n]))
+        if cls is not None and cls.op not in ("apply", "purge", "events"):
+            args = cls.from_argv(rest[n:])
+            if args is None:
+                return False
+            from .ctl import run_op
+
+            run_op(cls.op, args, sock, as_json)
+            return True
+    return False
+
+
+def _apply(rest: list[str], sock: str | None, as_json: bool) -> bool:
+    prune = "--prune" in rest
+    words = [w for w in rest if w != "--prune"]
+    if len(words) != 1 or (words[0].startswith("-") and words[0] != "-"):
+        return False
+    from .ctl import apply_file
+
+    apply_file(words[0], prune, sock, as_json)
     return True
 
 

@@ -26,6 +26,7 @@ PINNED = {
     5002: "backend-failed",
     5003: "state-corrupt",
     5004: "backend-unavailable",
+    5005: "host-timeout",
 }
 
 

@@ -5,12 +5,15 @@ import ipaddress
 import pytest
 
 from netagent.agent import errors as E
+from netagent.agent import glob as G
 from netagent.agent import intents as I
+from netagent.agent import values as V
+from netagent.agent.kinds import default_kinds
 
 
 @pytest.mark.parametrize("name", ["red", "v-net-0", "a", "x" * 15, "veth_1.2"])
 def test_good_names(name: str) -> None:
-    assert I.check_name(name) == name
+    assert V.check_name(name) == name
 
 
 @pytest.mark.parametrize(
@@ -29,12 +32,12 @@ def test_good_names(name: str) -> None:
 )
 def test_bad_names(name: str, fragment: str) -> None:
     with pytest.raises(E.InvalidName, match=fragment):
-        I.check_name(name)
+        V.check_name(name)
 
 
 def test_name_must_be_string() -> None:
     with pytest.raises(E.InvalidName):
-        I.check_name(5)
+        V.check_name(5)
 
 
 @pytest.mark.parametrize(
@@ -51,39 +54,39 @@ def test_name_must_be_string() -> None:
 )
 def test_bad_cidrs(text: str, fragment: str) -> None:
     with pytest.raises(E.InvalidAddress, match=fragment):
-        I.parse_interface(text)
+        V.parse_interface(text)
 
 
 def test_good_cidrs() -> None:
-    assert str(I.parse_interface("192.168.15.1/24")) == "192.168.15.1/24"
-    assert I.parse_interface("fd00:15::1/64").version == 6
-    assert str(I.parse_interface("10.0.0.1/31")) == "10.0.0.1/31"
+    assert str(V.parse_interface("192.168.15.1/24")) == "192.168.15.1/24"
+    assert V.parse_interface("fd00:15::1/64").version == 6
+    assert str(V.parse_interface("10.0.0.1/31")) == "10.0.0.1/31"
 
 
 @pytest.mark.parametrize("port", ["0", "65536", "abc", "-1", "", "1e3", 0, 70000, True])
 def test_bad_ports(port: object) -> None:
     with pytest.raises(E.InvalidPort):
-        I.parse_port(port)
+        V.parse_port(port)
 
 
 def test_port_ranges() -> None:
-    assert I.parse_port_range("8000-8009") == (8000, 8009)
-    assert I.parse_port_range(80) == (80, 80)
+    assert V.parse_port_range("8000-8009") == (8000, 8009)
+    assert V.parse_port_range(80) == (80, 80)
     with pytest.raises(E.InvalidPort, match="backwards"):
-        I.parse_port_range("90-80")
+        V.parse_port_range("90-80")
 
 
 def test_destinations() -> None:
-    ip, lo, hi = I.parse_destination("192.168.15.2:80")
+    ip, lo, hi = V.parse_destination("192.168.15.2:80")
     assert (str(ip), lo, hi) == ("192.168.15.2", 80, 80)
-    ip, lo, hi = I.parse_destination("[fd00::2]:9000-9009")
+    ip, lo, hi = V.parse_destination("[fd00::2]:9000-9009")
     assert (str(ip), lo, hi) == ("fd00::2", 9000, 9009)
     with pytest.raises(E.InvalidAddress, match="brackets"):
-        I.parse_destination("fd00::2:80")
+        V.parse_destination("fd00::2:80")
     with pytest.raises(E.InvalidArgument, match="address and a port"):
-        I.parse_destination("192.168.15.2")
+        V.parse_destination("192.168.15.2")
     with pytest.raises(E.InvalidAddress):
-        I.parse_destination("192.168.15.999:80")
+        V.parse_destination("192.168.15.999:80")
 
 
 def test_make_forward_ranges() -> None:
@@ -130,16 +133,16 @@ def test_intents_round_trip() -> None:
         I.make_forward("8000-8001", "192.168.15.2:9000-9001", "udp", "10.0.0.1"),
     ]
     for item in items:
-        assert I.intent_from_dict(item.to_dict()) == item
+        assert default_kinds().from_dict(item.to_dict()) == item
 
 
 def test_intent_from_dict_rejects_garbage() -> None:
     with pytest.raises(E.InvalidArgument):
-        I.intent_from_dict({"kind": "nope"})
+        default_kinds().from_dict({"kind": "nope"})
     with pytest.raises(E.InvalidArgument):
-        I.intent_from_dict([1, 2])
+        default_kinds().from_dict([1, 2])
     with pytest.raises(E.NetagentError):
-        I.intent_from_dict({"kind": "ns", "name": 7})
+        default_kinds().from_dict({"kind": "ns", "name": 7})
 
 
 def test_masquerade_needs_address() -> None:
@@ -160,7 +163,7 @@ def test_masquerade_needs_address() -> None:
     ],
 )
 def test_glob_match(pattern: str, name: str, hit: bool) -> None:
-    assert I.glob_match(pattern, name) is hit
+    assert G.glob_match(pattern, name) is hit
 
 
 @pytest.mark.parametrize(
@@ -176,11 +179,11 @@ def test_glob_match(pattern: str, name: str, hit: bool) -> None:
     ],
 )
 def test_patterns_overlap(a: str, b: str, overlap: bool) -> None:
-    assert I.patterns_overlap(a, b) is overlap
-    assert I.patterns_overlap(b, a) is overlap
+    assert G.patterns_overlap(a, b) is overlap
+    assert G.patterns_overlap(b, a) is overlap
 
 
 @pytest.mark.parametrize("pattern", ["", "-x*", "tap[", "a b", "a;b", "x]"])
 def test_bad_patterns(pattern: str) -> None:
     with pytest.raises(E.InvalidPattern):
-        I.check_pattern(pattern)
+        G.check_pattern(pattern)

@@ -1,6 +1,8 @@
 """Durable state: journal, torn writes, corruption, compaction (no root)."""
 
 import os
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -8,35 +10,51 @@ import pytest
 from netagent.agent import errors as E
 from netagent.agent import intents as I
 from netagent.agent import store as S
+from netagent.agent.kinds import default_kinds
 from netagent.agent.state import DesiredState
+
+KINDS = default_kinds()
+
+
+def new_store(directory: Path) -> S.StateStore:
+    return S.StateStore(directory, KINDS)
+
+
+def new_state() -> DesiredState:
+    return DesiredState(KINDS, external_namespace=lambda n: False)
 
 
 def replay(directory: Path) -> DesiredState:
-    st = DesiredState()
-    st.load_changes(S.StateStore(directory).load())
+    st = new_state()
+    st.load(new_store(directory).load())
     return st
 
 
-def record(store: S.StateStore, state: DesiredState, fn) -> None:  # type: ignore[no-untyped-def]
-    with state.transaction() as changes:
-        fn()
+def record(store: S.StateStore, state: DesiredState, fn: Callable[[DesiredState], object]) -> None:
+    """What the API does: propose, persist, commit."""
+    changes = state.propose(fn)
     store.append(changes)
+    state.commit(changes)
+
+
+RED = I.Namespace("red")
+FWD80 = I.make_forward("80", "10.0.0.2:80")
 
 
 def test_round_trip(tmp_path: Path) -> None:
-    store, state = S.StateStore(tmp_path), DesiredState()
+    store, state = new_store(tmp_path), new_state()
     store.load()
-    record(store, state, lambda: state.add_namespace("red"))
-    record(store, state, lambda: state.add_forward(I.make_forward("80", "10.0.0.2:80")))
-    record(store, state, lambda: state.del_forward("tcp", 80, 1, None))
+    record(store, state, lambda s: s.put(RED))
+    record(store, state, lambda s: s.put(FWD80))
+    record(store, state, lambda s: s.forget(FWD80.key))
     store.close()
     assert replay(tmp_path).to_wire() == state.to_wire()
 
 
 def test_torn_last_line_is_dropped(tmp_path: Path) -> None:
-    store, state = S.StateStore(tmp_path), DesiredState()
+    store, state = new_store(tmp_path), new_state()
     store.load()
-    record(store, state, lambda: state.add_namespace("red"))
+    record(store, state, lambda s: s.put(RED))
     store.close()
     with open(tmp_path / "journal.jsonl", "ab") as f:
         f.write(b'{"seq": 2, "changes": [{"key": "ns/bl')  # died inside write()
@@ -46,22 +64,22 @@ def test_torn_last_line_is_dropped(tmp_path: Path) -> None:
 
 
 def test_corrupt_journal_line_stops_start(tmp_path: Path) -> None:
-    store, state = S.StateStore(tmp_path), DesiredState()
+    store, state = new_store(tmp_path), new_state()
     store.load()
-    record(store, state, lambda: state.add_namespace("red"))
+    record(store, state, lambda s: s.put(RED))
     store.close()
     with open(tmp_path / "journal.jsonl", "ab") as f:
         f.write(b"not json\n")
     with pytest.raises(E.StateCorrupt, match=r"journal\.jsonl is damaged.*line 2") as exc:
-        S.StateStore(tmp_path).load()
+        new_store(tmp_path).load()
     assert "keep a copy of journal.jsonl" in exc.value.message
 
 
 def test_a_flipped_key_is_caught_by_the_checksum(tmp_path: Path) -> None:
-    store, state = S.StateStore(tmp_path), DesiredState()
+    store, state = new_store(tmp_path), new_state()
     store.load()
-    record(store, state, lambda: state.add_forward(I.make_forward("9", "10.0.0.2:9")))
-    record(store, state, lambda: state.del_forward("tcp", 9, 1, None))
+    record(store, state, lambda s: s.put(I.make_forward("9", "10.0.0.2:9")))
+    record(store, state, lambda s: s.forget("fwd/tcp/9"))
     store.close()
     journal = tmp_path / "journal.jsonl"
     journal.write_bytes(
@@ -70,15 +88,15 @@ def test_a_flipped_key_is_caught_by_the_checksum(tmp_path: Path) -> None:
         )
     )
     with pytest.raises(E.StateCorrupt, match="checksum mismatch"):
-        S.StateStore(tmp_path).load()
+        new_store(tmp_path).load()
 
 
 def test_a_failed_append_leaves_no_partial_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store, state = S.StateStore(tmp_path), DesiredState()
+    store, state = new_store(tmp_path), new_state()
     store.load()
-    record(store, state, lambda: state.add_namespace("red"))
+    record(store, state, lambda s: s.put(RED))
     real_write = os.write
 
     def half_then_enospc(fd: int, data: bytes) -> int:
@@ -87,25 +105,25 @@ def test_a_failed_append_leaves_no_partial_line(
 
     monkeypatch.setattr(os, "write", half_then_enospc)
     with pytest.raises(OSError, match="No space"):
-        record(store, state, lambda: state.add_namespace("blue"))
+        record(store, state, lambda s: s.put(I.Namespace("blue")))
     monkeypatch.undo()
-    record(store, state, lambda: state.add_namespace("green"))
+    record(store, state, lambda s: s.put(I.Namespace("green")))
     store.close()
     names = [d["name"] for d in replay(tmp_path).to_wire()]
     assert names == ["green", "red"]
 
 
 def test_corrupt_snapshot_names_last_good_copy(tmp_path: Path) -> None:
-    store, state = S.StateStore(tmp_path), DesiredState()
+    store, state = new_store(tmp_path), new_state()
     store.load()
-    record(store, state, lambda: state.add_namespace("red"))
+    record(store, state, lambda s: s.put(RED))
     store.compact(state.to_wire())
-    record(store, state, lambda: state.add_namespace("blue"))
+    record(store, state, lambda s: s.put(I.Namespace("blue")))
     store.compact(state.to_wire())
     store.close()
     (tmp_path / "state.json").write_bytes(b'{"format": 1, "seq": 2, "intents": [')
     with pytest.raises(E.StateCorrupt) as exc:
-        S.StateStore(tmp_path).load()
+        new_store(tmp_path).load()
     assert str(tmp_path / "state.json") in exc.value.message
     assert "state.json.prev" in exc.value.message
     # the last good copy is real and loads
@@ -116,25 +134,24 @@ def test_corrupt_snapshot_names_last_good_copy(tmp_path: Path) -> None:
 
 def test_compaction_keeps_everything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(S, "COMPACT_EVERY", 10)
-    store, state = S.StateStore(tmp_path), DesiredState()
+    store, state = new_store(tmp_path), new_state()
     store.load()
     for port in range(1, 26):
-        record(
-            store, state, lambda p=port: state.add_forward(I.make_forward(str(p), f"10.0.0.2:{p}"))
-        )
+        fwd = I.make_forward(str(port), f"10.0.0.2:{port}")
+        record(store, state, partial(DesiredState.put, intent=fwd))
         if store.needs_compaction():
             store.compact(state.to_wire())
     store.close()
     again = replay(tmp_path)
     assert again.to_wire() == state.to_wire()
-    assert len(again.of_kind(I.Forward)) == 25
+    assert len(again.of_kind("forward")) == 25
 
 
 def test_crash_between_snapshot_and_journal_truncate(tmp_path: Path) -> None:
     """The snapshot holds seq N, the journal still has lines <= N: they are skipped."""
-    store, state = S.StateStore(tmp_path), DesiredState()
+    store, state = new_store(tmp_path), new_state()
     store.load()
-    record(store, state, lambda: state.add_namespace("red"))
+    record(store, state, lambda s: s.put(RED))
     journal = (tmp_path / "journal.jsonl").read_bytes()
     store.compact(state.to_wire())
     store.close()

@@ -26,7 +26,47 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
         (["ctl", "--json", "status"], ("op", "status", {}, None, True)),
         (["ctl", "status", "--json"], ("op", "status", {}, None, True)),
         (["ctl", "--socket", "/tmp/s", "show"], ("op", "show", {}, "/tmp/s", False)),
-        (["ctl", "--socket=/tmp/s", "forwards"], ("op", "fwd.list", {}, "/tmp/s", False)),
+        (["ctl", "--socket=/tmp/s", "forwards"], ("op", "forward.list", {}, "/tmp/s", False)),
+        (["ctl", "ns", "add", "red"], ("op", "ns.add", {"name": "red"}, None, False)),
+        (
+            ["ctl", "forward", "80", "10.0.0.2:80", "--proto", "udp"],
+            (
+                "op",
+                "forward.add",
+                {"host_ports": "80", "destination": "10.0.0.2:80", "proto": "udp"},
+                None,
+                False,
+            ),
+        ),
+        (
+            ["ctl", "plug", "red", "br0", "--address", "10.0.0.2/24", "--address=fd00::2/64"],
+            (
+                "op",
+                "plug.add",
+                {"ns": "red", "bridge": "br0", "addresses": ["10.0.0.2/24", "fd00::2/64"]},
+                None,
+                False,
+            ),
+        ),
+        (
+            ["ctl", "unplug", "red", "br0"],
+            ("op", "plug.del", {"ns": "red", "bridge": "br0"}, None, False),
+        ),
+        (
+            ["ctl", "attach", "add", "tap*", "br0", "--json"],
+            ("op", "attach.add", {"pattern": "tap*", "bridge": "br0"}, None, True),
+        ),
+        (
+            ["ctl", "bridge", "add", "br0", "--masquerade", "--address", "10.0.0.1/24"],
+            (
+                "op",
+                "bridge.add",
+                {"name": "br0", "masquerade": True, "addresses": ["10.0.0.1/24"]},
+                None,
+                False,
+            ),
+        ),
+        (["ctl", "purge", "--yes"], ("op", "purge", {}, None, False)),
         (["ctl", "links", "--ns", "red"], ("op", "links", {"ns": "red"}, None, False)),
         (["ctl", "ns", "list"], ("op", "ns.list", {}, None, False)),
         (["ctl", "apply", "f.json", "--prune"], ("apply", "f.json", True, None, False)),
@@ -44,8 +84,13 @@ def test_fast_path_takes(
     "argv",
     [
         ["ctl", "status", "--help"],
-        ["ctl", "ns", "add", "red"],
-        ["ctl", "forward", "80", "10.0.0.2:80"],
+        ["ctl", "ns", "add", "red", "--help"],
+        ["ctl", "forward", "80"],  # a missing argument: typer says so
+        ["ctl", "plug", "red", "br0"],  # --address is required
+        ["ctl", "forward", "80", "10.0.0.2:80", "--proto"],
+        ["ctl", "forward", "80", "10.0.0.2:80", "--proto", "tcp", "--proto", "udp"],
+        ["ctl", "purge"],  # asks first
+        ["ctl", "nope"],
         ["ctl", "show", "--ns", "red"],  # --ns belongs to links/neigh/routes only
         ["ctl", "status", "--bogus"],
         ["run"],

@@ -235,10 +235,11 @@ def write_state(state_dir: Path, forwards: int) -> None:
     before it (the last good copy) and a journal line after it. Written with the daemon's
     own store, without running it (seconds saved per case)."""
     from netagent.agent import intents as I
+    from netagent.agent.kinds import default_kinds
     from netagent.agent.state import Change
     from netagent.agent.store import StateStore
 
-    store = StateStore(state_dir)
+    store = StateStore(state_dir, default_kinds())
     store.load()
     live: dict[str, dict[str, Any]] = {}
     for i in range(forwards + 2):
@@ -313,6 +314,7 @@ def test_torn_last_journal_line_is_dropped_not_an_error(sandbox: Sandbox, workdi
 
 def test_a_damaged_key_in_the_journal_is_detected(tmp_path: Path) -> None:
     from netagent.agent.errors import StateCorrupt
+    from netagent.agent.kinds import default_kinds
     from netagent.agent.store import StateStore
 
     fwd = {
@@ -329,4 +331,4 @@ def test_a_damaged_key_in_the_journal_is_detected(tmp_path: Path) -> None:
         + "\n"
     )
     with pytest.raises(StateCorrupt):
-        StateStore(tmp_path).load()
+        StateStore(tmp_path, default_kinds()).load()

@@ -1,0 +1,357 @@
+"""The API: a parsed request in, an answer out.
+
+Each request is parsed once into its typed value (``agent/ops.py``), checked against the
+caller's access, and handled. A change is *proposed* against the desired state (the kind
+validates it), checked against the kernel (nothing that exists and is someone else's is
+taken over), made durable (the journal, fsynced, in a worker thread), *committed*, and
+then realized by the reconciler; the request waits for the pass that covers its keys.
+Changes are serialized by one lock; the kernel work is the reconciler's, in its one loop.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import structlog
+
+from . import ops
+from .errors import BackendFailed, InvalidArgument, NetagentError, NotFound, ReadOnly, UnknownOp
+from .reconcile import FIREWALL, IN_PLACE, PENDING, Reconciler
+from .schema import Request, prefix_error
+
+if TYPE_CHECKING:
+    from .bus import EventBus
+    from .fwsync import FirewallSync
+    from .kinds import Registry
+    from .kinds.base import Context
+    from .state import Change, DesiredState
+    from .store import StateStore
+
+log = structlog.get_logger("netagent.api")
+
+#: a 10,000-intent apply answers with the first ones and the count
+MAX_LISTED = 200
+
+
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+    access: str  # "rw" | "ro"
+
+
+def kind_change(kinds: Registry, req: Request) -> Callable[[DesiredState], None]:
+    """What an add or del request of a kind does to the desired state."""
+    kind = kinds.get(req.kind or "")
+    assert kind is not None, req.kind
+    if req.verb == "add":
+
+        def add(s: DesiredState) -> None:
+            s.put(kind.add(s, req))
+
+        return add
+
+    def remove(s: DesiredState) -> None:
+        for key in kind.delete(s, req):
+            intent = s.get(key)
+            assert intent is not None
+            s.remove(key, intent.describe())
+
+    return remove
+
+
+class Counters:
+    """What other rooms count and ``status`` shows (each room updates its own)."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.clients = 0
+        self.refused = 0
+        self.timeouts = 0
+        self.event_resyncs = 0
+        #: event-loop lag, seconds, of the last samples (see ``agent/lag.py``)
+        self.loop_lag_p99 = 0.0
+        self.loop_lag_max = 0.0
+
+
+Handler = Callable[[Any], Awaitable[Any]]
+
+
+class Service:
+    def __init__(
+        self,
+        *,
+        state: DesiredState,
+        store: StateStore,
+        reconciler: Reconciler,
+        ctx: Context,
+        firewall: FirewallSync,
+        bus: EventBus,
+        counters: Counters,
+        about: Mapping[str, Any],
+    ) -> None:
+        self.state = state
+        self.kinds: Registry = state.kinds
+        self.store = store
+        self.reconciler = reconciler
+        self.ctx = ctx
+        self.firewall = firewall
+        self.bus = bus
+        self.counters = counters
+        self.about = dict(about)
+        self.started = time.time()
+        self._commit = anyio.Lock()
+        self._handlers: dict[type[Request], Handler] = {
+            ops.Status: self._status,
+            ops.Show: self._show,
+            ops.Apply: self._apply,
+            ops.Purge: self._purge,
+            ops.Links: self._kernel_view,
+            ops.Neigh: self._kernel_view,
+            ops.Routes: self._kernel_view,
+        }
+
+    # ---- dispatch -------------------------------------------------------------------
+    async def handle(self, op: str, args: Mapping[str, object], peer: Peer) -> Any:
+        cls = ops.BY_OP.get(op)
+        if cls is None or cls is ops.Events:
+            known = ", ".join(sorted(r.op for r in ops.REQUESTS))
+            raise UnknownOp(f"unknown op {op!r}; known: {known}")
+        if cls.mutating and peer.access != "rw":
+            raise ReadOnly(f"uid {peer.uid} may only look; {cls.op} changes state")
+        req = cls.parse(args)
+        handler = self._handlers.get(cls)
+        if handler is not None:
+            return await handler(req)
+        if cls.kind is not None:
+            return await self._kind_op(req)
+        raise UnknownOp(f"op {op!r} has no handler")  # a request declared but not served
+
+    async def _kind_op(self, req: Request) -> Any:
+        if req.verb == "list":
+            kind = self.kinds.get(req.kind or "")
+            assert kind is not None, req.kind
+            return kind.rows(self.ctx)
+        return await self.mutate(kind_change(self.kinds, req))
+
+    # ---- changes --------------------------------------------------------------------
+    async def mutate(self, fn: Callable[[DesiredState], object]) -> dict[str, Any]:
+        """Validate and record a change, persist it, realize it; then answer."""
+        async with self._commit:
+            changes = self.state.propose(fn)
+            if changes:
+                await self._check_free(changes)
+                await self._persist(changes)
+                self.state.commit(changes)
+                ticket = self.reconciler.note(changes)
+        if not changes:
+            return {"changed": False, "changes": [], "changes_total": 0}
+        result = await self.reconciler.wait(ticket)
+        reply: dict[str, Any] = {
+            "changed": True,
+            "changes": [c.to_wire() for c in changes[:MAX_LISTED]],
+            "changes_total": len(changes),
+            "actions": result.actions,
+        }
+        if result.errors:
+            first_key, first = next(iter(result.errors.items()))
+            raise BackendFailed(
+                f"recorded, but not in place yet: {first_key}: {first}; netagent keeps "
+                "retrying (see `netagent ctl show`), or undo the request",
+                errors=result.errors,
+            )
+        return reply
+
+    async def _check_free(self, changes: list[Change]) -> None:
+        for c in changes:
+            if c.old is None and c.new is not None:
+                await self.kinds.of(c.new).check_free(self.ctx, c.new)
+
+    async def _persist(self, changes: list[Change]) -> None:
+        """The journal append (write + fdatasync) and, now and then, the snapshot, off
+        the event loop. If the disk refuses, the request fails and nothing changed."""
+        try:
+            await anyio.to_thread.run_sync(self.store.append, changes)
+        except OSError as exc:
+            raise BackendFailed(
+                f"cannot record the change in {self.store.dir}: {exc.strerror or exc}; "
+                "nothing was changed"
+            ) from None
+        if self.store.needs_compaction():
+            try:
+                await anyio.to_thread.run_sync(self._compact_after, changes)
+            except OSError as exc:  # the journal holds it all: compaction can wait
+                log.warning("state compaction failed; will retry", error=str(exc))
+
+    def _compact_after(self, changes: list[Change]) -> None:
+        """A snapshot of the state these changes lead to, written from a worker thread
+        while the commit lock keeps the state as it is."""
+        intents = dict(self.state.intents)
+        for c in changes:
+            if c.new is None:
+                intents.pop(c.key, None)
+            else:
+                intents[c.key] = c.new
+        ordered = sorted(intents.values(), key=self.kinds.sort_key)
+        self.store.compact([i.to_dict() for i in ordered])
+
+    # ---- apply and purge ------------------------------------------------------------
+    async def _apply(self, req: Request) -> Any:
+        """A declarative document of the kinds' add requests: add or update each, in
+        one pass; with ``prune`` also remove what the document does not name."""
+        assert isinstance(req, ops.Apply)
+        parsed: list[tuple[int, str, Request]] = []
+        for n, item in enumerate(req.intents, 1):
+            if not isinstance(item, dict):
+                raise InvalidArgument(f"intent #{n}: must be an object")
+            name = item.get("kind")
+            cls = ops.BY_KIND.get(name) if isinstance(name, str) else None
+            if cls is None:
+                known = ", ".join(k.name for k in self.kinds)
+                raise InvalidArgument(f"intent #{n}: unknown kind {name!r}; use {known}")
+            args = {k: v for k, v in item.items() if k != "kind"}
+            try:
+                parsed.append((n, str(name), cls.parse(args)))
+            except NetagentError as exc:
+                raise prefix_error(exc, f"intent #{n} ({name})") from None
+        order = {k.name: k.order for k in self.kinds}
+        parsed.sort(key=lambda p: order[p[2].kind or ""])
+
+        def run(s: DesiredState) -> None:
+            named: set[str] = set()
+            for n, name, r in parsed:
+                kind = self.kinds.get(r.kind or "")
+                assert kind is not None
+                try:
+                    intent = kind.add(s, r)
+                    s.put(intent)
+                except NetagentError as exc:
+                    raise prefix_error(exc, f"intent #{n} ({name})") from None
+                named.add(intent.key)
+            if req.prune:
+                for intent in s.ordered(reverse=True):
+                    if intent.key not in named:
+                        s.forget(intent.key)
+                s.check_references()
+
+        return await self.mutate(run)
+
+    async def _purge(self, req: Request) -> Any:
+        """Remove everything netagent made, and forget the desired state. If recording
+        that fails, nothing is forgotten and nothing removed."""
+
+        def run(s: DesiredState) -> None:
+            for intent in s.ordered(reverse=True):
+                s.forget(intent.key)
+
+        async with self._commit:
+            changes = self.state.propose(run)
+            if changes:
+                await self._persist(changes)
+                self.state.commit(changes)
+            ticket = self.reconciler.note(changes, also=(FIREWALL,))
+        result = await self.reconciler.wait(ticket)
+        return {
+            "changed": bool(changes) or any(result.actions.values()),
+            "changes": [c.to_wire() for c in changes[:MAX_LISTED]],
+            "changes_total": len(changes),
+            "actions": result.actions,
+            "errors": result.errors,
+        }
+
+    # ---- reads ----------------------------------------------------------------------
+    def summary(self) -> str:
+        parts = [
+            f"{self.state.count(k.name)} {k.plural}"
+            for k in self.kinds
+            if k.plural and k.name in ("ns", "bridge", "plug", "forward")
+        ]
+        failing = len(self.reconciler.failing())
+        return ", ".join(parts) + (f", {failing} failing" if failing else "")
+
+    async def _status(self, req: Request) -> Any:
+        from netagent import __version__
+
+        c = self.counters
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 1),
+            **self.about,
+            "firewall": self.firewall.name,
+            "summary": self.summary(),
+            "intents": len(self.state),
+            "requests": c.requests,
+            "passes": self.reconciler.passes,
+            "last_pass": self.reconciler.last_pass,
+            "failing": self.reconciler.failing(),
+            "event_resyncs": c.event_resyncs,
+            "clients": c.clients,
+            "refused": c.refused,
+            "timeouts": c.timeouts,
+            "loop_lag_ms": {
+                "p99": round(c.loop_lag_p99 * 1000, 2),
+                "max": round(c.loop_lag_max * 1000, 2),
+            },
+        }
+
+    async def _show(self, req: Request) -> Any:
+        """What is desired and whether each part is in place, as the reconciler last
+        saw it: in place once its ensure succeeded and nothing the kernel said since
+        (events, drift) contradicts it; a firewall kind only while the firewall is."""
+        rec = self.reconciler
+        fw = rec.status.get(FIREWALL)
+        fw_ok = fw is not None and fw.state == IN_PLACE
+        items = []
+        for intent in self.state.ordered():
+            kind = self.kinds.of(intent)
+            st = rec.status.get(intent.key)
+            state = st.state if st is not None else PENDING
+            missing: list[str] = []
+            if st is not None and st.state != IN_PLACE and st.reason:
+                missing.append(st.reason)
+            if kind.firewall and not fw_ok and state == IN_PLACE:
+                state = fw.state if fw is not None else PENDING
+                missing.append("the firewall is not in place")
+            items.append(
+                {
+                    "key": intent.key,
+                    "kind": intent.kind,
+                    "describe": intent.describe(),
+                    "in_place": state == IN_PLACE,
+                    "state": state,
+                    "missing": missing,
+                    "error": st.error if st is not None else None,
+                    "checked": st.checked if st is not None else None,
+                    "intent": intent.to_dict(),
+                }
+            )
+        return {
+            "intents": items,
+            "firewall": {
+                "backend": self.firewall.name,
+                "in_place": fw_ok,
+                "state": fw.state if fw is not None else PENDING,
+                "pending": self.firewall.pending[:50],
+                "error": fw.error if fw is not None else None,
+            },
+        }
+
+    async def _kernel_view(self, req: Request) -> Any:
+        assert isinstance(req, (ops.Links, ops.Neigh, ops.Routes))
+        ns = req.ns
+        net = self.ctx.net
+        if ns is not None and not net.ns_exists(ns):
+            raise NotFound(f"namespace {ns} does not exist; `ns list` shows the namespaces")
+        fn = {ops.Links: net.show_links, ops.Neigh: net.show_neigh, ops.Routes: net.show_routes}
+        try:
+            return await fn[type(req)](ns)
+        finally:
+            if ns is not None and not self.state.lookup("ns", ns):
+                await net.forget(ns)  # looking keeps nothing open

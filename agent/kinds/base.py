@@ -1,0 +1,194 @@
+"""What an intent kind declares, once: the rest of netagent asks the kind, never the type.
+
+A kind (namespace, bridge, plug, wire, attach rule, forward, ...) is one module with:
+
+* its intent: a small frozen, validated value with a stable ``key``;
+* its requests (``agent/ops.py``) and how they change the desired state (:meth:`Kind.add`,
+  :meth:`Kind.delete`), validated against it before anything is recorded;
+* what it depends on (:meth:`Kind.needs`: keys that, when desired, come first, and whose
+  repair brings it back too), the kernel names it owns (:meth:`Kind.names`), the
+  addresses it places (:meth:`Kind.addresses`), the namespaces whose events concern it;
+* how it is ensured, inspected and removed in the kernel, through the netlink protocol
+  (``backends/netlink.py``) in a :class:`Context`.
+
+The desired state, the reconciler, the event source, ``show``, ``apply`` and ``purge``
+iterate kinds through the registry (``agent/kinds/__init__.py``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
+
+from ..errors import InvalidArgument, NameTaken
+from ..values import IPInterface
+
+if TYPE_CHECKING:
+    from netagent.backends.netlink import Link, Netlink
+
+    from ..bus import EventBus
+    from ..linkcache import LinkCache
+    from ..schema import Request
+    from ..state import DesiredState
+
+
+class Intent(Protocol):
+    """What every intent value offers (each kind's frozen dataclass)."""
+
+    kind: ClassVar[str]
+
+    @property
+    def key(self) -> str: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    def describe(self) -> str: ...
+
+
+IntentT = TypeVar("IntentT", bound=Intent)
+
+#: (namespace name or None for the host, segment key, address): where an intent puts an
+#: address. The segment is what must not hold one address twice (a bridge, a wire).
+Placed = tuple[str | None, str, IPInterface]
+#: (namespace name or None for the host, interface name)
+OwnedName = tuple[str | None, str]
+
+
+@dataclass
+class Context:
+    """What a kind's kernel steps work with. ``state`` is the committed desired state."""
+
+    net: Netlink
+    state: DesiredState
+    bus: EventBus
+    links: LinkCache
+
+
+class Kind(ABC, Generic[IntentT]):
+    #: the kind's one name: in documents, ops (``<name>.add``) and the CLI
+    name: ClassVar[str]
+    #: older names still read in persisted state and ``apply`` documents
+    aliases: ClassVar[tuple[str, ...]] = ()
+    #: the first word of its keys (``plug/red/v-net-0``); kernel marks carry keys
+    key_prefix: ClassVar[str]
+    #: realize order (removal runs in reverse)
+    order: ClassVar[int]
+    #: its changes reach the firewall (the spec is built from these kinds)
+    firewall: ClassVar[bool] = False
+    #: shown in ``status``' summary as "N <plural>" when set
+    plural: ClassVar[str | None] = None
+
+    # ---- the persisted form ---------------------------------------------------------
+    @abstractmethod
+    def from_dict(self, d: Mapping[str, Any]) -> IntentT:
+        """The intent from its ``to_dict()`` form (persisted state). Strict."""
+
+    # ---- relations, asked by the desired state and the reconciler --------------------
+    def needs(self, intent: IntentT) -> tuple[str, ...]:
+        """Keys that, when they are desired, are realized first and whose repair brings
+        this one back too."""
+        return ()
+
+    def names(self, intent: IntentT) -> tuple[OwnedName, ...]:
+        """Interface names it owns: never given to anything else, never taken from
+        someone else."""
+        return ()
+
+    def addresses(self, intent: IntentT) -> tuple[Placed, ...]:
+        return ()
+
+    def namespaces(self, intent: IntentT) -> tuple[str, ...]:
+        """Named namespaces it acts in: their events concern it."""
+        return ()
+
+    def label(self, intent: IntentT) -> str:
+        """A short name in messages ("v-net-0" for a bridge, "red" for a plug)."""
+        return intent.key
+
+    def index(self, intent: IntentT) -> Iterable[tuple[str, Hashable]]:
+        """Extra lookups of the kind's own (``state.lookup(name, value)``)."""
+        return ()
+
+    def drifted(self, intent: IntentT, link: Link, links: LinkCache) -> bool:
+        """A host interface the intent owns was announced changed: is it no longer as
+        the intent wants? (Only then is the key repaired: netagent's own changes
+        announce themselves too.) Deleted interfaces are always repaired."""
+        return False
+
+    def unmet(self, state: DesiredState, intent: IntentT) -> list[str]:
+        """What it hangs on that the desired state no longer has (after a prune)."""
+        return []
+
+    # ---- requests -------------------------------------------------------------------
+    @abstractmethod
+    def add(self, state: DesiredState, req: Request) -> IntentT:
+        """The intent a request asks for, checked against the desired state (raise to
+        refuse). The caller records it."""
+
+    @abstractmethod
+    def delete(self, state: DesiredState, req: Request) -> list[str]:
+        """The keys a removal request names (raise NotFound when there are none)."""
+
+    def rows(self, ctx: Context) -> list[dict[str, Any]]:
+        """The ``<kind>.list`` answer."""
+        return [i.to_dict() for i in ctx.state.of_kind(self.name)]
+
+    # ---- the kernel -----------------------------------------------------------------
+    async def check_free(self, ctx: Context, intent: IntentT) -> None:
+        """Before a new intent is recorded: it must not name what exists and is not
+        netagent's. A namespace, bridge or interface someone else made is never taken
+        over (the same NameTaken as on the repair path)."""
+        for ns, ifname in self.names(intent):
+            if ns is None and ctx.net.host_index(ifname) is None:
+                continue  # the common case, without a netlink round trip
+            if ns is not None and not ctx.net.ns_exists(ns):
+                continue
+            link = await ctx.net.link(ns, ifname)
+            if link is not None and not link.belongs_to(intent.key):
+                where = f"{ns}:{ifname}" if ns else ifname
+                raise NameTaken(
+                    f"{where} exists and was not made by netagent for this; it is left "
+                    f"alone: remove it, or choose another name{self.rename_hint}"
+                )
+
+    #: how to pick another name, in the NameTaken message (``" (--ifname)"``)
+    rename_hint: ClassVar[str] = ""
+
+    async def ensure(self, ctx: Context, intent: IntentT, old: IntentT | None) -> list[str]:
+        """Make the kernel hold the intent; observe first, act only on the difference;
+        return what was done (empty: it was in place). ``old``: the intent this one
+        replaces, when it was updated."""
+        return []
+
+    async def inspect(self, ctx: Context, intent: IntentT) -> list[str]:
+        """What is missing for the intent (empty: in place). Changes nothing."""
+        return []
+
+    async def remove(self, ctx: Context, intent: IntentT) -> list[str]:
+        """Remove what the intent made, and nothing that is not netagent's."""
+        return []
+
+    async def released(self, ctx: Context, intent: IntentT) -> None:
+        """Called after a removal: let go of what was kept open for it."""
+
+
+class Actions:
+    """What an ensure did (or, in a dry run, would do)."""
+
+    def __init__(self, dry_run: bool = False) -> None:
+        self.dry_run = dry_run
+        self.done: list[str] = []
+
+    def add(self, what: str) -> bool:
+        """Record an action; True when it should really be carried out."""
+        self.done.append(what)
+        return not self.dry_run
+
+
+def want(d: Mapping[str, Any], name: str) -> Any:
+    """A field of a persisted intent, or a clear error naming it."""
+    if name not in d:
+        raise InvalidArgument(f"{d.get('kind', 'intent')}: missing field {name!r}")
+    return d[name]

@@ -1,0 +1,194 @@
+"""Kind ``forward``: host port(s) to a destination (DNAT), realized by the firewall backend.
+
+``forward 80 192.168.15.2:80`` forwards TCP arriving at any host address on port 80;
+ranges map one to one (``8000-8009 192.168.15.2:9000-9009``); ``--host-ip`` binds it to
+one host address. An unbound IPv6 forward lives beside the IPv4 one of the same port.
+The kind has no kernel steps of its own: the firewall is synced as a whole from the
+forwards and bridges in the desired state.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..errors import InvalidAddress, InvalidPort, NotFound, PortInUse
+from ..ops import ForwardAdd, ForwardDel
+from ..schema import Request
+from ..values import IPAddress, Proto, parse_ip, parse_port, parse_proto
+from .base import Context, Kind, want
+
+if TYPE_CHECKING:
+    from ..state import DesiredState
+
+
+@dataclass(frozen=True)
+class Forward:
+    """Host port(s) to a destination; ``host_ip`` None means every host address."""
+
+    kind: ClassVar[str] = "forward"
+    proto: Proto
+    host_port: int
+    dest_ip: IPAddress
+    dest_port: int
+    count: int = 1
+    host_ip: IPAddress | None = None
+
+    def __post_init__(self) -> None:
+        parse_proto(self.proto)
+        parse_port(self.host_port, "host port")
+        parse_port(self.dest_port, "destination port")
+        if not isinstance(self.count, int) or isinstance(self.count, bool) or self.count < 1:
+            raise InvalidPort("a port range must hold at least one port")
+        if self.host_port + self.count - 1 > 65535 or self.dest_port + self.count - 1 > 65535:
+            raise InvalidPort("the port range runs past 65535")
+        if self.host_ip is not None and self.host_ip.version != self.dest_ip.version:
+            raise InvalidAddress(
+                f"--host-ip {self.host_ip} and destination {self.dest_ip} are of different "
+                "IP versions; NAT cannot translate between them"
+            )
+
+    @functools.cached_property
+    def family(self) -> int:
+        return self.dest_ip.version
+
+    @property
+    def host_ports(self) -> range:
+        return range(self.host_port, self.host_port + self.count)
+
+    @property
+    def port_spec(self) -> str:
+        return port_spec(self.host_port, self.count)
+
+    @functools.cached_property
+    def key(self) -> str:
+        return forward_key(self.proto, self.host_port, self.count, self.host_ip, self.family)
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """(host port, destination port) for each port of the range."""
+        return [(self.host_port + i, self.dest_port + i) for i in range(self.count)]
+
+    def destination(self) -> str:
+        ip = f"[{self.dest_ip}]" if self.dest_ip.version == 6 else str(self.dest_ip)
+        return f"{ip}:{port_spec(self.dest_port, self.count)}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "kind": self.kind,
+            "proto": self.proto,
+            "host_port": self.host_port,
+            "dest_ip": str(self.dest_ip),
+            "dest_port": self.dest_port,
+        }
+        if self.count != 1:
+            d["count"] = self.count
+        if self.host_ip is not None:
+            d["host_ip"] = str(self.host_ip)
+        return d
+
+    def describe(self) -> str:
+        on = f"{self.host_ip}:" if self.host_ip else ""
+        return f"{on}{self.port_spec}/{self.proto} -> {self.destination()}"
+
+
+def port_spec(first: int, count: int) -> str:
+    return str(first) if count == 1 else f"{first}-{first + count - 1}"
+
+
+def forward_key(
+    proto: str, host_port: int, count: int, host_ip: IPAddress | None, family: int = 4
+) -> str:
+    """``fwd/tcp/80``; ``fwd/tcp/80/10.0.0.1`` when bound to a host address;
+    ``fwd/tcp/80/ipv6`` for an unbound IPv6 forward (it lives beside the IPv4 one)."""
+    key = f"fwd/{proto}/{port_spec(host_port, count)}"
+    if host_ip is not None:
+        return f"{key}/{host_ip}"
+    return key if family == 4 else f"{key}/ipv6"
+
+
+def forward_from(req: ForwardAdd) -> Forward:
+    """A forward from what the user said: ``forward 8000-8009 192.168.15.2:9000-9009``."""
+    lo, count = req.host_ports
+    dest_ip, dlo, dhi = req.destination
+    if dhi != dlo and dhi - dlo + 1 != count:
+        raise InvalidPort(
+            f"host ports {port_spec(lo, count)} and destination ports "
+            f"{port_spec(dlo, dhi - dlo + 1)} are ranges of different lengths; give equal lengths"
+        )
+    if dhi == dlo and count != 1:
+        raise InvalidPort(
+            "a host port range needs a destination range of the same length, "
+            f"e.g. {dest_ip}:{dlo}-{dlo + count - 1}"
+        )
+    return Forward(req.proto, lo, dest_ip, dlo, count, req.host_ip)
+
+
+class ForwardKind(Kind[Forward]):
+    name = "forward"
+    aliases = ("fwd",)
+    key_prefix = "fwd"
+    order = 5
+    firewall = True
+    plural = "forwards"
+
+    def from_dict(self, d: Mapping[str, Any]) -> Forward:
+        host_ip = d.get("host_ip")
+        return Forward(
+            proto=parse_proto(d.get("proto", "tcp")),
+            host_port=parse_port(want(d, "host_port"), "host port"),
+            dest_ip=parse_ip(want(d, "dest_ip"), "destination address"),
+            dest_port=parse_port(want(d, "dest_port"), "destination port"),
+            count=d.get("count", 1),
+            host_ip=None if host_ip is None else parse_ip(host_ip, "--host-ip"),
+        )
+
+    def index(self, intent: Forward) -> Iterable[tuple[str, Hashable]]:
+        return [("port", (intent.proto, port)) for port in intent.host_ports]
+
+    def covering(self, state: DesiredState, proto: str, port: int) -> list[Forward]:
+        found = [state.get(k) for k in state.lookup("port", (proto, port))]
+        return sorted((f for f in found if isinstance(f, Forward)), key=lambda f: f.key)
+
+    def add(self, state: DesiredState, req: Request) -> Forward:
+        assert isinstance(req, ForwardAdd)
+        fwd = forward_from(req)
+        for port in fwd.host_ports:
+            for other in self.covering(state, fwd.proto, port):
+                if other == fwd:
+                    continue
+                same_scope = other.family == fwd.family and (
+                    other.host_ip is None or fwd.host_ip is None or other.host_ip == fwd.host_ip
+                )
+                if same_scope:
+                    raise PortInUse(
+                        f"host port {port}/{fwd.proto} is already forwarded "
+                        f"({other.describe()}); `unforward {other.port_spec} --proto "
+                        f"{other.proto}` first to retarget it",
+                        conflicts_with=other.key,
+                    )
+        return fwd
+
+    def delete(self, state: DesiredState, req: Request) -> list[str]:
+        """The forward of these host ports, of both IP versions."""
+        assert isinstance(req, ForwardDel)
+        lo, count = req.host_ports
+        keys = [
+            k
+            for family in (4, 6)
+            if (k := forward_key(req.proto, lo, count, req.host_ip, family)) in state
+        ]
+        if not keys:
+            covering = self.covering(state, req.proto, lo)
+            hint = f" (it is part of {covering[0].describe()})" if covering else ""
+            raise NotFound(f"host port {port_spec(lo, count)}/{req.proto} is not forwarded{hint}")
+        return keys
+
+    def rows(self, ctx: Context) -> list[dict[str, Any]]:
+        fwds = [f for f in ctx.state.of_kind(self.name) if isinstance(f, Forward)]
+        fwds.sort(key=lambda f: (f.proto, f.host_port, f.key))
+        return [
+            {**f.to_dict(), "key": f.key, "host_ports": f.port_spec, "destination": f.destination()}
+            for f in fwds
+        ]

@@ -1,0 +1,305 @@
+"""Kind ``plug``: a namespace plugged into a bridge.
+
+A veth pair: ``ifname`` created directly inside the namespace (addressed, up, ``lo`` up, a
+default route via the bridge's address of each IP version), ``host_ifname`` enslaved to the
+bridge and up. Names follow the seed (``veth-red`` inside, ``veth-red-br`` on the host)
+when they fit in 15 characters, else a stable short hash. The namespace may be netagent's
+(``ns add``) or someone else's that exists under ``/run/netns``: it is used, never taken.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from netagent.backends.netlink import Link, alias_for
+
+from ..errors import AddressInUse, BackendFailed, Conflict, InvalidAddress, NameTaken, NotFound
+from ..ops import PlugAdd, PlugDel
+from ..schema import Request
+from ..values import IPInterface, check_families, check_name, parse_interfaces
+from .base import Actions, Context, Kind, OwnedName, Placed, want
+from .bridge import Bridge, bridge_key
+from .linkops import (
+    ensure_addresses,
+    ensure_default_route,
+    ensure_lo_up,
+    ensure_mark,
+    ensure_up,
+    gather,
+    refuse_foreign,
+)
+from .namespace import ns_key
+
+if TYPE_CHECKING:
+    from ..linkcache import LinkCache
+    from ..state import DesiredState
+
+
+@dataclass(frozen=True)
+class Plug:
+    kind: ClassVar[str] = "plug"
+    ns: str
+    bridge: str
+    addresses: tuple[IPInterface, ...]
+    ifname: str
+    host_ifname: str
+
+    def __post_init__(self) -> None:
+        check_name(self.ns, "namespace name")
+        check_name(self.bridge, "bridge name")
+        check_name(self.ifname, "interface name")
+        check_name(self.host_ifname, "interface name")
+        if not self.addresses:
+            raise InvalidAddress(f"plug {self.ns} into {self.bridge}: give --address CIDR")
+        check_families(self.addresses, f"plug {self.ns} address")
+
+    @property
+    def key(self) -> str:
+        return plug_key(self.ns, self.bridge)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "ns": self.ns,
+            "bridge": self.bridge,
+            "addresses": [str(a) for a in self.addresses],
+            "ifname": self.ifname,
+            "host_ifname": self.host_ifname,
+        }
+
+    def describe(self) -> str:
+        addrs = ", ".join(map(str, self.addresses))
+        return (
+            f"{self.ns}:{self.ifname} at {addrs} plugged into {self.bridge} via {self.host_ifname}"
+        )
+
+
+def plug_key(ns: str, bridge: str) -> str:
+    return f"plug/{ns}/{bridge}"
+
+
+def check_in_subnet(addr: IPInterface, br: Bridge) -> None:
+    """A plug's address belongs in its bridge's subnet, with the same prefix."""
+    gw = br.gateway(addr.version)
+    if gw is None:
+        return
+    if addr.ip not in gw.network:
+        raise InvalidAddress(
+            f"{addr} is outside {br.name}'s subnet {gw.network}; pick an address in {gw.network}"
+        )
+    if addr.network != gw.network:
+        raise InvalidAddress(
+            f"{addr} has another prefix length than {br.name}'s subnet {gw.network}; "
+            f"give it as {addr.ip}/{gw.network.prefixlen}"
+        )
+    if addr.ip == gw.ip:
+        raise AddressInUse(f"{addr.ip} is {br.name}'s own address; pick another address")
+
+
+def require_bridge(state: DesiredState, name: str) -> Bridge:
+    br = state.get(bridge_key(name))
+    if not isinstance(br, Bridge):
+        raise NotFound(f"bridge {name} does not exist; create it with `bridge add {name}`")
+    return br
+
+
+class PlugKind(Kind[Plug]):
+    name = "plug"
+    key_prefix = "plug"
+    order = 3
+    plural = "plugs"
+    rename_hint = " (--ifname)"
+
+    def from_dict(self, d: Mapping[str, Any]) -> Plug:
+        return Plug(
+            ns=want(d, "ns"),
+            bridge=want(d, "bridge"),
+            addresses=parse_interfaces(want(d, "addresses"), "plug address"),
+            ifname=want(d, "ifname"),
+            host_ifname=want(d, "host_ifname"),
+        )
+
+    def label(self, intent: Plug) -> str:
+        return intent.ns
+
+    def needs(self, intent: Plug) -> tuple[str, ...]:
+        return (ns_key(intent.ns), bridge_key(intent.bridge))
+
+    def names(self, intent: Plug) -> tuple[OwnedName, ...]:
+        return ((None, intent.host_ifname), (intent.ns, intent.ifname))
+
+    def addresses(self, intent: Plug) -> tuple[Placed, ...]:
+        return tuple((intent.ns, bridge_key(intent.bridge), a) for a in intent.addresses)
+
+    def namespaces(self, intent: Plug) -> tuple[str, ...]:
+        return (intent.ns,)
+
+    def drifted(self, intent: Plug, link: Link, links: LinkCache) -> bool:
+        if link.name != intent.host_ifname:
+            return False
+        bridge = links.named(intent.bridge)
+        return not link.up or bridge is None or link.master != bridge.index
+
+    def unmet(self, state: DesiredState, intent: Plug) -> list[str]:
+        missing = []
+        if not state.namespace_known(intent.ns):
+            missing.append(f"namespace {intent.ns}")
+        if bridge_key(intent.bridge) not in state:
+            missing.append(f"bridge {intent.bridge}")
+        return missing
+
+    # ---- requests -------------------------------------------------------------------
+    def add(self, state: DesiredState, req: Request) -> Plug:
+        assert isinstance(req, PlugAdd)
+        ns, key = req.ns, plug_key(req.ns, req.bridge)
+        if not state.namespace_known(ns):
+            raise NotFound(f"namespace {ns} does not exist; create it with `ns add {ns}`")
+        br = require_bridge(state, req.bridge)
+        for addr in req.addresses:
+            check_in_subnet(addr, br)
+        if req.ifname == "lo":
+            raise NameTaken("lo is the namespace's loopback; pick another --ifname")
+        existing = state.get(key)
+        if isinstance(existing, Plug):
+            if existing.addresses == req.addresses and req.ifname in (None, existing.ifname):
+                return existing
+            raise Conflict(
+                f"{ns} is already plugged into {req.bridge} ({existing.describe()}); "
+                f"`unplug {ns} {req.bridge}` first to change it"
+            )
+        if req.ifname is not None:
+            owner = state.name_owner(ns, req.ifname)
+            if owner is not None:
+                raise NameTaken(f"interface {req.ifname} in {ns} is already used by {owner}")
+        inner = req.ifname or state.pick_name(ns, f"veth-{ns}", key + "#ns", key)
+        host = state.pick_name(None, f"veth-{ns}-br", key + "#host", key)
+        return Plug(ns, req.bridge, req.addresses, inner, host)
+
+    def delete(self, state: DesiredState, req: Request) -> list[str]:
+        assert isinstance(req, PlugDel)
+        key = plug_key(req.ns, req.bridge)
+        if key not in state:
+            raise NotFound(f"{req.ns} is not plugged into {req.bridge}; `show` lists the plugs")
+        return [key]
+
+    # ---- the kernel -----------------------------------------------------------------
+    async def _ensure(self, ctx: Context, plug: Plug, acts: Actions) -> list[str]:
+        net = ctx.net
+        br = ctx.state.get(bridge_key(plug.bridge))
+        if not isinstance(br, Bridge):
+            raise NotFound(f"bridge {plug.bridge} is not desired")
+        if not net.ns_exists(plug.ns):
+            raise NotFound(f"namespace {plug.ns} does not exist")
+        inner_where = f"{plug.ns}:{plug.ifname}"
+        # the daemon lives in the host namespace: an index lookup is one cheap ioctl; full
+        # link info is read only when the pair exists and has to be checked
+        bridge_index = net.host_index(plug.bridge)
+        host = None
+        if net.host_index(plug.host_ifname) is not None:
+            host = await net.link(None, plug.host_ifname)
+        inner = await net.link(plug.ns, plug.ifname)
+        if bridge_index is None:
+            if acts.dry_run:
+                acts.add(f"create veth {plug.host_ifname} <-> {inner_where}")
+                return acts.done
+            raise NotFound(f"bridge {plug.bridge} does not exist")
+        if host is not None:
+            refuse_foreign(
+                host, plug.key, plug.host_ifname, "remove it, or plug with another --ifname"
+            )
+        if inner is not None:
+            refuse_foreign(inner, plug.key, inner_where, "remove it, or plug with another --ifname")
+        broken = (host is None) != (inner is None) or (
+            host is not None and inner is not None and host.link_netnsid is None
+        )
+        if broken:
+            # half a pair (or a pair not joining the two): rebuild it whole
+            if host is not None and acts.add(f"delete stray {plug.host_ifname}"):
+                await net.del_link(None, host.index)
+            if inner is not None and acts.add(f"delete stray {inner_where}"):
+                await net.del_link(plug.ns, inner.index)
+            host = inner = None
+        if host is None:
+            if not acts.add(f"create veth {plug.host_ifname} <-> {inner_where}"):
+                acts.add(f"address {inner_where}")
+                return acts.done
+            await self._create(ctx, plug, br, bridge_index, acts)
+            return acts.done
+        assert inner is not None
+        await ensure_mark(net, None, host, plug.key, acts)
+        await ensure_mark(net, plug.ns, inner, plug.key, acts)
+        if host.master != bridge_index and acts.add(f"enslave {plug.host_ifname} to {plug.bridge}"):
+            await net.set_link(None, host.index, master=bridge_index)
+        await ensure_up(net, None, host, plug.host_ifname, acts)
+        await ensure_addresses(net, plug.ns, inner, plug.addresses, inner_where, acts)
+        await ensure_up(net, plug.ns, inner, inner_where, acts)
+        await ensure_lo_up(net, plug.ns, acts)
+        for addr in plug.addresses:
+            gw = br.gateway(addr.version)
+            if gw is not None:
+                await ensure_default_route(net, plug.ns, inner, gw, plug.ns, acts)
+        return acts.done
+
+    async def _create(
+        self, ctx: Context, plug: Plug, br: Bridge, bridge_index: int, acts: Actions
+    ) -> None:
+        """The fresh path: everything about the new pair is known, so nothing is observed
+        but the inner index (``plug`` is on the hot path of every container start)."""
+        net = ctx.net
+        where = f"{plug.ns}:{plug.ifname}"
+        await net.add_veth(
+            plug.host_ifname, None, plug.ifname, plug.ns, master=bridge_index, up=True
+        )
+        host_index = net.host_index(plug.host_ifname)
+        inner = await net.link(plug.ns, plug.ifname)
+        if host_index is None or inner is None:
+            raise BackendFailed(f"veth {plug.host_ifname} vanished right after creation")
+        await gather(
+            net.set_link(None, host_index, alias=alias_for(plug.key)),
+            net.set_link(plug.ns, inner.index, alias=alias_for(plug.key), up=True),
+            # lo is index 1 in every namespace; setting it up again is a no-op
+            net.set_link(plug.ns, 1, up=True),
+        )
+        acts.add(f"mark {plug.host_ifname} and {where}, set {where} up")
+        for addr in plug.addresses:
+            acts.add(f"add {addr} to {where}")
+            await net.add_address(plug.ns, inner.index, addr)
+        for addr in plug.addresses:
+            gw = br.gateway(addr.version)
+            if gw is None:
+                continue
+            if await net.add_default_route(plug.ns, inner.index, gw.ip):
+                acts.add(f"route default via {gw.ip} in {plug.ns}")
+            else:
+                acts.add(f"kept the default route already in {plug.ns}")
+
+    async def ensure(self, ctx: Context, intent: Plug, old: Plug | None) -> list[str]:
+        return await self._ensure(ctx, intent, Actions())
+
+    async def inspect(self, ctx: Context, intent: Plug) -> list[str]:
+        return await self._ensure(ctx, intent, Actions(dry_run=True))
+
+    async def remove(self, ctx: Context, intent: Plug) -> list[str]:
+        net = ctx.net
+        done = []
+        host = await net.link(None, intent.host_ifname)
+        if host is not None and host.belongs_to(intent.key):
+            await net.del_link(None, host.index)
+            done.append(f"deleted veth {intent.host_ifname}")
+        if net.ns_exists(intent.ns):
+            inner = await net.link(intent.ns, intent.ifname)
+            if inner is not None and inner.belongs_to(intent.key):
+                await net.del_link(intent.ns, inner.index)
+                done.append(f"deleted {intent.ns}:{intent.ifname}")
+        return done
+
+    async def released(self, ctx: Context, intent: Plug) -> None:
+        await release_namespace(ctx, intent.ns)
+
+
+async def release_namespace(ctx: Context, ns: str) -> None:
+    """Close what is kept open in a namespace nothing of netagent's acts in any more."""
+    if not ctx.state.lookup("ns", ns):
+        await ctx.net.forget(ns)

@@ -1,0 +1,57 @@
+"""The host's links as the kernel announced them: one cache, fed by the event source.
+
+Filled by a dump right after the event socket subscribed (so nothing is missed), then
+kept by every link event. Attach rules decide from it without asking the kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from netagent.backends.netlink import Link
+
+
+class LinkCache:
+    def __init__(self) -> None:
+        self._by_index: dict[int, Link] = {}
+        self._by_name: dict[str, int] = {}
+        #: True once a dump has filled it
+        self.ready = False
+        #: interfaces netagent attached: an event that shows one without its master may
+        #: have been queued before the attach, so it is checked with the kernel first
+        self.attached: set[int] = set()
+
+    def reset(self, links: list[Link]) -> None:
+        self.attached.clear()
+        self._by_index = {lk.index: lk for lk in links}
+        self._by_name = {lk.name: lk.index for lk in links}
+        self.ready = True
+
+    def update(self, link: Link) -> Link | None:
+        """Record a link as announced; returns what was known before."""
+        old = self._by_index.get(link.index)
+        if old is not None and old.name != link.name and self._by_name.get(old.name) == old.index:
+            del self._by_name[old.name]
+        self._by_index[link.index] = link
+        self._by_name[link.name] = link.index
+        return old
+
+    def remove(self, index: int) -> Link | None:
+        self.attached.discard(index)
+        old = self._by_index.pop(index, None)
+        if old is not None and self._by_name.get(old.name) == index:
+            del self._by_name[old.name]
+        return old
+
+    def get(self, index: int | None) -> Link | None:
+        return None if index is None else self._by_index.get(index)
+
+    def named(self, name: str) -> Link | None:
+        index = self._by_name.get(name)
+        return None if index is None else self._by_index.get(index)
+
+    def __iter__(self) -> Iterator[Link]:
+        return iter(list(self._by_index.values()))
+
+    def __len__(self) -> int:
+        return len(self._by_index)

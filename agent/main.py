@@ -1,0 +1,204 @@
+"""The daemon, built in order: nothing optional, nothing set late.
+
+1. lock the state dir and take the socket (a second daemon stops before touching
+   anything; early clients wait in the backlog);
+2. load the desired state; open the kernel side and the firewall backend (removing the
+   rules of another backend that wrote them last);
+3. start the event source (subscribe, then dump into the link cache);
+4. reconcile everything before serving, then serve, and tell systemd READY=1.
+
+SIGTERM stops serving and exits; the data plane (links, rules) stays as it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import os
+import signal
+import time
+from pathlib import Path
+
+import anyio
+import structlog
+
+from netagent.backends import firewall as fwreg
+from netagent.backends.pyroute import PyrouteNetlink
+
+from . import sdnotify
+from .access import Policy
+from .api import Counters, Service
+from .bus import EventBus
+from .config import Config
+from .errors import NetagentError
+from .events import EventSource
+from .fwsync import FirewallSync
+from .kinds import default_kinds
+from .kinds.base import Context
+from .lag import measure_lag
+from .linkcache import LinkCache
+from .listen import bind_socket, lock_state_dir
+from .reconcile import Reconciler
+from .state import DesiredState
+from .store import StateStore
+from .transport import Server
+
+log = structlog.get_logger("netagent")
+
+
+async def retire_other_firewall(state_dir: Path, current: str, bus: EventBus) -> None:
+    """Starting with another backend than the one that wrote the rules: remove the old
+    backend's rules first, so no forward is installed twice."""
+    marker = state_dir / "firewall-backend"
+    previous = marker.read_text().strip() if marker.exists() else None
+    if previous and previous != current:
+        try:
+            old = fwreg.get_backend(previous)()
+            removed = await old.purge()
+            await old.close()
+            log.info(
+                "removed the previous firewall backend's rules", backend=previous, removed=removed
+            )
+            bus.publish("firewall-switched", f"removed {previous} rules; now {current}")
+        except NetagentError as exc:
+            log.warning(
+                "could not remove the previous backend's rules", backend=previous, error=exc.message
+            )
+    if previous != current:
+        tmp = marker.with_name(marker.name + ".tmp")
+        tmp.write_text(current + "\n")
+        os.replace(tmp, marker)
+
+
+async def wait_for_stop_signal() -> int:
+    """Wait for SIGTERM or SIGINT sent to *this* process (a child that inherited the
+    handler between fork and exec dies of the signal instead)."""
+    loop = asyncio.get_running_loop()
+    main_pid = os.getpid()
+    stop = anyio.Event()
+    received: list[int] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        if os.getpid() != main_pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        received.append(signum)
+        loop.call_soon_threadsafe(stop.set)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        await stop.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    return received[0]
+
+
+async def run_daemon(config: Config) -> None:
+    sdnotify.notify("STATUS=starting: loading state")
+    state_dir = Path(config.state_dir)
+    lock_fd = lock_state_dir(config.state_dir)
+    raw, owned = bind_socket(config)
+    net = PyrouteNetlink()
+    backend: fwreg.AnyBackend | None = None
+    kinds = default_kinds(claims_dir=state_dir / "claims")
+    store = StateStore(state_dir, kinds)
+    try:
+        t0 = time.perf_counter()
+        try:
+            state = DesiredState(kinds, external_namespace=net.ns_exists)
+            state.load(store.load())
+            await net.start()
+            cls, why = fwreg.choose_backend(config.firewall)
+            backend = cls()
+            log.info("firewall backend chosen", backend=cls.name, why=why)
+        except NetagentError as exc:
+            sdnotify.notify(f"STATUS=failed to start: {sdnotify.one_line(exc.message)}")
+            raise
+        bus = EventBus()
+        counters = Counters()
+        await retire_other_firewall(state_dir, cls.name, bus)
+        links = LinkCache()
+        ctx = Context(net=net, state=state, bus=bus, links=links)
+        fw = FirewallSync(backend, bus)
+        rec = Reconciler(state, ctx, fw, bus, config.resync_interval)
+        events = EventSource(state, rec, net, links, bus, counters)
+        api = Service(
+            state=state,
+            store=store,
+            reconciler=rec,
+            ctx=ctx,
+            firewall=fw,
+            bus=bus,
+            counters=counters,
+            about={"socket": config.socket, "state_dir": config.state_dir},
+        )
+        server = Server(
+            api,
+            Policy(config.socket_group, config.readonly_group),
+            bus,
+            counters,
+            config.client_timeout,
+        )
+        listener = await anyio.abc.SocketListener.from_socket(raw)
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(events.run)  # subscribed, and the link cache filled
+                sdnotify.notify("STATUS=starting: reconciling")
+                rec.mark_all("start")
+                await rec.run_until_idle("start")
+                log.info(
+                    "state loaded and reconciled",
+                    intents=len(state),
+                    failing=len(rec.failing()),
+                    duration_ms=round((time.perf_counter() - t0) * 1000, 1),
+                )
+                tg.start_soon(rec.run)
+                tg.start_soon(events.watch_namespaces)
+                tg.start_soon(fw.clear_connections)
+                tg.start_soon(measure_lag, counters)
+                watcher = backend.drift_watcher()
+                if watcher is not None:
+                    tg.start_soon(watcher.run, lambda what: on_drift(rec, fw, bus, what))
+                tg.start_soon(server.serve, listener)
+                gc.freeze()  # what start-up made lives forever: keep it out of GC passes
+                sdnotify.notify(f"READY=1\nSTATUS={sdnotify.one_line(api.summary())}")
+                tg.start_soon(sdnotify.watchdog_loop, api.summary)
+                log.info(
+                    "netagent ready",
+                    socket=config.socket,
+                    firewall=why,
+                    max_clients=server.max_clients,
+                    watchdog_s=sdnotify.watchdog_interval(),
+                )
+                signum = await wait_for_stop_signal()
+                log.info(
+                    "stopping; links and rules stay in place", signal=signal.Signals(signum).name
+                )
+                sdnotify.notify("STOPPING=1")
+                tg.cancel_scope.cancel()
+        finally:
+            with contextlib.suppress(Exception):
+                await listener.aclose()
+    finally:
+        raw.close()
+        if owned is not None:
+            with contextlib.suppress(FileNotFoundError):
+                owned.unlink()
+        store.close()
+        if backend is not None:
+            with contextlib.suppress(Exception):
+                await backend.close()
+        await net.close()
+        os.close(lock_fd)
+
+
+def on_drift(rec: Reconciler, fw: FirewallSync, bus: EventBus, what: str) -> None:
+    """Someone changed the firewall's rules: a full firewall sync, now."""
+    from .reconcile import FIREWALL
+
+    bus.publish("firewall-drift", what)
+    fw.drifted(what)
+    rec.drift(FIREWALL, what)

@@ -1,0 +1,395 @@
+"""Every op of the socket protocol: its arguments, its CLI form and its help, declared once.
+
+One name per concept across the CLI, the op and the intent kind: ``ns``, ``bridge``,
+``plug``, ``wire``, ``attach`` (rules that attach interfaces to a bridge) and ``forward``.
+Ops are ``<kind>.add|del|list``; the CLI keeps the seed's verbs (``plug``, ``unplug``,
+``forward``, ``forwards`` ...) as its words for them, and the older op names (``fwd.add``,
+``rule.add`` ...) still work on the socket as aliases. ``apply`` documents are lists of
+the same add requests, each naming its kind.
+
+The daemon parses each request once into one of these typed values
+(:meth:`Request.parse`); the CLI builds its commands from them. Standard library only.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, TypedDict
+
+from .schema import Request, Value, arg, flag, many, maybe, opt
+
+if TYPE_CHECKING:
+    from .values import IPAddress, IPInterface, Proto
+
+NAME: Value[str] = Value("name", "NAME")
+CIDRS: Value[tuple[IPInterface, ...]] = Value("cidrs", "CIDR")
+IP: Value[IPAddress] = Value("ip", "ADDR")
+PORTS: Value[tuple[int, int]] = Value("ports", "PORT")
+DESTINATION: Value[tuple[IPAddress, int, int]] = Value("destination", "IP:PORT")
+PROTO: Value[Proto] = Value("proto", "PROTO")
+PATTERN: Value[str] = Value("pattern", "PATTERN")
+LIST: Value[list[object]] = Value("list", "LIST")
+
+
+# ---- the daemon ---------------------------------------------------------------------
+class Status(Request):
+    """Is the daemon up, and what does it hold."""
+
+    op = "status"
+    cli = ("status",)
+
+
+class Show(Request):
+    """The desired topology, and whether each part is in place."""
+
+    op = "show"
+    cli = ("show",)
+
+
+class Events(Request):
+    """Stream what the agent sees and does, live (Ctrl-C to stop)."""
+
+    op = "events"
+    cli = ("events",)
+
+
+class Apply(Request):
+    """Apply a declarative file of intents in one pass; again changes nothing."""
+
+    op = "apply"
+    cli = ("apply",)
+    mutating = True
+    intents = arg(LIST, "intents")
+    prune = flag("--prune", "prune", "Also remove what the file does not name.")
+
+
+class Purge(Request):
+    """Remove everything netagent made, and nothing else; forget the desired state."""
+
+    op = "purge"
+    cli = ("purge",)
+    mutating = True
+
+
+# ---- namespaces ---------------------------------------------------------------------
+class NsAdd(Request):
+    """Create a network namespace (ip netns add)."""
+
+    op = "ns.add"
+    cli = ("ns", "add")
+    mutating = True
+    kind = "ns"
+    verb = "add"
+    name = arg(NAME, "namespace name")
+
+
+class NsDel(Request):
+    """Delete a namespace netagent made (refused while plugs or wires use it)."""
+
+    op = "ns.del"
+    kind = "ns"
+    verb = "del"
+    cli = ("ns", "del")
+    mutating = True
+    name = arg(NAME, "namespace name")
+
+
+class NsList(Request):
+    """Namespaces: netagent's and the others present."""
+
+    op = "ns.list"
+    kind = "ns"
+    verb = "list"
+    cli = ("ns", "list")
+
+
+# ---- bridges ------------------------------------------------------------------------
+class BridgeAdd(Request):
+    """Create a bridge, up, optionally with a gateway address."""
+
+    op = "bridge.add"
+    cli = ("bridge", "add")
+    mutating = True
+    kind = "bridge"
+    verb = "add"
+    kind_aliases = ("br",)
+    name = arg(NAME, "bridge name")
+    addresses = many(
+        CIDRS,
+        "--address",
+        "bridge address",
+        "Gateway address in CIDR form (repeat for IPv4 + IPv6).",
+        aliases=("address",),
+    )
+    masquerade = flag("--masquerade", "masquerade", "NAT the bridge's subnet going out.")
+
+
+class BridgeDel(Request):
+    """Delete a bridge (refused while plugs or attach rules use it)."""
+
+    op = "bridge.del"
+    kind = "bridge"
+    verb = "del"
+    cli = ("bridge", "del")
+    mutating = True
+    name = arg(NAME, "bridge name")
+
+
+class BridgeList(Request):
+    """Bridges and what is plugged into them."""
+
+    op = "bridge.list"
+    kind = "bridge"
+    verb = "list"
+    cli = ("bridge", "list")
+
+
+# ---- plugs --------------------------------------------------------------------------
+class PlugAdd(Request):
+    """Plug a namespace into a bridge (veth pair, address, default route via the bridge)."""
+
+    op = "plug.add"
+    cli = ("plug",)
+    mutating = True
+    kind = "plug"
+    verb = "add"
+    ns = arg(NAME, "namespace name", metavar="NS")
+    bridge = arg(NAME, "bridge name", metavar="BRIDGE")
+    addresses = many(
+        CIDRS,
+        "--address",
+        "plug address",
+        "The namespace end's address in CIDR form (repeat for IPv4 + IPv6).",
+        aliases=("address",),
+        required=True,
+    )
+    ifname = maybe(
+        NAME, "--ifname", "interface name", "Name of the interface inside the namespace."
+    )
+
+
+class PlugDel(Request):
+    """Remove a namespace's veth from a bridge."""
+
+    op = "plug.del"
+    kind = "plug"
+    verb = "del"
+    cli = ("unplug",)
+    mutating = True
+    ns = arg(NAME, "namespace name", metavar="NS")
+    bridge = arg(NAME, "bridge name", metavar="BRIDGE")
+
+
+# ---- wires --------------------------------------------------------------------------
+class WireAdd(Request):
+    """Link two namespaces directly with a veth pair (the seed's first step)."""
+
+    op = "wire.add"
+    cli = ("wire",)
+    mutating = True
+    kind = "wire"
+    verb = "add"
+    ns_a = arg(NAME, "namespace name", metavar="NS_A")
+    addresses_a = arg(CIDRS, "address", metavar="CIDR_A")
+    ns_b = arg(NAME, "namespace name", metavar="NS_B")
+    addresses_b = arg(CIDRS, "address", metavar="CIDR_B")
+
+
+class WireDel(Request):
+    """Remove the direct link between two namespaces."""
+
+    op = "wire.del"
+    kind = "wire"
+    verb = "del"
+    cli = ("unwire",)
+    mutating = True
+    ns_a = arg(NAME, "namespace name", metavar="NS_A")
+    ns_b = arg(NAME, "namespace name", metavar="NS_B")
+
+
+# ---- forwards -----------------------------------------------------------------------
+_PROTO_HELP = "tcp or udp."
+
+
+class ForwardAdd(Request):
+    """Forward a host port (from outside and from the host itself) to a destination."""
+
+    op = "forward.add"
+    aliases = ("fwd.add",)
+    cli = ("forward",)
+    mutating = True
+    kind = "forward"
+    verb = "add"
+    kind_aliases = ("fwd",)
+    host_ports = arg(
+        PORTS, "host port", "Host port or range, e.g. 80 or 8000-8009.", metavar="HOST_PORT"
+    )
+    destination = arg(
+        DESTINATION, "destination", "IP:PORT, IP:FIRST-LAST or [IPv6]:PORT.", metavar="DEST"
+    )
+    proto = opt(PROTO, "--proto", "protocol", "tcp", _PROTO_HELP)
+    host_ip = maybe(IP, "--host-ip", "--host-ip", "Only traffic addressed to this host address.")
+
+
+class ForwardDel(Request):
+    """Stop forwarding a host port (and drop its tracked connections)."""
+
+    op = "forward.del"
+    kind = "forward"
+    verb = "del"
+    aliases = ("fwd.del",)
+    cli = ("unforward",)
+    mutating = True
+    host_ports = arg(PORTS, "host port", "Host port or range as it was forwarded.", "HOST_PORT")
+    proto = opt(PROTO, "--proto", "protocol", "tcp", _PROTO_HELP)
+    host_ip = maybe(IP, "--host-ip", "--host-ip", "The host address it was bound to.")
+
+
+class ForwardList(Request):
+    """List the port forwards."""
+
+    op = "forward.list"
+    kind = "forward"
+    verb = "list"
+    aliases = ("fwd.list",)
+    cli = ("forwards",)
+
+
+# ---- attach rules -------------------------------------------------------------------
+class AttachAdd(Request):
+    """Attach interfaces matching a shell-style PATTERN to BRIDGE as they appear."""
+
+    op = "attach.add"
+    aliases = ("rule.add",)
+    cli = ("attach", "add")
+    mutating = True
+    kind = "attach"
+    verb = "add"
+    kind_aliases = ("rule",)
+    pattern = arg(PATTERN, "pattern")
+    bridge = arg(NAME, "bridge name", metavar="BRIDGE")
+
+
+class AttachDel(Request):
+    """Remove an attach rule (attached interfaces stay where they are)."""
+
+    op = "attach.del"
+    kind = "attach"
+    verb = "del"
+    aliases = ("rule.del",)
+    cli = ("attach", "del")
+    mutating = True
+    pattern = arg(PATTERN, "pattern")
+    bridge = arg(NAME, "bridge name", metavar="BRIDGE")
+
+
+class AttachList(Request):
+    """List the attach rules."""
+
+    op = "attach.list"
+    kind = "attach"
+    verb = "list"
+    aliases = ("rule.list",)
+    cli = ("attach", "list")
+
+
+# ---- what the kernel has ------------------------------------------------------------
+_NS_HELP = "Look inside this namespace."
+
+
+class Links(Request):
+    """Interfaces the kernel has (like ip link / ip addr)."""
+
+    op = "links"
+    cli = ("links",)
+    ns = maybe(NAME, "--ns", "namespace name", _NS_HELP)
+
+
+class Neigh(Request):
+    """The neighbour (ARP/NDP) table (like arp)."""
+
+    op = "neigh"
+    cli = ("neigh",)
+    ns = maybe(NAME, "--ns", "namespace name", _NS_HELP)
+
+
+class Routes(Request):
+    """The main routing table (like route / ip route)."""
+
+    op = "routes"
+    cli = ("routes",)
+    ns = maybe(NAME, "--ns", "namespace name", _NS_HELP)
+
+
+REQUESTS: tuple[type[Request], ...] = (
+    Status,
+    Show,
+    NsAdd,
+    NsDel,
+    NsList,
+    BridgeAdd,
+    BridgeDel,
+    BridgeList,
+    PlugAdd,
+    PlugDel,
+    WireAdd,
+    WireDel,
+    ForwardAdd,
+    ForwardDel,
+    ForwardList,
+    AttachAdd,
+    AttachDel,
+    AttachList,
+    Links,
+    Neigh,
+    Routes,
+    Events,
+    Apply,
+    Purge,
+)
+
+#: op name or alias -> request class
+BY_OP: dict[str, type[Request]] = {name: r for r in REQUESTS for name in (r.op, *r.aliases)}
+#: intent kind or alias -> the request that adds one (an ``apply`` document's entries)
+BY_KIND: dict[str, type[Request]] = {
+    name: r for r in REQUESTS if r.kind and r.verb == "add" for name in (r.kind, *r.kind_aliases)
+}
+#: CLI words -> request class
+BY_CLI: dict[tuple[str, ...], type[Request]] = {r.cli: r for r in REQUESTS if r.cli}
+
+
+# ---- replies ------------------------------------------------------------------------
+class ChangeWire(TypedDict):
+    key: str
+    action: str
+    what: str
+
+
+class ChangeReply(TypedDict, total=False):
+    changed: bool
+    changes: list[ChangeWire]
+    changes_total: int
+    actions: dict[str, list[str]]
+    errors: dict[str, str]
+
+
+class ShowItem(TypedDict):
+    key: str
+    kind: str
+    describe: str
+    in_place: bool
+    state: str
+    missing: list[str]
+    error: str | None
+    intent: dict[str, Any]
+
+
+class ShowFirewall(TypedDict):
+    backend: str
+    in_place: bool
+    pending: list[str]
+    error: str | None
+
+
+class ShowReply(TypedDict):
+    intents: list[ShowItem]
+    firewall: ShowFirewall

@@ -1,0 +1,271 @@
+"""The machinery of requests: typed fields declared once, for the socket and the CLI.
+
+A request class lists its fields as descriptors (:func:`arg`, :func:`opt`, :func:`maybe`,
+:func:`flag`). From that one declaration:
+
+* the daemon parses what arrived on the socket into a typed value, once
+  (:meth:`Request.parse`), each field through the parser of its :class:`Value` in
+  ``agent/values.py``, so one mistake always gets one error code;
+* the CLI turns a command line into the request's arguments without loading typer
+  (:meth:`Request.from_argv`), and builds the typer command for ``--help``, completion and
+  error messages (``cli/app.py``).
+
+Standard library only, and nothing heavy: every ``netagent ctl`` command imports this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar, Generic, TypeVar, overload
+
+from .errors import BadRequest, NetagentError
+
+T = TypeVar("T")
+R = TypeVar("R", bound="Request")
+
+
+class Value(Generic[T]):
+    """A kind of argument: the name of its parser in ``agent/values.py`` (which returns
+    a ``T``) and how the CLI shows it."""
+
+    __slots__ = ("metavar", "parser")
+
+    def __init__(self, parser: str, metavar: str) -> None:
+        self.parser = parser
+        self.metavar = metavar
+
+
+_REQUIRED: Any = object()
+
+
+class Field(Generic[T]):
+    """One argument of a request. Positional on the CLI when ``flag`` is None."""
+
+    __slots__ = ("aliases", "default", "flag", "help", "label", "many", "metavar", "name", "value")
+
+    def __init__(
+        self,
+        value: Value[Any],
+        label: str,
+        *,
+        flag: str | None = None,
+        default: Any = _REQUIRED,
+        help: str = "",
+        many: bool = False,
+        aliases: tuple[str, ...] = (),
+        metavar: str | None = None,
+    ) -> None:
+        self.value = value
+        self.label = label
+        self.flag = flag
+        self.default = default
+        self.help = help
+        self.many = many
+        self.aliases = aliases
+        self.metavar = metavar or value.metavar
+        self.name = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is _REQUIRED
+
+    @property
+    def is_flag(self) -> bool:
+        return self.value.parser == "bool"
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> Field[T]: ...
+    @overload
+    def __get__(self, obj: Request, owner: type | None = None) -> T: ...
+    def __get__(self, obj: Request | None, owner: type | None = None) -> Field[T] | T:
+        if obj is None:
+            return self
+        value: T = obj._values[self.name]
+        return value
+
+
+def arg(value: Value[T], label: str, help: str = "", metavar: str | None = None) -> Field[T]:
+    """A required positional argument."""
+    return Field(value, label, help=help, metavar=metavar)
+
+
+def opt(
+    value: Value[T],
+    flag: str,
+    label: str,
+    default: T,
+    help: str = "",
+    aliases: tuple[str, ...] = (),
+) -> Field[T]:
+    return Field(value, label, flag=flag, default=default, help=help, aliases=aliases)
+
+
+def maybe(value: Value[T], flag: str, label: str, help: str = "") -> Field[T | None]:
+    """An option that may be left out (None)."""
+    return Field(value, label, flag=flag, default=None, help=help)
+
+
+def many(
+    value: Value[T],
+    flag: str,
+    label: str,
+    help: str = "",
+    aliases: tuple[str, ...] = (),
+    required: bool = False,
+) -> Field[T]:
+    """A repeatable option; the field is the parsed whole (e.g. a tuple of addresses)."""
+    return Field(
+        value,
+        label,
+        flag=flag,
+        default=_REQUIRED if required else None,
+        help=help,
+        many=True,
+        aliases=aliases,
+    )
+
+
+def flag(name: str, label: str, help: str = "") -> Field[bool]:
+    return Field(BOOL, label, flag=name, default=False, help=help)
+
+
+BOOL: Value[bool] = Value("bool", "")
+
+
+class Request:
+    """Base of every request. Subclasses set the class attributes and declare fields."""
+
+    op: ClassVar[str]
+    #: older op names that still work on the socket
+    aliases: ClassVar[tuple[str, ...]] = ()
+    #: the ``netagent ctl`` command words
+    cli: ClassVar[tuple[str, ...]] = ()
+    mutating: ClassVar[bool] = False
+    #: the intent kind a request adds, removes or lists (``verb``); ``apply`` documents
+    #: name their entries' kind (or one of ``kind_aliases``)
+    kind: ClassVar[str | None] = None
+    verb: ClassVar[str | None] = None
+    kind_aliases: ClassVar[tuple[str, ...]] = ()
+    #: the fields, in declaration order (set by ``__init_subclass__``)
+    fields: ClassVar[tuple[Field[Any], ...]] = ()
+
+    __slots__ = ("_values",)
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        found: dict[str, Field[Any]] = {f.name: f for f in cls.fields}
+        for name, value in vars(cls).items():
+            if isinstance(value, Field):
+                found[name] = value
+        cls.fields = tuple(found.values())
+
+    def __init__(self, **values: Any) -> None:
+        self._values = values
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in self._values.items())
+        return f"{type(self).__name__}({inner})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Request) and type(other) is type(self) and (
+            other._values == self._values
+        )
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(sorted(self._values.items(), key=str))))
+
+    # ---- the daemon's side: what arrived -> typed values ------------------------------
+    @classmethod
+    def parse(cls: type[R], args: Mapping[str, object]) -> R:
+        """Parse the arguments of this op, once. Unknown arguments are refused (a typo
+        would otherwise be silently ignored)."""
+        from .values import PARSERS
+
+        known: dict[str, Field[Any]] = {}
+        for f in cls.fields:
+            known[f.name] = f
+            for alias in f.aliases:
+                known[alias] = f
+        unknown = [k for k in args if k not in known]
+        if unknown:
+            raise BadRequest(
+                f"{cls.op}: unknown argument {unknown[0]!r}; "
+                f"known: {', '.join(f.name for f in cls.fields) or 'none'}"
+            )
+        values: dict[str, Any] = {}
+        for f in cls.fields:
+            raw = args.get(f.name)
+            for alias in f.aliases:
+                if raw is None:
+                    raw = args.get(alias)
+            if raw is None or (f.many and raw == []):
+                if f.required:
+                    raise BadRequest(f"{cls.op}: missing argument {f.name!r} ({f.label})")
+                # a repeatable option left out is its parser's empty value; any other
+                # default is already a typed value
+                values[f.name] = PARSERS[f.value.parser](None, f.label) if f.many else f.default
+                continue
+            values[f.name] = PARSERS[f.value.parser](raw, f.label)
+        return cls(**values)
+
+    # ---- the CLI's side: a command line -> the arguments to send ----------------------
+    @classmethod
+    def from_argv(cls, argv: list[str]) -> dict[str, Any] | None:
+        """The arguments for this op from the words after the command, or None when the
+        line is not plainly valid (then typer parses it and says what is wrong)."""
+        positional = [f for f in cls.fields if f.flag is None]
+        by_flag = {f.flag: f for f in cls.fields if f.flag is not None}
+        out: dict[str, Any] = {}
+        words: list[str] = []
+        i = 0
+        while i < len(argv):
+            word = argv[i]
+            if word == "--":
+                words.extend(argv[i + 1 :])
+                break
+            if word.startswith("--"):
+                name, eq, inline = word.partition("=")
+                f = by_flag.get(name)
+                if f is None:
+                    return None
+                if f.is_flag:
+                    if eq:
+                        return None
+                    out[f.name] = True
+                else:
+                    if eq:
+                        value = inline
+                    elif i + 1 < len(argv):
+                        i += 1
+                        value = argv[i]
+                    else:
+                        return None
+                    if f.many:
+                        out.setdefault(f.name, []).append(value)
+                    elif f.name in out:
+                        return None
+                    else:
+                        out[f.name] = value
+            elif word.startswith("-") and word != "-":
+                return None
+            else:
+                words.append(word)
+            i += 1
+        if len(words) != len(positional):
+            return None
+        for f, word in zip(positional, words, strict=True):
+            out[f.name] = word
+        for f in cls.fields:
+            if f.required and f.name not in out:
+                return None
+        return out
+
+
+def prefix_error(exc: NetagentError, prefix: str) -> NetagentError:
+    """The same error, its message prefixed (``intent #3 (plug): ...``)."""
+    exc.message = f"{prefix}: {exc.message}"
+    exc.args = (exc.message,)
+    return exc
