@@ -10,6 +10,8 @@ port mapping. Everything inside a fresh sandbox per test.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,10 +35,38 @@ from tests.support.runtimes import (
 
 pytestmark = pytest.mark.e2e
 REFERENCE = "/usr/lib/cni"
+# what each test runs -> the Debian package that has it
+PACKAGES = {
+    "podman": "podman",
+    "conmon": "conmon",
+    "crun": "crun",
+    "/usr/lib/podman/netavark": "netavark",
+    "containerd": "containerd",
+    "ctr": "containerd",
+    "dockerd": "docker.io",
+    "/usr/bin/docker": "docker.io",
+    "/bin/busybox": "busybox-static",
+    "/usr/lib/cni/bridge": "containernetworking-plugins",
+    "iptables": "iptables",
+}
+
+
+def require(*tools: str) -> None:
+    """Skip when a tool is missing, naming its package; fail instead under CI=true."""
+    missing = sorted({PACKAGES[t] for t in tools if not (os.access(t, os.X_OK) or shutil.which(t))})
+    if missing:
+        why = "apt-get install --no-install-recommends " + " ".join(missing)
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true but runtime packages are missing: {why}")
+        pytest.skip(f"missing runtime packages: {why}")
+
+
+BASE = ("crun", "/bin/busybox", "/usr/lib/cni/bridge", "iptables")
 
 
 @pytest.fixture(scope="session")
 def images() -> Iterator[Images]:
+    require("/bin/busybox")
     yield session_images()
     remove_session_images()
 
@@ -90,6 +120,7 @@ def timed(label: str, t0: float) -> float:
 def test_podman_cni_backend_publishes_a_port(
     sandbox: Sandbox, workdir: Path, images: Images
 ) -> None:
+    require(*BASE, "podman", "conmon")
     conf_dir = workdir / "net.d"
     write_conflist(conf_dir, reference_conflist("bbnet", "cni-bb0", "10.77.0.0/24"))
     host = outside_client(sandbox)
@@ -116,6 +147,7 @@ def test_podman_cni_backend_publishes_a_port(
 def test_podman_netavark_backend_publishes_a_port(
     sandbox: Sandbox, workdir: Path, images: Images
 ) -> None:
+    require(*BASE, "podman", "conmon", "/usr/lib/podman/netavark")
     host = outside_client(sandbox)
     with Podman(sandbox, workdir / "podman", backend="netavark") as podman:
         print(f"podman (netavark) ready in {podman.started_in:.2f} s")
@@ -133,6 +165,7 @@ def test_podman_netavark_backend_publishes_a_port(
 def test_containerd_serves_through_a_port_and_ctr_cni(
     sandbox: Sandbox, workdir: Path, images: Images
 ) -> None:
+    require(*BASE, "containerd", "ctr")
     conf_dir = workdir / "net.d"
     conflist = write_conflist(conf_dir, reference_conflist("ctdnet", "cni-ctd0", "10.79.0.0/24"))
     host = outside_client(sandbox)
@@ -164,6 +197,7 @@ def test_containerd_serves_through_a_port_and_ctr_cni(
 def test_dockerd_publishes_a_port_with_its_own_chains(
     sandbox: Sandbox, workdir: Path, images: Images
 ) -> None:
+    require(*BASE, "dockerd", "/usr/bin/docker")
     host = outside_client(sandbox)
     forwarding = sandbox.run(["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip()
     t0 = time.monotonic()
@@ -187,6 +221,7 @@ def test_dockerd_publishes_a_port_with_its_own_chains(
 
 
 def test_libcni_driver_with_reference_plugins(sandbox: Sandbox, workdir: Path) -> None:
+    require(*BASE)
     t0 = time.monotonic()
     host = outside_client(sandbox)
     data = workdir / "ipam"
