@@ -12,13 +12,14 @@ Per container, sequentially, each in a fresh sandbox, one port mapping each:
 
 The namespaces are made beforehand (``ip netns add``, not timed). ``cni_reference()``
 prints lines in the style of ``bench/run.py`` and returns the p50/p99 figures; run it
-alone with ``python bench/cni_reference.py [N]``. The timing loop runs inside the
-sandbox (so no ``nsenter`` is timed).
+alone with ``python bench/cni_reference.py [N]``. Each kind's timing runs inside its
+sandbox (no ``nsenter`` is timed), in a worker asked for one operation at a time.
 """
 
 from __future__ import annotations
 
 import json
+import select
 import subprocess
 import sys
 import tempfile
@@ -55,100 +56,111 @@ def _netns(n: int) -> list[str]:
     return names
 
 
-def inside_reference(n: int, work: Path) -> dict[str, list[float]]:
-    net = NetworkConfigList.from_dict(
-        {
-            "cniVersion": "1.0.0",
-            "name": "bench",
-            "plugins": [
-                {
-                    "type": "bridge",
-                    "bridge": "cni-bench0",
-                    "isGateway": True,
-                    "ipMasq": True,
-                    "hairpinMode": True,
-                    "ipam": {
-                        "type": "host-local",
-                        "dataDir": str(work / "ipam"),
-                        "ranges": [[{"subnet": "10.90.0.0/16", "gateway": "10.90.0.1"}]],
-                        "routes": [{"dst": "0.0.0.0/0"}],
+class Reference:
+    """bridge + host-local + portmap through libcni, plugins run directly (we are inside)."""
+
+    def __init__(self, n: int, work: Path) -> None:
+        self.net = NetworkConfigList.from_dict(
+            {
+                "cniVersion": "1.0.0",
+                "name": "bench",
+                "plugins": [
+                    {
+                        "type": "bridge",
+                        "bridge": "cni-bench0",
+                        "isGateway": True,
+                        "ipMasq": True,
+                        "hairpinMode": True,
+                        "ipam": {
+                            "type": "host-local",
+                            "dataDir": str(work / "ipam"),
+                            "ranges": [[{"subnet": "10.90.0.0/16", "gateway": "10.90.0.1"}]],
+                            "routes": [{"dst": "0.0.0.0/0"}],
+                        },
                     },
-                },
-                {"type": "portmap", "capabilities": {"portMappings": True}},
-            ],
-        }
-    )
-    cni = CNIConfig([REFERENCE], work / "cache", local_exec, timeout=30)
-    runtimes = [
-        RuntimeConf(
-            f"bench{i}",
-            f"/run/netns/{ns}",
-            "eth0",
-            [("IgnoreUnknown", "1")],
-            {"portMappings": [{"hostPort": BASE_PORT + i, "containerPort": 80, "protocol": "tcp"}]},
+                    {"type": "portmap", "capabilities": {"portMappings": True}},
+                ],
+            }
         )
-        for i, ns in enumerate(_netns(n))
-    ]
-    adds, dels, version = [], [], []
-    for rt in runtimes:
-        t0 = time.perf_counter()
-        cni.add_network_list(net, rt)
-        adds.append(_ms(t0))
-    for rt in runtimes:
-        t0 = time.perf_counter()
-        cni.del_network_list(net, rt)
-        dels.append(_ms(t0))
-    for _ in range(n):
-        t0 = time.perf_counter()
-        cni.get_version_info("portmap")
-        version.append(_ms(t0))
-    return {"add": adds, "del": dels, "exec": version}
-
-
-def inside_netavark(n: int, work: Path) -> dict[str, list[float]]:
-    config = work / "netavark"
-    config.mkdir()
-    info = {
-        "bench": {
-            "name": "bench",
-            "id": "ab" * 32,
-            "driver": "bridge",
-            "network_interface": "nv-bench0",
-            "subnets": [{"subnet": "10.91.0.0/16", "gateway": "10.91.0.1"}],
-            "ipv6_enabled": False,
-            "internal": False,
-            "dns_enabled": False,
-            "ipam_options": {"driver": "host-local"},
-        }
-    }
-    jobs = []
-    for i, ns in enumerate(_netns(n)):
-        opts = {
-            "container_id": f"{i:064x}",
-            "container_name": f"bench{i}",
-            "port_mappings": [
+        self.cni = CNIConfig([REFERENCE], work / "cache", local_exec, timeout=30)
+        self.runtimes = [
+            RuntimeConf(
+                f"bench{i}",
+                f"/run/netns/{ns}",
+                "eth0",
+                [("IgnoreUnknown", "1")],
                 {
-                    "host_ip": "",
-                    "container_port": 80,
-                    "host_port": BASE_PORT + i,
-                    "range": 1,
-                    "protocol": "tcp",
-                }
-            ],
-            "networks": {
-                "bench": {
-                    "static_ips": [f"10.91.{i // 250}.{i % 250 + 2}"],
-                    "interface_name": "eth0",
-                }
-            },
-            "network_info": info,
-        }
-        jobs.append((f"/run/netns/{ns}", json.dumps(opts).encode()))
+                    "portMappings": [
+                        {"hostPort": BASE_PORT + i, "containerPort": 80, "protocol": "tcp"}
+                    ]
+                },
+            )
+            for i, ns in enumerate(_netns(n))
+        ]
 
-    def netavark(command: str, netns: str, stdin: bytes) -> float:
+    def add(self, i: int) -> float:
+        t0 = time.perf_counter()
+        self.cni.add_network_list(self.net, self.runtimes[i])
+        return _ms(t0)
+
+    def delete(self, i: int) -> float:
+        t0 = time.perf_counter()
+        self.cni.del_network_list(self.net, self.runtimes[i])
+        return _ms(t0)
+
+    def exec(self) -> float:
+        t0 = time.perf_counter()
+        self.cni.get_version_info("portmap")
+        return _ms(t0)
+
+
+class Netavark:
+    """netavark 1.4 as Podman runs it: network options on stdin, one process per call."""
+
+    def __init__(self, n: int, work: Path) -> None:
+        self.config = work / "netavark"
+        self.config.mkdir()
+        info = {
+            "bench": {
+                "name": "bench",
+                "id": "ab" * 32,
+                "driver": "bridge",
+                "network_interface": "nv-bench0",
+                "subnets": [{"subnet": "10.91.0.0/16", "gateway": "10.91.0.1"}],
+                "ipv6_enabled": False,
+                "internal": False,
+                "dns_enabled": False,
+                "ipam_options": {"driver": "host-local"},
+            }
+        }
+        self.jobs = []
+        for i, ns in enumerate(_netns(n)):
+            opts = {
+                "container_id": f"{i:064x}",
+                "container_name": f"bench{i}",
+                "port_mappings": [
+                    {
+                        "host_ip": "",
+                        "container_port": 80,
+                        "host_port": BASE_PORT + i,
+                        "range": 1,
+                        "protocol": "tcp",
+                    }
+                ],
+                "networks": {
+                    "bench": {
+                        "static_ips": [f"10.91.{i // 250}.{i % 250 + 2}"],
+                        "interface_name": "eth0",
+                    }
+                },
+                "network_info": info,
+            }
+            self.jobs.append((f"/run/netns/{ns}", json.dumps(opts).encode()))
+
+    def _netavark(self, *args: str, stdin: bytes = b"") -> float:
         t0 = time.perf_counter()
         subprocess.run(
-            [NETAVARK, "--config", str(config), command, netns],
+            [NETAVARK, "--config", str(self.config), *args],
             input=stdin,
             check=True,
             capture_output=True,
@@ -156,35 +168,101 @@ def inside_netavark(n: int, work: Path) -> dict[str, list[float]]:
         )
         return _ms(t0)
 
-    setups = [netavark("setup", netns, stdin) for netns, stdin in jobs]
-    teardowns = [netavark("teardown", netns, stdin) for netns, stdin in jobs]
-    return {"add": setups, "del": teardowns}
+    def add(self, i: int) -> float:
+        netns, stdin = self.jobs[i]
+        return self._netavark("setup", netns, stdin=stdin)
+
+    def delete(self, i: int) -> float:
+        netns, stdin = self.jobs[i]
+        return self._netavark("teardown", netns, stdin=stdin)
+
+    def exec(self) -> float:
+        return self._netavark("--version")
 
 
-def _inside(kind: str, n: int) -> None:
+KINDS: dict[str, type[Reference] | type[Netavark]] = {
+    "reference": Reference,
+    "netavark": Netavark,
+}
+
+
+def _worker(kind: str, n: int) -> None:
+    """Inside a sandbox: set up, say ready, then time one operation per line asked."""
     with tempfile.TemporaryDirectory(prefix="netagent-cniref-") as d:
-        fn = inside_reference if kind == "reference" else inside_netavark
-        print(json.dumps(fn(n, Path(d))))
+        w = KINDS[kind](n, Path(d))
+        print("ready", flush=True)
+        for line in sys.stdin:
+            op, *args = line.split()
+            if op == "add":
+                ms = w.add(int(args[0]))
+            elif op == "del":
+                ms = w.delete(int(args[0]))
+            elif op == "exec":
+                ms = w.exec()
+            else:
+                break
+            print(ms, flush=True)
+
+
+def _answer(proc: subprocess.Popen[str], timeout: float = 60) -> str:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    line = proc.stdout.readline() if ready else ""
+    if not line:
+        raise RuntimeError(f"the benchmark worker gave no answer (exit {proc.poll()})")
+    return line.strip()
 
 
 def cni_reference(n: int = 50) -> dict[str, float]:
-    """Measure both in fresh sandboxes, print the figures, return p50/p99 in ms."""
+    """Both kinds in their own fresh sandbox, asked in turn, one operation at a time (the
+    order swapped every round), so the machine's noise falls on both alike; prints the
+    figures and returns p50/p99 in ms."""
     print(
         f"\n== CNI reference: per container, sequentially, n={n}, one port mapping each "
-        "(plugin processes included)"
+        "(plugin processes included; the two asked in turn)"
     )
-    out: dict[str, list[float]] = {}
-    for kind in ("reference", "netavark"):
-        with Sandbox() as box:
-            r = box.run([sys.executable, __file__, "--inside", kind, str(n)], timeout=600)
-        got = json.loads(r.stdout.strip().splitlines()[-1])
-        for key, values in got.items():
-            out[f"{kind}_{key}"] = values
+    boxes: dict[str, Sandbox] = {}
+    procs: dict[str, subprocess.Popen[str]] = {}
+    out: dict[str, list[float]] = {f"{k}_{op}": [] for k in KINDS for op in ("add", "del", "exec")}
+    try:
+        for kind in KINDS:
+            boxes[kind] = Sandbox()
+            procs[kind] = boxes[kind].popen(
+                [sys.executable, __file__, "--worker", kind, str(n)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            if _answer(procs[kind]) != "ready":
+                raise RuntimeError(f"the {kind} worker did not start")
+        for op, arg in (
+            [("add", i) for i in range(n)]
+            + [("del", i) for i in range(n)]
+            + [("exec", i) for i in range(n)]
+        ):
+            order = list(KINDS) if arg % 2 == 0 else list(reversed(KINDS))
+            for kind in order:
+                proc = procs[kind]
+                assert proc.stdin is not None
+                proc.stdin.write(f"{op} {arg}\n" if op != "exec" else "exec\n")
+                proc.stdin.flush()
+                out[f"{kind}_{op}"].append(float(_answer(proc)))
+    finally:
+        for kind, proc in procs.items():
+            if proc.stdin is not None:
+                proc.stdin.close()
+            boxes[kind].stop(proc)
+        for box in boxes.values():
+            box.close()
     print(f"reference bridge+host-local+portmap ADD  {fmt(out['reference_add'])}")
-    print(f"reference bridge+host-local+portmap DEL  {fmt(out['reference_del'])}")
     print(f"netavark 1.4 setup (static IP)           {fmt(out['netavark_add'])}")
+    print(f"reference bridge+host-local+portmap DEL  {fmt(out['reference_del'])}")
     print(f"netavark 1.4 teardown                    {fmt(out['netavark_del'])}")
     print(f"one plugin process (portmap VERSION)     {fmt(out['reference_exec'])}")
+    print(f"one netavark process (--version)         {fmt(out['netavark_exec'])}")
+    for op, label in (("add", "ADD / setup"), ("del", "DEL / teardown")):
+        ratio = pct(out[f"reference_{op}"], 0.5) / pct(out[f"netavark_{op}"], 0.5)
+        print(f"reference / netavark, p50 {label}: {ratio:.2f}x")
     results: dict[str, float] = {}
     for key, values in out.items():
         results[f"{key}_p50_ms"] = pct(values, 0.5)
@@ -193,8 +271,8 @@ def cni_reference(n: int = 50) -> dict[str, float]:
 
 
 def main(argv: list[str]) -> None:
-    if argv[:1] == ["--inside"]:
-        _inside(argv[1], int(argv[2]))
+    if argv[:1] == ["--worker"]:
+        _worker(argv[1], int(argv[2]))
         return
     cni_reference(int(argv[0]) if argv else 50)
 
