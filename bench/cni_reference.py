@@ -18,6 +18,7 @@ sandbox (no ``nsenter`` is timed), in a worker asked for one operation at a time
 
 from __future__ import annotations
 
+import contextlib
 import json
 import select
 import subprocess
@@ -250,7 +251,9 @@ def cni_reference(n: int = 50) -> dict[str, float]:
     finally:
         for kind, proc in procs.items():
             if proc.stdin is not None:
-                proc.stdin.close()
+                proc.stdin.close()  # the worker ends its loop and removes its directory
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(30)
             boxes[kind].stop(proc)
         for box in boxes.values():
             box.close()
