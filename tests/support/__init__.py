@@ -1,0 +1,1 @@
+"""Test support: real container runtimes in a sandbox, a libcni-style CNI driver, images."""
