@@ -329,8 +329,23 @@ class EtcdCluster:
         members: list[dict[str, Any]] = out.get("members", [])
         return members
 
-    def put(self, key: str, value: str, member: int | None = None) -> None:
-        self.etcdctl("put", key, value, members=None if member is None else [member])
+    def put(self, key: str, value: str, member: int | None = None, timeout: float = 15) -> None:
+        """Write ``key`` through ``member``, retrying until ``timeout`` s: right after the
+        leader is killed, a write fails with "etcdserver: request timed out, possibly due
+        to previous leader failure" until a new leader is elected (etcdctl does not retry
+        a put). Writing the same value twice is harmless here."""
+        deadline = time.monotonic() + timeout
+        which = None if member is None else [member]
+        while True:
+            # short attempts: a new leader is there long before the old one's request
+            # times out on the server
+            attempt = min(max(deadline - time.monotonic(), 3), 4)
+            r = self.etcdctl("put", key, value, members=which, check=False, timeout=attempt)
+            if r.returncode == 0:
+                return
+            if time.monotonic() >= deadline:
+                raise SandboxError(f"etcdctl put {key} failed: {r.stderr.strip()[-500:]}")
+            time.sleep(0.1)
 
     def get(self, key: str, member: int | None = None) -> str | None:
         """The value of ``key`` read through ``member`` (a linearizable read), or None."""
