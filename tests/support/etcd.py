@@ -10,11 +10,12 @@ sandbox on the underlay (the outer sandbox by default, which stays up when membe
 client certificate with ``openssl``, serves the client URLs over https and requires
 client certificates (``--client-cert-auth``); peers stay on plain http.
 
-Facts this relies on (etcd 3.4.23): a member restarted with its old data dir rejoins
-whatever ``--initial-cluster-state`` says (the data dir wins), and ``existing`` is what the
-docs ask for; ``etcdctl endpoint health`` exits non-zero when any endpoint named is
-unhealthy; with ``--client-cert-auth`` the server certificate also needs the clientAuth
-extended key usage, because etcd's grpc-gateway dials its own gRPC port with it.
+Facts this relies on (etcd 3.4.23, see docs/cluster-etcd.md): a member restarted with
+its old data dir and ``--initial-cluster-state existing`` rejoins and catches up;
+``etcdctl endpoint health`` exits non-zero when any endpoint named is unhealthy; with ``--client-cert-auth`` the server certificate also needs the clientAuth
+extended key usage: etcd's grpc-gateway (the HTTP ``/v3`` JSON API) dials the member's own
+gRPC port with it, and without it answers ``{"error":"connection closed","code":14}``
+while gRPC clients work.
 """
 
 from __future__ import annotations
