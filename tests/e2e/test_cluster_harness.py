@@ -39,8 +39,8 @@ def etcd(cluster: Cluster) -> Iterator[EtcdCluster]:
         yield e
 
 
-def ping(host: Host, addr: str, ns: str | None = None) -> bool:
-    argv = ["ping", "-c", "1", "-W", "2", addr]
+def ping(host: Host, addr: str, ns: str | None = None, wait: int = 2) -> bool:
+    argv = ["ping", "-c", "1", "-W", str(wait), addr]
     if ns:
         argv = ["ip", "netns", "exec", ns, *argv]
     return host.run(argv, check=False, timeout=10).returncode == 0
@@ -79,7 +79,7 @@ def test_hosts_etcd_and_cleanup(sandbox: Sandbox, cluster: Cluster, etcd: EtcdCl
     etcd.put("/harness/b", "2", member=1)
     assert etcd.get("/harness/b", member=2) == "2"
     etcd.wait_healthy([1, 2], timeout=10)
-    assert not etcd.healthy(0)
+    assert not etcd.healthy(0, timeout=3)
     # it rejoins with its data dir and catches up on what it missed
     etcd.start_member(0)
     assert etcd.get("/harness/b", member=0) == "2"
@@ -114,7 +114,7 @@ def test_hosts_etcd_and_cleanup(sandbox: Sandbox, cluster: Cluster, etcd: EtcdCl
 def test_remove_host_and_partition(cluster: Cluster) -> None:
     h1, h2, h3 = cluster.hosts
     h2.cut()
-    assert not ping(h1, h2.underlay_ip)
+    assert not ping(h1, h2.underlay_ip, wait=1)
     h2.reconnect()
     wait_until(lambda: ping(h1, h2.underlay_ip), 10, "host2 back on the underlay")
     ns = h3.netns
@@ -207,8 +207,10 @@ def test_one_daemon_per_host(cluster: Cluster) -> None:
     assert "red" not in d2.sh("ip", "netns", "list").stdout
     assert "red" not in d2.ok("ns", "list")
     assert d2.sh("ip", "link", "show", "v-net-0", check=False).returncode != 0
-    # nft tables are per host too
-    assert "netagent" in d1.sh("nft", "list", "tables").stdout
+    # so is the firewall: a forward on host1 is in host1's ruleset only
+    d1.ok("forward", "8080", "192.168.15.2:80")
+    assert "8080" in d1.sh("nft", "list", "ruleset").stdout
+    assert "8080" not in d2.sh("nft", "list", "ruleset").stdout
     d1.ok("purge", "--yes")
     assert d1.stop() == 0
     assert d2.stop() == 0

@@ -12,10 +12,12 @@ client certificates (``--client-cert-auth``); peers stay on plain http.
 
 Facts this relies on (etcd 3.4.23, see docs/cluster-etcd.md): a member restarted with
 its old data dir and ``--initial-cluster-state existing`` rejoins and catches up;
-``etcdctl endpoint health`` exits non-zero when any endpoint named is unhealthy; with ``--client-cert-auth`` the server certificate also needs the clientAuth
-extended key usage: etcd's grpc-gateway (the HTTP ``/v3`` JSON API) dials the member's own
-gRPC port with it, and without it answers ``{"error":"connection closed","code":14}``
-while gRPC clients work.
+``etcdctl endpoint health`` exits non-zero when any endpoint named is unhealthy, and waits
+its whole ``--command-timeout`` on a refused one; etcd re-raises SIGTERM after a graceful
+stop (status -15); with ``--client-cert-auth`` the server certificate also needs the
+clientAuth extended key usage: etcd's grpc-gateway (the HTTP ``/v3`` JSON API) dials the
+member's own gRPC port with it, and without it answers ``{"error":"connection
+closed","code":14}`` while gRPC clients work.
 """
 
 from __future__ import annotations
