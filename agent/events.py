@@ -42,6 +42,8 @@ NS_GROUPS = (
     | rtnl.RTMGRP_IPV4_ROUTE
     | rtnl.RTMGRP_IPV6_ROUTE
 )
+#: datagrams handled between two turns of the event loop
+YIELD_EVERY = 32
 #: seconds between looks at the namespace directory
 NS_POLL = 0.25
 #: seconds entering a namespace to open its watcher may take
@@ -87,9 +89,13 @@ class EventSource:
                     started = True
                     task_status.started()
                 while True:
-                    for datagram in await sock.receive():
+                    for handled, datagram in enumerate(await sock.receive(), 1):
                         for event in rtnl.parse(datagram):
                             self._handle(event)
+                        if handled % YIELD_EVERY == 0:
+                            # a burst of datagrams must not hold the loop for long: let
+                            # requests and passes run between slices of it
+                            await anyio.sleep(0)
             except Exception as exc:
                 if not started:
                     raise  # at start-up: fail loudly rather than hang

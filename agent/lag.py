@@ -3,7 +3,7 @@
 Every event the daemon handles waits behind whatever runs on the loop at that moment, so
 the lag is what a kernel event or a request pays before netagent even looks at it.
 Sampled every :data:`INTERVAL`; ``status`` shows the p99 and the maximum of the last
-:data:`WINDOW` samples.
+:data:`WINDOW` samples (five seconds).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import anyio
 from .api import Counters
 
 INTERVAL = 0.01
-WINDOW = 1000  # ten seconds
+WINDOW = 500  # five seconds
 
 
 async def measure_lag(counters: Counters) -> None:

@@ -305,13 +305,18 @@ class FakeNetlink:
         self._delete(ns, space, index)
         self.calls.append(("del_link", ns, name))
 
-    async def enslave(self, index: int, master: int) -> None:
+    async def enslave(self, pairs: list[tuple[int, int]]) -> list[OSError | None]:
         await self._fault("enslave")
-        link = self.host.links.get(index)
-        if link is None:
-            raise OSError(errno.ENODEV, "No such device")
-        self._set(self.host, dataclasses.replace(link, master=master, up=True), None)
-        self.calls.append(("enslave", link.name, master))
+        out: list[OSError | None] = []
+        for index, master in pairs:
+            link = self.host.links.get(index)
+            if link is None:
+                out.append(OSError(errno.ENODEV, "No such device"))
+                continue
+            self._set(self.host, dataclasses.replace(link, master=master, up=True), None)
+            self.calls.append(("enslave", link.name, master))
+            out.append(None)
+        return out
 
     # ---- addresses and routes -------------------------------------------------------
     async def addresses(self, ns: NsRef, index: int) -> set[IPInterface]:

@@ -157,9 +157,10 @@ class Netlink(Protocol):
         """Delete; an interface already gone is fine."""
         ...
 
-    async def enslave(self, index: int, master: int) -> None:
-        """The attach fast path in the daemon's own namespace: master and up in one
-        request. Raises OSError (ENODEV: gone, EBUSY/ENOSPC: the bridge refuses)."""
+    async def enslave(self, pairs: list[tuple[int, int]]) -> list[OSError | None]:
+        """The attach path in the daemon's own namespace: each (index, master) gets its
+        master and is set up in one request, all pipelined. One result per pair: None, or
+        the OSError (ENODEV: gone, EBUSY/ENOSPC: the bridge refuses)."""
         ...
 
     # ---- addresses and routes -------------------------------------------------------

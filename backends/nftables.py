@@ -2,7 +2,7 @@
 
 Forwards are elements of maps read by a few fixed rules, so a packet costs the same with
 10,000 forwards as with one, and adding or removing a forward changes one element (see
-``shared/notes/nftables.md``). Only traffic addressed to the host is translated: every
+``docs/kernel-facts.md``). Only traffic addressed to the host is translated: every
 DNAT rule starts with ``fib daddr type local`` (CNI portmap's GHSA-jv3w-x3r3-g6rm).
 
     table inet netagent

@@ -294,9 +294,9 @@ class PyrouteNetlink:
             if exc.code != errno.ENODEV:
                 raise
 
-    async def enslave(self, index: int, master: int) -> None:
+    async def enslave(self, pairs: list[tuple[int, int]]) -> list[OSError | None]:
         assert self.raw is not None
-        await self.raw.set_master_up(index, master)
+        return await self.raw.set_masters_up(pairs)
 
     # ---- addresses and routes -------------------------------------------------------
     async def addresses(self, ns: NsRef, index: int) -> set[IPInterface]:

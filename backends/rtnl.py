@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import queue
 import socket
 import struct
 from dataclasses import dataclass
@@ -181,6 +182,8 @@ class EventSocket:
 
 #: seconds a raw request may wait for the kernel's answer
 TIMEOUT = 5.0
+#: raw requests in flight at once
+WINDOW = 128
 
 
 def _expire(fut: asyncio.Future[int | bytes]) -> None:
@@ -189,19 +192,53 @@ def _expire(fut: asyncio.Future[int | bytes]) -> None:
 
 
 class Requests:
-    """Fire-and-await requests on a raw socket: "enslave and up" and "get one link"."""
+    """Fire-and-await requests on a raw socket: "enslave and up" and "get one link".
+
+    A netlink request to the kernel is carried out inside ``send()``, under the kernel's
+    rtnl lock, which ``ip`` and every other tool contend for: during a burst of new
+    interfaces one send can take milliseconds. Sends therefore go out from a thread of
+    their own, and only the answers are read on the event loop. At most :data:`WINDOW`
+    requests are in flight, and the receive buffer is large: when answers do not fit the
+    kernel drops them (ENOBUFS) and their requests would wait for their time limit (a
+    burst of 500 attaches once waited 5 s so)."""
 
     def __init__(self) -> None:
+        import threading
+
         self.sock = socket.socket(
             socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE
         )
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
+        except OSError:  # not root: as much as net.core.rmem_max allows
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
         self.sock.bind((0, 0))
         self.sock.setblocking(False)
         self._seq = 0
         #: seq -> the future of the request: an errno (ACK/error) or the reply's bytes
         self._waiting: dict[int, asyncio.Future[int | bytes]] = {}
+        self._window = asyncio.Semaphore(WINDOW)
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self.sock.fileno(), self._on_readable)
+        self._outbox: queue.SimpleQueue[tuple[int, bytes] | None] = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, name="netagent-rtnl", daemon=True)
+        self._sender.start()
+
+    def _send_loop(self) -> None:
+        while True:
+            item = self._outbox.get()
+            if item is None:
+                return
+            seq, msg = item
+            try:
+                self.sock.sendall(msg)
+            except OSError as exc:
+                self._loop.call_soon_threadsafe(self._failed, seq, exc)
+
+    def _failed(self, seq: int, exc: BaseException) -> None:
+        fut = self._waiting.pop(seq, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(exc)
 
     def _on_readable(self) -> None:
         while True:
@@ -209,6 +246,14 @@ class Requests:
                 data = self.sock.recv(1 << 16)
             except (BlockingIOError, InterruptedError):
                 return
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                # answers were dropped: nobody can tell which requests they belonged to;
+                # fail them all now (the callers' decisions are level-based and retried)
+                for seq in list(self._waiting):
+                    self._failed(seq, OSError(errno.ENOBUFS, "netlink answers were lost"))
+                continue
             off = 0
             while off + _NLMSGHDR.size <= len(data):
                 length, mtype, _f, seq, _pid = _NLMSGHDR.unpack_from(data, off)
@@ -223,31 +268,66 @@ class Requests:
                 off += (length + 3) & ~3
 
     async def _request(self, mtype: int, flags: int, body: bytes) -> int | bytes:
-        self._seq = (self._seq + 1) & 0xFFFFFFFF
-        seq = self._seq
-        msg = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), mtype, flags, seq, 0) + body
-        fut: asyncio.Future[int | bytes] = self._loop.create_future()
-        self._waiting[seq] = fut
-        # a plain timer, not asyncio.wait_for (which wraps every request in a task of
-        # its own: measurable in a burst of 1,000 attaches)
-        timer = self._loop.call_later(TIMEOUT, _expire, fut)
-        try:
+        async with self._window:
+            self._seq = (self._seq + 1) & 0xFFFFFFFF
+            seq = self._seq
+            msg = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), mtype, flags, seq, 0) + body
+            fut: asyncio.Future[int | bytes] = self._loop.create_future()
+            self._waiting[seq] = fut
+            # a plain timer, not asyncio.wait_for (which wraps every request in a task of
+            # its own: measurable in a burst of 1,000 attaches)
+            timer = self._loop.call_later(TIMEOUT, _expire, fut)
             try:
-                self.sock.send(msg)
-            except BlockingIOError:
-                await self._loop.sock_sendall(self.sock, msg)
-            return await fut
-        finally:
-            timer.cancel()
-            self._waiting.pop(seq, None)
+                self._outbox.put((seq, msg))
+                return await fut
+            finally:
+                timer.cancel()
+                self._waiting.pop(seq, None)
 
     async def set_master_up(self, index: int, master: int) -> None:
         """``ip link set dev INDEX master MASTER up`` in one request."""
-        attr = _RTATTR.pack(8, IFLA_MASTER) + struct.pack("I", master)
-        body = _IFINFOMSG.pack(0, 0, index, IFF_UP, IFF_UP) + attr
-        code = await self._request(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, body)
-        if isinstance(code, int) and code:
-            raise OSError(code, os.strerror(code))
+        [err] = await self.set_masters_up([(index, master)])
+        if err is not None:
+            raise err
+
+    async def set_masters_up(self, pairs: list[tuple[int, int]]) -> list[OSError | None]:
+        """Many "enslave and up" at once, pipelined (futures, no task per request: a burst
+        of 1,000 must not cost 1,000 tasks); one result per pair, None when it took."""
+        results: list[OSError | None] = []
+        for start in range(0, len(pairs), WINDOW):
+            chunk = pairs[start : start + WINDOW]
+            futs: list[asyncio.Future[int | bytes]] = []
+            timers = []
+            for index, master in chunk:
+                self._seq = (self._seq + 1) & 0xFFFFFFFF
+                seq = self._seq
+                attr = _RTATTR.pack(8, IFLA_MASTER) + struct.pack("I", master)
+                body = _IFINFOMSG.pack(0, 0, index, IFF_UP, IFF_UP) + attr
+                msg = (
+                    _NLMSGHDR.pack(
+                        _NLMSGHDR.size + len(body), RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, seq, 0
+                    )
+                    + body
+                )
+                fut: asyncio.Future[int | bytes] = self._loop.create_future()
+                self._waiting[seq] = fut
+                futs.append(fut)
+                timers.append(self._loop.call_later(TIMEOUT, _expire, fut))
+                self._outbox.put((seq, msg))
+            try:
+                await asyncio.wait(futs)
+            finally:
+                for timer in timers:
+                    timer.cancel()
+            for fut in futs:
+                exc = fut.exception()
+                if exc is not None:
+                    results.append(exc if isinstance(exc, OSError) else OSError(str(exc)))
+                    continue
+                code = fut.result()
+                ok = not isinstance(code, int) or code == 0
+                results.append(None if ok else OSError(code, os.strerror(int(code))))
+        return results
 
     async def get_link(self, index: int) -> Link | None:
         """One link as the kernel has it now (None: it is gone)."""
@@ -262,6 +342,8 @@ class Requests:
         return found[0] if found else None
 
     def close(self) -> None:
+        self._outbox.put(None)
+        self._sender.join(timeout=TIMEOUT)
         self._loop.remove_reader(self.sock.fileno())
         self.sock.close()
 

@@ -127,9 +127,7 @@ async def attach_links(
 ) -> list[str]:
     """Decide for each link and attach those a rule takes, pipelined: the requests go out
     together and are awaited together (a burst of 1,000 interfaces must not wait for
-    one ACK before sending the next). Returns what was done and what was left alone."""
-    import anyio
-
+    one ACK before sending the next). Returns what was done."""
     if rules is None:
         rules = [r for r in ctx.state.of_kind("attach") if isinstance(r, AttachRule)]
     if not rules:
@@ -160,11 +158,10 @@ async def attach_links(
     if not todo:
         return done
 
-    async def one(link: Link, verdict: Verdict) -> None:
-        assert verdict.rule is not None and verdict.bridge_index is not None
-        try:
-            await ctx.net.enslave(link.index, verdict.bridge_index)
-        except OSError as exc:  # gone meanwhile, or the bridge is full (1,023 ports)
+    results = await ctx.net.enslave([(lk.index, v.bridge_index or 0) for lk, v in todo])
+    for (link, verdict), exc in zip(todo, results, strict=True):
+        assert verdict.rule is not None
+        if exc is not None:  # gone meanwhile, or the bridge is full (1,023 ports)
             ctx.bus.publish(
                 "attach-failed",
                 f"{link.name} could not be attached to {verdict.rule.bridge}: "
@@ -173,7 +170,7 @@ async def attach_links(
                 bridge=verdict.rule.bridge,
             )
             done.append(f"could not attach {link.name}: {exc.strerror or exc}")
-            return
+            continue
         ctx.links.attached.add(link.index)
         ctx.bus.publish(
             "attached",
@@ -183,13 +180,6 @@ async def attach_links(
             rule=verdict.rule.key,
         )
         done.append(f"attached {link.name} to {verdict.rule.bridge}")
-
-    if len(todo) == 1:
-        await one(*todo[0])
-    else:
-        async with anyio.create_task_group() as tg:
-            for link, verdict in todo:
-                tg.start_soon(one, link, verdict)
     return done
 
 
