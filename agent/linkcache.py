@@ -1,7 +1,8 @@
 """The host's links as the kernel announced them: one cache, fed by the event source.
 
 Filled by a dump right after the event socket subscribed (so nothing is missed), then
-kept by every link event. Attach rules decide from it without asking the kernel.
+kept by every link event. Attach rules pick their candidates from it, and check each
+with the kernel right before acting (the cache may lag behind).
 """
 
 from __future__ import annotations
@@ -17,12 +18,8 @@ class LinkCache:
         self._by_name: dict[str, int] = {}
         #: True once a dump has filled it
         self.ready = False
-        #: interfaces netagent attached: an event that shows one without its master may
-        #: have been queued before the attach, so it is checked with the kernel first
-        self.attached: set[int] = set()
 
     def reset(self, links: list[Link]) -> None:
-        self.attached.clear()
         self._by_index = {lk.index: lk for lk in links}
         self._by_name = {lk.name: lk.index for lk in links}
         self.ready = True
@@ -37,7 +34,6 @@ class LinkCache:
         return old
 
     def remove(self, index: int) -> Link | None:
-        self.attached.discard(index)
         old = self._by_index.pop(index, None)
         if old is not None and self._by_name.get(old.name) == index:
             del self._by_name[old.name]

@@ -209,9 +209,9 @@ class FakeNetlink:
         link = self._by_name(self.host, name)
         return None if link is None else link.index
 
-    async def host_link(self, index: int) -> Link | None:
-        await self._fault("host_link")
-        return self.host.links.get(index)
+    async def host_links(self, indexes: list[int]) -> list[Link | None]:
+        await self._fault("host_links")
+        return [self.host.links.get(i) for i in indexes]
 
     async def add_bridge(self, name: str) -> None:
         await self._fault("add_bridge")

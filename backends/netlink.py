@@ -117,9 +117,10 @@ class Netlink(Protocol):
         """The index of an interface in the daemon's own namespace, cheaply."""
         ...
 
-    async def host_link(self, index: int) -> Link | None:
-        """One interface of the daemon's own namespace as the kernel has it right now,
-        cheaply (a raw request): to check a cached view before acting on it."""
+    async def host_links(self, indexes: list[int]) -> list[Link | None]:
+        """Interfaces of the daemon's own namespace as the kernel has them right now,
+        cheaply (raw requests, pipelined): to check a cached view before acting on it.
+        None for one that is gone."""
         ...
 
     async def add_bridge(self, name: str) -> None:

@@ -222,12 +222,12 @@ class PyrouteNetlink:
         except OSError:
             return None
 
-    async def host_link(self, index: int) -> Link | None:
+    async def host_links(self, indexes: list[int]) -> list[Link | None]:
         assert self.raw is not None
         try:
-            return await self.raw.get_link(index)
+            return await self.raw.get_links(indexes)
         except TimeoutError:
-            raise HostTimeout(f"the kernel did not answer a lookup of #{index}") from None
+            raise HostTimeout("the kernel did not answer a lookup of interfaces") from None
 
     async def add_bridge(self, name: str) -> None:
         await self._timed(

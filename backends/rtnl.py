@@ -267,51 +267,23 @@ class Requests:
                         fut.set_result(data[off : off + length])
                 off += (length + 3) & ~3
 
-    async def _request(self, mtype: int, flags: int, body: bytes) -> int | bytes:
-        async with self._window:
-            self._seq = (self._seq + 1) & 0xFFFFFFFF
-            seq = self._seq
-            msg = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), mtype, flags, seq, 0) + body
-            fut: asyncio.Future[int | bytes] = self._loop.create_future()
-            self._waiting[seq] = fut
-            # a plain timer, not asyncio.wait_for (which wraps every request in a task of
-            # its own: measurable in a burst of 1,000 attaches)
-            timer = self._loop.call_later(TIMEOUT, _expire, fut)
-            try:
-                self._outbox.put((seq, msg))
-                return await fut
-            finally:
-                timer.cancel()
-                self._waiting.pop(seq, None)
-
-    async def set_master_up(self, index: int, master: int) -> None:
-        """``ip link set dev INDEX master MASTER up`` in one request."""
-        [err] = await self.set_masters_up([(index, master)])
-        if err is not None:
-            raise err
-
-    async def set_masters_up(self, pairs: list[tuple[int, int]]) -> list[OSError | None]:
-        """Many "enslave and up" at once, pipelined (futures, no task per request: a burst
-        of 1,000 must not cost 1,000 tasks); one result per pair, None when it took."""
-        results: list[OSError | None] = []
-        for start in range(0, len(pairs), WINDOW):
-            chunk = pairs[start : start + WINDOW]
+    async def _many(self, requests: list[tuple[int, int, bytes]]) -> list[int | bytes | OSError]:
+        """Send requests pipelined, at most :data:`WINDOW` in flight, and wait for every
+        answer: futures, no task per request (a burst of 1,000 must not cost 1,000
+        tasks). Each result is the errno of the ACK (0: done), the reply's bytes, or the
+        OSError (lost answers, the time limit)."""
+        results: list[int | bytes | OSError] = []
+        for start in range(0, len(requests), WINDOW):
             futs: list[asyncio.Future[int | bytes]] = []
             timers = []
-            for index, master in chunk:
+            for mtype, flags, body in requests[start : start + WINDOW]:
                 self._seq = (self._seq + 1) & 0xFFFFFFFF
                 seq = self._seq
-                attr = _RTATTR.pack(8, IFLA_MASTER) + struct.pack("I", master)
-                body = _IFINFOMSG.pack(0, 0, index, IFF_UP, IFF_UP) + attr
-                msg = (
-                    _NLMSGHDR.pack(
-                        _NLMSGHDR.size + len(body), RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, seq, 0
-                    )
-                    + body
-                )
+                msg = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), mtype, flags, seq, 0) + body
                 fut: asyncio.Future[int | bytes] = self._loop.create_future()
                 self._waiting[seq] = fut
                 futs.append(fut)
+                # a plain timer, not asyncio.wait_for (a task of its own per request)
                 timers.append(self._loop.call_later(TIMEOUT, _expire, fut))
                 self._outbox.put((seq, msg))
             try:
@@ -321,25 +293,49 @@ class Requests:
                     timer.cancel()
             for fut in futs:
                 exc = fut.exception()
-                if exc is not None:
+                if exc is None:
+                    results.append(fut.result())
+                else:
                     results.append(exc if isinstance(exc, OSError) else OSError(str(exc)))
-                    continue
-                code = fut.result()
-                ok = not isinstance(code, int) or code == 0
-                results.append(None if ok else OSError(code, os.strerror(int(code))))
         return results
 
-    async def get_link(self, index: int) -> Link | None:
-        """One link as the kernel has it now (None: it is gone)."""
-        body = _IFINFOMSG.pack(0, 0, index, 0, 0)
-        reply = await self._request(RTM_GETLINK, NLM_F_REQUEST, body)
-        if isinstance(reply, int):
-            if reply in (0, errno.ENODEV):
-                return None
-            raise OSError(reply, os.strerror(reply))
-        events = parse(reply)
-        found = [e.link for e in events if isinstance(e, LinkEvent)]
-        return found[0] if found else None
+    async def set_masters_up(self, pairs: list[tuple[int, int]]) -> list[OSError | None]:
+        """Many "enslave and up" at once; one result per pair, None when it took."""
+        requests = [
+            (
+                RTM_NEWLINK,
+                NLM_F_REQUEST | NLM_F_ACK,
+                _IFINFOMSG.pack(0, 0, index, IFF_UP, IFF_UP)
+                + _RTATTR.pack(8, IFLA_MASTER)
+                + struct.pack("I", master),
+            )
+            for index, master in pairs
+        ]
+        out: list[OSError | None] = []
+        for r in await self._many(requests):
+            if isinstance(r, OSError):
+                out.append(r)
+            elif isinstance(r, int) and r:
+                out.append(OSError(r, os.strerror(r)))
+            else:
+                out.append(None)
+        return out
+
+    async def get_links(self, indexes: list[int]) -> list[Link | None]:
+        """Links as the kernel has them now (None: gone), pipelined."""
+        requests = [(RTM_GETLINK, NLM_F_REQUEST, _IFINFOMSG.pack(0, 0, i, 0, 0)) for i in indexes]
+        out: list[Link | None] = []
+        for r in await self._many(requests):
+            if isinstance(r, OSError):
+                raise r
+            if isinstance(r, int):
+                if r not in (0, errno.ENODEV):
+                    raise OSError(r, os.strerror(r))
+                out.append(None)
+                continue
+            found = [e.link for e in parse(r) if isinstance(e, LinkEvent)]
+            out.append(found[0] if found else None)
+        return out
 
     def close(self) -> None:
         self._outbox.put(None)

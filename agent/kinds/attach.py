@@ -122,6 +122,15 @@ def decide(
     return Verdict(rule, attach=True, bridge_index=bridge.index)
 
 
+def _left_alone(ctx: Context, link: Link, verdict: Verdict) -> None:
+    """Reported, not an action: nothing changed."""
+    assert verdict.rule is not None and verdict.why is not None
+    extra = {"master": verdict.master} if verdict.master else {}
+    ctx.bus.publish(
+        "left-alone", verdict.why, ifname=link.name, bridge=verdict.rule.bridge, **extra
+    )
+
+
 async def attach_links(
     ctx: Context, links: Iterable[Link], rules: list[AttachRule] | None = None
 ) -> list[str]:
@@ -132,32 +141,34 @@ async def attach_links(
         rules = [r for r in ctx.state.of_kind("attach") if isinstance(r, AttachRule)]
     if not rules:
         return []
+    done: list[str] = []
+    candidates = []
+    for link in links:
+        verdict = decide(rules, link, ctx.links)
+        if verdict.attach:
+            candidates.append(link)
+        elif verdict.why is not None:
+            _left_alone(ctx, link, verdict)
+    if not candidates:
+        return done
+    # the cache may be older than the kernel (an event queued before someone gave the
+    # interface to another bridge, or before our own attach): decide on what the kernel
+    # says right now, so netagent never takes what was taken meanwhile
+    fresh = await ctx.net.host_links([lk.index for lk in candidates])
     joining: set[int] = set()
     todo: list[tuple[Link, Verdict]] = []
-    done: list[str] = []
-    for link in links:
-        verdict = decide(rules, link, ctx.links, joining)
-        if verdict.attach and link.index in ctx.links.attached:
-            # attached by us before: this view may be older than that attach, or someone
-            # detached it, or gave it to another bridge since; ask the kernel
-            fresh = await ctx.net.host_link(link.index)
-            if fresh is None:
-                continue
-            ctx.links.update(fresh)
-            verdict = decide(rules, fresh, ctx.links, joining)
+    for now in fresh:
+        if now is None:
+            continue  # gone meanwhile
+        ctx.links.update(now)
+        verdict = decide(rules, now, ctx.links, joining)
         if verdict.why is not None:
-            assert verdict.rule is not None
-            # reported, not an action: nothing changed
-            extra = {"master": verdict.master} if verdict.master else {}
-            ctx.bus.publish(
-                "left-alone", verdict.why, ifname=link.name, bridge=verdict.rule.bridge, **extra
-            )
+            _left_alone(ctx, now, verdict)
         elif verdict.attach:
-            joining.add(link.index)
-            todo.append((link, verdict))
+            joining.add(now.index)
+            todo.append((now, verdict))
     if not todo:
         return done
-
     results = await ctx.net.enslave([(lk.index, v.bridge_index or 0) for lk, v in todo])
     for (link, verdict), exc in zip(todo, results, strict=True):
         assert verdict.rule is not None
@@ -171,7 +182,6 @@ async def attach_links(
             )
             done.append(f"could not attach {link.name}: {exc.strerror or exc}")
             continue
-        ctx.links.attached.add(link.index)
         ctx.bus.publish(
             "attached",
             f"{link.name} attached to {verdict.rule.bridge} (rule {verdict.rule.pattern!r})",
