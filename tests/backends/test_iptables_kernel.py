@@ -46,7 +46,7 @@ async def main():
             batch = be.plan(spec, await be.observe())
             if op == "sync":
                 await be.apply(batch)
-            out.update(steps=batch.steps, full=batch.full)
+            out.update(steps=batch.steps, full=batch.rebuild, touched=sorted(batch.touched))
         elif op == "update":
             added = [I.Forward.from_dict(f) for f in req["added"]]
             removed = [I.Forward.from_dict(f) for f in req["removed"]]
@@ -63,14 +63,14 @@ async def main():
             # how many times iptables-save runs: observe, apply, observe, an update,
             # observe, then someone else's change, observe
             saves = []
-            real = be._run
+            real = be.programs.run
 
             async def counting(argv, stdin=None):
                 if argv[0].endswith("-save"):
                     saves.append(argv[0])
                 return await real(argv, stdin)
 
-            be._run = counting
+            be.programs.run = counting
             counts = []
             batch = be.plan(spec, await be.observe())
             await be.apply(batch)
@@ -231,7 +231,7 @@ def test_apply_is_idempotent_and_purge_leaves_the_rest(sandbox: Sandbox) -> None
 
     # a second pass finds everything in place and writes nothing
     second = drive(sandbox, "plan")
-    assert second == {"ok": True, "steps": [], "full": False}
+    assert second == {"ok": True, "steps": [], "full": False, "touched": []}
     assert drive(sandbox, "sync")["steps"] == []
     assert drive(sandbox, "present")["present"]
 
@@ -262,7 +262,8 @@ def test_drift_is_repaired(sandbox: Sandbox) -> None:
     sandbox.run(["iptables", "-t", "nat", "-F", "NETAGENT-UDP-8000-8063"])
 
     pending = drive(sandbox, "plan")
-    assert pending["full"]
+    assert pending["full"]  # the PREROUTING jump and the OUTPUT entry chain
+    assert pending["touched"] == [FWD_RANGE.key]  # its block was flushed
     assert set(pending["steps"]) == {
         "delete duplicate jump POSTROUTING -> NETAGENT-POSTROUTING (ipv4)",
         "rewrite chain NETAGENT-OUTPUT (ipv4, 2 rules)",
