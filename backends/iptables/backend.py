@@ -90,11 +90,12 @@ class IptablesBackend(FirewallBackend[Observed, RestorePayload]):
 
     def drift_watcher(self) -> DriftWatcher | None:
         """iptables-nft keeps its chains in nf_tables' ``ip nat`` / ``ip6 nat`` tables,
-        so ``nft monitor`` sees every change. Legacy iptables changes never reach nf_tables:
+        so ``nft monitor`` sees every change; the backend's own ``iptables-restore``
+        processes are named to it as ours. Legacy iptables changes never reach nf_tables:
         None, and the reconciler's periodic pass finds them."""
         if not self.nft_flavour:
             return None
-        return NftMonitorWatcher(MONITOR_MARKERS)
+        return NftMonitorWatcher(MONITOR_MARKERS, own_pids=self.programs.own_pids)
 
     @classmethod
     def probe(cls) -> tuple[bool, str]:

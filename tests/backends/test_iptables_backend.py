@@ -18,7 +18,7 @@ from netagent.backends.iptables import IptablesBackend
 from netagent.backends.iptables import backend as backend_mod
 from netagent.backends.iptables.rules import desired_chains
 from netagent.backends.iptables.save import FamilyObserved
-from netagent.backends.nftmonitor import NftMonitorWatcher
+from netagent.backends.nftmonitor import NftMonitorWatcher, Transactions, is_own
 from tests.backends.iptables_samples import (
     EMPTY_SAVE,
     JUMPS,
@@ -201,8 +201,32 @@ def test_iptables_nft_gets_an_nft_monitor_watcher(monkeypatch: pytest.MonkeyPatc
     watcher = be.drift_watcher()
     assert isinstance(watcher, NftMonitorWatcher)
     assert watcher.markers == (" ip nat", " ip6 nat")
+    assert watcher.own_pids == be.programs.own_pids
 
 
 def test_legacy_iptables_has_no_watcher(monkeypatch: pytest.MonkeyPatch) -> None:
     """Legacy changes never reach nf_tables: the periodic pass finds them."""
     assert flavoured(monkeypatch, "xtables-legacy-multi").drift_watcher() is None
+
+
+async def test_own_restores_are_not_drift_and_others_are(
+    fake_run: FakeRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While (and just after) the backend runs iptables-restore, the watcher names its
+    pid as ours: that commit is not drift; the same lines from any other pid are."""
+    be = flavoured(monkeypatch, "xtables-nft-multi")
+    watcher = be.drift_watcher()
+    assert isinstance(watcher, NftMonitorWatcher)
+    assert watcher.own_pids() == frozenset()
+    await be.apply(be.plan(SPEC, nothing()))
+    pids = [40001, 40002]  # the fake's pids of the two restores
+    assert all(pid in seen for pid, seen in zip(pids, fake_run.own_during, strict=True))
+    me = os.getpid()
+    tx = Transactions(watcher.markers, lambda pid: is_own(pid, me, watcher.own_pids()))
+    change = "add rule ip nat NETAGENT-DNAT tcp dport 80 counter"
+    for pid in pids:
+        assert tx.feed(change) is None
+        assert tx.feed(f"# new generation 7 by process {pid} (iptables-restor)") is None
+    assert tx.feed(change) is None
+    drift = tx.feed("# new generation 8 by process 999999 (iptables)")
+    assert drift is not None and "pid 999999" in drift

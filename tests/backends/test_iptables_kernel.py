@@ -421,3 +421,78 @@ def test_traffic_through_a_forward(sandbox: Sandbox) -> None:
 
     assert drive(sandbox, "purge", spec)["ok"]
     assert connect(sandbox, "cli", "10.50.0.1", 8080) == "refused"
+
+
+# ---- the drift watcher, against the real kernel --------------------------------------
+
+WATCH = r"""
+import json, subprocess, sys
+import anyio
+from netagent.agent import intents as I
+from netagent.backends.firewall import FirewallSpec
+from netagent.backends.iptables import IptablesBackend
+
+FORWARDS = [I.make_forward(str(20000 + i), f"192.168.15.2:{1 + i}") for i in range(20)]
+
+async def main():
+    be = IptablesBackend()
+    watcher = be.drift_watcher()
+    assert watcher is not None, "not iptables-nft"
+    reports = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watcher.run, reports.append)
+
+        async def foreign(tag):
+            # another process changes one of our chains; wait until it is reported
+            proc = subprocess.Popen(["iptables", "-t", "nat", "-A", "NETAGENT-POSTROUTING",
+                                     "-m", "comment", "--comment", tag, "-j", "RETURN"])
+            proc.wait(30)
+            with anyio.fail_after(10):
+                while not any(f"pid {proc.pid}" in r for r in reports):
+                    await anyio.sleep(0.01)
+            return proc.pid
+
+        spec = FirewallSpec()
+        await be.apply(be.plan(spec, await be.observe()))
+        # until the monitor listens, foreign changes may go unseen: retry the first
+        with anyio.fail_after(20):
+            while True:
+                try:
+                    with anyio.fail_after(1):
+                        first = await foreign("probe")
+                    break
+                except TimeoutError:
+                    pass
+        before = len(reports)
+        # our own changes: full plans, updates, and a purge; each its own restores
+        await be.apply(be.plan(spec, await be.observe()))
+        for fwd in FORWARDS:
+            grown = FirewallSpec(forwards=(*spec.forwards, fwd))
+            await be.apply(be.plan_update(grown, [fwd], []))
+            spec = grown
+        for fwd in FORWARDS[:10]:
+            smaller = FirewallSpec(forwards=tuple(f for f in spec.forwards if f is not fwd))
+            await be.apply(be.plan_update(smaller, [], [fwd]))
+            spec = smaller
+        await be.purge()
+        await be.apply(be.plan(spec, await be.observe()))
+        # the monitor reports in commit order: once this is seen, ours have been read
+        last = await foreign("barrier")
+        tg.cancel_scope.cancel()
+    print(json.dumps({"first": first, "last": last, "between": reports[before:]}))
+
+anyio.run(main)
+"""
+
+
+def test_the_watcher_reports_others_and_never_the_backends_own_changes(
+    sandbox: Sandbox,
+) -> None:
+    """iptables-nft: the drift watcher sees someone else's change to our chains (with
+    their pid), and none of the ~35 restores the backend itself ran in between."""
+    result = sandbox.run([sys.executable, "-c", WATCH], timeout=120)
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    between = answer["between"]
+    assert len(between) == 1, between
+    assert f"pid {answer['last']}" in between[0]
+    assert "iptables" in between[0]
