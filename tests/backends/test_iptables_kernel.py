@@ -423,7 +423,35 @@ def test_traffic_through_a_forward(sandbox: Sandbox) -> None:
     assert connect(sandbox, "cli", "10.50.0.1", 8080) == "refused"
 
 
-# ---- the drift watcher, against the real kernel --------------------------------------
+# ---- the nf_tables generation and the drift watcher, against the real kernel ----------
+
+GENID = r"""
+import json, subprocess
+from netagent.backends.iptables.genid import nf_genid
+
+def run(*argv):
+    subprocess.run(list(argv), check=True, capture_output=True, timeout=30)
+
+seen = [nf_genid()]
+run("iptables-save", "-t", "nat")
+seen.append(nf_genid())
+run("iptables", "-t", "nat", "-N", "GENID-TEST")
+seen.append(nf_genid())
+run("iptables", "-t", "nat", "-X", "GENID-TEST")
+seen.append(nf_genid())
+print(json.dumps(seen))
+"""
+
+
+def test_the_generation_moves_with_each_commit_and_not_with_a_read(sandbox: Sandbox) -> None:
+    out = sandbox.run([sys.executable, "-c", GENID]).stdout
+    seen = json.loads(out.strip().splitlines()[-1])
+    assert all(isinstance(g, int) for g in seen), seen
+    first, after_save, after_new, after_delete = seen
+    assert after_save == first
+    assert after_new == first + 1
+    assert after_delete == first + 2
+
 
 WATCH = r"""
 import json, subprocess, sys
