@@ -46,7 +46,7 @@ async def main():
             batch = be.plan(spec, await be.observe())
             if op == "sync":
                 await be.apply(batch)
-            out.update(steps=batch.steps, full=batch.full)
+            out.update(steps=batch.steps, full=batch.rebuild, touched=sorted(batch.touched))
         elif op == "update":
             added = [I.Forward.from_dict(f) for f in req["added"]]
             removed = [I.Forward.from_dict(f) for f in req["removed"]]
@@ -63,14 +63,14 @@ async def main():
             # how many times iptables-save runs: observe, apply, observe, an update,
             # observe, then someone else's change, observe
             saves = []
-            real = be._run
+            real = be.programs.run
 
             async def counting(argv, stdin=None):
                 if argv[0].endswith("-save"):
                     saves.append(argv[0])
                 return await real(argv, stdin)
 
-            be._run = counting
+            be.programs.run = counting
             counts = []
             batch = be.plan(spec, await be.observe())
             await be.apply(batch)
@@ -231,7 +231,7 @@ def test_apply_is_idempotent_and_purge_leaves_the_rest(sandbox: Sandbox) -> None
 
     # a second pass finds everything in place and writes nothing
     second = drive(sandbox, "plan")
-    assert second == {"ok": True, "steps": [], "full": False}
+    assert second == {"ok": True, "steps": [], "full": False, "touched": []}
     assert drive(sandbox, "sync")["steps"] == []
     assert drive(sandbox, "present")["present"]
 
@@ -262,7 +262,8 @@ def test_drift_is_repaired(sandbox: Sandbox) -> None:
     sandbox.run(["iptables", "-t", "nat", "-F", "NETAGENT-UDP-8000-8063"])
 
     pending = drive(sandbox, "plan")
-    assert pending["full"]
+    assert pending["full"]  # the PREROUTING jump and the OUTPUT entry chain
+    assert pending["touched"] == [FWD_RANGE.key]  # its block was flushed
     assert set(pending["steps"]) == {
         "delete duplicate jump POSTROUTING -> NETAGENT-POSTROUTING (ipv4)",
         "rewrite chain NETAGENT-OUTPUT (ipv4, 2 rules)",
@@ -420,3 +421,106 @@ def test_traffic_through_a_forward(sandbox: Sandbox) -> None:
 
     assert drive(sandbox, "purge", spec)["ok"]
     assert connect(sandbox, "cli", "10.50.0.1", 8080) == "refused"
+
+
+# ---- the nf_tables generation and the drift watcher, against the real kernel ----------
+
+GENID = r"""
+import json, subprocess
+from netagent.backends.iptables.genid import nf_genid
+
+def run(*argv):
+    subprocess.run(list(argv), check=True, capture_output=True, timeout=30)
+
+seen = [nf_genid()]
+run("iptables-save", "-t", "nat")
+seen.append(nf_genid())
+run("iptables", "-t", "nat", "-N", "GENID-TEST")
+seen.append(nf_genid())
+run("iptables", "-t", "nat", "-X", "GENID-TEST")
+seen.append(nf_genid())
+print(json.dumps(seen))
+"""
+
+
+def test_the_generation_moves_with_each_commit_and_not_with_a_read(sandbox: Sandbox) -> None:
+    out = sandbox.run([sys.executable, "-c", GENID]).stdout
+    seen = json.loads(out.strip().splitlines()[-1])
+    assert all(isinstance(g, int) for g in seen), seen
+    first, after_save, after_new, after_delete = seen
+    assert after_save == first
+    assert after_new == first + 1
+    assert after_delete == first + 2
+
+
+WATCH = r"""
+import json, subprocess, sys
+import anyio
+from netagent.agent import intents as I
+from netagent.backends.firewall import FirewallSpec
+from netagent.backends.iptables import IptablesBackend
+
+FORWARDS = [I.make_forward(str(20000 + i), f"192.168.15.2:{1 + i}") for i in range(20)]
+
+async def main():
+    be = IptablesBackend()
+    watcher = be.drift_watcher()
+    assert watcher is not None, "not iptables-nft"
+    reports = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watcher.run, reports.append)
+
+        async def foreign(tag):
+            # another process changes one of our chains; wait until it is reported
+            proc = subprocess.Popen(["iptables", "-t", "nat", "-A", "NETAGENT-POSTROUTING",
+                                     "-m", "comment", "--comment", tag, "-j", "RETURN"])
+            proc.wait(30)
+            with anyio.fail_after(10):
+                while not any(f"pid {proc.pid}" in r for r in reports):
+                    await anyio.sleep(0.01)
+            return proc.pid
+
+        spec = FirewallSpec()
+        await be.apply(be.plan(spec, await be.observe()))
+        # until the monitor listens, foreign changes may go unseen: retry the first
+        with anyio.fail_after(20):
+            while True:
+                try:
+                    with anyio.fail_after(1):
+                        first = await foreign("probe")
+                    break
+                except TimeoutError:
+                    pass
+        before = len(reports)
+        # our own changes: full plans, updates, and a purge; each its own restores
+        await be.apply(be.plan(spec, await be.observe()))
+        for fwd in FORWARDS:
+            grown = FirewallSpec(forwards=(*spec.forwards, fwd))
+            await be.apply(be.plan_update(grown, [fwd], []))
+            spec = grown
+        for fwd in FORWARDS[:10]:
+            smaller = FirewallSpec(forwards=tuple(f for f in spec.forwards if f is not fwd))
+            await be.apply(be.plan_update(smaller, [], [fwd]))
+            spec = smaller
+        await be.purge()
+        await be.apply(be.plan(spec, await be.observe()))
+        # the monitor reports in commit order: once this is seen, ours have been read
+        last = await foreign("barrier")
+        tg.cancel_scope.cancel()
+    print(json.dumps({"first": first, "last": last, "between": reports[before:]}))
+
+anyio.run(main)
+"""
+
+
+def test_the_watcher_reports_others_and_never_the_backends_own_changes(
+    sandbox: Sandbox,
+) -> None:
+    """iptables-nft: the drift watcher sees someone else's change to our chains (with
+    their pid), and none of the ~35 restores the backend itself ran in between."""
+    result = sandbox.run([sys.executable, "-c", WATCH], timeout=120)
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    between = answer["between"]
+    assert len(between) == 1, between
+    assert f"pid {answer['last']}" in between[0]
+    assert "iptables" in between[0]
