@@ -26,15 +26,16 @@ pytestmark = pytest.mark.privileged
 DRIVER = r"""
 import json, sys
 import anyio
-from netagent.agent import intents as I
 from netagent.agent.errors import NetagentError
+from netagent.agent.kinds import default_kinds
 from netagent.backends.firewall import FirewallSpec
 from netagent.backends.iptables import IptablesBackend
 
 req = json.loads(sys.argv[1])
+KINDS = default_kinds()
 spec = FirewallSpec(
-    forwards=tuple(I.Forward.from_dict(f) for f in req["spec"]["forwards"]),
-    bridges=tuple(I.Bridge.from_dict(b) for b in req["spec"]["bridges"]),
+    forwards=tuple(KINDS.from_dict(f) for f in req["spec"]["forwards"]),
+    bridges=tuple(KINDS.from_dict(b) for b in req["spec"]["bridges"]),
 )
 
 async def main():
@@ -48,8 +49,8 @@ async def main():
                 await be.apply(batch)
             out.update(steps=batch.steps, full=batch.rebuild, touched=sorted(batch.touched))
         elif op == "update":
-            added = [I.Forward.from_dict(f) for f in req["added"]]
-            removed = [I.Forward.from_dict(f) for f in req["removed"]]
+            added = [KINDS.from_dict(f) for f in req["added"]]
+            removed = [KINDS.from_dict(f) for f in req["removed"]]
             batch = be.plan_update(spec, added, removed)
             await be.apply(batch)
             out.update(steps=batch.steps)
@@ -78,7 +79,7 @@ async def main():
             observed = await be.observe()
             out["in_sync"] = be.plan(spec, observed).empty
             counts.append(len(saves))
-            added = [I.Forward.from_dict(f) for f in req["added"]]
+            added = [KINDS.from_dict(f) for f in req["added"]]
             grown = FirewallSpec(forwards=(*spec.forwards, *added), bridges=spec.bridges)
             await be.apply(be.plan_update(grown, added, []))
             out["update_in_sync"] = be.plan(grown, await be.observe()).empty
