@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 NAME: Value[str] = Value("name", "NAME")
 CIDRS: Value[tuple[IPInterface, ...]] = Value("cidrs", "CIDR")
 IP: Value[IPAddress] = Value("ip", "ADDR")
+HOST_IP: Value[IPAddress] = Value("host_ip", "ADDR")
 PORTS: Value[tuple[int, int]] = Value("ports", "PORT")
 DESTINATION: Value[tuple[IPAddress, int, int]] = Value("destination", "IP:PORT")
 PROTO: Value[Proto] = Value("proto", "PROTO")
@@ -227,7 +228,9 @@ class ForwardAdd(Request):
         DESTINATION, "destination", "IP:PORT, IP:FIRST-LAST or [IPv6]:PORT.", metavar="DEST"
     )
     proto = opt(PROTO, "--proto", "protocol", "tcp", _PROTO_HELP)
-    host_ip = maybe(IP, "--host-ip", "--host-ip", "Only traffic addressed to this host address.")
+    host_ip = maybe(
+        HOST_IP, "--host-ip", "--host-ip", "Only traffic addressed to this host address."
+    )
 
 
 class ForwardDel(Request):
@@ -241,7 +244,7 @@ class ForwardDel(Request):
     mutating = True
     host_ports = arg(PORTS, "host port", "Host port or range as it was forwarded.", "HOST_PORT")
     proto = opt(PROTO, "--proto", "protocol", "tcp", _PROTO_HELP)
-    host_ip = maybe(IP, "--host-ip", "--host-ip", "The host address it was bound to.")
+    host_ip = maybe(HOST_IP, "--host-ip", "--host-ip", "The host address it was bound to.")
 
 
 class ForwardList(Request):

@@ -170,8 +170,10 @@ class Request:
         return f"{type(self).__name__}({inner})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Request) and type(other) is type(self) and (
-            other._values == self._values
+        return (
+            isinstance(other, Request)
+            and type(other) is type(self)
+            and (other._values == self._values)
         )
 
     def __hash__(self) -> int:

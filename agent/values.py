@@ -26,6 +26,30 @@ PROTOS: tuple[Proto, ...] = ("tcp", "udp")
 # A conservative subset of what the kernel takes: it cannot be read as an option (no
 # leading '-'), cannot break a path (/run/netns/NAME) and needs no quoting anywhere.
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
+RESERVED_NAMES = frozenset({"all", "default"})
+_PREFIX_RE = re.compile(r"[0-9]{1,3}\Z")
+#: 0.0.0.0/8 ("this network"), 240.0.0.0/4 (reserved, not routed by Linux) and the
+#: limited broadcast: no packet can be sent to them
+_NOWHERE4 = (
+    ipaddress.ip_network("0.0.0.0/8"),
+    ipaddress.ip_network("240.0.0.0/4"),
+)
+
+
+def _unusable(ip: IPAddress) -> str | None:
+    """Why an address cannot be an interface's, a destination or a host address."""
+    if ip.is_multicast:
+        return "is a multicast address"
+    if ip.is_unspecified:
+        return "is the unspecified address"
+    if ip.version == 4 and any(ip in net for net in _NOWHERE4):
+        return "is not a usable address (0.0.0.0/8, 240.0.0.0/4 and 255.255.255.255 are not)"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return f"is an IPv4-mapped IPv6 address; write it as {ip.ipv4_mapped}"
+        if ip.is_link_local:
+            return "is link-local (fe80::/10): it means nothing without an interface"
+    return None
 
 
 def check_name(value: object, what: str = "name") -> str:
@@ -43,6 +67,10 @@ def check_name(value: object, what: str = "name") -> str:
             f"{what} {value!r} has characters the kernel or the tools refuse; use letters, "
             "digits, '-', '_' and '.', starting with a letter or digit"
         )
+    if value in RESERVED_NAMES:
+        # /proc/sys/net/ipv*/conf/{all,default} are not interfaces (the kernel refuses
+        # them as names, EINVAL), and `ip netns del all` deletes every namespace
+        raise InvalidName(f"{what} {value!r} is reserved by the kernel and the tools; pick another")
     return value
 
 
@@ -57,6 +85,13 @@ def parse_interface(value: object, what: str = "address") -> IPInterface:
             f"{what} {value!r} has no prefix length; give it in CIDR form, "
             f"e.g. {value}/24 (without one the kernel makes a /32 with no on-link route)"
         )
+    text, _, prefix = value.partition("/")
+    if "%" in text:
+        raise InvalidAddress(f"{what} {value!r} carries a scope (%...); give the address alone")
+    if not _PREFIX_RE.match(prefix):
+        raise InvalidAddress(
+            f"{what} {value!r}: give the prefix length as a number (CIDR), e.g. {text}/24"
+        )
     try:
         iface = ipaddress.ip_interface(value)
     except ValueError:
@@ -65,8 +100,16 @@ def parse_interface(value: object, what: str = "address") -> IPInterface:
             "e.g. 192.168.15.1/24 or fd00:15::1/64"
         ) from None
     net = iface.network
-    if iface.ip.is_multicast or iface.ip.is_unspecified or iface.ip.is_loopback:
-        raise InvalidAddress(f"{what} {value!r} cannot be assigned to an interface")
+    why = _unusable(iface.ip)
+    if why is None and iface.ip.is_loopback:
+        why = "is a loopback address"
+    if why is not None:
+        raise InvalidAddress(f"{what} {value!r} cannot be assigned to an interface: it {why}")
+    if net.prefixlen == 0:
+        raise InvalidAddress(
+            f"{what} {value!r}: a /0 would take in every address there is; give the subnet's "
+            "real prefix length"
+        )
     if iface.version == 4 and net.prefixlen < 31:
         if iface.ip == net.network_address:
             raise InvalidAddress(
@@ -85,19 +128,34 @@ def _ip(text: str) -> IPAddress:
     return ipaddress.ip_address(text)
 
 
-def parse_ip(value: object, what: str = "address") -> IPAddress:
+def parse_host_ip(value: object, what: str = "--host-ip") -> IPAddress:
+    """An address of this host a forward is bound to (its loopback addresses too)."""
+    return parse_ip(value, what, loopback=True)
+
+
+def parse_ip(value: object, what: str = "address", loopback: bool = False) -> IPAddress:
     if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
         return value
     if not isinstance(value, str):
         raise InvalidAddress(f"{what} must be a string like 192.168.15.2")
+    if "%" in value:
+        # fe80::1%eth0: the scope is text the firewall cannot take (and could hold a
+        # line break); a scoped address cannot be forwarded to anyway
+        raise InvalidAddress(f"{what} {value!r} carries a scope (%...); give the address alone")
     try:
         ip = _ip(value)  # cached: a 10,000-forward apply names the same few addresses
     except ValueError:
         raise InvalidAddress(
             f"{what} {value!r} is not an IP address; e.g. 192.168.15.2 or fd00:15::2"
         ) from None
-    if ip.is_multicast or ip.is_unspecified:
-        raise InvalidAddress(f"{what} {value!r} cannot be used here")
+    why = _unusable(ip)
+    if why is None and ip.is_loopback and not loopback:
+        why = (
+            "is the host itself; netagent forwards to namespaces and other hosts (a "
+            "service on the host listens on the port itself)"
+        )
+    if why is not None:
+        raise InvalidAddress(f"{what} {value!r} cannot be used: it {why}")
     return ip
 
 
@@ -220,6 +278,7 @@ PARSERS: dict[str, Callable[[object, str], Any]] = {
     "name": check_name,
     "cidrs": parse_interfaces,
     "ip": parse_ip,
+    "host_ip": parse_host_ip,
     "ports": parse_host_ports,
     "destination": parse_destination,
     "proto": _parse_proto,

@@ -37,6 +37,12 @@ class Bridge:
         check_families(self.addresses, f"bridge {self.name} address")
         if not isinstance(self.masquerade, bool):
             raise InvalidArgument("masquerade must be true or false")
+        for addr in self.addresses:
+            if addr.network.prefixlen == addr.max_prefixlen:
+                raise InvalidAddress(
+                    f"bridge {self.name} address {addr}: a /{addr.network.prefixlen} leaves no "
+                    "address for a plug; give the subnet's prefix, e.g. /24 or /64"
+                )
         if self.masquerade and not self.addresses:
             raise InvalidArgument(
                 f"bridge {self.name}: --masquerade needs --address, the subnet to masquerade"

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ..errors import InvalidAddress, InvalidPort, NotFound, PortInUse
 from ..ops import ForwardAdd, ForwardDel
 from ..schema import Request
-from ..values import IPAddress, Proto, parse_ip, parse_port, parse_proto
+from ..values import IPAddress, Proto, parse_host_ip, parse_ip, parse_port, parse_proto
 from .base import Context, Kind, want
 
 if TYPE_CHECKING:
@@ -125,6 +125,30 @@ def forward_from(req: ForwardAdd) -> Forward:
     return Forward(req.proto, lo, dest_ip, dlo, count, req.host_ip)
 
 
+def check_against_bridges(state: DesiredState, fwd: Forward) -> None:
+    """A destination or host address that is a bridge's broadcast, network or own
+    address cannot work: DNAT to a broadcast is dropped, to the host itself loops."""
+    for br in state.of_kind("bridge"):
+        for _ns, _seg, gw in state.kinds.of(br).addresses(br):
+            net = gw.network
+            special = {gw.ip: "own address (the host itself)"}
+            if gw.version == 4 and net.prefixlen < 31:
+                special[net.broadcast_address] = "broadcast address"
+                special[net.network_address] = "network address"
+            for ip, what in ((fwd.dest_ip, "destination"), (fwd.host_ip, "--host-ip")):
+                if ip is None or ip not in special:
+                    continue
+                if what == "--host-ip" and ip == gw.ip:
+                    continue  # binding a forward to the bridge's own address is fine
+                raise InvalidAddress(
+                    f"{what} {ip} is {state.label(br.key)}'s {special[ip]}; a forward "
+                    f"cannot go there: give an address of a namespace in {net}"
+                    if what == "destination"
+                    else f"{what} {ip} is {state.label(br.key)}'s {special[ip]}; give an "
+                    "address of this host"
+                )
+
+
 class ForwardKind(Kind[Forward]):
     name = "forward"
     aliases = ("fwd",)
@@ -141,7 +165,7 @@ class ForwardKind(Kind[Forward]):
             dest_ip=parse_ip(want(d, "dest_ip"), "destination address"),
             dest_port=parse_port(want(d, "dest_port"), "destination port"),
             count=d.get("count", 1),
-            host_ip=None if host_ip is None else parse_ip(host_ip, "--host-ip"),
+            host_ip=None if host_ip is None else parse_host_ip(host_ip),
         )
 
     def index(self, intent: Forward) -> Iterable[tuple[str, Hashable]]:
@@ -154,6 +178,7 @@ class ForwardKind(Kind[Forward]):
     def add(self, state: DesiredState, req: Request) -> Forward:
         assert isinstance(req, ForwardAdd)
         fwd = forward_from(req)
+        check_against_bridges(state, fwd)
         for port in fwd.host_ports:
             for other in self.covering(state, fwd.proto, port):
                 if other == fwd:
