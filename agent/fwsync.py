@@ -30,6 +30,8 @@ log = structlog.get_logger("netagent.firewall")
 
 #: above this many forwards a full plan runs in a worker thread
 THREAD_PLAN = 500
+#: forwards tried together while isolating one the backend refuses
+ISOLATE_CHUNK = 1024
 #: seconds one conntrack run may take
 CONNTRACK_TIMEOUT = 10.0
 
@@ -44,6 +46,8 @@ class FirewallSync:
         self._full = True
         #: what the last full plan found missing, until a sync succeeds
         self.pending: list[str] = []
+        #: forward key -> why the backend refused it (kept out until the next full sync)
+        self.quarantined: dict[str, str] = {}
         self._clear: list[Forward] = []
         self._clear_wake = anyio.Event()
 
@@ -98,17 +102,64 @@ class FirewallSync:
                     log.info("firewall update failed; planning it whole", error=exc.message)
                     full = True
             if full:
-                observed = await self.backend.observe()
-                batch = await self._plan(spec, observed)
-                self.pending = batch.steps
-                await self.backend.apply(batch)
-                steps = batch.steps
+                steps = await self._full_sync(spec)
         self._full = False
         self.pending = []
         if removed and self.conntrack:
             self._clear.extend(removed)
             self._clear_wake.set()
         return steps
+
+    async def _full_sync(self, spec: FirewallSpec) -> list[str]:
+        observed = await self.backend.observe()
+        batch = await self._plan(spec, observed)
+        self.pending = batch.steps
+        try:
+            await self.backend.apply(batch)
+        except NetagentError as exc:
+            if not spec.forwards:
+                raise
+            # one transaction is all or nothing: a forward the backend cannot take must
+            # not keep every other one out; find it, refuse it, install the rest
+            log.warning("a full firewall sync failed; isolating what it refuses", error=exc.message)
+            return await self._isolate(spec)
+        self.quarantined.clear()
+        return batch.steps
+
+    async def _isolate(self, spec: FirewallSpec) -> list[str]:
+        """Install the bridges' rules, then the forwards in chunks as updates; a chunk
+        that fails is halved until the forwards the backend refuses are found. Those are
+        reported (``quarantined``, their keys fail) and retried at the next full sync."""
+        base = FirewallSpec(forwards=(), bridges=spec.bridges)
+        batch = await self._plan(base, await self.backend.observe())
+        await self.backend.apply(batch)  # if the bridges' own rules fail, that is the error
+        installed: list[Forward] = []
+        refused: dict[str, str] = {}
+
+        async def add(group: list[Forward]) -> None:
+            current = FirewallSpec(forwards=(*installed, *group), bridges=spec.bridges)
+            try:
+                await self.backend.apply(self.backend.plan_update(current, group, []))
+                installed.extend(group)
+            except NetagentError as exc:
+                if len(group) == 1:
+                    refused[group[0].key] = exc.message
+                    return
+                half = len(group) // 2
+                await add(group[:half])
+                await add(group[half:])
+
+        forwards = list(spec.forwards)
+        for start in range(0, len(forwards), ISOLATE_CHUNK):
+            await add(forwards[start : start + ISOLATE_CHUNK])
+        self.quarantined.clear()
+        self.quarantined.update(refused)
+        for key, why in refused.items():
+            self.bus.publish("refused", f"the firewall refuses {key}: {why}", key=key)
+        return [
+            f"installed {len(installed)} forwards and the bridges' rules; the firewall "
+            f"refused {len(refused)}: {', '.join(sorted(refused)[:5])}"
+        ]
 
     async def inspect(self, state: DesiredState) -> Batch[object]:
         """What a full sync would do now (nothing is changed)."""

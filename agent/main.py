@@ -121,8 +121,8 @@ async def run_daemon(config: Config) -> None:
         counters = Counters()
         await retire_other_firewall(state_dir, cls.name, bus)
         links = LinkCache()
-        ctx = Context(net=net, state=state, bus=bus, links=links)
         fw = FirewallSync(backend, bus)
+        ctx = Context(net=net, state=state, bus=bus, links=links, refused=fw.quarantined)
         rec = Reconciler(state, ctx, fw, bus, config.resync_interval)
         events = EventSource(state, rec, net, links, bus, counters)
         api = Service(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 from ..errors import InvalidArgument, NameTaken
@@ -64,6 +64,8 @@ class Context:
     state: DesiredState
     bus: EventBus
     links: LinkCache
+    #: forward key -> why the firewall backend refused it (``agent/fwsync.py``)
+    refused: dict[str, str] = field(default_factory=dict)
 
 
 class Kind(ABC, Generic[IntentT]):

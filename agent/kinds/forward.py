@@ -14,7 +14,7 @@ from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import InvalidAddress, InvalidPort, NotFound, PortInUse
+from ..errors import BackendFailed, InvalidAddress, InvalidPort, NotFound, PortInUse
 from ..ops import ForwardAdd, ForwardDel
 from ..schema import Request
 from ..values import IPAddress, Proto, parse_host_ip, parse_ip, parse_port, parse_proto
@@ -209,6 +209,14 @@ class ForwardKind(Kind[Forward]):
             hint = f" (it is part of {covering[0].describe()})" if covering else ""
             raise NotFound(f"host port {port_spec(lo, count)}/{req.proto} is not forwarded{hint}")
         return keys
+
+    async def ensure(self, ctx: Context, intent: Forward, old: Forward | None) -> list[str]:
+        """The firewall sync (earlier in the same pass) installs every forward; this only
+        reports one the backend refused."""
+        why = ctx.refused.get(intent.key)
+        if why is not None:
+            raise BackendFailed(f"the firewall refuses it: {why}")
+        return []
 
     def rows(self, ctx: Context) -> list[dict[str, Any]]:
         fwds = [f for f in ctx.state.of_kind(self.name) if isinstance(f, Forward)]
