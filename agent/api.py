@@ -21,7 +21,7 @@ import structlog
 
 from . import ops
 from .errors import BackendFailed, InvalidArgument, NetagentError, NotFound, ReadOnly, UnknownOp
-from .reconcile import FIREWALL, IN_PLACE, PENDING, Reconciler
+from .reconcile import FIREWALL, IN_PLACE, PENDING, PURGE_ORPHANS, Reconciler
 from .schema import Request, prefix_error
 
 if TYPE_CHECKING:
@@ -243,19 +243,24 @@ class Service:
         return await self.mutate(run)
 
     async def _purge(self, req: Request) -> Any:
-        """Remove everything netagent made, and forget the desired state. If recording
-        that fails, nothing is forgotten and nothing removed."""
+        """Remove everything netagent made (its orphans too), and forget the desired
+        state; with ``orphans``, only the orphans. If recording that fails, nothing is
+        forgotten and nothing removed."""
+        assert isinstance(req, ops.Purge)
 
         def run(s: DesiredState) -> None:
             for intent in s.ordered(reverse=True):
                 s.forget(intent.key)
 
+        changes: list[Change] = []
         async with self._commit:
-            changes = self.state.propose(run)
-            if changes:
-                await self._persist(changes)
-                self.state.commit(changes)
-            ticket = self.reconciler.note(changes, also=(FIREWALL,))
+            if not req.orphans:
+                changes = self.state.propose(run)
+                if changes:
+                    await self._persist(changes)
+                    self.state.commit(changes)
+            also = (PURGE_ORPHANS,) if req.orphans else (FIREWALL, PURGE_ORPHANS)
+            ticket = self.reconciler.note(changes, also=also)
         result = await self.reconciler.wait(ticket)
         return {
             "changed": bool(changes) or any(result.actions.values()),
@@ -334,6 +339,8 @@ class Service:
             )
         return {
             "intents": items,
+            "orphans": [o.to_wire() for o in rec.orphans],
+            "orphans_checked": rec.orphans_checked,
             "firewall": {
                 "backend": self.firewall.name,
                 "in_place": fw_ok,

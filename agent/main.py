@@ -36,6 +36,7 @@ from .events import EventSource
 from .fwsync import FirewallSync
 from .kinds import default_kinds
 from .kinds.base import Context
+from .kinds.namespace import Claims
 from .lag import measure_lag
 from .linkcache import LinkCache
 from .listen import bind_socket, lock_state_dir
@@ -103,7 +104,7 @@ async def run_daemon(config: Config) -> None:
     raw, owned = bind_socket(config)
     net = PyrouteNetlink()
     backend: fwreg.AnyBackend | None = None
-    kinds = default_kinds(claims_dir=state_dir / "claims")
+    kinds = default_kinds()
     store = StateStore(state_dir, kinds)
     try:
         t0 = time.perf_counter()
@@ -122,7 +123,14 @@ async def run_daemon(config: Config) -> None:
         await retire_other_firewall(state_dir, cls.name, bus)
         links = LinkCache()
         fw = FirewallSync(backend, bus)
-        ctx = Context(net=net, state=state, bus=bus, links=links, refused=fw.quarantined)
+        ctx = Context(
+            net=net,
+            state=state,
+            bus=bus,
+            links=links,
+            claims=Claims(state_dir / "claims"),
+            refused=fw.quarantined,
+        )
         rec = Reconciler(state, ctx, fw, bus, config.resync_interval)
         events = EventSource(state, rec, net, links, bus, counters)
         api = Service(

@@ -69,6 +69,11 @@ class Purge(Request):
     op = "purge"
     cli = ("purge",)
     mutating = True
+    orphans = flag(
+        "--orphans",
+        "orphans",
+        "Remove only the orphans (marked as netagent's, desired by nothing); keep the rest.",
+    )
 
 
 # ---- namespaces ---------------------------------------------------------------------
@@ -396,3 +401,4 @@ class ShowFirewall(TypedDict):
 class ShowReply(TypedDict):
     intents: list[ShowItem]
     firewall: ShowFirewall
+    orphans: list[dict[str, Any]]

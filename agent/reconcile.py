@@ -31,11 +31,13 @@ from typing import Any
 import anyio
 import structlog
 
+from . import orphans
 from .bus import EventBus
 from .errors import NetagentError
 from .fwsync import FirewallSync
 from .kinds.attach import attach_links
 from .kinds.base import Context, Intent
+from .orphans import Orphan
 from .state import Change, DesiredState
 
 log = structlog.get_logger("netagent.reconcile")
@@ -43,6 +45,10 @@ log = structlog.get_logger("netagent.reconcile")
 #: pseudo keys: the firewall as a whole, and the host's settings (IP forwarding)
 FIREWALL = "firewall"
 HOST = "host"
+#: look for orphans (marked as netagent's, desired by nothing); and remove them
+ORPHANS = "orphans"
+PURGE_ORPHANS = "orphans/remove"
+PSEUDO = frozenset({FIREWALL, HOST, ORPHANS, PURGE_ORPHANS})
 BACKOFF_MIN = 0.5
 BACKOFF_MAX = 60.0
 #: keys of a periodic pass handled per pass (requests and events go between chunks)
@@ -129,6 +135,11 @@ class Reconciler:
         self.status: dict[str, KeyStatus] = {}
         self.passes = 0
         self.last_pass: dict[str, Any] = {}
+        #: the orphans the last look found, and when it looked (time.time())
+        self.orphans: list[Orphan] = []
+        self.orphans_checked: float | None = None
+        #: the next look for orphans also looks inside namespaces (costly: not periodic)
+        self._look_inside = True
         self._next_full = time.monotonic() + resync_interval
 
     # ---- marking --------------------------------------------------------------------
@@ -171,7 +182,7 @@ class Reconciler:
     def mark(self, keys: Iterable[str], why: str = "event") -> None:
         """Keys that may have drifted (events, retries)."""
         for key in keys:
-            if key not in self.state and key not in self._removals and key not in (FIREWALL, HOST):
+            if key not in self.state and key not in self._removals and key not in PSEUDO:
                 continue
             self._pending.setdefault(key, why)
             st = self.status.get(key)
@@ -198,7 +209,9 @@ class Reconciler:
             self._pending.setdefault(key, why)
         self._pending.setdefault(FIREWALL, why)
         self._pending.setdefault(HOST, why)
+        self._pending.setdefault(ORPHANS, why)
         if why != "periodic":
+            self._look_inside = True
             self.firewall.drifted(why)
         self._kick()
 
@@ -302,6 +315,8 @@ class Reconciler:
             await self._ensure_all(ensuring, result)
             if HOST in batch.keys:
                 await self._step(HOST, self._host(), result)
+            if batch.keys & {ORPHANS, PURGE_ORPHANS}:
+                await self._step(ORPHANS, self._orphans(PURGE_ORPHANS in batch.keys), result)
             if batch.links:
                 links = [lk for i in batch.links if (lk := self.ctx.links.get(i)) is not None]
                 try:
@@ -355,6 +370,17 @@ class Reconciler:
             await kind.released(self.ctx, gone)
         except Exception:  # closing a socket: never worth failing a removal
             log.exception("releasing failed", key=key)
+
+    async def _orphans(self, purge: bool) -> list[str]:
+        inside, self._look_inside = self._look_inside or purge, False
+        pending = set(self._removals)
+        found = await orphans.find(self.ctx, pending, inside=inside)
+        done: list[str] = []
+        if purge and found:
+            done = await orphans.remove(self.ctx, found)
+            found = await orphans.find(self.ctx, pending, inside=True)
+        self.orphans, self.orphans_checked = found, time.time()
+        return done
 
     def _retry_later(self, key: str) -> None:
         st = self.status.setdefault(key, KeyStatus())
@@ -416,7 +442,7 @@ class Reconciler:
 
     def _publish_repairs(self, trigger: str, result: PassResult) -> None:
         for key, actions in result.actions.items():
-            if key in (HOST, "attach") or not actions:
+            if key in (HOST, "attach", ORPHANS) or not actions:
                 continue
             self.bus.publish(
                 "repaired",
@@ -432,7 +458,7 @@ class Reconciler:
         changed = sum(len(a) for a in result.actions.values())
         self.last_pass = {
             "trigger": batch.trigger,
-            "keys": len(batch.keys - {FIREWALL, HOST}),
+            "keys": len(batch.keys - PSEUDO),
             "links": len(batch.links),
             "changed": changed,
             "errors": len(result.errors),
@@ -445,7 +471,7 @@ class Reconciler:
         (log.debug if quiet else log.info)(
             "reconcile pass",
             trigger=batch.trigger,
-            keys=len(batch.keys - {FIREWALL, HOST}),
+            keys=len(batch.keys - PSEUDO),
             links=len(batch.links),
             changed=changed,
             errors=result.errors or None,

@@ -147,12 +147,14 @@ def apply(
 @ctl.command("purge")
 def purge(
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")] = False,
+    orphans: Annotated[bool, typer.Option("--orphans", help=ops.Purge.orphans.help)] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Remove everything netagent made, and nothing else; forget the desired state."""
-    if not yes and not typer.confirm("Remove everything netagent made?"):
+    what = "netagent's orphans" if orphans else "everything netagent made"
+    if not yes and not typer.confirm(f"Remove {what}?"):
         raise typer.Exit(1)
-    C.run_op("purge", {}, G.socket, as_json or G.json)
+    C.run_op("purge", {"orphans": True} if orphans else {}, G.socket, as_json or G.json)
 
 
 # ---- run ----------------------------------------------------------------------------

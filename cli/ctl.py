@@ -242,6 +242,8 @@ def _show(r: dict[str, Any]) -> None:
             print(f"      missing: {m}")
         if item.get("error"):
             print(f"      error: {item['error']}")
+    for o in r.get("orphans") or []:
+        print(f"!!  orphan: {o['describe']} (`purge --orphans` removes it)")
     fw = r["firewall"]
     state = "in place" if fw["in_place"] else "DRIFTED"
     print(f"firewall ({fw['backend']}): {state}")

@@ -41,10 +41,15 @@ def _fast(argv: list[str]) -> bool:
 
         stream_events(sock, as_json)
         return True
-    if rest == ["purge", "--yes"]:
+    if rest[:1] == ["purge"] and "--yes" in rest:
+        from netagent.agent.ops import Purge
+
+        args = Purge.from_argv([w for w in rest[1:] if w != "--yes"])
+        if args is None:
+            return False
         from .ctl import run_op
 
-        run_op("purge", {}, sock, as_json)
+        run_op("purge", args, sock, as_json)
         return True
     from netagent.agent.ops import BY_CLI
 

@@ -8,7 +8,6 @@ means adding its module, listing it in :func:`default_kinds`, declaring its requ
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidArgument
@@ -61,17 +60,17 @@ class Registry:
         return intent
 
 
-def default_kinds(claims_dir: Path | None = None) -> Registry:
+def default_kinds() -> Registry:
     from .attach import AttachKind
     from .bridge import BridgeKind
     from .forward import ForwardKind
-    from .namespace import Claims, NamespaceKind
+    from .namespace import NamespaceKind
     from .plug import PlugKind
     from .wire import WireKind
 
     return Registry(
         [
-            NamespaceKind(Claims(claims_dir)),
+            NamespaceKind(),
             BridgeKind(),
             AttachKind(),
             PlugKind(),

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from ..linkcache import LinkCache
     from ..schema import Request
     from ..state import DesiredState
+    from .namespace import Claims
 
 
 class Intent(Protocol):
@@ -64,8 +65,16 @@ class Context:
     state: DesiredState
     bus: EventBus
     links: LinkCache
+    #: namespaces being made (``agent/kinds/namespace.py``)
+    claims: Claims = field(default_factory=lambda: _no_claims())
     #: forward key -> why the firewall backend refused it (``agent/fwsync.py``)
     refused: dict[str, str] = field(default_factory=dict)
+
+
+def _no_claims() -> Claims:
+    from .namespace import Claims
+
+    return Claims(None)
 
 
 class Kind(ABC, Generic[IntentT]):

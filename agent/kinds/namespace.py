@@ -98,9 +98,6 @@ class NamespaceKind(Kind[Namespace]):
     order = 0
     plural = "namespaces"
 
-    def __init__(self, claims: Claims | None = None) -> None:
-        self.claims = claims or Claims(None)
-
     def from_dict(self, d: Mapping[str, Any]) -> Namespace:
         return Namespace(want(d, "name"))
 
@@ -138,7 +135,7 @@ class NamespaceKind(Kind[Namespace]):
         """Does the namespace of this name exist and is it netagent's?"""
         if not ctx.net.ns_exists(name):
             return False
-        if self.claims.claimed(name):
+        if ctx.claims.claimed(name):
             return True
         lo = await ctx.net.link(name, "lo")
         return lo is not None and lo.owner_key == ns_key(name)
@@ -151,27 +148,27 @@ class NamespaceKind(Kind[Namespace]):
                 acts.add(f"set lo up in {ns.name}")
                 return acts.done
             await net.forget(ns.name)
-            self.claims.claim(ns.name)
+            ctx.claims.claim(ns.name)
             try:
                 await net.ns_add(ns.name)
             except FileExistsError:
                 # someone made one of this name between our look and our create: it is
                 # theirs, and the claim must not make it ours
-                self.claims.release(ns.name)
+                ctx.claims.release(ns.name)
                 raise foreign(ns.name) from None
             except BaseException:
-                self.claims.release(ns.name)
+                ctx.claims.release(ns.name)
                 raise
             created = True
         lo = await net.link(ns.name, "lo")
         if lo is None:
             return acts.done
         if lo.owner_key != ns.key:
-            if not created and not self.claims.claimed(ns.name):
+            if not created and not ctx.claims.claimed(ns.name):
                 raise foreign(ns.name)
             if acts.add(f"mark {ns.name} as netagent's"):
                 await net.set_link(ns.name, lo.index, alias=f"netagent:{ns.key}")
-                self.claims.release(ns.name)
+                ctx.claims.release(ns.name)
         if not lo.up and acts.add(f"set lo up in {ns.name}"):
             await net.set_link(ns.name, lo.index, up=True)
         return acts.done
@@ -191,5 +188,5 @@ class NamespaceKind(Kind[Namespace]):
             return [f"left namespace {intent.name} in place: netagent did not make it"]
         await ctx.net.forget(intent.name)
         await ctx.net.ns_del(intent.name)
-        self.claims.release(intent.name)
+        ctx.claims.release(intent.name)
         return [f"deleted namespace {intent.name}"]
