@@ -46,7 +46,7 @@ async def main():
             batch = be.plan(spec, await be.observe())
             if op == "sync":
                 await be.apply(batch)
-            out.update(steps=batch.steps, full=batch.full)
+            out.update(steps=batch.steps, rebuild=batch.rebuild)
         elif op == "update":
             added = [I.Forward.from_dict(f) for f in req["added"]]
             removed = [I.Forward.from_dict(f) for f in req["removed"]]
@@ -172,7 +172,7 @@ def test_apply_is_idempotent_and_purge_leaves_the_rest(sandbox: Sandbox) -> None
 
     first = drive(sandbox, "sync")
     assert first["ok"], first
-    assert first["full"]
+    assert first["rebuild"]
     assert "add DNAT 80/tcp -> 192.168.15.2:80" in first["steps"]
 
     v4 = save(sandbox, 4)
@@ -231,7 +231,7 @@ def test_apply_is_idempotent_and_purge_leaves_the_rest(sandbox: Sandbox) -> None
 
     # a second pass finds everything in place and writes nothing
     second = drive(sandbox, "plan")
-    assert second == {"ok": True, "steps": [], "full": False}
+    assert second == {"ok": True, "steps": [], "rebuild": False}
     assert drive(sandbox, "sync")["steps"] == []
     assert drive(sandbox, "present")["present"]
 
@@ -262,7 +262,7 @@ def test_drift_is_repaired(sandbox: Sandbox) -> None:
     sandbox.run(["iptables", "-t", "nat", "-F", "NETAGENT-UDP-8000-8063"])
 
     pending = drive(sandbox, "plan")
-    assert pending["full"]
+    assert pending["rebuild"]
     assert set(pending["steps"]) == {
         "delete duplicate jump POSTROUTING -> NETAGENT-POSTROUTING (ipv4)",
         "rewrite chain NETAGENT-OUTPUT (ipv4, 2 rules)",

@@ -816,7 +816,7 @@ async def test_observe_reads_both_families(fake_run: FakeRun) -> None:
     obs = await backend().observe()
     assert [c.argv[1:] for c in fake_run.calls] == [["-t", "nat"], ["-t", "nat"]]
     assert backend().plan(SPEC, obs).empty
-    assert await backend().present()
+    assert (await backend().observe()).present
 
 
 async def test_observe_failure_is_a_backend_error(fake_run: FakeRun) -> None:
@@ -870,7 +870,7 @@ async def test_purge_of_nothing_runs_no_restore(fake_run: FakeRun) -> None:
     fake_run.answers["ip6tables-save"] = (0, EMPTY_SAVE, "")
     assert await backend().purge() == []
     assert not any(c.argv[0].endswith("-restore") for c in fake_run.calls)
-    assert not await backend().present()
+    assert not (await backend().observe()).present
 
 
 # ---- remembering the table by its nf_tables generation ----------------------------------
