@@ -140,3 +140,19 @@ def test_crash_between_snapshot_and_journal_truncate(tmp_path: Path) -> None:
     store.close()
     (tmp_path / "journal.jsonl").write_bytes(journal)  # as if truncate never happened
     assert replay(tmp_path).to_wire() == [{"kind": "ns", "name": "red"}]
+
+
+def test_a_damaged_key_in_the_journal_is_detected(tmp_path: Path) -> None:
+    """A key damaged on disk (here into one no intent can have) in a line the store
+    wrote is caught by that line's checksum, and the error names the line."""
+    store, state = S.StateStore(tmp_path), DesiredState()
+    store.load()
+    record(store, state, lambda: state.add_forward(I.make_forward("9101", "10.6.0.98:80")))
+    record(store, state, lambda: state.del_forward("tcp", 9101, 1, None))
+    store.close()
+    journal = tmp_path / "journal.jsonl"
+    first, second = journal.read_bytes().splitlines(keepends=True)
+    assert b'"key":"fwd/tcp/9101","intent":null' in second
+    journal.write_bytes(first + second.replace(b"fwd/tcp/9101", b"fwd/tcp/9#01"))
+    with pytest.raises(E.StateCorrupt, match=r"line 2: checksum mismatch"):
+        S.StateStore(tmp_path).load()

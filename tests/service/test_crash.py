@@ -309,24 +309,3 @@ def test_torn_last_journal_line_is_dropped_not_an_error(sandbox: Sandbox, workdi
     keys = {f["key"] for f in request(d.socket, "fwd.list")["result"]}
     assert keys == {"fwd/tcp/9000", "fwd/tcp/9001", "fwd/tcp/9002", "fwd/tcp/9100"}
     assert journal.read_bytes().endswith(b"\n")
-
-
-def test_a_damaged_key_in_the_journal_is_detected(tmp_path: Path) -> None:
-    from netagent.agent.errors import StateCorrupt
-    from netagent.agent.store import StateStore
-
-    fwd = {
-        "kind": "fwd",
-        "proto": "tcp",
-        "host_port": 9101,
-        "dest_ip": "10.6.0.98",
-        "dest_port": 80,
-    }
-    (tmp_path / "journal.jsonl").write_text(
-        json.dumps({"seq": 1, "changes": [{"key": "fwd/tcp/9101", "intent": fwd}]})
-        + "\n"
-        + json.dumps({"seq": 2, "changes": [{"key": "fwd/tcp/9#01", "intent": None}]})
-        + "\n"
-    )
-    with pytest.raises(StateCorrupt):
-        StateStore(tmp_path).load()
