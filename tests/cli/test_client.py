@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tests.conftest import netagent_argv
+from tests.support.daemon import netagent_argv
 
 
 def test_no_daemon_is_a_clear_error(tmp_path: Path) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import Daemon
-from tests.e2e.helpers import build_seed, desired
+from tests.support.daemon import Daemon
+from tests.support.topology import build_seed, desired
 
 pytestmark = pytest.mark.e2e
 

@@ -16,8 +16,11 @@ from typing import Any
 import pytest
 
 from netagent.cli.sandbox import Sandbox
-
-from .helpers import ServiceDaemon, nft_forwards, processes_in, request, snapshot, wait_for
+from tests.support.daemon import Daemon
+from tests.support.protocol import request
+from tests.support.sandbox import processes_in
+from tests.support.state import all_in_place, nft_forwards, not_in_place, snapshot
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -127,7 +130,7 @@ def run_worker(w: int, path: str, ledger: Ledger, stop: threading.Event, seed: i
                 ledger.destinations[op.key] = op.args["destination"]
 
 
-def owned_aliases(d: ServiceDaemon, namespaces: list[str]) -> Counter[str]:
+def owned_aliases(d: Daemon, namespaces: list[str]) -> Counter[str]:
     """netagent's link marks (``alias netagent:KEY``) on the host and in each namespace."""
     found: Counter[str] = Counter()
     for where in [None, *namespaces]:
@@ -145,7 +148,7 @@ def owned_aliases(d: ServiceDaemon, namespaces: list[str]) -> Counter[str]:
 def test_kill_9_at_random_points_loses_and_duplicates_nothing(
     sandbox: Sandbox, workdir: Path
 ) -> None:
-    d = ServiceDaemon(sandbox, workdir)
+    d = Daemon(sandbox, workdir)
     d.start()
     namespaces = [f"c{n}" for n in range(2 * WORKERS)]
     for ns in namespaces:
@@ -175,7 +178,14 @@ def test_kill_9_at_random_points_loses_and_duplicates_nothing(
             d.kill9()
             startup_kills += 1
         d.start()
-    time.sleep(0.5)
+    # the last daemon serves the workers for a while before they stop
+    with ledger.lock:
+        served_before = ledger.requests
+    wait_for(
+        "20 more requests answered by the last daemon",
+        lambda: ledger.requests >= served_before + 20,
+        timeout=30,
+    )
     stop.set()
     for t in threads:
         t.join(60)
@@ -199,14 +209,9 @@ def test_kill_9_at_random_points_loses_and_duplicates_nothing(
     assert set(desired) == expected
 
     # the kernel converges: everything in place, each forward once, nothing orphaned
-    def not_in_place() -> list[Any]:
-        return [
-            (i["key"], i["missing"], i["error"])
-            for i in request(d.socket, "show")["result"]["intents"]
-            if not i["in_place"]
-        ]
-
-    assert wait_for(lambda: not not_in_place(), 20), not_in_place()
+    wait_for(
+        "every intent in place", lambda: all_in_place(d), timeout=20, detail=lambda: not_in_place(d)
+    )
     forwards = nft_forwards(d)
     assert set(forwards.values()) <= {1}, forwards
     assert {(f"fwd/{p}/{port}", dest) for p, port, dest in forwards} == {
@@ -226,7 +231,7 @@ def test_kill_9_at_random_points_loses_and_duplicates_nothing(
     assert snapshot(d) == before
     # no process the killed daemons started is left behind
     assert d.stop() == 0
-    assert wait_for(lambda: not processes_in(sandbox), 3), processes_in(sandbox)
+    wait_for("no process left in the sandbox", lambda: not processes_in(sandbox), timeout=5)
 
 
 # ---- damaged state files -------------------------------------------------------------
@@ -259,7 +264,7 @@ def write_state(state_dir: Path, forwards: int) -> None:
 def test_damaged_state_stops_the_start_and_names_the_files(
     sandbox: Sandbox, workdir: Path, damage: str
 ) -> None:
-    d = ServiceDaemon(sandbox, workdir)
+    d = Daemon(sandbox, workdir)
     write_state(d.state_dir, 3)  # good files (test_torn_last_journal_line starts from them)
     snapshot_file = d.state_dir / "state.json"
     journal = d.state_dir / "journal.jsonl"
@@ -301,7 +306,7 @@ def test_damaged_state_stops_the_start_and_names_the_files(
 
 def test_torn_last_journal_line_is_dropped_not_an_error(sandbox: Sandbox, workdir: Path) -> None:
     """A write cut by kill -9 (no newline yet) was never acknowledged: it is dropped."""
-    d = ServiceDaemon(sandbox, workdir)
+    d = Daemon(sandbox, workdir)
     write_state(d.state_dir, 1)
     journal = d.state_dir / "journal.jsonl"
     journal.write_bytes(journal.read_bytes() + b'{"seq": 99, "changes": [{"key": "fwd/tc')

@@ -21,8 +21,9 @@ from typing import Any
 import pytest
 
 from netagent.cli.sandbox import Sandbox
-
-from .helpers import ServiceDaemon, connect, nft_forwards, read_line, request, snapshot
+from tests.support.daemon import Daemon
+from tests.support.protocol import connect, read_line, request
+from tests.support.state import nft_forwards, snapshot
 
 pytestmark = pytest.mark.e2e
 
@@ -78,7 +79,7 @@ def test_50_clients_adding_and_removing_100_forwards_each(sandbox: Sandbox, work
         found = shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
         if found:
             os.symlink(found, tools / name)
-    d = ServiceDaemon(sandbox, workdir, extra=["--client-timeout", "60"], env={"PATH": str(tools)})
+    d = Daemon(sandbox, workdir, extra=["--client-timeout", "60"], env={"PATH": str(tools)})
     d.start()
     seed = random.randrange(1 << 30)
     plans = [client_plan(c, random.Random(seed + c)) for c in range(CLIENTS)]

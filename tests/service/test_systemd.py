@@ -18,17 +18,17 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from netagent.cli.sandbox import Sandbox
+from tests.support.daemon import Daemon, netagent_script
 from tests.support.notify import NotifyListener
+from tests.support.protocol import request
 from tests.support.units import SERVICE, SOCKET, setting
-
-from .helpers import ServiceDaemon, request, wait_for
+from tests.support.wait import wait_for
 
 
 # ---- the unit files (their static checks are in tests/systemd) ----------------------
@@ -37,7 +37,7 @@ def test_systemd_analyze_verify_is_clean(tmp_path: Path) -> None:
     """``systemd-analyze verify`` checks that ExecStart= exists; the units name the usual
     install path /usr/local/bin/netagent, so it is provided in a private mount namespace
     of the check (nothing on the host changes)."""
-    real = shutil.which("netagent")
+    real = netagent_script()
     if real is None or not Path("/usr/local/bin").is_dir():
         pytest.skip("needs the netagent console script and /usr/local/bin")
     script = (
@@ -99,7 +99,7 @@ def notify_listener(workdir: Path) -> Iterator[NotifyListener]:
 def test_ready_only_after_state_is_loaded_and_reconciled(
     sandbox: Sandbox, workdir: Path, notify_listener: NotifyListener
 ) -> None:
-    first = ServiceDaemon(sandbox, workdir)
+    first = Daemon(sandbox, workdir)
     first.start()
     first.ok("ns", "add", "red")
     first.ok("bridge", "add", "br0", "--address", "10.7.0.1/24")
@@ -109,13 +109,13 @@ def test_ready_only_after_state_is_loaded_and_reconciled(
     # drift while the daemon is down: the bridge is gone
     first.sh("ip", "link", "del", "br0")
 
-    d = ServiceDaemon(
+    d = Daemon(
         sandbox,
         workdir,
         env={"NOTIFY_SOCKET": str(notify_listener.path), "WATCHDOG_USEC": "300000"},
     )
     d.start(wait=False)
-    assert wait_for(lambda: notify_listener.having("READY=1"), timeout=20), d.log()
+    wait_for("READY=1", lambda: notify_listener.having("READY=1"), timeout=20, detail=d.log)
     # the instant READY=1 arrives, the kernel already has what was lost, and it serves
     assert d.sh("ip", "link", "show", "br0", check=False).returncode == 0
     status = request(d.socket, "status")["result"]
@@ -125,22 +125,32 @@ def test_ready_only_after_state_is_loaded_and_reconciled(
     assert summary == ["STATUS=1 namespaces, 1 bridges, 1 plugs, 1 forwards"], ready
     before = [m for t, m in notify_listener.messages if t < ready_at]
     assert any("STATUS=starting" in m for m in before), notify_listener.messages
-    events = [e.get("event") for e in d.log_events()]
+    # this daemon's own log (the first one wrote the same lines to the same file)
+    events = d.event_names(since_start=True)
+    assert events.count("state loaded and reconciled") == 1, events
     assert events.index("state loaded and reconciled") < events.index("netagent ready")
 
     # the watchdog: pinged from the loop every WATCHDOG_USEC/2 = 0.15 s
-    time.sleep(1.2)
-    pings = [t for t, m in notify_listener.having("WATCHDOG=1") if t > ready_at]
-    gaps = [b - a for a, b in itertools.pairwise(pings)]
-    print(f"watchdog: {len(pings)} pings in 1.2 s, largest gap {max(gaps):.3f} s")
-    assert len(pings) >= 5 and max(gaps) < 0.5
+    def pings() -> list[float]:
+        return [t for t, _m in notify_listener.having("WATCHDOG=1") if t > ready_at]
+
+    wait_for("8 watchdog pings after READY=1", lambda: len(pings()) >= 8, timeout=5)
+    got = pings()
+    gaps = [b - a for a, b in itertools.pairwise([ready_at, *got])]
+    took = got[-1] - ready_at
+    print(f"watchdog: {len(got)} pings in {took:.2f} s, largest gap {max(gaps):.3f} s")
+    assert max(gaps) < 0.5
 
     # STATUS= follows the state
     d.ok("forward", "8081", "10.7.0.2:81")
-    assert wait_for(lambda: any("2 forwards" in m for _, m in notify_listener.messages), 3)
+    wait_for(
+        "STATUS= saying 2 forwards",
+        lambda: any("2 forwards" in m for _, m in notify_listener.messages),
+        timeout=5,
+    )
 
     assert d.stop() == 0
-    assert wait_for(lambda: notify_listener.having("STOPPING=1"), 3)
+    wait_for("STOPPING=1", lambda: notify_listener.having("STOPPING=1"), timeout=5)
 
 
 # ---- socket activation ---------------------------------------------------------------
@@ -154,16 +164,16 @@ def _activate_argv(path: str, *extra: str) -> list[str]:
 @pytest.mark.e2e
 def test_socket_activation_takes_the_passed_socket(sandbox: Sandbox, workdir: Path) -> None:
     sock_path = str(workdir / "netagent.sock")
-    d = ServiceDaemon(sandbox, workdir, wrap=_activate_argv(sock_path))
+    d = Daemon(sandbox, workdir, wrap=_activate_argv(sock_path))
     d.start(wait=False)
     # systemd-socket-activate made and listens on the socket; the daemon is not running
-    assert wait_for(lambda: os.path.exists(sock_path), 10)
+    wait_for(f"a listening socket at {sock_path}", lambda: os.path.exists(sock_path))
     inode = os.stat(sock_path).st_ino
     d.wait_ready()  # the first connection activates the daemon and is served
     status = request(d.socket, "status")["result"]
     assert d.proc is not None
     assert status["pid"] == d.proc.pid  # exec'd in place: LISTEN_PID was right
-    assert "using the socket systemd passed in" in [e.get("event") for e in d.log_events()]
+    assert "using the socket systemd passed in" in d.event_names()
     d.ok("ns", "add", "red")
     assert d.stop() == 0
     # not the daemon's socket to remove: systemd keeps it for the next activation
@@ -173,11 +183,11 @@ def test_socket_activation_takes_the_passed_socket(sandbox: Sandbox, workdir: Pa
 @pytest.mark.e2e
 def test_socket_activation_refuses_a_wrong_socket(sandbox: Sandbox, workdir: Path) -> None:
     sock_path = str(workdir / "netagent.sock")
-    d = ServiceDaemon(
+    d = Daemon(
         sandbox, workdir, wrap=_activate_argv(sock_path, "--datagram"), with_socket_option=False
     )
     d.start(wait=False)
-    assert wait_for(lambda: os.path.exists(sock_path), 10)
+    wait_for(f"a listening socket at {sock_path}", lambda: os.path.exists(sock_path))
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.sendto(b"wake up", sock_path)  # activates it
     assert d.proc is not None
@@ -193,7 +203,11 @@ def _expand(group: str, seen: set[str] | None = None) -> set[str]:
         return set()
     seen.add(group)
     out = subprocess.run(
-        ["systemd-analyze", "syscall-filter", group], capture_output=True, text=True, check=True
+        ["systemd-analyze", "syscall-filter", group],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     ).stdout
     calls: set[str] = set()
     for line in out.splitlines()[1:]:
@@ -220,7 +234,7 @@ def allowed_syscalls() -> set[str]:
 _CALL = re.compile(r"^(\d+)\s+(?:<\.\.\. )?([a-z_0-9]+)(?:\(| resumed>)")
 
 
-def walk_under_trace(d: ServiceDaemon, firewall: str) -> None:
+def walk_under_trace(d: Daemon, firewall: str) -> None:
     d.ok("ns", "add", "red")
     d.ok("ns", "add", "blue")
     d.ok("bridge", "add", "br0", "--address", "10.8.0.1/24", "--masquerade")
@@ -229,7 +243,10 @@ def walk_under_trace(d: ServiceDaemon, firewall: str) -> None:
     d.ok("forward", "8080", "10.8.0.2:80")
     d.ok("attach", "add", "tap-*", "br0")
     d.sh("ip", "link", "add", "tap-x", "type", "veth", "peer", "name", "peer-x")
-    assert wait_for(lambda: "master br0" in d.sh("ip", "-o", "link", "show", "tap-x").stdout, 10)
+    wait_for(
+        "tap-x attached to br0",
+        lambda: "master br0" in d.sh("ip", "-o", "link", "show", "tap-x").stdout,
+    )
     d.ok("unforward", "8080")
     d.ok("unplug", "red", "br0")
     d.ok("ns", "list")
@@ -244,7 +261,7 @@ def walk_under_trace(d: ServiceDaemon, firewall: str) -> None:
     assert int(bounding, 16) == (1 << 12) | (1 << 21)  # CAP_NET_ADMIN | CAP_SYS_ADMIN
 
 
-def stop_traced(d: ServiceDaemon) -> None:
+def stop_traced(d: Daemon) -> None:
     """SIGTERM the daemon itself, strace's child (by pid): killing strace alone would
     detach it and leave it running."""
     assert d.proc is not None
@@ -287,7 +304,7 @@ def test_hardening_allows_everything_the_daemon_does(
         "-o",
         str(trace),
     ]
-    d = ServiceDaemon(sandbox, workdir, firewall=firewall, wrap=wrap)
+    d = Daemon(sandbox, workdir, firewall=firewall, wrap=wrap)
     d.start(wait=False)
     try:
         d.wait_ready(60)
@@ -351,7 +368,7 @@ def test_each_kept_capability_is_needed(sandbox: Sandbox, workdir: Path, missing
     to start, or the walk fails with a clear error (and keeps serving)."""
     keep = [c for c in setting(SERVICE, "CapabilityBoundingSet")[0].split() if c != missing]
     caps = ",".join("+" + c.removeprefix("CAP_").lower() for c in keep)
-    d = ServiceDaemon(
+    d = Daemon(
         sandbox,
         workdir,
         wrap=["setpriv", f"--bounding-set=-all,{caps}", "--inh-caps=-all", "--no-new-privs"],

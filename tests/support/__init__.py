@@ -1,1 +1,14 @@
-"""What the tests share. Importing any of it needs no root: the unit tier uses it too."""
+"""What the privileged, end-to-end and service tests share.
+
+``wait``      waiting on a condition with a deadline (the only way tests wait)
+``sandbox``   opening and emptying a sandbox (the fixtures in ``tests/conftest.py`` use it)
+``daemon``    the real daemon in a sandbox, driven by the real CLI (``Daemon``)
+``events``    ``netagent ctl events --json`` as a live stream (``EventStream``)
+``protocol``  raw clients of the daemon's socket
+``net``       HTTP, TCP, UDP and ping inside the sandbox
+``topology``  the seed's topology and the outside client
+``state``     the daemon's and the kernel's whole state, to compare
+``units``     reading the systemd unit files
+
+Importing any of it needs no root: the unit tier imports some of it too.
+"""
