@@ -19,8 +19,10 @@ import pytest
 from netagent.cli.sandbox import Sandbox, check_privileges
 from tests.support.daemon import Daemon
 from tests.support.sandbox import open_sandbox, scratch_dir
+from tests.support.seed import draw_seed, replay_hint
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+_SEED = pytest.StashKey[int]()
 
 
 # ---- the CI=true rule ------------------------------------------------------------------
@@ -51,13 +53,19 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, Any, None]:
     """Under CI=true a privileged test that skipped (a missing tool, user or privilege)
-    fails."""
+    fails. A failed random test's report says its seed and how to replay it."""
     outcome = yield
     report: pytest.TestReport = outcome.get_result()
     if IN_CI and report.skipped and _privileged(item) and not hasattr(report, "wasxfail"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"
         report.longrepr = f"CI=true: a privileged test must run, but it skipped: {reason}"
+    seed = item.stash.get(_SEED, None)
+    if seed is not None and report.failed:
+        report.sections.append(("random seed", replay_hint(seed)))
+        crash = getattr(report.longrepr, "reprcrash", None)
+        if crash is not None:  # the one-line summary (-ra) says it too
+            crash.message = f"{crash.message} [{replay_hint(seed)}]"
 
 
 # ---- fixtures --------------------------------------------------------------------------
@@ -101,3 +109,13 @@ def daemon(sandbox: Sandbox, workdir: Path, request: pytest.FixtureRequest) -> I
     finally:
         if d.running():
             d.stop()
+
+
+@pytest.fixture
+def rng_seed(request: pytest.FixtureRequest) -> int:
+    """The seed of a random test: printed as the test starts, in its failure report, and
+    taken from NETAGENT_TEST_SEED to replay a failure."""
+    seed = draw_seed()
+    request.node.stash[_SEED] = seed
+    print(f"{request.node.nodeid}: {replay_hint(seed)}")
+    return seed

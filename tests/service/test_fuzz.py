@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
 from netagent.cli.sandbox import Sandbox
@@ -180,7 +181,7 @@ def desired_keys(path: str) -> set[str]:
     return keys
 
 
-def test_fuzz_the_socket(sandbox: Sandbox, workdir: Path) -> None:
+def test_fuzz_the_socket(sandbox: Sandbox, workdir: Path, rng_seed: int) -> None:
     # a short resync period: convergence is checked within one full pass (see
     # test_plug_gets_its_route_when_the_bridge_gets_a_gateway for why it can take one)
     config = workdir / "netagent.toml"
@@ -193,6 +194,8 @@ def test_fuzz_the_socket(sandbox: Sandbox, workdir: Path) -> None:
     internal: list[tuple[bytes, dict[str, Any]]] = []
     t0 = time.monotonic()
 
+    # the run's examples follow from the seed (NETAGENT_TEST_SEED replays them)
+    @hypothesis_seed(rng_seed)
     @settings(
         max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck)
     )

@@ -72,7 +72,9 @@ def client_plan(c: int, rng: random.Random) -> list[tuple[str, int, str | None]]
     return plan
 
 
-def test_50_clients_adding_and_removing_100_forwards_each(sandbox: Sandbox, workdir: Path) -> None:
+def test_50_clients_adding_and_removing_100_forwards_each(
+    sandbox: Sandbox, workdir: Path, rng_seed: int
+) -> None:
     tools = workdir / "bin"  # the usual tools, conntrack left out (see the docstring)
     tools.mkdir()
     for name in TOOLS:
@@ -81,8 +83,7 @@ def test_50_clients_adding_and_removing_100_forwards_each(sandbox: Sandbox, work
             os.symlink(found, tools / name)
     d = Daemon(sandbox, workdir, extra=["--client-timeout", "60"], env={"PATH": str(tools)})
     d.start()
-    seed = random.randrange(1 << 30)
-    plans = [client_plan(c, random.Random(seed + c)) for c in range(CLIENTS)]
+    plans = [client_plan(c, random.Random(rng_seed + c)) for c in range(CLIENTS)]
     acked: dict[str, list[tuple[str, str | None]]] = defaultdict(list)
     errors: Counter[str] = Counter()
     unexpected: list[Any] = []
@@ -136,7 +137,7 @@ def test_50_clients_adding_and_removing_100_forwards_each(sandbox: Sandbox, work
     assert set(in_kernel.values()) <= {1}
     assert {(f"fwd/{p}/{port}", dest) for p, port, dest in in_kernel} == set(listed.items())
     print(
-        f"load: {CLIENTS} clients, {requests} requests in {took:.1f} s "
+        f"load: seed {rng_seed}; {CLIENTS} clients, {requests} requests in {took:.1f} s "
         f"({requests / took:.0f}/s); {len(listed)} forwards survive; "
         f"refused: {dict(errors)}"
     )

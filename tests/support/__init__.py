@@ -8,6 +8,7 @@
 ``net``       HTTP, TCP, UDP and ping inside the sandbox
 ``topology``  the seed's topology and the outside client
 ``state``     the daemon's and the kernel's whole state, to compare
+``seed``      the seed of a random test (``NETAGENT_TEST_SEED`` replays one)
 ``units``     reading the systemd unit files
 
 Importing any of it needs no root: the unit tier imports some of it too.
