@@ -27,6 +27,7 @@ pytestmark = pytest.mark.e2e
 WORKERS = 4
 KILLS = 6
 BRIDGE = "br0"
+RETRY_FOR = 60.0  # seconds a worker retries one op across kills and restarts
 
 
 @dataclass
@@ -87,12 +88,19 @@ def run_worker(w: int, path: str, ledger: Ledger, stop: threading.Event, seed: i
     while not stop.is_set():
         op = worker_ops(w, rng)
         lost = False
+        give_up = time.monotonic() + RETRY_FOR
         while True:  # until the daemon answers this op (retrying across kills)
             try:
                 reply = request(path, op.op, op.args, timeout=30)
                 break
-            except (OSError, ValueError):
+            except (OSError, ValueError) as exc:
                 lost = True
+                if time.monotonic() > give_up:
+                    with ledger.lock:
+                        ledger.unexpected.append(
+                            f"{op.op} {op.args}: no answer in {RETRY_FOR} s: {exc}"
+                        )
+                    return
                 time.sleep(0.02)
         with ledger.lock:
             ledger.requests += 1
