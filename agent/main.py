@@ -131,7 +131,9 @@ async def run_daemon(config: Config) -> None:
             claims=Claims(state_dir / "claims"),
             refused=fw.quarantined,
         )
-        rec = Reconciler(state, ctx, fw, bus, config.resync_interval)
+        rec = Reconciler(
+            state, ctx, fw, bus, config.resync_interval, remove_orphans_at_start=store.seq > 0
+        )
         events = EventSource(state, rec, net, links, bus, counters)
         api = Service(
             state=state,

@@ -117,8 +117,10 @@ class Reconciler:
         firewall: FirewallSync,
         bus: EventBus,
         resync_interval: float = 30.0,
+        remove_orphans_at_start: bool = False,
     ) -> None:
         self.state = state
+        self._remove_orphans_once = remove_orphans_at_start
         self.ctx = ctx
         self.firewall = firewall
         self.bus = bus
@@ -372,6 +374,13 @@ class Reconciler:
             log.exception("releasing failed", key=key)
 
     async def _orphans(self, purge: bool) -> list[str]:
+        """Look for orphans; remove them on a purge, and at start when the desired state
+        came from files: what carries netagent's mark for a key the acknowledged state
+        no longer holds is a removal a crash cut short. (A state dir without history
+        leaves them to ``purge``: they may be a whole data plane whose state was lost.)"""
+        if self._remove_orphans_once:
+            self._remove_orphans_once = False
+            purge = True
         inside, self._look_inside = self._look_inside or purge, False
         pending = set(self._removals)
         found = await orphans.find(self.ctx, pending, inside=inside)

@@ -1,188 +1,121 @@
-"""Fixtures: a sandbox per privileged test, and the real daemon running inside it.
+"""Fixtures, and the rule for privileged tests.
 
-Privileged tests need root and network namespaces. Without them they are skipped, except
-under ``CI=true``, where a missing privilege is a failure: CI must run them.
+Privileged tests (marked ``privileged`` or ``e2e``) need root and network namespaces.
+Without them they are skipped, except under ``CI=true``: there a privileged test that
+does not run is a failure (the ``sandbox`` fixtures fail, and any other skip of such a
+test is reported as a failure), because CI must run them. Everything the fixtures use
+lives in ``tests/support``.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from netagent.cli.client import Client
-from netagent.cli.sandbox import (
-    Sandbox,
-    SandboxError,
-    check_privileges,
-    daemon_argv,
-    wait_ready,
-)
+from netagent.cli.sandbox import Sandbox, check_privileges
+from tests.support.daemon import Daemon
+from tests.support.sandbox import open_sandbox, scratch_dir
+from tests.support.seed import draw_seed, replay_hint
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
-REPO = Path(__file__).resolve().parent.parent
+_SEED = pytest.StashKey[int]()
 
 
-def netagent_argv() -> list[str]:
-    """The real console script when installed, else the module."""
-    exe = shutil.which("netagent")
-    return [exe] if exe else [sys.executable, "-m", "netagent"]
+# ---- the CI=true rule ------------------------------------------------------------------
+def _privileged(item: pytest.Item) -> bool:
+    return "privileged" in item.keywords or "e2e" in item.keywords
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Without root, skip privileged tests, except under CI=true: there the ``sandbox``
-    fixture fails them, because CI must run them."""
-    why = check_privileges()
-    if why is None or IN_CI:
-        return
-    for item in items:
-        if "privileged" in item.keywords or "e2e" in item.keywords:
-            item.add_marker(pytest.mark.skip(reason=f"privileged test: {why}"))
-
-
-@pytest.fixture
-def sandbox() -> Iterator[Sandbox]:
+def _require_privileges() -> None:
     why = check_privileges()
     if why is not None:
         if IN_CI:
             pytest.fail(f"CI=true but privileged tests cannot run: {why}")
         pytest.skip(f"privileged test: {why}")
-    box = Sandbox()
-    try:
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without root, skip privileged tests, except under CI=true."""
+    why = check_privileges()
+    if why is None or IN_CI:
+        return
+    for item in items:
+        if _privileged(item):
+            item.add_marker(pytest.mark.skip(reason=f"privileged test: {why}"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, Any, None]:
+    """Under CI=true a privileged test that skipped (a missing tool, user or privilege)
+    fails. A failed random test's report says its seed and how to replay it."""
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    if IN_CI and report.skipped and _privileged(item) and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"CI=true: a privileged test must run, but it skipped: {reason}"
+    seed = item.stash.get(_SEED, None)
+    if seed is not None and report.failed:
+        report.sections.append(("random seed", replay_hint(seed)))
+        crash = getattr(report.longrepr, "reprcrash", None)
+        if crash is not None:  # the one-line summary (-ra) says it too
+            crash.message = f"{crash.message} [{replay_hint(seed)}]"
+
+
+# ---- fixtures --------------------------------------------------------------------------
+@pytest.fixture
+def sandbox() -> Iterator[Sandbox]:
+    """A fresh sandbox for one test, emptied and closed after it."""
+    _require_privileges()
+    with open_sandbox() as box:
         yield box
-    finally:
-        box.close()
 
 
-class Daemon:
-    """The real daemon in a sandbox, driven by the real CLI."""
-
-    def __init__(
-        self,
-        box: Sandbox,
-        workdir: Path,
-        firewall: str = "nftables",
-        extra: list[str] | None = None,
-    ) -> None:
-        self.box = box
-        self.dir = workdir
-        self.socket = str(workdir / "netagent.sock")
-        self.state_dir = workdir / "state"
-        self.log_path = workdir / "daemon.log"
-        self.firewall = firewall
-        self.extra = extra or []
-        self.proc: subprocess.Popen[Any] | None = None
-        self.starts = 0
-
-    def start(self, wait: bool = True) -> None:
-        self.starts += 1
-        with open(self.log_path, "a") as log:
-            self.proc = self.box.popen(
-                daemon_argv(
-                    self.socket, str(self.state_dir), "--firewall", self.firewall, *self.extra
-                ),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        if wait:
-            self.wait_ready()
-
-    def wait_ready(self, timeout: float = 20) -> None:
-        assert self.proc is not None
-        try:
-            wait_ready(self.socket, self.proc, timeout)
-        except SandboxError as exc:
-            raise AssertionError(f"{exc}:\n{self.log()}") from None
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        return self.box.stop(self.proc)
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def log(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
-
-    def log_events(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-        return out
-
-    def ctl(
-        self,
-        *args: str,
-        check: bool | None = None,
-        json_out: bool = False,
-        input: str | None = None,
-    ) -> subprocess.CompletedProcess[str]:
-        """Run the real CLI (outside the sandbox: the socket is a file in /tmp)."""
-        argv = [*netagent_argv(), "ctl", "--socket", self.socket]
-        if json_out:
-            argv.append("--json")
-        result = subprocess.run(
-            [*argv, *args], capture_output=True, text=True, timeout=60, input=input
-        )
-        if check is True and result.returncode != 0:
-            raise AssertionError(
-                f"ctl {' '.join(args)} failed ({result.returncode}): "
-                f"{result.stdout}{result.stderr}\n--- daemon log ---\n{self.log()[-4000:]}"
-            )
-        return result
-
-    def ok(self, *args: str) -> str:
-        return self.ctl(*args, check=True).stdout
-
-    def call(self, op: str, args: dict[str, Any] | None = None) -> Any:
-        with Client(self.socket) as c:
-            return c.call(op, args)
-
-    def sh(
-        self, *argv: str, check: bool = True, timeout: float = 30
-    ) -> subprocess.CompletedProcess[str]:
-        """A command inside the sandbox (the daemon's "host")."""
-        return self.box.run(list(argv), check=check, timeout=timeout)
-
-    def in_ns(
-        self, ns: str, *argv: str, check: bool = True, timeout: float = 30
-    ) -> subprocess.CompletedProcess[str]:
-        return self.box.run(["ip", "netns", "exec", ns, *argv], check=check, timeout=timeout)
+@pytest.fixture(scope="module")
+def module_sandbox() -> Iterator[Sandbox]:
+    """One sandbox for a module whose tests each check that nothing changed."""
+    _require_privileges()
+    with open_sandbox() as box:
+        yield box
 
 
 @pytest.fixture
 def workdir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="netagent-test-"))
-    try:
+    with scratch_dir() as d:
         yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def module_workdir() -> Iterator[Path]:
+    with scratch_dir() as d:
+        yield d
 
 
 @pytest.fixture
 def daemon(sandbox: Sandbox, workdir: Path, request: pytest.FixtureRequest) -> Iterator[Daemon]:
+    """The real daemon in the test's sandbox, ready; the firewall backend is the
+    parameter (indirect), nftables by default."""
     firewall = getattr(request, "param", "nftables")
     d = Daemon(sandbox, workdir, firewall=firewall)
     d.start()
     try:
         yield d
     finally:
-        if d.proc is not None and d.proc.poll() is None:
+        if d.running():
             d.stop()
+
+
+@pytest.fixture
+def rng_seed(request: pytest.FixtureRequest) -> int:
+    """The seed of a random test: printed as the test starts, in its failure report, and
+    taken from NETAGENT_TEST_SEED to replay a failure."""
+    seed = draw_seed()
+    request.node.stash[_SEED] = seed
+    print(f"{request.node.nodeid}: {replay_hint(seed)}")
+    return seed

@@ -157,3 +157,20 @@ def test_crash_between_snapshot_and_journal_truncate(tmp_path: Path) -> None:
     store.close()
     (tmp_path / "journal.jsonl").write_bytes(journal)  # as if truncate never happened
     assert replay(tmp_path).to_wire() == [{"kind": "ns", "name": "red"}]
+
+
+def test_a_damaged_key_in_the_journal_is_detected(tmp_path: Path) -> None:
+    """A key damaged on disk (here into one no intent can have) in a line the store
+    wrote is caught by that line's checksum, and the error names the line."""
+    store, state = new_store(tmp_path), new_state()
+    store.load()
+    fwd = I.make_forward("9101", "10.6.0.98:80")
+    record(store, state, partial(DesiredState.put, intent=fwd))
+    record(store, state, partial(DesiredState.forget, key=fwd.key))
+    store.close()
+    journal = tmp_path / "journal.jsonl"
+    first, second = journal.read_bytes().splitlines(keepends=True)
+    assert b'"key":"fwd/tcp/9101","intent":null' in second
+    journal.write_bytes(first + second.replace(b"fwd/tcp/9101", b"fwd/tcp/9#01"))
+    with pytest.raises(E.StateCorrupt, match=r"line 2: checksum mismatch"):
+        new_store(tmp_path).load()

@@ -20,6 +20,7 @@ import pytest
 from netagent.agent import intents as I
 from netagent.backends.firewall import FirewallSpec
 from netagent.cli.sandbox import Sandbox
+from tests.support.net import wait_ready_line
 
 pytestmark = pytest.mark.privileged
 
@@ -405,8 +406,7 @@ def test_traffic_through_a_forward(sandbox: Sandbox) -> None:
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert server.stdout is not None
-    assert server.stdout.readline().strip() == "listening"
+    wait_ready_line(server, "the TCP server in srv", expect="listening")
 
     bridge = I.Bridge("br0", (ipaddress.ip_interface("192.168.15.5/24"),))
     spec = FirewallSpec(forwards=(I.make_forward("8080", "192.168.15.2:80"),), bridges=(bridge,))

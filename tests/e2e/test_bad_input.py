@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from tests.conftest import Daemon
-from tests.e2e.helpers import build_seed, desired
+from tests.support.daemon import Daemon
+from tests.support.topology import build_seed, desired
 
 pytestmark = pytest.mark.e2e
 
@@ -91,17 +91,3 @@ def test_messages_say_what_to_do(daemon: Daemon) -> None:
     assert "10.1.1.1/24" in err  # the form to use
     err = daemon.ctl("plug", "red", "br9", "--address", "10.0.0.2/24").stderr
     assert "bridge add br9" in err
-
-
-def test_no_daemon_is_a_clear_error(workdir: object) -> None:
-    import subprocess
-
-    from tests.conftest import netagent_argv
-
-    r = subprocess.run(
-        [*netagent_argv(), "ctl", "--socket", "/nonexistent/x.sock", "status"],
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 69
-    assert "no netagent socket at /nonexistent/x.sock" in r.stderr

@@ -13,8 +13,9 @@ from collections.abc import Iterator
 import pytest
 
 from netagent.cli.sandbox import Sandbox
-from tests.conftest import IN_CI, Daemon
+from tests.conftest import IN_CI
 from tests.support.cluster import Cluster, Host, pids_in_netns, wait_until
+from tests.support.daemon import Daemon
 from tests.support.etcd import EtcdCluster, check_installed
 
 pytestmark = pytest.mark.e2e

@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
-from tests.conftest import Daemon
-from tests.e2e.helpers import (
-    BACKENDS,
-    CLIENT_HOST,
-    add_client,
-    build_seed,
-    desired,
-    http_get,
-    serve_http,
-)
+from tests.support.daemon import Daemon
+from tests.support.net import http_get, serve_http
+from tests.support.topology import BACKENDS, CLIENT_HOST, add_client, build_seed, desired
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -37,12 +30,32 @@ DOC = {
 }
 
 
-def wait_http(d: Daemon, expect: str, timeout: float = 5) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if http_get(d, "client", f"http://{CLIENT_HOST}:80/") == expect:
-            return time.monotonic() - t0
-    raise AssertionError("traffic did not come back")
+def wait_http(d: Daemon, expect: str, timeout: float = 10) -> None:
+    wait_for(
+        f"the client's request through the forward to answer {expect!r}",
+        lambda: http_get(d, "client", f"http://{CLIENT_HOST}:80/") == expect,
+        timeout=timeout,
+    )
+
+
+def poke_firewall(d: Daemon) -> None:
+    """A foreign change that the daemon's drift watcher reports (it touches where the
+    backend keeps its rules) and that leaves nothing of netagent's behind: for
+    nftables, netagent's table made and deleted in one transaction; for iptables, a
+    user chain in the nat table."""
+    if d.firewall == "nftables":
+        script = d.dir / "poke.nft"
+        script.write_text("add table inet netagent\ndelete table inet netagent\n")
+        d.sh("nft", "-f", str(script))
+    else:
+        d.sh("iptables", "-t", "nat", "-N", "USER-POKE")
+
+
+def drift_pass_after(d: Daemon, mark: int) -> bool:
+    """Whether, among the events logged from ``mark`` on, a firewall drift was noticed
+    and a reconcile pass then ran (so the daemon has acted on it)."""
+    names = d.event_names()[mark:]
+    return "firewall drift" in names and "reconcile pass" in names[names.index("firewall drift") :]
 
 
 @pytest.mark.parametrize("daemon", BACKENDS, indirect=True)
@@ -107,10 +120,22 @@ def test_drift_is_repaired(daemon: Daemon) -> None:
     daemon.sh(*breakers[0])
     wait_http(daemon, "up")
     daemon.ctl("purge", "--yes", check=True)
-    time.sleep(0.5)  # a drift pass after the purge must not bring anything back
     ruleset = daemon.sh("nft", "list", "ruleset").stdout
     assert "netagent" not in ruleset and "NETAGENT" not in ruleset
     assert daemon.sh("nft", "list", "table", "ip", "mine").stdout == mine
+    # a drift pass after the purge must not bring anything back: once the daemon has
+    # noticed a later foreign change and run a pass for it (so it has handled whatever
+    # the purge's own changes told its watcher), nothing of netagent's is there
+    mark = len(daemon.event_names())
+    poke_firewall(daemon)
+    wait_for(
+        "a reconcile pass after the drift a foreign change made",
+        lambda: drift_pass_after(daemon, mark),
+        detail=lambda: daemon.log()[-3000:],
+    )
+    ruleset = daemon.sh("nft", "list", "ruleset").stdout
+    assert "netagent" not in ruleset and "NETAGENT" not in ruleset, ruleset
+    assert desired(daemon) == []
 
 
 def test_purge_leaves_the_users_rules(daemon: Daemon) -> None:
@@ -144,8 +169,8 @@ def test_switching_backends_removes_the_old_rules(daemon: Daemon) -> None:
     daemon.stop()
     daemon.firewall = "auto"
     daemon.start()
-    status = json.loads(daemon.ctl("status", json_out=True).stdout)["result"]
+    status = daemon.status()
     assert status["firewall"] == "nftables"
     assert "NETAGENT" not in daemon.sh("iptables-save", "-t", "nat").stdout
-    assert any("auto" in str(e.get("why", "")) for e in daemon.log_events())
+    assert any("auto" in str(e.get("why", "")) for e in daemon.log_events(since_start=True))
     assert http_get(daemon, "client", f"http://{CLIENT_HOST}:80/") == "up"

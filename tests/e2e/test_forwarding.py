@@ -3,41 +3,21 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
-from tests.conftest import Daemon
-from tests.e2e.helpers import (
-    BACKENDS,
-    CLIENT_HOST,
-    add_client,
-    build_seed,
+from tests.support.daemon import Daemon
+from tests.support.net import (
     http_get,
     peer_echo_server,
     serve_http,
-    show,
     tcp_read,
+    udp_ask,
     udp_server,
 )
+from tests.support.topology import BACKENDS, CLIENT_HOST, add_client, build_seed, show
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("daemon", BACKENDS, indirect=True)]
-
-
-def udp_ask(d: Daemon, ns: str, host: str, port: int, sport: int = 0, tries: int = 1) -> str:
-    """Send datagrams from a fixed source port; the answer or ERROR."""
-    family = "socket.AF_INET6" if ":" in host else "socket.AF_INET"
-    bind = "'::'" if ":" in host else "'0.0.0.0'"
-    code = (
-        "import socket\n"
-        f"s=socket.socket({family},socket.SOCK_DGRAM); s.bind(({bind},{sport})); s.settimeout(1)\n"
-        f"for _ in range({tries}):\n"
-        f"    s.sendto(b'?',({host!r},{port}))\n"
-        "    try:\n        print(s.recv(100).decode()); break\n"
-        "    except OSError: pass\n"
-        "else: print('ERROR')\n"
-    )
-    return d.in_ns(ns, sys.executable, "-c", code, check=False).stdout.strip()
 
 
 def test_udp_ranges_and_host_ip(daemon: Daemon) -> None:

@@ -7,17 +7,9 @@ import re
 
 import pytest
 
-from tests.conftest import Daemon
-from tests.e2e.helpers import (
-    BACKENDS,
-    CLIENT_HOST,
-    add_client,
-    build_seed,
-    http_get,
-    ping,
-    serve_http,
-    show,
-)
+from tests.support.daemon import Daemon
+from tests.support.net import http_get, ping, serve_http
+from tests.support.topology import BACKENDS, CLIENT_HOST, add_client, build_seed, show
 
 pytestmark = pytest.mark.e2e
 
@@ -107,9 +99,18 @@ def test_restart_keeps_state_and_data_plane(daemon: Daemon) -> None:
         assert saved.count("-j NETAGENT-PREROUTING") == 1
         assert saved.count("--to-destination 192.168.15.2:80") == 1
     assert http_get(daemon, "client", f"http://{CLIENT_HOST}:80/") == "up"
-    # the restart's log says it reconciled before serving
-    events = [e.get("event") for e in daemon.log_events()]
-    assert events.index("state loaded and reconciled") < len(events) - 1
+    # the restarted daemon's own log (not the first run's) says it reconciled the
+    # loaded state before it said it was ready
+    events = daemon.event_names(since_start=True)
+    assert events.count("state loaded and reconciled") == 1, events
+    assert events.count("netagent ready") == 1, events
+    assert events.index("state loaded and reconciled") < events.index("netagent ready")
+    [loaded] = [
+        e
+        for e in daemon.log_events(since_start=True)
+        if e.get("event") == "state loaded and reconciled"
+    ]
+    assert loaded["intents"] == len(before["intents"])
 
 
 def test_repeat_reports_nothing_changed(daemon: Daemon) -> None:
@@ -129,7 +130,7 @@ def test_repeat_reports_nothing_changed(daemon: Daemon) -> None:
 
 def test_status_and_lists(daemon: Daemon) -> None:
     build_seed(daemon)
-    status = json.loads(daemon.ctl("status", json_out=True).stdout)["result"]
+    status = daemon.status()
     assert status["firewall"] == "nftables" and status["intents"] == 6
     assert "2 namespaces" in status["summary"]
     assert "v-net-0" in daemon.ok("bridge", "list")

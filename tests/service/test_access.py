@@ -26,8 +26,10 @@ from typing import Any
 import pytest
 
 from netagent.cli.sandbox import Sandbox
-
-from .helpers import REPO, ServiceDaemon, request, snapshot
+from tests.support.daemon import Daemon
+from tests.support.protocol import request
+from tests.support.state import snapshot
+from tests.support.units import REPO
 
 ADMIN_GROUP = "natest-admin"
 RO_GROUP = "natest-ro"
@@ -43,7 +45,7 @@ def _ensure_accounts() -> None:
         try:
             grp.getgrnam(group)
         except KeyError:
-            subprocess.run(["groupadd", "--system", group], check=True)
+            subprocess.run(["groupadd", "--system", group], check=True, timeout=60)
     for user, groups in USERS.items():
         try:
             pwd.getpwnam(user)
@@ -61,7 +63,7 @@ def _ensure_accounts() -> None:
             ]
             if groups:
                 argv += ["--groups", ",".join(groups)]
-            subprocess.run([*argv, user], check=True)
+            subprocess.run([*argv, user], check=True, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -147,9 +149,9 @@ def acl_groups(path: str) -> dict[int, int]:
 
 
 @pytest.fixture
-def guarded(accounts: None, sandbox: Sandbox, workdir: Path) -> Iterator[ServiceDaemon]:
+def guarded(accounts: None, sandbox: Sandbox, workdir: Path) -> Iterator[Daemon]:
     os.chmod(workdir, 0o711)  # the users may reach the socket, not list the directory
-    d = ServiceDaemon(
+    d = Daemon(
         sandbox, workdir, extra=["--socket-group", ADMIN_GROUP, "--readonly-group", RO_GROUP]
     )
     d.start()
@@ -160,7 +162,7 @@ def guarded(accounts: None, sandbox: Sandbox, workdir: Path) -> Iterator[Service
             d.stop()
 
 
-def test_socket_is_0660_root_group_with_readonly_acl(guarded: ServiceDaemon) -> None:
+def test_socket_is_0660_root_group_with_readonly_acl(guarded: Daemon) -> None:
     st = os.stat(guarded.socket)
     assert stat.S_ISSOCK(st.st_mode)
     assert stat.S_IMODE(st.st_mode) == 0o660
@@ -169,7 +171,7 @@ def test_socket_is_0660_root_group_with_readonly_acl(guarded: ServiceDaemon) -> 
     assert acl_groups(guarded.socket) == {grp.getgrnam(RO_GROUP).gr_gid: 6}
 
 
-def test_socket_group_member_may_change_things(guarded: ServiceDaemon) -> None:
+def test_socket_group_member_may_change_things(guarded: Daemon) -> None:
     r = cli("natest-admin", guarded.socket, "status")
     assert r.returncode == 0, r.stderr
     assert r.reply()["ok"] is True
@@ -179,7 +181,7 @@ def test_socket_group_member_may_change_things(guarded: ServiceDaemon) -> None:
     assert "adm" in guarded.sh("ip", "netns", "list").stdout
 
 
-def test_readonly_group_member_may_only_look(guarded: ServiceDaemon) -> None:
+def test_readonly_group_member_may_only_look(guarded: Daemon) -> None:
     guarded.ok("ns", "add", "red")
     before = snapshot(guarded)
     for args in (("status",), ("show",), ("ns", "list"), ("forwards",), ("links",)):
@@ -200,7 +202,7 @@ def test_readonly_group_member_may_only_look(guarded: ServiceDaemon) -> None:
     assert snapshot(guarded) == before
 
 
-def test_anyone_else_is_refused_and_logged(guarded: ServiceDaemon) -> None:
+def test_anyone_else_is_refused_and_logged(guarded: Daemon) -> None:
     # by the file's permissions first ...
     r = cli("natest-none", guarded.socket, "status")
     assert r.returncode == 69 and "permission denied" in r.stdout, r.stdout + r.stderr
@@ -225,7 +227,7 @@ def test_anyone_else_is_refused_and_logged(guarded: ServiceDaemon) -> None:
     assert request(guarded.socket, "status")["ok"]
 
 
-def test_access_follows_the_process_credentials(guarded: ServiceDaemon) -> None:
+def test_access_follows_the_process_credentials(guarded: Daemon) -> None:
     """Groups are the connecting process's own (SO_PEERGROUPS), as for the file's
     permissions: not what /etc/group says now."""
     os.chmod(guarded.socket, 0o666)

@@ -16,20 +16,20 @@ from pathlib import Path
 import pytest
 
 from netagent.cli.sandbox import Sandbox
-
-from .helpers import ServiceDaemon, connect, read_line, request
+from tests.support.daemon import Daemon
+from tests.support.protocol import answers, connect, read_line, request
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
 
 TIMEOUT = 1.0  # --client-timeout for these tests
+DEAF_CUT = "client did not read its replies in time; disconnected"
 
 
 @pytest.fixture
-def served(
-    sandbox: Sandbox, workdir: Path, request: pytest.FixtureRequest
-) -> Iterator[ServiceDaemon]:
+def served(sandbox: Sandbox, workdir: Path, request: pytest.FixtureRequest) -> Iterator[Daemon]:
     timeout = getattr(request, "param", TIMEOUT)
-    d = ServiceDaemon(sandbox, workdir, extra=["--client-timeout", str(timeout)])
+    d = Daemon(sandbox, workdir, extra=["--client-timeout", str(timeout)])
     d.start()
     try:
         yield d
@@ -38,7 +38,7 @@ def served(
             d.stop()
 
 
-def open_fds(d: ServiceDaemon) -> int:
+def open_fds(d: Daemon) -> int:
     assert d.proc is not None
     return len(os.listdir(f"/proc/{d.proc.pid}/fd"))
 
@@ -100,7 +100,7 @@ def until_closed(sock: socket.socket, t0: float, limit: float = 10) -> tuple[flo
         lines.append(line)
 
 
-def test_silent_partial_slow_and_deaf_clients_are_cut_off(served: ServiceDaemon) -> None:
+def test_silent_partial_slow_and_deaf_clients_are_cut_off(served: Daemon) -> None:
     d = served
     fds_before = open_fds(d)
     probe = Probe(d.socket)
@@ -139,13 +139,21 @@ def test_silent_partial_slow_and_deaf_clients_are_cut_off(served: ServiceDaemon)
     for t in threads:
         t.start()
     # while they hang on, everyone else is served at once, changes included
-    time.sleep(0.3)
+    wait_for(
+        "the slow client dripping and the deaf one flooding",
+        lambda: len(slow_sent) >= 2 and deaf_sent[0] > 0,
+    )
     assert request(d.socket, "fwd.add", {"host_ports": 8080, "destination": "10.0.0.2:80"})["ok"]
     results = {
         name: until_closed(sock, t0)
         for name, sock in (("silent", silent), ("half", half), ("slow", slow))
     }
-    time.sleep(TIMEOUT + 0.5)
+    # the deaf client reads nothing until the daemon has cut it off
+    wait_for(
+        "the deaf client disconnected",
+        lambda: DEAF_CUT in d.event_names(),
+        timeout=TIMEOUT + 10,
+    )
     _closed_after, deaf_replies = until_closed(deaf, t0)
     probe.finish()
     for t in threads:
@@ -155,10 +163,6 @@ def test_silent_partial_slow_and_deaf_clients_are_cut_off(served: ServiceDaemon)
         assert len(lines) == 1 and b"request-timeout" in lines[0], (name, lines)
     assert len(slow_sent) < 20  # cut off mid-drip, not when it finished
     assert len(deaf_replies) < deaf_sent[0] <= 20_000
-    assert any(
-        e.get("event") == "client did not read its replies in time; disconnected"
-        for e in d.log_events()
-    )
     assert probe.errors == [] and len(probe.latencies) >= 10
     print(
         f"timeouts: silent/half/slow cut after {[round(r[0], 2) for r in results.values()]} s; "
@@ -169,12 +173,15 @@ def test_silent_partial_slow_and_deaf_clients_are_cut_off(served: ServiceDaemon)
     assert max(probe.latencies) < 0.5
     for s in (silent, half, slow, deaf):
         s.close()
-    time.sleep(0.2)
-    assert open_fds(d) <= fds_before + 2  # nothing held after they are gone
+    wait_for(  # nothing held after they are gone
+        "the daemon's open files back to where they were",
+        lambda: open_fds(d) <= fds_before + 2,
+        detail=lambda: f"{open_fds(d)} open, {fds_before} before",
+    )
 
 
 @pytest.mark.parametrize("served", [10.0], indirect=True)
-def test_200_concurrent_clients_are_served(served: ServiceDaemon) -> None:
+def test_200_concurrent_clients_are_served(served: Daemon) -> None:
     d = served
     fds_before = open_fds(d)
     idle = [connect(d.socket) for _ in range(200)]  # connected, saying nothing
@@ -217,8 +224,11 @@ def test_200_concurrent_clients_are_served(served: ServiceDaemon) -> None:
     assert probe.errors == [] and max(probe.latencies) < 1.0
     for s in idle:
         s.close()
-    time.sleep(0.3)
-    assert open_fds(d) <= fds_before + 2
+    wait_for(
+        "the daemon's open files back to where they were",
+        lambda: open_fds(d) <= fds_before + 2,
+        detail=lambda: f"{open_fds(d)} open, {fds_before} before",
+    )
 
 
 def test_running_out_of_file_descriptors_does_not_take_it_down(
@@ -228,12 +238,16 @@ def test_running_out_of_file_descriptors_does_not_take_it_down(
     accept() then fails with EMFILE (retried, not fatal: anyio's own serve() would end
     the daemon), those waiting in the backlog are taken in as fds free up, and the
     daemon serves again once they are gone."""
-    d = ServiceDaemon(
+    d = Daemon(
         sandbox, workdir, wrap=["prlimit", "--nofile=96:96", "--"], extra=["--client-timeout", "3"]
     )
     d.start()
     socks = [connect(d.socket, timeout=10) for _ in range(150)]  # all silent, for now
-    time.sleep(0.5)
+    # the daemon has run out of descriptors (it says so) and is still there
+    wait_for(
+        "accept() failing with EMFILE, logged",
+        lambda: "accepting connections fails; retrying" in d.event_names(),
+    )
     assert d.proc is not None and d.proc.poll() is None
     for s in socks:
         s.sendall(b'{"op":"status"}\n')
@@ -253,16 +267,4 @@ def test_running_out_of_file_descriptors_does_not_take_it_down(
     assert "too many clients; connection refused" in events
     assert "accepting connections fails; retrying" in events
     assert d.proc.poll() is None
-    assert wait_for_status(d.socket)
-
-
-def wait_for_status(path: str, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if request(path, "status")["ok"]:
-                return True
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.1)
-    return False
+    wait_for("the daemon answering status again", lambda: answers(d.socket))

@@ -16,14 +16,18 @@ from typing import Any
 import pytest
 
 from netagent.cli.sandbox import Sandbox
-
-from .helpers import ServiceDaemon, nft_forwards, processes_in, request, snapshot, wait_for
+from tests.support.daemon import Daemon
+from tests.support.protocol import request
+from tests.support.sandbox import processes_in
+from tests.support.state import all_in_place, nft_forwards, not_in_place, snapshot
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
 
 WORKERS = 4
 KILLS = 6
 BRIDGE = "br0"
+RETRY_FOR = 60.0  # seconds a worker retries one op across kills and restarts
 
 
 @dataclass
@@ -84,12 +88,19 @@ def run_worker(w: int, path: str, ledger: Ledger, stop: threading.Event, seed: i
     while not stop.is_set():
         op = worker_ops(w, rng)
         lost = False
+        give_up = time.monotonic() + RETRY_FOR
         while True:  # until the daemon answers this op (retrying across kills)
             try:
                 reply = request(path, op.op, op.args, timeout=30)
                 break
-            except (OSError, ValueError):
+            except (OSError, ValueError) as exc:
                 lost = True
+                if time.monotonic() > give_up:
+                    with ledger.lock:
+                        ledger.unexpected.append(
+                            f"{op.op} {op.args}: no answer in {RETRY_FOR} s: {exc}"
+                        )
+                    return
                 time.sleep(0.02)
         with ledger.lock:
             ledger.requests += 1
@@ -127,7 +138,7 @@ def run_worker(w: int, path: str, ledger: Ledger, stop: threading.Event, seed: i
                 ledger.destinations[op.key] = op.args["destination"]
 
 
-def owned_aliases(d: ServiceDaemon, namespaces: list[str]) -> Counter[str]:
+def owned_aliases(d: Daemon, namespaces: list[str]) -> Counter[str]:
     """netagent's link marks (``alias netagent:KEY``) on the host and in each namespace."""
     found: Counter[str] = Counter()
     for where in [None, *namespaces]:
@@ -143,9 +154,11 @@ def owned_aliases(d: ServiceDaemon, namespaces: list[str]) -> Counter[str]:
 
 
 def test_kill_9_at_random_points_loses_and_duplicates_nothing(
-    sandbox: Sandbox, workdir: Path
+    sandbox: Sandbox, workdir: Path, rng_seed: int
 ) -> None:
-    d = ServiceDaemon(sandbox, workdir)
+    """The seed fixes each worker's ops and the kill times; what a kill interrupts also
+    depends on timing, so a replay repeats the run's plan, not its exact interleaving."""
+    d = Daemon(sandbox, workdir)
     d.start()
     namespaces = [f"c{n}" for n in range(2 * WORKERS)]
     for ns in namespaces:
@@ -153,7 +166,7 @@ def test_kill_9_at_random_points_loses_and_duplicates_nothing(
     d.ok("bridge", "add", BRIDGE, "--address", "10.5.255.1/16")
     ledger = Ledger()
     stop = threading.Event()
-    seed = random.randrange(1 << 30)
+    seed = rng_seed
     threads = [
         threading.Thread(target=run_worker, args=(w, d.socket, ledger, stop, seed + w), daemon=True)
         for w in range(WORKERS)
@@ -175,7 +188,14 @@ def test_kill_9_at_random_points_loses_and_duplicates_nothing(
             d.kill9()
             startup_kills += 1
         d.start()
-    time.sleep(0.5)
+    # the last daemon serves the workers for a while before they stop
+    with ledger.lock:
+        served_before = ledger.requests
+    wait_for(
+        "20 more requests answered by the last daemon",
+        lambda: ledger.requests >= served_before + 20,
+        timeout=30,
+    )
     stop.set()
     for t in threads:
         t.join(60)
@@ -199,14 +219,9 @@ def test_kill_9_at_random_points_loses_and_duplicates_nothing(
     assert set(desired) == expected
 
     # the kernel converges: everything in place, each forward once, nothing orphaned
-    def not_in_place() -> list[Any]:
-        return [
-            (i["key"], i["missing"], i["error"])
-            for i in request(d.socket, "show")["result"]["intents"]
-            if not i["in_place"]
-        ]
-
-    assert wait_for(lambda: not not_in_place(), 20), not_in_place()
+    wait_for(
+        "every intent in place", lambda: all_in_place(d), timeout=20, detail=lambda: not_in_place(d)
+    )
     forwards = nft_forwards(d)
     assert set(forwards.values()) <= {1}, forwards
     assert {(f"fwd/{p}/{port}", dest) for p, port, dest in forwards} == {
@@ -226,7 +241,7 @@ def test_kill_9_at_random_points_loses_and_duplicates_nothing(
     assert snapshot(d) == before
     # no process the killed daemons started is left behind
     assert d.stop() == 0
-    assert wait_for(lambda: not processes_in(sandbox), 3), processes_in(sandbox)
+    wait_for("no process left in the sandbox", lambda: not processes_in(sandbox), timeout=5)
 
 
 # ---- damaged state files -------------------------------------------------------------
@@ -260,7 +275,7 @@ def write_state(state_dir: Path, forwards: int) -> None:
 def test_damaged_state_stops_the_start_and_names_the_files(
     sandbox: Sandbox, workdir: Path, damage: str
 ) -> None:
-    d = ServiceDaemon(sandbox, workdir)
+    d = Daemon(sandbox, workdir)
     write_state(d.state_dir, 3)  # good files (test_torn_last_journal_line starts from them)
     snapshot_file = d.state_dir / "state.json"
     journal = d.state_dir / "journal.jsonl"
@@ -302,7 +317,7 @@ def test_damaged_state_stops_the_start_and_names_the_files(
 
 def test_torn_last_journal_line_is_dropped_not_an_error(sandbox: Sandbox, workdir: Path) -> None:
     """A write cut by kill -9 (no newline yet) was never acknowledged: it is dropped."""
-    d = ServiceDaemon(sandbox, workdir)
+    d = Daemon(sandbox, workdir)
     write_state(d.state_dir, 1)
     journal = d.state_dir / "journal.jsonl"
     journal.write_bytes(journal.read_bytes() + b'{"seq": 99, "changes": [{"key": "fwd/tc')
@@ -312,23 +327,35 @@ def test_torn_last_journal_line_is_dropped_not_an_error(sandbox: Sandbox, workdi
     assert journal.read_bytes().endswith(b"\n")
 
 
-def test_a_damaged_key_in_the_journal_is_detected(tmp_path: Path) -> None:
-    from netagent.agent.errors import StateCorrupt
+def test_a_removal_journaled_before_a_kill_is_carried_out_at_start(
+    sandbox: Sandbox, workdir: Path
+) -> None:
+    """``plug.del`` makes the removal durable (journal, fsync), then changes the kernel.
+    A kill -9 between the two leaves the plug's veth pair in place; the next start must
+    remove it, as the acknowledged state says. The kill is simulated exactly: the
+    daemon is killed, and the removal is journaled with the daemon's own store."""
     from netagent.agent.kinds import default_kinds
+    from netagent.agent.state import Change
     from netagent.agent.store import StateStore
 
-    fwd = {
-        "kind": "fwd",
-        "proto": "tcp",
-        "host_port": 9101,
-        "dest_ip": "10.6.0.98",
-        "dest_port": 80,
-    }
-    (tmp_path / "journal.jsonl").write_text(
-        json.dumps({"seq": 1, "changes": [{"key": "fwd/tcp/9101", "intent": fwd}]})
-        + "\n"
-        + json.dumps({"seq": 2, "changes": [{"key": "fwd/tcp/9#01", "intent": None}]})
-        + "\n"
+    d = Daemon(sandbox, workdir)
+    d.start()
+    d.ok("ns", "add", "c5")
+    d.ok("bridge", "add", BRIDGE, "--address", "10.5.255.1/16")
+    d.ok("plug", "c5", BRIDGE, "--address", "10.5.0.2/16")
+    plug = next(i for i in d.ctl_json("show")["intents"] if i["key"] == f"plug/c5/{BRIDGE}")
+    assert owned_aliases(d, ["c5"])[f"netagent:plug/c5/{BRIDGE}"] == 2
+    d.kill9()
+    kinds = default_kinds()
+    store = StateStore(d.state_dir, kinds)
+    store.load()
+    store.append([Change(plug["key"], kinds.from_dict(plug["intent"]), None)])
+    store.close()
+    d.start()
+    assert {i["key"] for i in d.ctl_json("show")["intents"]} == {"ns/c5", f"br/{BRIDGE}"}
+    wait_for(
+        "the removed plug's veth pair gone",
+        lambda: f"netagent:plug/c5/{BRIDGE}" not in owned_aliases(d, ["c5"]),
+        timeout=10,
+        detail=lambda: d.sh("ip", "-o", "link", "show").stdout,
     )
-    with pytest.raises(StateCorrupt):
-        StateStore(tmp_path, default_kinds()).load()

@@ -19,11 +19,14 @@ from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
 from netagent.cli.sandbox import Sandbox
-
-from .helpers import ServiceDaemon, connect, nft_forwards, read_line, request, wait_for
+from tests.support.daemon import Daemon
+from tests.support.protocol import connect, read_line, request
+from tests.support.state import all_in_place, nft_forwards, not_in_place
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -178,12 +181,12 @@ def desired_keys(path: str) -> set[str]:
     return keys
 
 
-def test_fuzz_the_socket(sandbox: Sandbox, workdir: Path) -> None:
+def test_fuzz_the_socket(sandbox: Sandbox, workdir: Path, rng_seed: int) -> None:
     # a short resync period: convergence is checked within one full pass (see
     # test_plug_gets_its_route_when_the_bridge_gets_a_gateway for why it can take one)
     config = workdir / "netagent.toml"
     config.write_text("resync_interval = 2\n")
-    d = ServiceDaemon(sandbox, workdir, extra=["--config", str(config)])
+    d = Daemon(sandbox, workdir, extra=["--config", str(config)])
     d.start()
     session = Session(d.socket)
     model: dict[str, bool] = {}
@@ -191,6 +194,8 @@ def test_fuzz_the_socket(sandbox: Sandbox, workdir: Path) -> None:
     internal: list[tuple[bytes, dict[str, Any]]] = []
     t0 = time.monotonic()
 
+    # the run's examples follow from the seed (NETAGENT_TEST_SEED replays them)
+    @hypothesis_seed(rng_seed)
     @settings(
         max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck)
     )
@@ -233,14 +238,9 @@ def test_fuzz_the_socket(sandbox: Sandbox, workdir: Path) -> None:
     # the daemon still answers, and the kernel converges to the desired state
     assert request(d.socket, "status")["ok"]
 
-    def not_in_place() -> list[Any]:
-        return [
-            (i["key"], i["missing"], i["error"])
-            for i in request(d.socket, "show")["result"]["intents"]
-            if not i["in_place"]
-        ]
-
-    assert wait_for(lambda: not not_in_place(), 20), not_in_place()
+    wait_for(
+        "every intent in place", lambda: all_in_place(d), timeout=20, detail=lambda: not_in_place(d)
+    )
     expected = {k for k, present in model.items() if present}
     assert {i["key"] for i in request(d.socket, "show")["result"]["intents"]} == expected
     netns = set(d.sh("ip", "netns", "list").stdout.split())
@@ -261,23 +261,38 @@ def test_fuzz_the_socket(sandbox: Sandbox, workdir: Path) -> None:
 
 
 def test_second_plug_of_a_namespace(sandbox: Sandbox, workdir: Path) -> None:
-    d = ServiceDaemon(sandbox, workdir)
+    """One namespace on two bridges with subnets that do not overlap is allowed (two
+    plugs, two interfaces in it); plugging it into the same bridge again with another
+    address is a conflict that names the plug; the same plug again changes nothing."""
+    d = Daemon(sandbox, workdir)
     d.start()
     d.ok("ns", "add", "n3")
     d.ok("bridge", "add", "b1", "--address", "10.1.0.1/24")
     d.ok("bridge", "add", "b2", "--address", "10.2.0.1/24")
     d.ok("plug", "n3", "b1", "--address", "10.1.0.2/24")
-    second = d.ctl("plug", "n3", "b2", "--address", "10.2.0.2/24")
-    if second.returncode == 0:
-        assert all(i["in_place"] for i in request(d.socket, "show")["result"]["intents"])
-    else:
-        assert second.returncode == 4  # refused as a conflict
+    second = d.ctl("plug", "n3", "b2", "--address", "10.2.0.2/24", json_out=True)
+    assert second.returncode == 0, second.stdout + second.stderr
+    reply = json.loads(second.stdout)
+    assert [c["key"] for c in reply["result"]["changes"]] == ["plug/n3/b2"]
+    assert not_in_place(d) == []
+    addrs = d.sh("ip", "-n", "n3", "-o", "-4", "addr", "show").stdout
+    assert "10.1.0.2/24" in addrs and "10.2.0.2/24" in addrs, addrs
+    keys = {i["key"] for i in request(d.socket, "show")["result"]["intents"]}
+    assert {"plug/n3/b1", "plug/n3/b2"} <= keys
+
+    again = d.ctl("plug", "n3", "b1", "--address", "10.1.0.3/24")
+    assert again.returncode == 4, again.stdout + again.stderr
+    assert "already plugged into b1" in again.stderr
+    same = d.ctl("plug", "n3", "b2", "--address", "10.2.0.2/24")
+    assert same.returncode == 0 and "nothing changed" in same.stdout
+    # the refused request changed nothing in the kernel
+    assert d.sh("ip", "-n", "n3", "-o", "-4", "addr", "show").stdout == addrs
 
 
 def test_plug_gets_its_route_when_the_bridge_gets_a_gateway(
     sandbox: Sandbox, workdir: Path
 ) -> None:
-    d = ServiceDaemon(sandbox, workdir)
+    d = Daemon(sandbox, workdir)
     d.start()
     assert request(d.socket, "ns.add", {"name": "n1"})["ok"]
     assert request(d.socket, "bridge.add", {"name": "b1", "addresses": []})["ok"]
@@ -285,6 +300,10 @@ def test_plug_gets_its_route_when_the_bridge_gets_a_gateway(
         d.socket, "plug.add", {"ns": "n1", "bridge": "b1", "addresses": ["10.1.0.2/24"]}
     )["ok"]
     assert request(d.socket, "bridge.add", {"name": "b1", "addresses": ["10.1.0.1/24"]})["ok"]
-    assert wait_for(
-        lambda: all(i["in_place"] for i in request(d.socket, "show")["result"]["intents"]), 2
+    wait_for(
+        "the plug's default route via the new gateway",
+        lambda: all_in_place(d),
+        timeout=5,
+        detail=lambda: not_in_place(d),
     )
+    assert "default via 10.1.0.1" in d.sh("ip", "-n", "n1", "route").stdout

@@ -9,9 +9,7 @@ The daemon runs under a Python audit hook (``sys.addaudithook``) that records ev
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,9 +17,10 @@ from typing import Any
 import pytest
 
 from netagent.agent.protocol import MAX_LINE
-from netagent.cli.sandbox import Sandbox, check_privileges
-
-from .helpers import ServiceDaemon, exchange, request, snapshot, stop_everything_in
+from netagent.cli.sandbox import Sandbox
+from tests.support.daemon import Daemon
+from tests.support.protocol import exchange, request
+from tests.support.state import snapshot
 
 pytestmark = pytest.mark.e2e
 
@@ -279,38 +278,29 @@ RAW_LINES: list[tuple[str, bytes]] = [
 
 
 @pytest.fixture(scope="module")
-def hostile_daemon() -> Iterator[ServiceDaemon]:
+def hostile_daemon(module_sandbox: Sandbox, module_workdir: Path) -> Iterator[Daemon]:
     """One daemon for the whole module (each test checks that nothing changed)."""
-    if check_privileges() is not None:
-        pytest.skip(f"privileged test: {check_privileges()}")
-    workdir = Path(tempfile.mkdtemp(prefix="netagent-test-"))
-    box = Sandbox()
-    try:
-        audit = workdir / "audit.jsonl"
-        d = ServiceDaemon(
-            box,
-            workdir,
-            extra=["--client-timeout", "1"],
-            launcher=[sys.executable, "-c", AUDIT_LAUNCHER],
-            env={"NETAGENT_AUDIT_LOG": str(audit)},
-        )
-        d.start()
-        d.ok("ns", "add", "red")
-        d.ok("ns", "add", "blue")
-        d.ok("bridge", "add", "br0", "--address", "10.7.0.1/24")
-        d.ok("plug", "red", "br0", "--address", "10.7.0.2/24")
-        d.ok("forward", "8080", "10.7.0.2:80")
-        d.ok("attach", "add", "tap*", "br0")
-        yield d
-        if d.proc is not None and d.proc.poll() is None:
-            assert d.stop() == 0
-    finally:
-        stop_everything_in(box)
-        box.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+    audit = module_workdir / "audit.jsonl"
+    d = Daemon(
+        module_sandbox,
+        module_workdir,
+        extra=["--client-timeout", "1"],
+        launcher=[sys.executable, "-c", AUDIT_LAUNCHER],
+        env={"NETAGENT_AUDIT_LOG": str(audit)},
+    )
+    d.start()
+    d.ok("ns", "add", "red")
+    d.ok("ns", "add", "blue")
+    d.ok("bridge", "add", "br0", "--address", "10.7.0.1/24")
+    d.ok("plug", "red", "br0", "--address", "10.7.0.2/24")
+    d.ok("forward", "8080", "10.7.0.2:80")
+    d.ok("attach", "add", "tap*", "br0")
+    yield d
+    if d.running():
+        assert d.stop() == 0
 
 
-def audit_records(d: ServiceDaemon) -> list[dict[str, Any]]:
+def audit_records(d: Daemon) -> list[dict[str, Any]]:
     path = d.dir / "audit.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
@@ -325,7 +315,7 @@ def strings_in(value: Any) -> set[str]:
     return set()
 
 
-def test_hostile_requests_get_errors_and_change_nothing(hostile_daemon: ServiceDaemon) -> None:
+def test_hostile_requests_get_errors_and_change_nothing(hostile_daemon: Daemon) -> None:
     d = hostile_daemon
     before = snapshot(d)
     commands_before = len(audit_records(d))
@@ -368,9 +358,7 @@ def test_hostile_requests_get_errors_and_change_nothing(hostile_daemon: ServiceD
 
 
 @pytest.mark.parametrize(("why", "line"), RAW_LINES, ids=[w for w, _ in RAW_LINES])
-def test_malformed_lines_get_an_error_reply(
-    hostile_daemon: ServiceDaemon, why: str, line: bytes
-) -> None:
+def test_malformed_lines_get_an_error_reply(hostile_daemon: Daemon, why: str, line: bytes) -> None:
     d = hostile_daemon
     before = snapshot(d) if why in ("trailing garbage", "duplicate op") else None
     replies = exchange(d.socket, line + b"\n" + b'{"id":"after","op":"status"}\n')
@@ -385,7 +373,7 @@ def test_malformed_lines_get_an_error_reply(
 
 
 @pytest.mark.parametrize("port", ["²", "٨٠", "\uff18\uff10"])
-def test_non_ascii_digits_are_not_ports(hostile_daemon: ServiceDaemon, port: str) -> None:
+def test_non_ascii_digits_are_not_ports(hostile_daemon: Daemon, port: str) -> None:
     before = snapshot(hostile_daemon)
     reply = request(
         hostile_daemon.socket, "fwd.add", {"host_ports": port, "destination": "10.7.0.2:80"}
@@ -398,7 +386,7 @@ def test_non_ascii_digits_are_not_ports(hostile_daemon: ServiceDaemon, port: str
     assert reply["ok"] is False and reply["error"]["name"] == "invalid-port", reply
 
 
-def test_oversized_request_is_refused_and_the_daemon_goes_on(hostile_daemon: ServiceDaemon) -> None:
+def test_oversized_request_is_refused_and_the_daemon_goes_on(hostile_daemon: Daemon) -> None:
     d = hostile_daemon
     before = snapshot(d)
     pad = MAX_LINE - len(b'{"op":"status","pad":""}')
@@ -412,46 +400,8 @@ def test_oversized_request_is_refused_and_the_daemon_goes_on(hostile_daemon: Ser
     assert snapshot(d) == before
 
 
-def test_a_half_line_then_hangup_gets_an_error(hostile_daemon: ServiceDaemon) -> None:
+def test_a_half_line_then_hangup_gets_an_error(hostile_daemon: Daemon) -> None:
     replies = exchange(hostile_daemon.socket, b'{"op":"ns.add","args":{"name":"x"}}')
     assert [r["error"]["name"] for r in replies] == ["bad-request"]
     assert "newline" in replies[0]["error"]["message"]
     assert "x" not in hostile_daemon.sh("ip", "netns", "list").stdout.split()
-
-
-SHELL_CALLS = {"system", "popen", "getoutput", "getstatusoutput", "create_subprocess_shell"}
-
-
-def test_no_shell_anywhere_in_the_source() -> None:
-    """Statically too: no shell=True, os.system, os.popen or create_subprocess_shell."""
-    import ast
-
-    root = Path(__file__).resolve().parents[2]
-    offenders = []
-    for folder in ("agent", "backends", "cli"):
-        for path in (root / folder).rglob("*.py"):
-            tree = ast.parse(path.read_text(), str(path))
-            for node in ast.walk(tree):
-                if isinstance(node, ast.ImportFrom) and node.module in ("os", "subprocess"):
-                    offenders += [
-                        f"{path}:{node.lineno} from {node.module} import {a.name}"
-                        for a in node.names
-                        if a.name in SHELL_CALLS
-                    ]
-                if isinstance(node, ast.Call):
-                    f = node.func
-                    if isinstance(f, ast.Attribute) and (
-                        f.attr == "create_subprocess_shell"
-                        or (
-                            isinstance(f.value, ast.Name)
-                            and f.value.id in ("os", "subprocess")
-                            and f.attr in SHELL_CALLS
-                        )
-                    ):
-                        offenders.append(f"{path}:{node.lineno} {f.attr}")
-                    for kw in node.keywords:
-                        if kw.arg == "shell" and not (
-                            isinstance(kw.value, ast.Constant) and kw.value.value is False
-                        ):
-                            offenders.append(f"{path}:{node.lineno} shell=")
-    assert offenders == []

@@ -21,8 +21,9 @@ from typing import Any
 import pytest
 
 from netagent.cli.sandbox import Sandbox
-
-from .helpers import ServiceDaemon, connect, nft_forwards, read_line, request, snapshot
+from tests.support.daemon import Daemon
+from tests.support.protocol import connect, read_line, request
+from tests.support.state import nft_forwards, snapshot
 
 pytestmark = pytest.mark.e2e
 
@@ -71,17 +72,18 @@ def client_plan(c: int, rng: random.Random) -> list[tuple[str, int, str | None]]
     return plan
 
 
-def test_50_clients_adding_and_removing_100_forwards_each(sandbox: Sandbox, workdir: Path) -> None:
+def test_50_clients_adding_and_removing_100_forwards_each(
+    sandbox: Sandbox, workdir: Path, rng_seed: int
+) -> None:
     tools = workdir / "bin"  # the usual tools, conntrack left out (see the docstring)
     tools.mkdir()
     for name in TOOLS:
         found = shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
         if found:
             os.symlink(found, tools / name)
-    d = ServiceDaemon(sandbox, workdir, extra=["--client-timeout", "60"], env={"PATH": str(tools)})
+    d = Daemon(sandbox, workdir, extra=["--client-timeout", "60"], env={"PATH": str(tools)})
     d.start()
-    seed = random.randrange(1 << 30)
-    plans = [client_plan(c, random.Random(seed + c)) for c in range(CLIENTS)]
+    plans = [client_plan(c, random.Random(rng_seed + c)) for c in range(CLIENTS)]
     acked: dict[str, list[tuple[str, str | None]]] = defaultdict(list)
     errors: Counter[str] = Counter()
     unexpected: list[Any] = []
@@ -135,7 +137,7 @@ def test_50_clients_adding_and_removing_100_forwards_each(sandbox: Sandbox, work
     assert set(in_kernel.values()) <= {1}
     assert {(f"fwd/{p}/{port}", dest) for p, port, dest in in_kernel} == set(listed.items())
     print(
-        f"load: {CLIENTS} clients, {requests} requests in {took:.1f} s "
+        f"load: seed {rng_seed}; {CLIENTS} clients, {requests} requests in {took:.1f} s "
         f"({requests / took:.0f}/s); {len(listed)} forwards survive; "
         f"refused: {dict(errors)}"
     )
