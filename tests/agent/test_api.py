@@ -117,7 +117,7 @@ async def test_every_op_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
             "veth-red-br": "plug/red/v-net-0",
         }
         inside = await w.call("links", ns="red")
-        assert sorted(lk["name"] for lk in inside) == sorted(["lo", "veth-red", reply_end(w)])
+        assert sorted(lk["name"] for lk in inside) == sorted(["lo", "veth-red", wire_end(w)])
         assert await w.call("neigh", ns="red") == []
         [route] = await w.call("routes", ns="red")
         assert (route["destination"], route["gateway"]) == ("default", "192.168.15.5")
@@ -162,7 +162,7 @@ async def test_every_op_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert lines(w.net.dump()) == ["lo - DOWN - - -"]
 
 
-def reply_end(w: World) -> str:
+def wire_end(w: World) -> str:
     wire = w.state.get("wire/blue/red")
     assert wire is not None
     name: str = wire.to_dict()["ifname_a"]
