@@ -352,6 +352,9 @@ class Reconciler:
             kind = self.state.kinds.of(intent)
             old = self._previous.pop(key, None)
             changed = await self._step(key, kind.ensure(self.ctx, intent, old), result)
+            if old is not None and self.status[key].state == FAILING:
+                # the retry must still know what this replaces (a stale address to remove)
+                self._previous.setdefault(key, old)
             if changed:
                 # what hangs off a changed (recreated, readdressed) key comes back with it
                 queue.extend(d.key for d in self.state.dependents(key) if d.key not in done)

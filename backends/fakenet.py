@@ -79,7 +79,8 @@ class FakeNetlink:
         return link
 
     def dump(self, ns: NsRef = None) -> str:
-        """``NAME KIND STATE MASTER ALIAS ADDRESSES`` per link, sorted by name."""
+        """``NAME KIND STATE MASTER ALIAS ADDRESSES`` per link, sorted by name, then
+        ``default via GATEWAY dev NAME proto N`` per default route (IPv4 first)."""
         space = self._space(ns)
         lines = []
         for link in sorted(space.links.values(), key=lambda lk: lk.name):
@@ -96,6 +97,11 @@ class FakeNetlink:
                         addrs or "-",
                     ]
                 )
+            )
+        for _version, route in sorted(space.routes.items()):
+            dev = space.links.get(route.oif) if route.oif is not None else None
+            lines.append(
+                f"default via {route.gateway} dev {dev.name if dev else '-'} proto {route.proto}"
             )
         return "\n".join(lines)
 

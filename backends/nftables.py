@@ -68,17 +68,20 @@ def _dnat_rule(proto: str, version: int, bound: bool) -> str:
 
 
 def _bridge_rules(br: I.Bridge) -> dict[str, str]:
-    """comment -> rule text, for the postrouting chain."""
+    """comment -> rule text, for the postrouting chain. ``plan`` knows a rule by its
+    comment alone (``parse_table`` keeps no expressions), so the comment names all the
+    rule depends on: the bridge and its subnet (a bridge readdressed to another subnet
+    gets new rules instead of keeping the old ones)."""
     rules = {}
     for addr in br.addresses:
         l3 = _L3[addr.version]
         net = addr.network
         # hairpin: a namespace reaching a forward through the host's address, DNATed back
         # onto its own bridge; without the masquerade the reply would skip the host
-        c = f"hairpin {br.key} ipv{addr.version}"
+        c = f"hairpin {br.key} {net}"
         rules[c] = f'ct status dnat {l3} saddr {net} {l3} daddr {net} masquerade comment "{c}"'
         if br.masquerade:
-            c = f"masquerade {br.key} ipv{addr.version}"
+            c = f"masquerade {br.key} {net}"
             rules[c] = f'{l3} saddr {net} oifname != "{br.name}" masquerade comment "{c}"'
     return rules
 

@@ -1,0 +1,316 @@
+"""The kernel's events: ``rtnl.parse`` on netlink bytes, and what ``EventSource._handle``
+marks for the reconciler (drift of an owned key, link hints for attach rules, nothing).
+
+The bytes are built with ``struct`` in the kernel's layout (``linux/netlink.h``,
+``linux/rtnetlink.h``, ``linux/if_link.h``): a 16-byte ``nlmsghdr``, a 16-byte
+``ifinfomsg`` or 8-byte ``ifaddrmsg``, then attributes padded to 4 bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import struct
+import threading
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from netagent.agent.reconcile import DRIFTED, IN_PLACE
+from netagent.agent.state import Change
+from netagent.backends import rtnl
+from netagent.backends.netlink import NETAGENT_GROUP, Link
+
+from .world import LIMIT, World, make_world, until
+
+AF_BRIDGE = 7
+NLMSG_DONE = 3
+
+
+# ---- netlink bytes ------------------------------------------------------------------
+def rta(atype: int, payload: bytes) -> bytes:
+    raw = struct.pack("HH", 4 + len(payload), atype) + payload
+    return raw + b"\0" * (-len(raw) % 4)
+
+
+def cstr(text: str) -> bytes:
+    return text.encode() + b"\0"
+
+
+def u32(value: int) -> bytes:
+    return struct.pack("I", value)
+
+
+def nlmsg(mtype: int, body: bytes, seq: int = 0) -> bytes:
+    raw = struct.pack("IHHII", 16 + len(body), mtype, 0, seq, 0) + body
+    return raw + b"\0" * (-len(raw) % 4)
+
+
+def link_msg(
+    index: int,
+    name: str | None,
+    *,
+    deleted: bool = False,
+    family: int = socket.AF_UNSPEC,
+    up: bool = False,
+    kind: str | None = None,
+    attrs: bytes = b"",
+) -> bytes:
+    body = struct.pack("BxHiII", family, 1, index, 0x1 if up else 0, 0xFFFFFFFF)
+    if name is not None:
+        body += rta(rtnl.IFLA_IFNAME, cstr(name))
+    if kind is not None:
+        body += rta(rtnl.IFLA_LINKINFO, rta(rtnl.IFLA_INFO_KIND, cstr(kind)))
+    return nlmsg(rtnl.RTM_DELLINK if deleted else rtnl.RTM_NEWLINK, body + attrs)
+
+
+def addr_msg(index: int, deleted: bool = False) -> bytes:
+    body = struct.pack("BBBBI", socket.AF_INET, 24, 0, 0, index)
+    body += rta(1, socket.inet_aton("192.168.15.5"))  # IFA_ADDRESS
+    return nlmsg(rtnl.RTM_DELADDR if deleted else rtnl.RTM_NEWADDR, body)
+
+
+def test_parse_a_veth_with_every_field_netagent_reads() -> None:
+    attrs = (
+        rta(rtnl.IFLA_MASTER, u32(7))
+        + rta(rtnl.IFLA_IFALIAS, cstr("netagent:plug/red/v-net-0"))
+        + rta(rtnl.IFLA_GROUP, u32(NETAGENT_GROUP))
+        + rta(rtnl.IFLA_LINK, u32(42))
+        + rta(rtnl.IFLA_ADDRESS, bytes.fromhex("02aabbccddee"))
+        + rta(13, u32(1500))  # IFLA_MTU: not read, skipped
+    )
+    [event] = rtnl.parse(link_msg(41, "veth-red-br", up=True, kind="veth", attrs=attrs))
+    assert event == rtnl.LinkEvent(
+        False,
+        Link(
+            index=41,
+            name="veth-red-br",
+            kind="veth",
+            up=True,
+            master=7,
+            alias="netagent:plug/red/v-net-0",
+            group=NETAGENT_GROUP,
+            peer=42,
+            link_netnsid=None,
+            mac="02:aa:bb:cc:dd:ee",
+        ),
+    )
+    assert event.link.owner_key == "plug/red/v-net-0"
+
+
+def test_parse_a_veth_whose_peer_is_in_another_namespace() -> None:
+    attrs = rta(rtnl.IFLA_LINK, u32(2)) + rta(rtnl.IFLA_LINK_NETNSID, struct.pack("i", 0))
+    [event] = rtnl.parse(link_msg(41, "veth-red-br", kind="veth", attrs=attrs))
+    assert isinstance(event, rtnl.LinkEvent)
+    # the index names an interface of the other namespace: not a peer here
+    assert (event.link.peer, event.link.link_netnsid, event.link.up) == (None, 0, False)
+
+
+def test_parse_a_bridge_a_deletion_and_a_master_of_zero() -> None:
+    data = link_msg(7, "v-net-0", up=True, kind="bridge", attrs=rta(rtnl.IFLA_LINK, u32(7)))
+    data += link_msg(9, "tap0", deleted=True, attrs=rta(rtnl.IFLA_MASTER, u32(0)))
+    bridge, tap = rtnl.parse(data)
+    assert bridge == rtnl.LinkEvent(False, Link(7, "v-net-0", "bridge", up=True))
+    assert tap == rtnl.LinkEvent(True, Link(9, "tap0"))
+
+
+def test_parse_skips_bridge_port_copies_and_other_messages() -> None:
+    """A port leaving a bridge is announced as RTM_DELLINK of family AF_BRIDGE too: that
+    is not the interface going away."""
+    data = (
+        link_msg(9, "tap0", deleted=True, family=AF_BRIDGE)
+        + nlmsg(NLMSG_DONE, u32(0))
+        + link_msg(10, None)  # no name: skipped
+        + addr_msg(7, deleted=True)
+        + addr_msg(8)
+        + nlmsg(rtnl.RTM_NEWROUTE, b"\0" * 12)
+        + nlmsg(rtnl.RTM_DELROUTE, b"\0" * 12)
+    )
+    assert rtnl.parse(data) == [
+        rtnl.AddrEvent(deleted=True, index=7),
+        rtnl.AddrEvent(deleted=False, index=8),
+        rtnl.RouteEvent(deleted=False),
+        rtnl.RouteEvent(deleted=True),
+    ]
+
+
+def test_parse_stops_at_a_truncated_message() -> None:
+    whole = link_msg(11, "tap1")
+    data = link_msg(12, "tap2") + whole[: len(whole) - 8]
+    assert [e.link.name for e in rtnl.parse(data) if isinstance(e, rtnl.LinkEvent)] == ["tap2"]
+    assert rtnl.parse(b"\x10\x00") == []
+
+
+def test_parse_keeps_a_kind_only_for_a_veth_peer() -> None:
+    """IFLA_LINK of another kind (a VLAN's lower device) is no veth peer."""
+    [event] = rtnl.parse(link_msg(20, "vlan5", kind="vlan", attrs=rta(rtnl.IFLA_LINK, u32(3))))
+    assert isinstance(event, rtnl.LinkEvent) and event.link.peer is None
+
+
+# ---- what the event source marks ----------------------------------------------------
+PLUG = "plug/red/v-net-0"
+BRIDGE = "br/v-net-0"
+
+
+async def world(tmp_path: Path) -> World:
+    """ns red plugged into v-net-0, an attach rule ``tap*``, all in place; the fake
+    announces nothing by itself (each test feeds ``_handle``)."""
+    w = make_world(tmp_path, feed="none")
+    async with w.running():
+        await w.call("ns.add", name="red")
+        await w.call("bridge.add", name="v-net-0", address=["192.168.15.5/24"])
+        await w.call("plug.add", ns="red", bridge="v-net-0", address=["192.168.15.1/24"])
+        await w.call("attach.add", pattern="tap*", bridge="v-net-0")
+        await until(lambda: not w.rec.busy(), "idle")
+    w.links.reset(list(w.net.host.links.values()))  # as the event source's dump does
+    assert all(w.rec.status[k].state == IN_PLACE for k in w.state.intents)
+    return w
+
+
+async def test_an_owned_link_deleted_drifts_its_key_and_the_pass_repairs_it(
+    tmp_path: Path,
+) -> None:
+    w = await world(tmp_path)
+    gone = w.link("veth-red-br")
+    await w.net.del_link(None, gone.index)
+    w.events._handle(rtnl.LinkEvent(True, gone))
+    assert w.rec.status[PLUG].state == DRIFTED
+    assert w.rec.status[PLUG].reason == "veth-red-br was deleted"
+    assert w.links.get(gone.index) is None
+    [event] = w.published("link-removed")
+    assert (event["key"], event["ifname"]) == (PLUG, "veth-red-br")
+    with anyio.fail_after(LIMIT):
+        result = await w.rec.run_until_idle("event")
+    assert result.actions[PLUG][0] == "create veth veth-red-br <-> red:veth-red"
+    assert w.rec.status[PLUG].state == IN_PLACE
+
+
+async def test_an_address_removed_from_an_owned_link_drifts_its_key(tmp_path: Path) -> None:
+    w = await world(tmp_path)
+    bridge = w.link("v-net-0")
+    w.events._handle(rtnl.AddrEvent(deleted=False, index=bridge.index))
+    assert not w.rec.busy()
+    w.events._handle(rtnl.AddrEvent(deleted=True, index=bridge.index))
+    assert w.rec.status[BRIDGE].state == DRIFTED
+    assert w.rec.status[BRIDGE].reason == "an address of v-net-0 was removed"
+    w.events._handle(rtnl.AddrEvent(deleted=True, index=9999))  # unknown interface
+    assert [e["key"] for e in w.published("addr-removed")] == [BRIDGE]
+
+
+async def test_an_unowned_interface_a_rule_takes_is_handed_to_the_attach_rules(
+    tmp_path: Path,
+) -> None:
+    w = await world(tmp_path)
+    tap = w.net.make_foreign_link("tap0")
+    w.events._handle(rtnl.LinkEvent(False, tap))
+    assert w.rec.busy()  # a link hint, no key
+    assert w.published("link-appeared")[-1]["ifname"] == "tap0"
+    with anyio.fail_after(LIMIT):
+        result = await w.rec.run_until_idle("event")
+    assert result.actions == {"attach": ["attached tap0 to v-net-0"]}
+    assert w.link("tap0").master == w.link("v-net-0").index
+
+
+async def test_interfaces_no_rule_takes_and_bridges_are_not_handed_on(tmp_path: Path) -> None:
+    w = await world(tmp_path)
+    for link in (
+        w.net.make_foreign_link("eth1"),  # no rule matches
+        w.net.make_foreign_link("tapbr", kind="bridge"),  # matches, but is a bridge
+    ):
+        w.events._handle(rtnl.LinkEvent(False, link))
+        assert not w.rec.busy(), link.name
+    assert [e["ifname"] for e in w.published("link-appeared")] == ["eth1", "tapbr"]
+    w.events._handle(rtnl.RouteEvent(deleted=True))
+    assert not w.rec.busy()
+
+
+@pytest.mark.parametrize(
+    ("name", "change", "drifts"),
+    [
+        ("veth-red-br", {"mac": "02:00:00:00:00:09"}, False),
+        ("v-net-0", {"mac": "02:00:00:00:00:0a"}, False),
+        ("veth-red-br", {"up": False}, True),
+        ("veth-red-br", {"master": None}, True),
+        ("v-net-0", {"up": False}, True),
+    ],
+    ids=["plug-new-mac", "bridge-new-mac", "plug-down", "plug-detached", "bridge-down"],
+)
+async def test_an_owned_link_changed_drifts_only_when_its_kind_says_so(
+    tmp_path: Path, name: str, change: dict[str, Any], drifts: bool
+) -> None:
+    w = await world(tmp_path)
+    link = dataclasses.replace(w.link(name), **change)
+    key = link.owner_key
+    assert key is not None
+    w.events._handle(rtnl.LinkEvent(False, link))
+    assert w.links.get(link.index) == link
+    assert w.rec.busy() is drifts
+    assert w.rec.status[key].state == (DRIFTED if drifts else IN_PLACE)
+
+
+async def test_a_netagent_link_of_a_key_no_longer_desired_is_not_repaired(
+    tmp_path: Path,
+) -> None:
+    w = await world(tmp_path)
+    stray = Link(500, "veth-old-br", "veth", alias="netagent:plug/old/v-net-0")
+    w.events._handle(rtnl.LinkEvent(False, stray))
+    w.events._handle(rtnl.LinkEvent(True, stray))
+    assert not w.rec.busy()
+    assert w.published("link-removed") == []
+
+
+async def test_only_committed_state_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a request is being made durable its change is not the state yet: the event
+    source must not act on it (it might still be refused)."""
+    w = await world(tmp_path)
+    writing = [threading.Event(), threading.Event()]
+    written = [threading.Event(), threading.Event()]
+    append = w.store.append
+
+    def slow(changes: list[Change]) -> None:
+        n = sum(e.is_set() for e in writing)
+        writing[n].set()
+        assert written[n].wait(LIMIT)
+        append(changes)
+
+    monkeypatch.setattr(w.store, "append", slow)
+    replies: list[object] = []
+
+    async def requests() -> None:
+        replies.append(await w.call("bridge.add", name="v-net-1", address=["10.1.0.1/24"]))
+        replies.append(await w.call("attach.add", pattern="eth*", bridge="v-net-1"))
+
+    try:
+        async with w.running(), anyio.create_task_group() as tg:
+            tg.start_soon(requests)
+            await until(writing[0].is_set, "the bridge's journal write began")
+            assert "br/v-net-1" not in w.state
+            stray = Link(600, "v-net-1", "bridge", alias="netagent:br/v-net-1")
+            w.events._handle(rtnl.LinkEvent(True, stray))
+            assert not w.rec.busy() and w.published("link-removed") == []
+            written[0].set()
+
+            await until(writing[1].is_set, "the rule's journal write began")
+            assert "rule/v-net-1/eth*" not in w.state
+            # the kernel announces the new bridge (committed, up: nothing to repair)
+            w.events._handle(rtnl.LinkEvent(False, w.link("v-net-1")))
+            assert not w.rec.busy()
+            w.events._handle(rtnl.LinkEvent(False, w.net.make_foreign_link("eth0")))
+            assert not w.rec.busy()  # the rule is not committed: no hint
+            written[1].set()
+            await until(lambda: len(replies) == 2, "both requests answered")
+
+            # committed: an interface that appears now is handed on and attached
+            w.events._handle(rtnl.LinkEvent(False, w.net.make_foreign_link("eth1")))
+            assert w.rec.busy()
+            bridge = w.link("v-net-1").index
+            await until(lambda: w.link("eth1").master == bridge, "eth1 attached")
+    finally:
+        for event in written:
+            event.set()
+    # eth0 was in the link cache when the rule was ensured: it was attached then
+    assert w.link("eth0").master == bridge

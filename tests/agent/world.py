@@ -1,0 +1,150 @@
+"""The daemon's rooms wired as ``agent/main.py`` wires them, over the in-memory fakes.
+
+A real ``DesiredState``, ``StateStore`` (in ``tmp_path``), ``Reconciler``,
+``FirewallSync``, ``Service`` and ``EventSource``, with ``FakeNetlink`` for the kernel's
+links and ``FakeFirewall`` for the rules. The fake netlink announces host link changes
+the way the kernel does: either into the link cache only (``feed="cache"``), or through
+the event source (``feed="events"``), which also marks what drifted; with ``feed="none"``
+nothing is announced (a test feeds the event source itself).
+
+Every wait has a deadline: a test that would hang fails instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import anyio
+
+from netagent.agent.api import Counters, Peer, Service
+from netagent.agent.bus import EventBus
+from netagent.agent.events import EventSource
+from netagent.agent.fwsync import FirewallSync
+from netagent.agent.kinds import default_kinds
+from netagent.agent.kinds.base import Context
+from netagent.agent.linkcache import LinkCache
+from netagent.agent.reconcile import Reconciler
+from netagent.agent.state import DesiredState
+from netagent.agent.store import StateStore
+from netagent.backends import rtnl
+from netagent.backends.fakefw import FakeFirewall
+from netagent.backends.fakenet import FakeNetlink
+from netagent.backends.firewall import AnyBackend
+from netagent.backends.netlink import Link
+
+#: seconds any one wait in these tests may take
+LIMIT = 5.0
+RW = Peer(pid=1, uid=0, gid=0, access="rw")
+RO = Peer(pid=2, uid=1000, gid=1000, access="ro")
+
+
+@dataclass
+class World:
+    net: FakeNetlink
+    fw: FakeFirewall
+    state: DesiredState
+    store: StateStore
+    links: LinkCache
+    bus: EventBus
+    ctx: Context
+    sync: FirewallSync
+    rec: Reconciler
+    counters: Counters
+    api: Service
+    events: EventSource
+
+    async def call(self, op: str, peer: Peer = RW, **args: Any) -> Any:
+        """One request through the API (the reconciler must be running)."""
+        with anyio.fail_after(LIMIT):
+            return await self.api.handle(op, args, peer)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """The reconciler's loop runs while the block does; the block's own exception
+        comes out as it is (not wrapped in an exception group)."""
+        failure: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.rec.run)
+            try:
+                yield
+            except Exception as exc:
+                failure = exc
+            finally:
+                tg.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+
+    def published(self, type_: str) -> list[dict[str, Any]]:
+        return [e for e in self.bus.recent if e["type"] == type_]
+
+    def link(self, name: str) -> Link:
+        index = self.net.host_index(name)
+        assert index is not None, f"{name} is not in the fake host"
+        found = self.net.host.links[index]
+        return found
+
+
+def make_world(
+    tmp_path: Path,
+    *,
+    feed: Literal["cache", "events", "none"] = "cache",
+    resync_interval: float = 3600.0,
+) -> World:
+    net = FakeNetlink(netns_dir=tmp_path / "netns")
+    fw = FakeFirewall(calls=net.calls)
+    kinds = default_kinds(claims_dir=tmp_path / "claims")
+    store = StateStore(tmp_path / "state", kinds)
+    state = DesiredState(kinds, external_namespace=net.ns_exists)
+    state.load(store.load())
+    links = LinkCache()
+    links.reset(list(net.host.links.values()))
+    bus = EventBus()
+    counters = Counters()
+    ctx = Context(net=net, state=state, bus=bus, links=links)
+    sync = FirewallSync(cast(AnyBackend, fw), bus, conntrack=False)
+    rec = Reconciler(state, ctx, sync, bus, resync_interval)
+    events = EventSource(state, rec, net, links, bus, counters)
+    api = Service(
+        state=state,
+        store=store,
+        reconciler=rec,
+        ctx=ctx,
+        firewall=sync,
+        bus=bus,
+        counters=counters,
+        about={"socket": str(tmp_path / "sock"), "state_dir": str(tmp_path / "state")},
+    )
+    if feed == "events":
+
+        def announce(deleted: bool, link: Link) -> None:
+            events._handle(rtnl.LinkEvent(deleted, link))
+
+        net.on_link = announce
+    elif feed == "cache":
+
+        def update(deleted: bool, link: Link) -> None:
+            if deleted:
+                links.remove(link.index)
+            else:
+                links.update(link)
+
+        net.on_link = update
+    return World(net, fw, state, store, links, bus, ctx, sync, rec, counters, api, events)
+
+
+async def until(cond: Callable[[], object], what: str, timeout: float = LIMIT) -> None:
+    """Wait for a condition, with a deadline (never a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what}")
+        await anyio.sleep(0.002)
+
+
+def lines(text: str) -> list[str]:
+    return text.splitlines()

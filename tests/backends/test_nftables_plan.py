@@ -1,0 +1,280 @@
+"""``NftablesBackend.plan`` and ``plan_update``: pure, on observations parsed from JSON.
+
+``nft_table.json`` is what ``nft -j list table inet netagent`` printed (nft 1.0.6, Debian
+12) in a throwaway network namespace after the backend's own full plan for ``SPEC`` was
+applied with ``nft -f -``. So "nothing to do" is pinned against the form nft really lists
+(map elements as ``[80, {"concat": ["192.168.15.2", 80]}]``, rule comments, handles).
+Each test changes a copy of that document the way someone else's change, or a lost
+update, would. Nothing here runs nft.
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from netagent.agent import intents as I
+from netagent.backends.firewall import FirewallSpec
+from netagent.backends.nftables import NftablesBackend, Observed, parse_table
+
+V_NET_0 = I.Bridge(
+    "v-net-0",
+    (ipaddress.ip_interface("192.168.15.5/24"), ipaddress.ip_interface("fd00:15::1/64")),
+    masquerade=True,
+)
+BR1 = I.Bridge("br1", (ipaddress.ip_interface("10.1.0.1/16"),))
+FWD80 = I.make_forward("80", "192.168.15.2:80")
+FWD_RANGE = I.make_forward("8000-8001", "192.168.15.3:9000-9001", "udp")
+FWD_BOUND = I.make_forward("81", "10.0.0.9:81", host_ip="10.0.0.1")
+FWD6 = I.make_forward("80", "[fd00:15::2]:8080")
+FWD6_BOUND = I.make_forward("443", "[fd00:15::3]:443", host_ip="fd00::1")
+SPEC = FirewallSpec(
+    forwards=(FWD80, FWD_RANGE, FWD_BOUND, FWD6, FWD6_BOUND), bridges=(V_NET_0, BR1)
+)
+DOC: dict[str, Any] = json.loads((Path(__file__).parent / "nft_table.json").read_text())
+T = "inet netagent"
+
+
+@pytest.fixture
+def nft(monkeypatch: pytest.MonkeyPatch) -> NftablesBackend:
+    monkeypatch.setenv("NETAGENT_NFT", "process")  # no libnftables handle: nothing to open
+    return NftablesBackend()
+
+
+def observed(change: Callable[[list[dict[str, Any]]], None] | None = None) -> Observed:
+    items = copy.deepcopy(DOC)
+    if change is not None:
+        change(items["nftables"])
+    return parse_table(items)
+
+
+def the_map(items: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(i["map"] for i in items if i.get("map", {}).get("name") == name)
+    return found
+
+
+def rules(items: list[dict[str, Any]], comment: str) -> list[dict[str, Any]]:
+    return [i for i in items if i.get("rule", {}).get("comment") == comment]
+
+
+def without_rule(comment: str) -> Callable[[list[dict[str, Any]]], None]:
+    def change(items: list[dict[str, Any]]) -> None:
+        for item in rules(items, comment):
+            items.remove(item)
+
+    return change
+
+
+# ---- nothing to do, or everything ---------------------------------------------------
+def test_the_table_as_nft_lists_it_needs_nothing(nft: NftablesBackend) -> None:
+    batch = nft.plan(SPEC, observed())
+    assert (batch.steps, batch.payload, batch.rebuild, batch.touched) == (
+        [],
+        [],
+        False,
+        frozenset(),
+    )
+    assert batch.empty
+
+
+def test_nothing_there_is_a_full_create(nft: NftablesBackend) -> None:
+    batch = nft.plan(SPEC, Observed(present=False))
+    assert batch.rebuild and batch.touches("fwd/tcp/80")
+    assert batch.steps == ["create table inet netagent (22 rules, 6 map elements)"]
+    assert batch.payload is not None
+    head, table, elements = batch.payload[:2], batch.payload[2], batch.payload[3:]
+    # add + delete + create: one transaction whether or not a table is there
+    assert head == [f"add table {T}", f"delete table {T}"]
+    assert table.startswith(f"table {T} {{\n") and table.endswith("\n}")
+    assert table.count(" map @dnat_") == 16  # 8 maps, each read in prerouting and output
+    assert 'comment "localhost"' in table
+    assert elements == [
+        f"add element {T} dnat_tcp4 {{ 80 : 192.168.15.2 . 80 }}",
+        f"add element {T} dnat_tcp4h {{ 10.0.0.1 . 81 : 10.0.0.9 . 81 }}",
+        f"add element {T} dnat_tcp6 {{ 80 : fd00:15::2 . 8080 }}",
+        f"add element {T} dnat_tcp6h {{ fd00::1 . 443 : fd00:15::3 . 443 }}",
+        f"add element {T} dnat_udp4 {{ 8000 : 192.168.15.3 . 9000, 8001 : 192.168.15.3 . 9001 }}",
+    ]
+
+
+DAMAGE: dict[str, Callable[[list[dict[str, Any]]], None]] = {
+    "a map gone": lambda items: items.remove({"map": the_map(items, "dnat_udp6h")}),
+    "a dnat rule gone": lambda items: items.remove(rules(items, "dnat_tcp4")[1]),
+    "a chain gone": lambda items: items.remove(
+        next(i for i in items if i.get("chain", {}).get("name") == "output")
+    ),
+    "the localhost rule gone": without_rule("localhost"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE.values(), ids=DAMAGE.keys())
+def test_a_damaged_table_is_rebuilt_whole(
+    nft: NftablesBackend, damage: Callable[[list[dict[str, Any]]], None]
+) -> None:
+    batch = nft.plan(SPEC, observed(damage))
+    assert batch.rebuild
+    assert batch.steps == ["rebuild table inet netagent (22 rules, 6 map elements)"]
+
+
+# ---- elements -----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("map_name", "index", "key", "line"),
+    [
+        ("dnat_tcp4", 0, "fwd/tcp/80", "dnat_tcp4 { 80 : 192.168.15.2 . 80 }"),
+        ("dnat_udp4", 1, "fwd/udp/8000-8001", "dnat_udp4 { 8001 : 192.168.15.3 . 9001 }"),
+        ("dnat_tcp6h", 0, "fwd/tcp/443/fd00::1", "dnat_tcp6h { fd00::1 . 443 : fd00:15::3 . 443 }"),
+    ],
+    ids=["one port", "one port of a range", "bound ipv6"],
+)
+def test_a_missing_element_is_added_alone(
+    nft: NftablesBackend, map_name: str, index: int, key: str, line: str
+) -> None:
+    def lose(items: list[dict[str, Any]]) -> None:
+        del the_map(items, map_name)["elem"][index]
+
+    batch = nft.plan(SPEC, observed(lose))
+    assert batch.payload == [f"add element {T} {line}"]
+    assert batch.steps == [f"add element {line}"]
+    assert not batch.rebuild
+    assert batch.touched == {key}
+    assert batch.touches(key) and not batch.touches("fwd/tcp/81/10.0.0.1")
+
+
+def test_an_extra_element_is_deleted_and_touches_no_forward(nft: NftablesBackend) -> None:
+    def extra(items: list[dict[str, Any]]) -> None:
+        the_map(items, "dnat_tcp4")["elem"].append([9999, {"concat": ["192.168.15.9", 22]}])
+        the_map(items, "dnat_tcp4h")["elem"].append(
+            [{"concat": ["10.0.0.1", 82]}, {"concat": ["10.0.0.9", 82]}]
+        )
+
+    batch = nft.plan(SPEC, observed(extra))
+    assert batch.payload == [
+        f"delete element {T} dnat_tcp4 {{ 9999 }}",
+        f"delete element {T} dnat_tcp4h {{ 10.0.0.1 . 82 }}",
+    ]
+    assert batch.steps == [
+        "delete element dnat_tcp4 { 9999 : 192.168.15.9 . 22 }",
+        "delete element dnat_tcp4h { 10.0.0.1 . 82 : 10.0.0.9 . 82 }",
+    ]
+    assert batch.touched == frozenset() and not batch.rebuild
+
+
+def test_an_element_pointing_elsewhere_is_replaced(nft: NftablesBackend) -> None:
+    def retarget(items: list[dict[str, Any]]) -> None:
+        the_map(items, "dnat_tcp6")["elem"][0][1]["concat"] = ["fd00:15::99", 8080]
+
+    batch = nft.plan(SPEC, observed(retarget))
+    assert batch.payload == [
+        f"delete element {T} dnat_tcp6 {{ 80 }}",
+        f"add element {T} dnat_tcp6 {{ 80 : fd00:15::2 . 8080 }}",
+    ]
+    assert batch.touched == {"fwd/tcp/80/ipv6"}
+
+
+# ---- per-bridge rules ---------------------------------------------------------------
+def test_a_missing_bridge_rule_is_added(nft: NftablesBackend) -> None:
+    batch = nft.plan(SPEC, observed(without_rule("hairpin br/br1 10.1.0.0/16")))
+    assert batch.payload == [
+        f"add rule {T} postrouting ct status dnat ip saddr 10.1.0.0/16 ip daddr 10.1.0.0/16 "
+        'masquerade comment "hairpin br/br1 10.1.0.0/16"'
+    ]
+    assert batch.steps == ["add rule hairpin br/br1 10.1.0.0/16"]
+    assert batch.touched == frozenset() and not batch.rebuild
+
+
+def test_the_rules_of_a_bridge_no_longer_desired_are_deleted(nft: NftablesBackend) -> None:
+    spec = FirewallSpec(forwards=SPEC.forwards, bridges=(V_NET_0,))
+    batch = nft.plan(spec, observed())
+    handle = rules(DOC["nftables"], "hairpin br/br1 10.1.0.0/16")[0]["rule"]["handle"]
+    assert batch.payload == [f"delete rule {T} postrouting handle {handle}"]
+    assert batch.steps == ["delete rule hairpin br/br1 10.1.0.0/16"]
+
+
+def test_a_copied_bridge_rule_is_deleted_and_added_once(nft: NftablesBackend) -> None:
+    def copied(items: list[dict[str, Any]]) -> None:
+        twin = copy.deepcopy(rules(items, "masquerade br/v-net-0 192.168.15.0/24")[0])
+        twin["rule"]["handle"] = 99
+        items.append(twin)
+
+    batch = nft.plan(SPEC, observed(copied))
+    assert batch.payload is not None
+    assert [line.split(" comment")[0] for line in batch.payload] == [
+        f"delete rule {T} postrouting handle 30",
+        f"delete rule {T} postrouting handle 99",
+        f'add rule {T} postrouting ip saddr 192.168.15.0/24 oifname != "v-net-0" masquerade',
+    ]
+
+
+def test_a_readdressed_bridge_gets_rules_for_its_new_subnet(nft: NftablesBackend) -> None:
+    moved = I.Bridge("br1", (ipaddress.ip_interface("10.2.0.1/16"),))
+    spec = FirewallSpec(forwards=SPEC.forwards, bridges=(V_NET_0, moved))
+    batch = nft.plan(spec, observed())
+    handle = rules(DOC["nftables"], "hairpin br/br1 10.1.0.0/16")[0]["rule"]["handle"]
+    assert batch.payload == [
+        f"delete rule {T} postrouting handle {handle}",
+        f"add rule {T} postrouting ct status dnat ip saddr 10.2.0.0/16 ip daddr 10.2.0.0/16 "
+        'masquerade comment "hairpin br/br1 10.2.0.0/16"',
+    ]
+
+
+# ---- updates ------------------------------------------------------------------------
+def test_plan_update_lines(nft: NftablesBackend) -> None:
+    fwd82 = I.make_forward("82", "192.168.15.2:82")
+    bound = I.make_forward("82", "10.0.0.9:82", host_ip="10.0.0.1")
+    batch = nft.plan_update(SPEC, added=[fwd82, bound], removed=[FWD80, FWD_RANGE])
+    assert batch.payload == [
+        f"delete element {T} dnat_tcp4 {{ 80 }}",
+        f"delete element {T} dnat_udp4 {{ 8000, 8001 }}",
+        f"add element {T} dnat_tcp4 {{ 82 : 192.168.15.2 . 82 }}",
+        f"add element {T} dnat_tcp4h {{ 10.0.0.1 . 82 : 10.0.0.9 . 82 }}",
+    ]
+    assert batch.steps == [
+        "delete element dnat_tcp4 { 80 : 192.168.15.2 . 80 }",
+        "delete element dnat_udp4 { 8000 : 192.168.15.3 . 9000 }",
+        "delete element dnat_udp4 { 8001 : 192.168.15.3 . 9001 }",
+        "add element dnat_tcp4 { 82 : 192.168.15.2 . 82 }",
+        "add element dnat_tcp4h { 10.0.0.1 . 82 : 10.0.0.9 . 82 }",
+    ]
+    assert batch.touched == {fwd82.key, bound.key} and not batch.rebuild
+    assert nft.plan_update(SPEC, [], []).empty
+
+
+def test_a_big_update_is_told_in_counts(nft: NftablesBackend) -> None:
+    many = [I.make_forward(str(p), f"192.168.15.2:{p}") for p in range(2000, 2060)]
+    batch = nft.plan_update(SPEC, added=many, removed=[FWD_RANGE])
+    assert batch.steps == ["delete 2 map elements", "add 60 map elements"]
+    assert batch.payload is not None and len(batch.payload) == 2  # one line per map and verb
+
+
+# ---- pure ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "change",
+    [None, without_rule("hairpin br/br1 10.1.0.0/16"), DAMAGE["a map gone"]],
+    ids=["intact", "a rule missing", "damaged"],
+)
+def test_the_same_inputs_give_the_same_batch_and_change_nothing(
+    nft: NftablesBackend,
+    monkeypatch: pytest.MonkeyPatch,
+    change: Callable[[list[dict[str, Any]]], None] | None,
+) -> None:
+    obs = observed(change)
+    before = copy.deepcopy(obs)
+    first = nft.plan(SPEC, obs)
+    again = nft.plan(SPEC, obs)
+    other = NftablesBackend().plan(SPEC, copy.deepcopy(obs))
+    for batch in (again, other):
+        assert (batch.steps, batch.payload, batch.rebuild, batch.touched) == (
+            first.steps,
+            first.payload,
+            first.rebuild,
+            first.touched,
+        )
+    assert obs == before
+    update = nft.plan_update(SPEC, [FWD80], [FWD6])
+    assert nft.plan_update(SPEC, [FWD80], [FWD6]) == update
