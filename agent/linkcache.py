@@ -46,6 +46,13 @@ class LinkCache:
         index = self._by_name.get(name)
         return None if index is None else self._by_index.get(index)
 
+    def foreign_name(self, ns: str | None, name: str, key: str) -> bool:
+        """A host interface of that name exists and was not made for ``key``."""
+        if ns is not None:
+            return False  # only the host's interfaces are in the cache
+        link = self.named(name)
+        return link is not None and not link.belongs_to(key)
+
     def __iter__(self) -> Iterator[Link]:
         return iter(list(self._by_index.values()))
 

@@ -109,7 +109,10 @@ async def run_daemon(config: Config) -> None:
     try:
         t0 = time.perf_counter()
         try:
-            state = DesiredState(kinds, external_namespace=net.ns_exists)
+            links = LinkCache()
+            state = DesiredState(
+                kinds, external_namespace=net.ns_exists, name_in_use=links.foreign_name
+            )
             state.load(store.load())
             await net.start()
             cls, why = fwreg.choose_backend(config.firewall)
@@ -121,7 +124,6 @@ async def run_daemon(config: Config) -> None:
         bus = EventBus()
         counters = Counters()
         await retire_other_firewall(state_dir, cls.name, bus)
-        links = LinkCache()
         fw = FirewallSync(backend, bus)
         ctx = Context(
             net=net,

@@ -63,8 +63,17 @@ def net_changes(changes: Iterable[Change]) -> list[Change]:
 
 
 class DesiredState:
-    def __init__(self, kinds: Registry, external_namespace: Callable[[str], bool]) -> None:
+    def __init__(
+        self,
+        kinds: Registry,
+        external_namespace: Callable[[str], bool],
+        name_in_use: Callable[[str | None, str, str], bool] | None = None,
+    ) -> None:
         self.kinds = kinds
+        #: (namespace or None, interface name, key) -> the kernel has an interface of that
+        #: name that is not this key's (someone else's): names picked for new intents
+        #: go round it
+        self.name_in_use = name_in_use or (lambda _ns, _name, _key: False)
         self.intents: dict[str, Intent] = {}
         self._by_kind: dict[str, dict[str, Intent]] = {k.name: {} for k in kinds}
         #: index name -> value -> keys (see ``_entries``)
@@ -204,7 +213,11 @@ class DesiredState:
         from .glob import MAX_NAME
         from .values import short_hash
 
-        if len(preferred) <= MAX_NAME and self.name_owner(ns, preferred) in (None, key):
+        if (
+            len(preferred) <= MAX_NAME
+            and self.name_owner(ns, preferred) in (None, key)
+            and not self.name_in_use(ns, preferred, key)
+        ):
             return preferred
         return f"na{short_hash(seed, 10)}"
 

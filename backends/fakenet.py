@@ -353,6 +353,12 @@ class FakeNetlink:
         self.calls.append(("add_default_route", ns, str(gateway)))
         return True
 
+    async def replace_default_route(self, ns: NsRef, index: int, gateway: IPAddress) -> None:
+        await self._fault("replace_default_route")
+        space = self._space(ns)
+        space.routes[gateway.version] = Route(str(gateway), index, RTPROT_NETAGENT)
+        self.calls.append(("replace_default_route", ns, str(gateway)))
+
     # ---- sysctls --------------------------------------------------------------------
     def sysctl(self, path: str) -> str | None:
         return self.sysctls.get(path)

@@ -180,6 +180,10 @@ class Netlink(Protocol):
         is there already (it is left as it is)."""
         ...
 
+    async def replace_default_route(self, ns: NsRef, index: int, gateway: IPAddress) -> None:
+        """Point netagent's default route of that IP version at another gateway."""
+        ...
+
     # ---- sysctls (the daemon's own namespace) ---------------------------------------
     def sysctl(self, path: str) -> str | None: ...
 

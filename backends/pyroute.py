@@ -383,6 +383,21 @@ class PyrouteNetlink:
             return False
         return True
 
+    async def replace_default_route(self, ns: NsRef, index: int, gateway: IPAddress) -> None:
+        sock = await self._sock(ns)
+        await self._timed(
+            ns,
+            "replacing a default route",
+            sock.route(
+                "replace",
+                dst="default" if gateway.version == 4 else "::/0",
+                gateway=str(gateway),
+                oif=index,
+                family=_family(gateway.version),
+                proto=RTPROT_NETAGENT,
+            ),
+        )
+
     # ---- sysctls --------------------------------------------------------------------
     def sysctl(self, path: str) -> str | None:
         try:

@@ -169,7 +169,11 @@ async def attach_links(
             todo.append((now, verdict))
     if not todo:
         return done
-    results = await ctx.net.enslave([(lk.index, v.bridge_index or 0) for lk, v in todo])
+    pairs = [(lk.index, v.bridge_index or 0) for lk, v in todo]
+    try:
+        results = await ctx.net.enslave(pairs)
+    except OSError as lost:  # the whole batch went unanswered (a time limit)
+        results = [lost] * len(pairs)
     for (link, verdict), exc in zip(todo, results, strict=True):
         assert verdict.rule is not None
         if exc is not None:  # gone meanwhile, or the bridge is full (1,023 ports)

@@ -7,7 +7,7 @@ from typing import Any
 
 import anyio
 
-from netagent.backends.netlink import Link, Netlink, NsRef, alias_for
+from netagent.backends.netlink import RTPROT_NETAGENT, Link, Netlink, NsRef, alias_for
 
 from ..errors import NameTaken
 from ..values import IPInterface
@@ -63,11 +63,19 @@ async def ensure_default_route(
     net: Netlink, ns: NsRef, link: Link, gw: IPInterface, where: str, acts: Actions
 ) -> None:
     """One default route per IP version: a namespace plugged into two bridges routes
-    through the first; a route someone else set stays theirs."""
-    if await net.default_routes(ns, gw.version):
+    through the first; a route someone else set stays theirs. netagent's own route
+    through this interface follows the bridge's gateway when that changes."""
+    routes = await net.default_routes(ns, gw.version)
+    if not routes:
+        if acts.add(f"route default via {gw.ip} in {where}"):
+            await net.add_default_route(ns, link.index, gw.ip)
         return
-    if acts.add(f"route default via {gw.ip} in {where}"):
-        await net.add_default_route(ns, link.index, gw.ip)
+    for route in routes:
+        ours = route.proto == RTPROT_NETAGENT and route.oif == link.index
+        if ours and route.gateway != str(gw.ip):
+            if acts.add(f"move the default route in {where} to {gw.ip}"):
+                await net.replace_default_route(ns, link.index, gw.ip)
+            return
 
 
 async def gather(*aws: Awaitable[Any]) -> None:

@@ -27,6 +27,7 @@ from netagent.agent.events import EventSource
 from netagent.agent.fwsync import FirewallSync
 from netagent.agent.kinds import default_kinds
 from netagent.agent.kinds.base import Context
+from netagent.agent.kinds.namespace import Claims
 from netagent.agent.linkcache import LinkCache
 from netagent.agent.reconcile import Reconciler
 from netagent.agent.state import DesiredState
@@ -97,16 +98,23 @@ def make_world(
 ) -> World:
     net = FakeNetlink(netns_dir=tmp_path / "netns")
     fw = FakeFirewall(calls=net.calls)
-    kinds = default_kinds(claims_dir=tmp_path / "claims")
+    kinds = default_kinds()
     store = StateStore(tmp_path / "state", kinds)
-    state = DesiredState(kinds, external_namespace=net.ns_exists)
-    state.load(store.load())
     links = LinkCache()
+    state = DesiredState(kinds, external_namespace=net.ns_exists, name_in_use=links.foreign_name)
+    state.load(store.load())
     links.reset(list(net.host.links.values()))
     bus = EventBus()
     counters = Counters()
-    ctx = Context(net=net, state=state, bus=bus, links=links)
     sync = FirewallSync(cast(AnyBackend, fw), bus, conntrack=False)
+    ctx = Context(
+        net=net,
+        state=state,
+        bus=bus,
+        links=links,
+        claims=Claims(tmp_path / "claims"),
+        refused=sync.quarantined,
+    )
     rec = Reconciler(state, ctx, sync, bus, resync_interval)
     events = EventSource(state, rec, net, links, bus, counters)
     api = Service(
