@@ -104,6 +104,7 @@ async def run_daemon(config: Config) -> None:
     raw, owned = bind_socket(config)
     net = PyrouteNetlink()
     backend: fwreg.AnyBackend | None = None
+    fw: FirewallSync | None = None
     kinds = default_kinds()
     store = StateStore(state_dir, kinds)
     try:
@@ -169,7 +170,6 @@ async def run_daemon(config: Config) -> None:
                 )
                 tg.start_soon(rec.run)
                 tg.start_soon(events.watch_namespaces)
-                tg.start_soon(fw.clear_connections)
                 tg.start_soon(measure_lag, counters)
                 watcher = backend.drift_watcher()
                 if watcher is not None:
@@ -200,6 +200,8 @@ async def run_daemon(config: Config) -> None:
             with contextlib.suppress(FileNotFoundError):
                 owned.unlink()
         store.close()
+        if fw is not None:
+            fw.close()
         if backend is not None:
             with contextlib.suppress(Exception):
                 await backend.close()

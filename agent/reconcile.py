@@ -53,6 +53,8 @@ BACKOFF_MIN = 0.5
 BACKOFF_MAX = 60.0
 #: keys of a periodic pass handled per pass (requests and events go between chunks)
 CHUNK = 256
+#: announced interfaces handled per pass
+LINK_CHUNK = 128
 #: a burst of kernel events lands before the pass that handles them starts
 COALESCE = 0.002
 #: seconds one key's ensure or removal may take in all: every call it makes has a time
@@ -135,6 +137,8 @@ class Reconciler:
         self._previous: dict[str, Intent] = {}
         self._wake = anyio.Event()
         self.status: dict[str, KeyStatus] = {}
+        #: failing keys -> when to try again (time.monotonic())
+        self._retry: dict[str, float] = {}
         self.passes = 0
         self.last_pass: dict[str, Any] = {}
         #: the orphans the last look found, and when it looked (time.time())
@@ -166,6 +170,7 @@ class Reconciler:
                 if c.old is not None:
                     self._previous.setdefault(c.key, c.old)
                 self.status[c.key] = KeyStatus(PENDING, reason="requested")
+                self._retry.pop(c.key, None)
             keys.add(c.key)
             if kind is not None and kind.firewall:
                 self.firewall.note(c)
@@ -219,7 +224,7 @@ class Reconciler:
 
     # ---- status ---------------------------------------------------------------------
     def failing(self) -> dict[str, str]:
-        return {k: s.error for k, s in self.status.items() if s.state == FAILING and s.error}
+        return {k: self.status[k].error or "failing" for k in self._retry if k in self.status}
 
     def busy(self) -> bool:
         return bool(self._pending or self._links or self._tickets)
@@ -252,7 +257,7 @@ class Reconciler:
             if now >= self._next_full:
                 self._next_full = now + self.resync_interval
                 self.mark_all("periodic")
-            due = [k for k, s in self.status.items() if s.state == FAILING and s.retry_at <= now]
+            due = [k for k, at in self._retry.items() if at <= now]
             for key in due:
                 self._pending.setdefault(key, "retry")
             if self._tickets or self._links:
@@ -262,9 +267,8 @@ class Reconciler:
                     await anyio.sleep(COALESCE)  # let a burst land
                 return
             timeout = self._next_full - now
-            retries = [s.retry_at for s in self.status.values() if s.state == FAILING]
-            if retries:
-                timeout = min(timeout, min(retries) - now)
+            if self._retry:
+                timeout = min(timeout, min(self._retry.values()) - now)
             with anyio.move_on_after(max(timeout, 0.0)):
                 await self._wake.wait()
             self._wake = anyio.Event()
@@ -283,7 +287,11 @@ class Reconciler:
                 needs = self.state.kinds.of(intent).needs(intent)
                 keys.update(k for k in needs if k in self._pending)
         whys = {self._pending.pop(k) for k in keys if k in self._pending}
-        links, self._links = self._links, set()
+        if len(self._links) <= LINK_CHUNK:
+            links, self._links = self._links, set()
+        else:  # a burst: a slice per pass, so nothing waits long behind it
+            links = set(sorted(self._links)[:LINK_CHUNK])
+            self._links -= links
         tickets = [t for t in self._tickets if t.keys <= keys]
         self._tickets = [t for t in self._tickets if not t.keys <= keys]
         if trigger is None:
@@ -350,6 +358,15 @@ class Reconciler:
                 # replaced by a different intent of the same key: the old one goes first
                 await self._remove_intent(key, gone, result)
             kind = self.state.kinds.of(intent)
+            if not kind.has_steps:
+                # realized by the firewall step of this pass: only its verdict to record
+                # (no task, no time limit: 10,000 forwards must cost microseconds each)
+                why = kind.refused(self.ctx, intent)
+                if why is None:
+                    self._ok(key)
+                else:
+                    self._fail(key, why, result)
+                continue
             old = self._previous.pop(key, None)
             changed = await self._step(key, kind.ensure(self.ctx, intent, old), result)
             if old is not None and self.status[key].state == FAILING:
@@ -371,6 +388,7 @@ class Reconciler:
             return
         if key not in self.state:
             self.status.pop(key, None)
+            self._retry.pop(key, None)
         try:
             await kind.released(self.ctx, gone)
         except Exception:  # closing a socket: never worth failing a removal
@@ -401,18 +419,15 @@ class Reconciler:
         st.retry_at = time.monotonic() + min(
             BACKOFF_MAX, BACKOFF_MIN * math.pow(2, st.failures - 1)
         )
+        self._retry[key] = st.retry_at
 
     async def _host(self) -> list[str]:
-        need = {4: False, 6: False}
-        for intent in self.state.of_kind("bridge"):
-            for _ns, _seg, addr in self.state.kinds.of(intent).addresses(intent):
-                need[addr.version] = True
-        for fwd in self.state.of_kind("forward"):
-            need[getattr(fwd, "family", 4)] = True
+        """IP forwarding on for each IP version something routed needs (kinds say so
+        with the ``forwarding`` index: bridges' addresses, forwards)."""
         done = []
         net = self.ctx.net
         for version, path in ((4, "net/ipv4/ip_forward"), (6, "net/ipv6/conf/all/forwarding")):
-            if need[version] and net.sysctl(path) != "1":
+            if self.state.has_indexed("forwarding", version) and net.sysctl(path) != "1":
                 net.set_sysctl(path, "1")
                 done.append(f"enabled {path.replace('/', '.')}")
         return done
@@ -442,6 +457,7 @@ class Reconciler:
         st = self.status.get(key)
         if st is not None and st.state == FAILING:
             self.bus.publish("recovered", f"{key} is in place again", key=key)
+        self._retry.pop(key, None)
         self.status[key] = KeyStatus(IN_PLACE, checked=time.time())
 
     def _fail(self, key: str, message: str, result: PassResult) -> None:

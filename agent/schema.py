@@ -151,6 +151,8 @@ class Request:
     kind_aliases: ClassVar[tuple[str, ...]] = ()
     #: the fields, in declaration order (set by ``__init_subclass__``)
     fields: ClassVar[tuple[Field[Any], ...]] = ()
+    #: argument name or alias -> its field
+    _known: ClassVar[dict[str, Field[Any]]] = {}
 
     __slots__ = ("_values",)
 
@@ -161,6 +163,7 @@ class Request:
             if isinstance(value, Field):
                 found[name] = value
         cls.fields = tuple(found.values())
+        cls._known = {n: f for f in cls.fields for n in (f.name, *f.aliases)}
 
     def __init__(self, **values: Any) -> None:
         self._values = values
@@ -186,11 +189,7 @@ class Request:
         would otherwise be silently ignored)."""
         from .values import PARSERS
 
-        known: dict[str, Field[Any]] = {}
-        for f in cls.fields:
-            known[f.name] = f
-            for alias in f.aliases:
-                known[alias] = f
+        known = cls._known
         unknown = [k for k in args if k not in known]
         if unknown:
             raise BadRequest(

@@ -17,9 +17,11 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import AddressInUse, Conflict, InUse, NameTaken
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from .kinds import Registry
@@ -49,6 +51,9 @@ class Change:
 def net_changes(changes: Iterable[Change]) -> list[Change]:
     """One change per key: the first old value against the last new one (a key added
     and removed again in one request did not change)."""
+    changes = list(changes)
+    if len({c.key for c in changes}) == len(changes):
+        return changes  # one change per key (each a real change: _put/_delete skip no-ops)
     first: dict[str, Change] = {}
     last: dict[str, Change] = {}
     for c in changes:
@@ -76,13 +81,29 @@ class DesiredState:
         self.name_in_use = name_in_use or (lambda _ns, _name, _key: False)
         self.intents: dict[str, Intent] = {}
         self._by_kind: dict[str, dict[str, Intent]] = {k.name: {} for k in kinds}
+        #: bumped by every change of a kind: what is derived from a kind's intents is
+        #: kept while this stays (``generation``)
+        self._generation: dict[str, int] = {k.name: 0 for k in kinds}
+        self._derived: dict[str, tuple[int, Any]] = {}
         #: index name -> value -> keys (see ``_entries``)
         self._index: dict[str, dict[Hashable, set[str]]] = defaultdict(dict)
         self._log: list[Change] | None = None
+        self._memo: dict[str, tuple[Intent, list[tuple[str, Hashable]]]] = {}
+        self._undoing = False
         self.external_namespace = external_namespace
 
     # ---- the index ------------------------------------------------------------------
     def _entries(self, intent: Intent) -> list[tuple[str, Hashable]]:
+        """What the index holds for an intent (asked of its kind once per intent
+        object: a proposal puts, takes back and commits the same objects)."""
+        memo = self._memo.get(intent.key)
+        if memo is not None and memo[0] is intent:
+            return memo[1]
+        entries = self._compute_entries(intent)
+        self._memo[intent.key] = (intent, entries)
+        return entries
+
+    def _compute_entries(self, intent: Intent) -> list[tuple[str, Hashable]]:
         kind = self.kinds.of(intent)
         out: list[tuple[str, Hashable]] = [("needs", k) for k in kind.needs(intent)]
         out += [("name", n) for n in kind.names(intent)]
@@ -98,6 +119,10 @@ class DesiredState:
         index = self._index.get(name)
         return set(index.get(value, ())) if index else set()
 
+    def has_indexed(self, name: str, value: Hashable) -> bool:
+        index = self._index.get(name)
+        return bool(index and index.get(value))
+
     def indexed(self, name: str) -> list[Hashable]:
         """The values an index holds (``indexed("ns")``: namespaces intents act in)."""
         return list(self._index.get(name, ()))
@@ -112,6 +137,7 @@ class DesiredState:
             self._unindex(old)
         self.intents[key] = intent
         self._by_kind[intent.kind][key] = intent
+        self._generation[intent.kind] += 1
         for name, value in self._entries(intent):
             self._index[name].setdefault(value, set()).add(key)
         change = Change(key, old, intent)
@@ -124,7 +150,10 @@ class DesiredState:
         if old is None:
             return None
         del self._by_kind[old.kind][key]
+        self._generation[old.kind] += 1
         self._unindex(old)
+        if self._log is None and not self._undoing:
+            self._memo.pop(key, None)
         change = Change(key, old, None)
         if self._log is not None:
             self._log.append(change)
@@ -151,11 +180,13 @@ class DesiredState:
             fn(self)
         finally:
             self._log = None
+            self._undoing = True  # the commit puts the same objects back: keep the memo
             for change in reversed(log):
                 if change.old is None:
                     self._delete(change.key)
                 else:
                     self._put(change.old)
+            self._undoing = False
         return net_changes(log)
 
     def commit(self, changes: Iterable[Change]) -> None:
@@ -186,6 +217,22 @@ class DesiredState:
 
     def of_kind(self, name: str) -> list[Intent]:
         return list(self._by_kind[name].values())
+
+    def generation(self, kind: str) -> int:
+        return self._generation[kind]
+
+    def derived(self, name: str, kind: str, compute: Callable[[], T]) -> T:
+        """``compute()``, kept while the intents of ``kind`` do not change (something a
+        kind works out from another kind's intents, asked once per item of a big
+        request)."""
+        generation = self._generation[kind]
+        held = self._derived.get(name)
+        if held is not None and held[0] == generation:
+            value: T = held[1]
+            return value
+        value = compute()
+        self._derived[name] = (generation, value)
+        return value
 
     def count(self, name: str) -> int:
         return len(self._by_kind[name])

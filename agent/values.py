@@ -36,6 +36,7 @@ _NOWHERE4 = (
 )
 
 
+@functools.lru_cache(maxsize=4096)
 def _unusable(ip: IPAddress) -> str | None:
     """Why an address cannot be an interface's, a destination or a host address."""
     if ip.is_multicast:

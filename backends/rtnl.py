@@ -325,7 +325,9 @@ class Requests:
         """Links as the kernel has them now (None: gone), pipelined."""
         requests = [(RTM_GETLINK, NLM_F_REQUEST, _IFINFOMSG.pack(0, 0, i, 0, 0)) for i in indexes]
         out: list[Link | None] = []
-        for r in await self._many(requests):
+        for n, r in enumerate(await self._many(requests), 1):
+            if n % 32 == 0:
+                await asyncio.sleep(0)  # parsing 128 full link messages takes milliseconds
             if isinstance(r, OSError):
                 raise r
             if isinstance(r, int):

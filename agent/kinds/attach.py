@@ -15,6 +15,8 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import anyio
+
 from netagent.backends.netlink import Link
 
 from ..errors import Conflict, NotFound
@@ -74,6 +76,8 @@ class Verdict:
 
 
 NOTHING = Verdict()
+#: interfaces looked at between two turns of the event loop
+YIELD_EVERY = 32
 
 
 def rule_for(rules: Iterable[AttachRule], ifname: str) -> AttachRule | None:
@@ -143,7 +147,9 @@ async def attach_links(
         return []
     done: list[str] = []
     candidates = []
-    for link in links:
+    for n, link in enumerate(links, 1):
+        if n % YIELD_EVERY == 0:
+            await anyio.sleep(0)  # a rule ensured over thousands of links: let others run
         verdict = decide(rules, link, ctx.links)
         if verdict.attach:
             candidates.append(link)
@@ -157,7 +163,9 @@ async def attach_links(
     fresh = await ctx.net.host_links([lk.index for lk in candidates])
     joining: set[int] = set()
     todo: list[tuple[Link, Verdict]] = []
-    for now in fresh:
+    for n, now in enumerate(fresh, 1):
+        if n % YIELD_EVERY == 0:
+            await anyio.sleep(0)
         if now is None:
             continue  # gone meanwhile
         ctx.links.update(now)
@@ -174,7 +182,9 @@ async def attach_links(
         results = await ctx.net.enslave(pairs)
     except OSError as lost:  # the whole batch went unanswered (a time limit)
         results = [lost] * len(pairs)
-    for (link, verdict), exc in zip(todo, results, strict=True):
+    for n, ((link, verdict), exc) in enumerate(zip(todo, results, strict=True), 1):
+        if n % YIELD_EVERY == 0:
+            await anyio.sleep(0)
         assert verdict.rule is not None
         if exc is not None:  # gone meanwhile, or the bridge is full (1,023 ports)
             ctx.bus.publish(

@@ -90,6 +90,9 @@ class Kind(ABC, Generic[IntentT]):
     firewall: ClassVar[bool] = False
     #: shown in ``status``' summary as "N <plural>" when set
     plural: ClassVar[str | None] = None
+    #: False for a kind with no kernel steps of its own (the firewall realizes it): the
+    #: reconciler then asks only :meth:`refused`
+    has_steps: ClassVar[bool] = True
 
     # ---- the persisted form ---------------------------------------------------------
     @abstractmethod
@@ -176,6 +179,10 @@ class Kind(ABC, Generic[IntentT]):
     async def inspect(self, ctx: Context, intent: IntentT) -> list[str]:
         """What is missing for the intent (empty: in place). Changes nothing."""
         return []
+
+    def refused(self, ctx: Context, intent: IntentT) -> str | None:
+        """For a kind without steps: why it cannot be in place (None: it is)."""
+        return None
 
     async def remove(self, ctx: Context, intent: IntentT) -> list[str]:
         """Remove what the intent made, and nothing that is not netagent's."""

@@ -7,7 +7,7 @@ hairpin NAT (a namespace reaching a forward through the host's address) and, wit
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -95,6 +95,9 @@ class BridgeKind(Kind[Bridge]):
 
     def addresses(self, intent: Bridge) -> tuple[Placed, ...]:
         return tuple((None, intent.key, a) for a in intent.addresses)
+
+    def index(self, intent: Bridge) -> Iterable[tuple[str, Hashable]]:
+        return [("forwarding", a.version) for a in intent.addresses]
 
     def drifted(self, intent: Bridge, link: Link, links: LinkCache) -> bool:
         return not link.up

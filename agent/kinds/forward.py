@@ -14,7 +14,7 @@ from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import BackendFailed, InvalidAddress, InvalidPort, NotFound, PortInUse
+from ..errors import InvalidAddress, InvalidPort, NotFound, PortInUse
 from ..ops import ForwardAdd, ForwardDel
 from ..schema import Request
 from ..values import IPAddress, Proto, parse_host_ip, parse_ip, parse_port, parse_proto
@@ -125,28 +125,40 @@ def forward_from(req: ForwardAdd) -> Forward:
     return Forward(req.proto, lo, dest_ip, dlo, count, req.host_ip)
 
 
+def _specials(state: DesiredState) -> dict[IPAddress, tuple[str, str, str]]:
+    """Addresses no forward may go to, from the bridges: ip -> (bridge, what, subnet)."""
+    special: dict[IPAddress, tuple[str, str, str]] = {}
+    for br in state.of_kind("bridge"):
+        label = state.label(br.key)
+        for _ns, _seg, gw in state.kinds.of(br).addresses(br):
+            net = gw.network
+            special[gw.ip] = (label, "own address (the host itself)", str(net))
+            if gw.version == 4 and net.prefixlen < 31:
+                special[net.broadcast_address] = (label, "broadcast address", str(net))
+                special[net.network_address] = (label, "network address", str(net))
+    return special
+
+
 def check_against_bridges(state: DesiredState, fwd: Forward) -> None:
     """A destination or host address that is a bridge's broadcast, network or own
     address cannot work: DNAT to a broadcast is dropped, to the host itself loops."""
-    for br in state.of_kind("bridge"):
-        for _ns, _seg, gw in state.kinds.of(br).addresses(br):
-            net = gw.network
-            special = {gw.ip: "own address (the host itself)"}
-            if gw.version == 4 and net.prefixlen < 31:
-                special[net.broadcast_address] = "broadcast address"
-                special[net.network_address] = "network address"
-            for ip, what in ((fwd.dest_ip, "destination"), (fwd.host_ip, "--host-ip")):
-                if ip is None or ip not in special:
-                    continue
-                if what == "--host-ip" and ip == gw.ip:
-                    continue  # binding a forward to the bridge's own address is fine
-                raise InvalidAddress(
-                    f"{what} {ip} is {state.label(br.key)}'s {special[ip]}; a forward "
-                    f"cannot go there: give an address of a namespace in {net}"
-                    if what == "destination"
-                    else f"{what} {ip} is {state.label(br.key)}'s {special[ip]}; give an "
-                    "address of this host"
-                )
+    # asked once per forward of a 10,000-forward apply: kept while the bridges stay
+    special = state.derived("forward.specials", "bridge", lambda: _specials(state))
+    if not special:
+        return
+    hit = special.get(fwd.dest_ip)
+    if hit is not None:
+        bridge, what, net = hit
+        raise InvalidAddress(
+            f"destination {fwd.dest_ip} is {bridge}'s {what}; a forward cannot go there: "
+            f"give an address of a namespace in {net}"
+        )
+    hit = special.get(fwd.host_ip) if fwd.host_ip is not None else None
+    if hit is not None and not hit[1].startswith("own"):
+        bridge, what, _net = hit
+        raise InvalidAddress(
+            f"--host-ip {fwd.host_ip} is {bridge}'s {what}; give an address of this host"
+        )
 
 
 class ForwardKind(Kind[Forward]):
@@ -156,6 +168,7 @@ class ForwardKind(Kind[Forward]):
     order = 5
     firewall = True
     plural = "forwards"
+    has_steps = False
 
     def from_dict(self, d: Mapping[str, Any]) -> Forward:
         host_ip = d.get("host_ip")
@@ -169,7 +182,10 @@ class ForwardKind(Kind[Forward]):
         )
 
     def index(self, intent: Forward) -> Iterable[tuple[str, Hashable]]:
-        return [("port", (intent.proto, port)) for port in intent.host_ports]
+        ports: list[tuple[str, Hashable]] = [
+            ("port", (intent.proto, port)) for port in intent.host_ports
+        ]
+        return [("forwarding", intent.family), *ports]
 
     def covering(self, state: DesiredState, proto: str, port: int) -> list[Forward]:
         found = [state.get(k) for k in state.lookup("port", (proto, port))]
@@ -210,13 +226,11 @@ class ForwardKind(Kind[Forward]):
             raise NotFound(f"host port {port_spec(lo, count)}/{req.proto} is not forwarded{hint}")
         return keys
 
-    async def ensure(self, ctx: Context, intent: Forward, old: Forward | None) -> list[str]:
-        """The firewall sync (earlier in the same pass) installs every forward; this only
-        reports one the backend refused."""
+    def refused(self, ctx: Context, intent: Forward) -> str | None:
+        """The firewall sync (earlier in the same pass) installs every forward; one the
+        backend refused is reported here."""
         why = ctx.refused.get(intent.key)
-        if why is not None:
-            raise BackendFailed(f"the firewall refuses it: {why}")
-        return []
+        return None if why is None else f"the firewall refuses it: {why}"
 
     def rows(self, ctx: Context) -> list[dict[str, Any]]:
         fwds = [f for f in ctx.state.of_kind(self.name) if isinstance(f, Forward)]
