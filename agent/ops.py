@@ -164,9 +164,9 @@ class PlugAdd(Request):
         CIDRS,
         "--address",
         "plug address",
-        "The namespace end's address in CIDR form (repeat for IPv4 + IPv6).",
+        "The namespace end's address in CIDR form (repeat for IPv4 + IPv6); leased from "
+        "the bridge's subnet when left out.",
         aliases=("address",),
-        required=True,
     )
     ifname = maybe(
         NAME, "--ifname", "interface name", "Name of the interface inside the namespace."

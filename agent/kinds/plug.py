@@ -21,6 +21,7 @@ from ..schema import Request
 from ..values import IPInterface, check_families, check_name, parse_interfaces
 from .base import Actions, Context, Kind, OwnedName, Placed, want
 from .bridge import Bridge, bridge_key
+from .leases import lease
 from .linkops import (
     ensure_addresses,
     ensure_default_route,
@@ -159,11 +160,15 @@ class PlugKind(Kind[Plug]):
         br = require_bridge(state, req.bridge)
         for addr in req.addresses:
             check_in_subnet(addr, br)
+        existing = state.get(key)
+        addresses = req.addresses
+        if not addresses:
+            # leased: the plug that holds them already, or free ones of the subnet
+            addresses = existing.addresses if isinstance(existing, Plug) else lease(state, br)
         if req.ifname == "lo":
             raise NameTaken("lo is the namespace's loopback; pick another --ifname")
-        existing = state.get(key)
         if isinstance(existing, Plug):
-            if existing.addresses == req.addresses and req.ifname in (None, existing.ifname):
+            if existing.addresses == addresses and req.ifname in (None, existing.ifname):
                 return existing
             raise Conflict(
                 f"{ns} is already plugged into {req.bridge} ({existing.describe()}); "
@@ -175,7 +180,7 @@ class PlugKind(Kind[Plug]):
                 raise NameTaken(f"interface {req.ifname} in {ns} is already used by {owner}")
         inner = req.ifname or state.pick_name(ns, f"veth-{ns}", key + "#ns", key)
         host = state.pick_name(None, f"veth-{ns}-br", key + "#host", key)
-        return Plug(ns, req.bridge, req.addresses, inner, host)
+        return Plug(ns, req.bridge, addresses, inner, host)
 
     def delete(self, state: DesiredState, req: Request) -> list[str]:
         assert isinstance(req, PlugDel)

@@ -180,7 +180,7 @@ MISTAKES: list[tuple[str, str, dict[str, Any], int]] = [
     ("unknown op", "bridge.create", {"name": "br0"}, 1003),
     ("unknown argument", "ns.add", {"name": "red", "colour": "red"}, 1001),
     ("missing argument", "ns.add", {}, 1001),
-    ("missing repeatable", "plug.add", {"ns": "red", "bridge": "v-net-0"}, 1001),
+    ("missing positional", "plug.add", {"ns": "red", "addresses": ["192.168.15.9/24"]}, 1001),
     ("name not a string", "ns.add", {"name": 5}, 2002),
     ("name too long", "ns.add", {"name": "n" * 16}, 2002),
     ("name with a slash", "bridge.add", {"name": "a/b"}, 2002),

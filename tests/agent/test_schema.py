@@ -112,8 +112,10 @@ def test_parse_refuses_what_it_does_not_know_and_types_it_cannot_read() -> None:
         ops.NsAdd.parse({"nmae": "red"})
     with pytest.raises(BadRequest, match="known: none"):
         ops.Status.parse({"verbose": True})
-    with pytest.raises(BadRequest, match="missing argument 'addresses'"):
-        ops.PlugAdd.parse({"ns": "red", "bridge": "br0", "addresses": []})
+    with pytest.raises(BadRequest, match="missing argument 'bridge'"):
+        ops.PlugAdd.parse({"ns": "red", "addresses": []})
+    # addresses left out (or empty) are leased by the plug kind
+    assert ops.PlugAdd.parse({"ns": "red", "bridge": "br0", "addresses": []}).addresses == ()
     with pytest.raises(InvalidName):
         ops.NsAdd.parse({"name": ["red"]})
     codes: dict[str, int] = {}
@@ -192,7 +194,7 @@ def test_repeatable_options_and_inline_values() -> None:
         (ops.BridgeAdd, ["br0", "--masquerade=yes"]),  # a flag with a value
         (ops.BridgeAdd, ["br0", "--address"]),  # an option without its value
         (ops.ForwardAdd, ["80", "10.0.0.2:80", "--proto", "udp", "--proto", "tcp"]),  # twice
-        (ops.PlugAdd, ["red", "br0"]),  # a required option left out
+        (ops.PlugAdd, ["red"]),  # a required argument left out
         (ops.Status, ["now"]),
     ],
 )

@@ -86,7 +86,7 @@ def test_fast_path_takes(
         ["ctl", "status", "--help"],
         ["ctl", "ns", "add", "red", "--help"],
         ["ctl", "forward", "80"],  # a missing argument: typer says so
-        ["ctl", "plug", "red", "br0"],  # --address is required
+        ["ctl", "plug", "red"],  # the bridge is required
         ["ctl", "forward", "80", "10.0.0.2:80", "--proto"],
         ["ctl", "forward", "80", "10.0.0.2:80", "--proto", "tcp", "--proto", "udp"],
         ["ctl", "purge"],  # asks first
