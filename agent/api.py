@@ -335,6 +335,7 @@ class Service:
                     "error": st.error if st is not None else None,
                     "checked": st.checked if st is not None else None,
                     "intent": intent.to_dict(),
+                    **kind.details(self.ctx, intent),
                 }
             )
         return {

@@ -83,6 +83,7 @@ class EventSource:
             sock = rtnl.EventSocket(rcvbuf=self.rcvbuf)
             try:
                 self.links.reset(await self.net.links(None))
+                self.links.addressed = await self.net.host_addressed()
                 if started:
                     self.rec.mark_all("resync")
                 else:
@@ -117,6 +118,8 @@ class EventSource:
         if isinstance(ev, rtnl.RouteEvent):
             return
         if isinstance(ev, rtnl.AddrEvent):
+            if ev.address and ev.scope < rtnl.RT_SCOPE_LINK:
+                self.links.address_changed(ev.index, ev.address, ev.deleted)
             link = self.links.get(ev.index)
             key = link.owner_key if link is not None else None
             if ev.deleted and key is not None and key in self.state:

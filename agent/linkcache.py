@@ -18,6 +18,11 @@ class LinkCache:
         self._by_name: dict[str, int] = {}
         #: True once a dump has filled it
         self.ready = False
+        #: interfaces carrying addresses the host uses: index -> packed addresses
+        self.addressed: dict[int, set[bytes]] = {}
+        #: what the attach rules last decided for an interface: index -> (rule key,
+        #: attached?, why it was left alone)
+        self.verdicts: dict[int, tuple[str, bool, str | None]] = {}
 
     def reset(self, links: list[Link]) -> None:
         self._by_index = {lk.index: lk for lk in links}
@@ -33,7 +38,18 @@ class LinkCache:
         self._by_name[link.name] = link.index
         return old
 
+    def address_changed(self, index: int, address: bytes, deleted: bool) -> None:
+        held = self.addressed.setdefault(index, set())
+        if deleted:
+            held.discard(address)
+        else:
+            held.add(address)
+        if not held:
+            del self.addressed[index]
+
     def remove(self, index: int) -> Link | None:
+        self.addressed.pop(index, None)
+        self.verdicts.pop(index, None)
         old = self._by_index.pop(index, None)
         if old is not None and self._by_name.get(old.name) == index:
             del self._by_name[old.name]

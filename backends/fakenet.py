@@ -329,6 +329,13 @@ class FakeNetlink:
         await self._fault("addresses")
         return set(self._space(ns).addrs.get(index, ()))
 
+    async def host_addressed(self) -> dict[int, set[bytes]]:
+        return {
+            index: {a.ip.packed for a in addrs if not a.ip.is_link_local}
+            for index, addrs in self.host.addrs.items()
+            if any(not a.ip.is_link_local for a in addrs)
+        }
+
     async def add_address(self, ns: NsRef, index: int, addr: IPInterface) -> None:
         await self._fault("add_address")
         self._space(ns).addrs.setdefault(index, set()).add(addr)

@@ -167,6 +167,11 @@ class Netlink(Protocol):
     # ---- addresses and routes -------------------------------------------------------
     async def addresses(self, ns: NsRef, index: int) -> set[IPInterface]: ...
 
+    async def host_addressed(self) -> dict[int, set[bytes]]:
+        """Interfaces of the daemon's own namespace that carry addresses the host uses
+        (not link-local): index -> the packed addresses. One dump."""
+        ...
+
     async def add_address(self, ns: NsRef, index: int, addr: IPInterface) -> None:
         """Add; one already there is fine."""
         ...

@@ -314,6 +314,16 @@ class PyrouteNetlink:
                 result.add(ipaddress.ip_interface(f"{addr}/{m['prefixlen']}"))
         return result
 
+    async def host_addressed(self) -> dict[int, set[bytes]]:
+        out: dict[int, set[bytes]] = {}
+        for m in await self._dump(None, "an address dump", self.ipr.addr("dump")):
+            if m["scope"] >= rtnl.RT_SCOPE_LINK:
+                continue
+            addr = m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS")
+            if addr:
+                out.setdefault(m["index"], set()).add(ipaddress.ip_address(addr).packed)
+        return out
+
     async def add_address(self, ns: NsRef, index: int, addr: IPInterface) -> None:
         """IPv6 addresses skip duplicate address detection (IFA_F_NODAD): netagent refuses
         duplicates on a segment itself, and DAD would leave a new address unusable

@@ -32,6 +32,9 @@ NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
 IFLA_IFNAME, IFLA_LINK, IFLA_MASTER, IFLA_LINKINFO, IFLA_IFALIAS = 3, 5, 10, 18, 20
 IFLA_ADDRESS, IFLA_GROUP, IFLA_LINK_NETNSID = 1, 27, 37
 IFLA_INFO_KIND = 1
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+#: an address of this scope or wider is one the host uses (not a link-local one)
+RT_SCOPE_LINK = 253
 IFF_UP = 0x1
 RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR = 0x1, 0x10, 0x100
 RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE = 0x40, 0x400
@@ -54,6 +57,9 @@ class LinkEvent:
 class AddrEvent:
     deleted: bool
     index: int
+    #: the address itself (packed), and its scope (RT_SCOPE_LINK = 253: link-local)
+    address: bytes = b""
+    scope: int = 0
 
 
 @dataclass(frozen=True)
@@ -126,8 +132,10 @@ def parse(data: bytes) -> list[Event]:
             )
             events.append(LinkEvent(mtype == RTM_DELLINK, link_rec))
         elif mtype in (RTM_NEWADDR, RTM_DELADDR) and length >= _NLMSGHDR.size + _IFADDRMSG.size:
-            index = _IFADDRMSG.unpack_from(data, body)[4]
-            events.append(AddrEvent(deleted=mtype == RTM_DELADDR, index=index))
+            _fam, _plen, _flags, scope, index = _IFADDRMSG.unpack_from(data, body)
+            attrs = _attrs(data, body + _IFADDRMSG.size, off + length)
+            address = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS) or b""
+            events.append(AddrEvent(mtype == RTM_DELADDR, index, address, scope))
         elif mtype in (RTM_NEWROUTE, RTM_DELROUTE):
             events.append(RouteEvent(deleted=mtype == RTM_DELROUTE))
         off += (length + 3) & ~3

@@ -242,6 +242,10 @@ def _show(r: dict[str, Any]) -> None:
             print(f"      missing: {m}")
         if item.get("error"):
             print(f"      error: {item['error']}")
+        if item.get("attached"):
+            print(f"      attached: {', '.join(item['attached'])}")
+        for left in item.get("left_alone") or []:
+            print(f"      left alone: {left['why']}")
     for o in r.get("orphans") or []:
         print(f"!!  orphan: {o['describe']} (`purge --orphans` removes it)")
     fw = r["firewall"]

@@ -20,7 +20,7 @@ import anyio
 from netagent.backends.netlink import Link
 
 from ..errors import Conflict, NotFound
-from ..glob import check_pattern, glob_match, patterns_overlap
+from ..glob import check_pattern, glob_match, is_exact, patterns_overlap
 from ..ops import AttachAdd, AttachDel
 from ..schema import Request
 from ..values import check_name
@@ -114,7 +114,23 @@ def decide(
             f"{name}; netagent does not take it",
             master=name,
         )
-    if link.peer is not None and link.peer != link.index and link.master != bridge.index:
+    if link.master == bridge.index:
+        return Verdict(rule, attach=True, bridge_index=bridge.index)  # on it, but down
+    if link.index in cache.addressed:
+        # the host's uplink, a service address: taking it would cut the host off
+        return Verdict(
+            rule,
+            why=f"{link.name} matches {rule.pattern!r} but carries addresses of the host; "
+            "netagent does not take it",
+        )
+    if link.kind is None and not is_exact(rule.pattern):
+        # no link kind: a physical NIC (or the like), taken only when named exactly
+        return Verdict(
+            rule,
+            why=f"{link.name} matches {rule.pattern!r} but looks like a physical interface; "
+            f"a rule that names it exactly (attach add {link.name} {rule.bridge}) takes it",
+        )
+    if link.peer is not None and link.peer != link.index:
         peer = cache.get(link.peer)
         if link.peer in joining or (peer is not None and peer.master == bridge.index):
             pname = peer.name if peer else f"#{link.peer}"
@@ -123,12 +139,26 @@ def decide(
                 why=f"{link.name} matches {rule.pattern!r}, but its veth peer {pname} is on "
                 f"{rule.bridge} already: both ends on one bridge would make a loop",
             )
+        if peer is not None and peer.master not in (None, 0):
+            other = cache.get(peer.master)
+            if other is not None and other.kind == "bridge":
+                return Verdict(
+                    rule,
+                    why=f"{link.name} matches {rule.pattern!r}, but its veth peer {peer.name} "
+                    f"is on the bridge {other.name}: it would join {other.name} to "
+                    f"{rule.bridge}",
+                )
     return Verdict(rule, attach=True, bridge_index=bridge.index)
 
 
 def _left_alone(ctx: Context, link: Link, verdict: Verdict) -> None:
-    """Reported, not an action: nothing changed."""
+    """Reported, not an action: nothing changed (an event only when the verdict is new:
+    a periodic pass over the same interfaces is no news)."""
     assert verdict.rule is not None and verdict.why is not None
+    seen = (verdict.rule.key, False, verdict.why)
+    if ctx.links.verdicts.get(link.index) == seen:
+        return
+    ctx.links.verdicts[link.index] = seen
     extra = {"master": verdict.master} if verdict.master else {}
     ctx.bus.publish(
         "left-alone", verdict.why, ifname=link.name, bridge=verdict.rule.bridge, **extra
@@ -196,6 +226,7 @@ async def attach_links(
             )
             done.append(f"could not attach {link.name}: {exc.strerror or exc}")
             continue
+        ctx.links.verdicts[link.index] = (verdict.rule.key, True, None)
         ctx.bus.publish(
             "attached",
             f"{link.name} attached to {verdict.rule.bridge} (rule {verdict.rule.pattern!r})",
@@ -246,6 +277,19 @@ class AttachKind(Kind[AttachRule]):
                 f"there is no rule {req.pattern!r} for {req.bridge}; `attach list` shows them"
             )
         return [key]
+
+    def details(self, ctx: Context, intent: AttachRule) -> dict[str, Any]:
+        """What the rule attached, and what it left alone and why (``show``)."""
+        attached, left = [], []
+        for index, (key, took, why) in sorted(ctx.links.verdicts.items()):
+            link = ctx.links.get(index)
+            if key != intent.key or link is None:
+                continue
+            if took and link.master is not None:
+                attached.append(link.name)
+            elif not took:
+                left.append({"ifname": link.name, "why": why})
+        return {"attached": attached, "left_alone": left}
 
     async def ensure(self, ctx: Context, intent: AttachRule, old: AttachRule | None) -> list[str]:
         """Attach what exists already and matches (a new rule, a start, a repair)."""

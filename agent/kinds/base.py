@@ -145,6 +145,10 @@ class Kind(ABC, Generic[IntentT]):
     def delete(self, state: DesiredState, req: Request) -> list[str]:
         """The keys a removal request names (raise NotFound when there are none)."""
 
+    def details(self, ctx: Context, intent: IntentT) -> dict[str, Any]:
+        """More for ``show`` (what an attach rule took and left alone ...)."""
+        return {}
+
     def rows(self, ctx: Context) -> list[dict[str, Any]]:
         """The ``<kind>.list`` answer."""
         return [i.to_dict() for i in ctx.state.of_kind(self.name)]

@@ -129,8 +129,8 @@ def test_parse_skips_bridge_port_copies_and_other_messages() -> None:
         + nlmsg(rtnl.RTM_DELROUTE, b"\0" * 12)
     )
     assert rtnl.parse(data) == [
-        rtnl.AddrEvent(deleted=True, index=7),
-        rtnl.AddrEvent(deleted=False, index=8),
+        rtnl.AddrEvent(deleted=True, index=7, address=bytes([192, 168, 15, 5])),
+        rtnl.AddrEvent(deleted=False, index=8, address=bytes([192, 168, 15, 5])),
         rtnl.RouteEvent(deleted=False),
         rtnl.RouteEvent(deleted=True),
     ]
