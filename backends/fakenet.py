@@ -219,13 +219,12 @@ class FakeNetlink:
         await self._fault("host_links")
         return [self.host.links.get(i) for i in indexes]
 
-    async def add_bridge(self, name: str) -> None:
+    async def add_bridge(self, name: str, mac: str | None = None) -> None:
         await self._fault("add_bridge")
         if self._by_name(self.host, name) is not None:
             raise FileExistsError(errno.EEXIST, name)
-        self._set(
-            self.host, Link(self._index(), name, "bridge", up=True, group=NETAGENT_GROUP), None
-        )
+        link = Link(self._index(), name, "bridge", up=True, group=NETAGENT_GROUP, mac=mac)
+        self._set(self.host, link, None)
         self.calls.append(("add_bridge", name))
 
     async def add_veth(
@@ -372,6 +371,12 @@ class FakeNetlink:
 
     def set_sysctl(self, path: str, value: str) -> None:
         self.sysctls[path] = value
+
+    async def set_ns_sysctls(self, ns: str, values: dict[str, str]) -> None:
+        await self._fault("set_ns_sysctls")
+        self._space(ns)
+        for path, value in values.items():
+            self.sysctls[f"{ns}:{path}"] = value
 
     # ---- views ----------------------------------------------------------------------
     async def show_links(self, ns: NsRef) -> list[dict[str, Any]]:

@@ -37,6 +37,17 @@ def alias_for(key: str) -> str:
     return f"{ALIAS_PREFIX}{key}"
 
 
+def mac_for(key: str, end: str) -> str:
+    """A stable MAC address for one end of what ``key`` names (as Docker does): a veth
+    made again after someone deleted it has the MAC its neighbours already know, so
+    they reach it at once instead of after their neighbour entries time out (~40 s).
+    Locally administered, unicast."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{key}#{end}".encode()).digest()
+    return ":".join(f"{b:02x}" for b in (0x02, *digest[:5]))
+
+
 def owner_of(alias: str | None) -> str | None:
     """The netagent key an interface alias names, if it is netagent's mark."""
     if alias and alias.startswith(ALIAS_PREFIX):
@@ -123,8 +134,9 @@ class Netlink(Protocol):
         None for one that is gone."""
         ...
 
-    async def add_bridge(self, name: str) -> None:
-        """A bridge, up, with netagent's group."""
+    async def add_bridge(self, name: str, mac: str | None = None) -> None:
+        """A bridge, up, with netagent's group (and ``mac``: else the kernel gives it the
+        lowest of its ports' MACs, which changes as ports come and go)."""
         ...
 
     async def add_veth(
@@ -189,10 +201,16 @@ class Netlink(Protocol):
         """Point netagent's default route of that IP version at another gateway."""
         ...
 
-    # ---- sysctls (the daemon's own namespace) ---------------------------------------
-    def sysctl(self, path: str) -> str | None: ...
+    # ---- sysctls ----------------------------------------------------------------------
+    def sysctl(self, path: str) -> str | None:
+        """In the daemon's own namespace."""
+        ...
 
     def set_sysctl(self, path: str, value: str) -> None: ...
+
+    async def set_ns_sysctls(self, ns: str, values: dict[str, str]) -> None:
+        """Set sysctls of another namespace (``net/ipv4/conf/eth0/arp_notify`` ...)."""
+        ...
 
     # ---- what the kernel has, for ``ctl links / neigh / routes`` --------------------
     async def show_links(self, ns: NsRef) -> list[dict[str, Any]]: ...

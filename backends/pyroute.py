@@ -229,11 +229,12 @@ class PyrouteNetlink:
         except TimeoutError:
             raise HostTimeout("the kernel did not answer a lookup of interfaces") from None
 
-    async def add_bridge(self, name: str) -> None:
+    async def add_bridge(self, name: str, mac: str | None = None) -> None:
+        spec: dict[str, Any] = {"ifname": name, "kind": "bridge", "state": "up"}
+        if mac is not None:
+            spec["address"] = mac
         await self._timed(
-            None,
-            f"creating bridge {name}",
-            self.ipr.link("add", ifname=name, kind="bridge", state="up", group=NETAGENT_GROUP),
+            None, f"creating bridge {name}", self.ipr.link("add", **spec, group=NETAGENT_GROUP)
         )
 
     async def add_veth(
@@ -422,6 +423,20 @@ class PyrouteNetlink:
             Path("/proc/sys", path).write_text(value)
         except OSError as exc:
             raise BackendFailed(f"cannot set {path.replace('/', '.')}={value}: {exc}") from None
+
+    async def set_ns_sysctls(self, ns: str, values: dict[str, str]) -> None:
+        def write() -> None:
+            for path, value in values.items():
+                Path("/proc/sys", path).write_text(value)
+
+        try:
+            await self._timed(
+                ns,
+                "setting sysctls",
+                anyio.to_thread.run_sync(rtnl.in_netns, str(self._path(ns)), write),
+            )
+        except OSError as exc:
+            raise BackendFailed(f"cannot set sysctls in {ns}: {exc}") from None
 
     # ---- what the kernel has --------------------------------------------------------
     async def _names(self, ns: NsRef) -> dict[int, str]:

@@ -21,9 +21,13 @@ import os
 import queue
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from .netlink import Link
+
+T = TypeVar("T")
 
 NLMSG_ERROR = 2
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_NEWADDR, RTM_DELADDR = 16, 17, 18, 20, 21
@@ -364,19 +368,19 @@ class Requests:
         self.sock.close()
 
 
-def socket_in_netns(path: str) -> socket.socket:
-    """A rtnetlink socket living in the network namespace bound at ``path``.
-
-    A socket belongs to the namespace it was created in. A short-lived thread enters the
-    namespace (setns changes only the calling thread), creates the socket and ends, so no
-    thread of the daemon is ever left in another namespace, and nothing forks."""
+def in_netns(path: str, work: Callable[[], T]) -> T:
+    """Run ``work`` inside the network namespace bound at ``path``, in a short-lived
+    thread that enters it (setns changes only the calling thread) and ends: no thread of
+    the daemon is ever left in another namespace, and nothing forks. What ``work``
+    creates there (a socket) stays in that namespace; what it opens under /proc/sys/net
+    is that namespace's."""
     import ctypes
     import threading
 
     libc = ctypes.CDLL(None, use_errno=True)
-    result: list[socket.socket | BaseException] = []
+    result: list[T | BaseException] = []
 
-    def work() -> None:
+    def run() -> None:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -385,20 +389,26 @@ def socket_in_netns(path: str) -> socket.socket:
                     raise OSError(err, f"setns {path}: {os.strerror(err)}")
             finally:
                 os.close(fd)
-            # SOCK_DGRAM (netlink treats it as SOCK_RAW): pyroute2 takes it as fileno=
-            # only as a datagram socket
-            result.append(
-                socket.socket(
-                    socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE
-                )
-            )
+            result.append(work())
         except BaseException as exc:
             result.append(exc)
 
-    thread = threading.Thread(target=work, name="netagent-setns", daemon=True)
+    thread = threading.Thread(target=run, name="netagent-setns", daemon=True)
     thread.start()
     thread.join()
     got = result[0]
     if isinstance(got, BaseException):
         raise got
     return got
+
+
+def socket_in_netns(path: str) -> socket.socket:
+    """A rtnetlink socket living in the network namespace bound at ``path``."""
+    # SOCK_DGRAM (netlink treats it as SOCK_RAW): pyroute2 takes it as fileno= only as a
+    # datagram socket
+    return in_netns(
+        path,
+        lambda: socket.socket(
+            socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE
+        ),
+    )

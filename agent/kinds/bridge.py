@@ -11,6 +11,8 @@ from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from netagent.backends.netlink import mac_for
+
 from ..errors import AddressInUse, InvalidAddress, InvalidArgument, NameTaken, NotFound
 from ..ops import BridgeAdd, BridgeDel
 from ..schema import Request
@@ -157,7 +159,7 @@ class BridgeKind(Kind[Bridge]):
                 acts.add(f"set {br.name} up")
                 acts.done.extend(f"add {a} to {br.name}" for a in br.addresses)
                 return acts.done
-            await net.add_bridge(br.name)
+            await net.add_bridge(br.name, mac=mac_for(br.key, "bridge"))
             created = True
             link = await net.link(None, br.name)
             if link is None:

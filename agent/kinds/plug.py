@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from netagent.backends.netlink import Link, alias_for
+from netagent.backends.netlink import Link, alias_for, mac_for
 
 from ..errors import AddressInUse, BackendFailed, Conflict, InvalidAddress, NameTaken, NotFound
 from ..ops import PlugAdd, PlugDel
@@ -79,6 +79,14 @@ class Plug:
 
 def plug_key(ns: str, bridge: str) -> str:
     return f"plug/{ns}/{bridge}"
+
+
+def announce(ifname: str) -> dict[str, str]:
+    """The sysctls that make an interface announce its addresses when it comes up."""
+    return {
+        f"net/ipv4/conf/{ifname}/arp_notify": "1",
+        f"net/ipv6/conf/{ifname}/ndisc_notify": "1",
+    }
 
 
 def check_in_subnet(addr: IPInterface, br: Bridge) -> None:
@@ -255,12 +263,25 @@ class PlugKind(Kind[Plug]):
         net = ctx.net
         where = f"{plug.ns}:{plug.ifname}"
         await net.add_veth(
-            plug.host_ifname, None, plug.ifname, plug.ns, master=bridge_index, up=True
+            plug.host_ifname,
+            None,
+            plug.ifname,
+            plug.ns,
+            master=bridge_index,
+            up=True,
+            mac=mac_for(plug.key, "host"),
+            peer_mac=mac_for(plug.key, "ns"),
         )
         host_index = net.host_index(plug.host_ifname)
         inner = await net.link(plug.ns, plug.ifname)
         if host_index is None or inner is None:
             raise BackendFailed(f"veth {plug.host_ifname} vanished right after creation")
+        # addressed while still down, so that coming up announces it: a gratuitous ARP
+        # (arp_notify) and an unsolicited neighbour advertisement (ndisc_notify)
+        await net.set_ns_sysctls(plug.ns, announce(plug.ifname))
+        for addr in plug.addresses:
+            acts.add(f"add {addr} to {where}")
+            await net.add_address(plug.ns, inner.index, addr)
         await gather(
             net.set_link(None, host_index, alias=alias_for(plug.key)),
             net.set_link(plug.ns, inner.index, alias=alias_for(plug.key), up=True),
@@ -268,9 +289,6 @@ class PlugKind(Kind[Plug]):
             net.set_link(plug.ns, 1, up=True),
         )
         acts.add(f"mark {plug.host_ifname} and {where}, set {where} up")
-        for addr in plug.addresses:
-            acts.add(f"add {addr} to {where}")
-            await net.add_address(plug.ns, inner.index, addr)
         for addr in plug.addresses:
             gw = br.gateway(addr.version)
             if gw is None:

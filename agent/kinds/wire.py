@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from netagent.backends.netlink import mac_for
+
 from ..errors import (
     AddressInUse,
     BackendFailed,
@@ -25,7 +27,7 @@ from ..values import IPInterface, check_families, check_name, parse_interfaces
 from .base import Actions, Context, Kind, OwnedName, Placed, want
 from .linkops import ensure_addresses, ensure_lo_up, ensure_mark, ensure_up, refuse_foreign
 from .namespace import ns_key
-from .plug import release_namespace
+from .plug import announce, release_namespace
 
 if TYPE_CHECKING:
     from ..state import DesiredState
@@ -180,7 +182,16 @@ class WireKind(Kind[Wire]):
             what = f"create veth {wire.ns_a}:{wire.ifname_a} <-> {wire.ns_b}:{wire.ifname_b}"
             if not acts.add(what):
                 return acts.done
-            await net.add_veth(wire.ifname_a, wire.ns_a, wire.ifname_b, wire.ns_b)
+            await net.add_veth(
+                wire.ifname_a,
+                wire.ns_a,
+                wire.ifname_b,
+                wire.ns_b,
+                mac=mac_for(wire.key, wire.ns_a),
+                peer_mac=mac_for(wire.key, wire.ns_b),
+            )
+            for ns, name in ((wire.ns_a, wire.ifname_a), (wire.ns_b, wire.ifname_b)):
+                await net.set_ns_sysctls(ns, announce(name))
             a = await net.link(wire.ns_a, wire.ifname_a)
             b = await net.link(wire.ns_b, wire.ifname_b)
             if a is None or b is None:
