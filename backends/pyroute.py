@@ -24,6 +24,7 @@ import errno
 import ipaddress
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -88,6 +89,8 @@ class PyrouteNetlink:
         self.ipr: Any = None
         self.raw: rtnl.Requests | None = None
         self._ns: dict[str, tuple[tuple[int, int], Any]] = {}
+        #: sockets let go of, closed once no request can still be using them
+        self._retired: list[tuple[float, Any]] = []
         self._ns_lock = anyio.Lock()
 
     # ---- lifecycle ------------------------------------------------------------------
@@ -99,6 +102,10 @@ class PyrouteNetlink:
     async def close(self) -> None:
         for name in list(self._ns):
             await self.forget(name)
+        for _when, sock in self._retired:
+            with contextlib.suppress(Exception):
+                sock.close()
+        self._retired.clear()
         if self.ipr is not None:
             self.ipr.close()
             self.ipr = None
@@ -189,10 +196,18 @@ class PyrouteNetlink:
         return sock
 
     async def forget(self, ns: str) -> None:
+        """Let go of the socket kept in ``ns``. Not closed at once: a request of another
+        task may be waiting on it (a socket closed under a pending request leaves it
+        unanswered until its time limit, holding up whoever waits for that request);
+        it is closed once no request can still be using it."""
         cached = self._ns.pop(ns, None)
+        now = time.monotonic()
         if cached is not None:
+            self._retired.append((now + TIMEOUT + 1, cached[1]))
+        while self._retired and self._retired[0][0] <= now:
+            _when, sock = self._retired.pop(0)
             with contextlib.suppress(Exception):
-                cached[1].close()
+                sock.close()
 
     async def _sock(self, ns: NsRef) -> Any:
         return self.ipr if ns is None else await self._ns_socket(ns)
