@@ -296,6 +296,7 @@ class Service:
             "passes": self.reconciler.passes,
             "last_pass": self.reconciler.last_pass,
             "failing": self.reconciler.failing(),
+            "stale": dict(self.reconciler.conditions),
             "event_resyncs": c.event_resyncs,
             "clients": c.clients,
             "refused": c.refused,
@@ -324,6 +325,10 @@ class Service:
             if kind.firewall and not fw_ok and state == IN_PLACE:
                 state = fw.state if fw is not None else PENDING
                 missing.append("the firewall is not in place")
+            condition = rec.conditions.get(intent.key)
+            if condition is not None and state == IN_PLACE:
+                state = "stale"
+                missing.append(condition)
             items.append(
                 {
                     "key": intent.key,

@@ -44,10 +44,29 @@ NS_GROUPS = (
 )
 #: datagrams handled between two turns of the event loop
 YIELD_EVERY = 32
+#: namespace polls between two looks at which namespaces still hold a process
+LIVENESS_EVERY = 20
 #: seconds between looks at the namespace directory
 NS_POLL = 0.25
 #: seconds entering a namespace to open its watcher may take
 NS_OPEN_TIMEOUT = 5.0
+
+
+def namespaces_with_processes() -> set[tuple[int, int]] | None:
+    """(device, inode) of every network namespace some process is in (None: /proc
+    cannot tell)."""
+    found: set[tuple[int, int]] = set()
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        try:
+            st = os.stat(f"/proc/{pid}/ns/net")
+        except OSError:
+            continue  # gone meanwhile, or not ours to look at
+        found.add((st.st_dev, st.st_ino))
+    return found
 
 
 def _is_enobufs(exc: BaseException) -> bool:
@@ -163,16 +182,41 @@ class EventSource:
         watchers: dict[str, tuple[tuple[int, int], rtnl.EventSocket, anyio.CancelScope]] = {}
         try:
             async with anyio.create_task_group() as tg:
+                polls = 0
                 while True:
                     try:
                         await self._poll(watchers, tg)
+                        if polls % LIVENESS_EVERY == 0:
+                            await self._liveness()
                     except Exception:
                         log.exception("namespace watch failed; trying again")
+                    polls += 1
                     await anyio.sleep(NS_POLL)
         finally:
             for _ident, sock, scope in watchers.values():
                 scope.cancel()
                 sock.close()
+
+    async def _liveness(self) -> None:
+        """A namespace someone else made (``ip netns attach c2 PID``, a container's) whose
+        last process has left is kept alive only by its bind mount: what is plugged
+        into it reaches nothing. Say so for each intent acting in it (``show``), until a
+        process is back or the name points at another namespace (then it is followed:
+        the watcher above sees the new identity and the intents are realized there)."""
+        alive = await anyio.to_thread.run_sync(namespaces_with_processes)
+        for name in (str(n) for n in self.state.indexed("ns")):
+            if f"ns/{name}" in self.state:
+                continue  # netagent's own: no process in it is normal
+            ident = self.net.ns_identity(name)
+            empty = ident is not None and alive is not None and ident not in alive
+            reason = (
+                f"no process is left in namespace {name} (the container stopped?); what "
+                "is plugged into it reaches nothing"
+                if empty
+                else None
+            )
+            for key in self._keys_in(name):
+                self.rec.condition(key, reason)
 
     async def _poll(
         self,

@@ -137,6 +137,8 @@ class Reconciler:
         self._previous: dict[str, Intent] = {}
         self._wake = anyio.Event()
         self.status: dict[str, KeyStatus] = {}
+        #: key -> what keeps it from working that no ensure can fix (see ``condition``)
+        self.conditions: dict[str, str] = {}
         #: failing keys -> when to try again (time.monotonic())
         self._retry: dict[str, float] = {}
         self.passes = 0
@@ -221,6 +223,15 @@ class Reconciler:
             self._look_inside = True
             self.firewall.drifted(why)
         self._kick()
+
+    def condition(self, key: str, reason: str | None) -> None:
+        """Something outside the reconciler's reach keeps ``key`` from working (an empty
+        namespace): not in place while it holds, whatever its ensure says."""
+        if reason is None:
+            self.conditions.pop(key, None)
+        elif self.conditions.get(key) != reason:
+            self.conditions[key] = reason
+            self.bus.publish("condition", f"{key}: {reason}", key=key)
 
     # ---- status ---------------------------------------------------------------------
     def failing(self) -> dict[str, str]:
