@@ -74,8 +74,16 @@ class Client:
         """Send one request; return the whole reply object."""
         req = {"v": VERSION, "id": self._next_id, "op": op, "args": args or {}}
         self._next_id += 1
-        self.sock.sendall(json.dumps(req, separators=(",", ":")).encode() + b"\n")
-        reply = json.loads(self._readline())
+        try:
+            self.sock.sendall(json.dumps(req, separators=(",", ":")).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            # the daemon stopped reading (a request over its size limit) and said why
+            # before it hung up: that answer is the one to show, not "Broken pipe"
+            pass
+        try:
+            reply = json.loads(self._readline())
+        except ConnectionResetError:
+            raise Unreachable("the daemon closed the connection") from None
         if not isinstance(reply, dict):
             raise Unreachable("the daemon sent something that is not a reply")
         return reply

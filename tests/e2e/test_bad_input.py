@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -91,3 +92,22 @@ def test_messages_say_what_to_do(daemon: Daemon) -> None:
     assert "10.1.1.1/24" in err  # the form to use
     err = daemon.ctl("plug", "red", "br9", "--address", "10.0.0.2/24").stderr
     assert "bridge add br9" in err
+
+
+def test_an_apply_document_over_the_limit_gets_the_daemons_reason(daemon: Daemon) -> None:
+    doc = daemon.dir / "huge.json"
+    intents = [
+        {
+            "kind": "forward",
+            "host_ports": str(1 + i % 60000),
+            "destination": "192.168.15.2:80",
+            "padding": "x" * 100,
+        }
+        for i in range(12000)
+    ]
+    doc.write_text(json.dumps({"intents": intents}))
+    assert doc.stat().st_size > 1 << 20
+    r = daemon.ctl("apply", str(doc))
+    assert r.returncode == 2, r.stderr
+    assert "Broken pipe" not in r.stderr
+    assert "is over 1048576 bytes" in r.stderr
