@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import anyio
+import orjson
 import structlog
 from anyio.abc import SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
@@ -32,6 +33,13 @@ from .errors import (
 )
 
 log = structlog.get_logger("netagent")
+
+
+def encode(msg: dict[str, Any]) -> bytes:
+    """One reply line. orjson: ``show`` of 2,000 intents is ~600 KB of JSON, 16 ms with
+    the standard library, ~1.5 ms with orjson (the CLI decodes it with the standard
+    library: it is JSON, newlines in strings escaped)."""
+    return orjson.dumps(msg) + b"\n"
 
 
 class Server:
@@ -117,7 +125,7 @@ class Server:
     async def _send(self, stream: SocketStream, msg: dict[str, Any]) -> None:
         """A reply; a client that does not read it within client_timeout is dropped."""
         with anyio.fail_after(self.client_timeout):
-            await stream.send(protocol.encode(msg))
+            await stream.send(encode(msg))
 
     async def _send_last(
         self, stream: SocketStream, err: NetagentError, req_id: Any = None
@@ -125,7 +133,7 @@ class Server:
         """A last error reply before hanging up: best effort, never waits long."""
         grace = min(1.0, self.client_timeout)
         with contextlib.suppress(Exception), anyio.move_on_after(grace):
-            await stream.send(protocol.encode(protocol.reply_error(req_id, err)))
+            await stream.send(encode(protocol.reply_error(req_id, err)))
 
     async def _refuse(self, stream: SocketStream, err: NetagentError) -> None:
         """Answer the first request with ``err`` and hang up. The request is read first

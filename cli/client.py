@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -74,12 +75,10 @@ class Client:
         """Send one request; return the whole reply object."""
         req = {"v": VERSION, "id": self._next_id, "op": op, "args": args or {}}
         self._next_id += 1
-        try:
+        # the daemon stops reading a request over its size limit and says why before it
+        # hangs up: that answer is the one to show, not "Broken pipe"
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self.sock.sendall(json.dumps(req, separators=(",", ":")).encode() + b"\n")
-        except (BrokenPipeError, ConnectionResetError):
-            # the daemon stopped reading (a request over its size limit) and said why
-            # before it hung up: that answer is the one to show, not "Broken pipe"
-            pass
         try:
             reply = json.loads(self._readline())
         except ConnectionResetError:
