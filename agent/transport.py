@@ -233,18 +233,16 @@ class Server:
             except RecursionError:  # json's C decoder on deeply nested arrays
                 raise BadRequest("request nests too deeply; send a flat JSON object") from None
             self.counters.requests += 1
-            if op == "events":
-                await self._events(stream, req_id, args)
-                return True
-            result = await self.api.handle(op, args, peer)
-            reply = protocol.reply_ok(req_id, result)
-            log.info(
-                "request",
-                op=op,
-                ok=True,
-                changed=result.get("changed") if isinstance(result, dict) else None,
-                duration_ms=round((time.perf_counter() - t0) * 1000, 2),
-            )
+            if op != "events":
+                result = await self.api.handle(op, args, peer)
+                reply = protocol.reply_ok(req_id, result)
+                log.info(
+                    "request",
+                    op=op,
+                    ok=True,
+                    changed=result.get("changed") if isinstance(result, dict) else None,
+                    duration_ms=round((time.perf_counter() - t0) * 1000, 2),
+                )
         except NetagentError as exc:
             reply = protocol.reply_error(req_id, exc)
             log.info(
@@ -258,6 +256,13 @@ class Server:
         except Exception as exc:
             log.exception("request failed", op=op)
             reply = protocol.reply_error(req_id, Internal(f"internal error: {exc}"))
+        else:
+            if op == "events":
+                # outside the handlers above: a watcher that stops reading, or hangs up,
+                # ends its connection the way any client's does (serve_connection), not
+                # as a failed request with a traceback
+                await self._events(stream, req_id, args)
+                return True
         await self._send(stream, reply)
         return False
 
