@@ -256,8 +256,17 @@ def demo(
     keep_logs: Annotated[
         bool, typer.Option("--show-log", help="Print the daemon's log at the end.")
     ] = False,
+    picture: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            "--picture",
+            help="Save the picture of the seed's topology here (PNG, SVG or DOT by suffix).",
+            show_default="netagent-demo-topology.png in the temporary directory",
+        ),
+    ] = None,
 ) -> None:
-    """The seed's walk through the real daemon and CLI, in a throwaway sandbox (root)."""
+    """The seed's walk through the real daemon and CLI, in a throwaway sandbox (root);
+    saves a picture of the topology it built and says where."""
     from . import demo as D
 
-    raise typer.Exit(D.main(show_log=keep_logs))
+    raise typer.Exit(D.main(show_log=keep_logs, picture=picture))
