@@ -30,6 +30,7 @@ from .errors import (
     RequestTimeout,
     RequestTooLarge,
 )
+from .probe import NOOP, Probe
 
 log = structlog.get_logger("netagent")
 
@@ -45,8 +46,10 @@ class Server:
         bus: EventBus,
         counters: Counters,
         client_timeout: float,
+        probe: Probe = NOOP,
     ) -> None:
         self.api = api
+        self.probe = probe
         self.policy = policy
         self.bus = bus
         self.counters = counters
@@ -230,15 +233,18 @@ class Server:
                 return True
             result = await self.api.handle(op, args, peer)
             reply = protocol.reply_ok(req_id, result)
+            seconds = time.perf_counter() - t0
+            self.probe.request(op, "ok", seconds)
             log.info(
                 "request",
                 op=op,
                 ok=True,
                 changed=result.get("changed") if isinstance(result, dict) else None,
-                duration_ms=round((time.perf_counter() - t0) * 1000, 2),
+                duration_ms=round(seconds * 1000, 2),
             )
         except NetagentError as exc:
             reply = protocol.reply_error(req_id, exc)
+            self.probe.request(op, exc.name, time.perf_counter() - t0)
             log.info(
                 "request",
                 op=op,
@@ -250,6 +256,7 @@ class Server:
         except Exception as exc:
             log.exception("request failed", op=op)
             reply = protocol.reply_error(req_id, Internal(f"internal error: {exc}"))
+            self.probe.request(op, Internal.name, time.perf_counter() - t0)
         await self._send(stream, reply)
         return False
 

@@ -218,6 +218,15 @@ def run(
             show_default="10",
         ),
     ] = None,
+    metrics: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--metrics",
+            metavar="ADDR:PORT",
+            help="Serve Prometheus metrics at http://ADDR:PORT/metrics, e.g. "
+            "127.0.0.1:9464 (off by default).",
+        ),
+    ] = None,
 ) -> None:
     """Run the daemon in the foreground (systemd runs it this way too)."""
     import anyio
@@ -238,6 +247,7 @@ def run(
                 "socket_group": socket_group,
                 "readonly_group": readonly_group,
                 "client_timeout": client_timeout,
+                "metrics": metrics,
             },
         )
     except NetagentError as exc:
