@@ -18,8 +18,8 @@ def test_the_table_is_what_wordgen_writes_from_the_declarations() -> None:
 
 
 def test_every_command_and_error_code_is_in_it() -> None:
-    assert words.COMMANDS == {r.cli: (r.op, r.shape()) for r in ops.REQUESTS if r.cli}
-    assert words.EXIT_STATUS == {c: e.exit_status for c, e in errors.ERRORS_BY_CODE.items()}
+    assert {r.cli: (r.op, r.shape()) for r in ops.REQUESTS if r.cli} == words.COMMANDS
+    assert {c: e.exit_status for c, e in errors.ERRORS_BY_CODE.items()} == words.EXIT_STATUS
 
 
 def test_the_fast_path_parses_as_from_argv_does() -> None:
