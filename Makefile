@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test unit lint bench setup clean
+.PHONY: demo test unit lint bench soak setup clean
 
 ## the main job: the seed's walk through the real daemon and CLI, in a sandbox (root)
 demo: $(STAMP)
@@ -21,6 +21,10 @@ unit: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+
+## the races and kill -9 cycles for minutes (not in CI): SOAK=seconds, 600 by default
+soak: $(TEST_STAMP)
+	NETAGENT_SOAK=$${SOAK:-600} $(PY) -m pytest -q -s tests/soak
 
 ## speed, measured in a sandbox, figures side by side in one run
 bench: $(TEST_STAMP)

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .bus import EventBus
     from .fwsync import FirewallSync
     from .kinds import Registry
-    from .kinds.base import Context
+    from .kinds.base import Context, Intent
     from .state import Change, DesiredState
     from .store import StateStore
 
@@ -36,6 +36,8 @@ log = structlog.get_logger("netagent.api")
 
 #: a 10,000-intent apply answers with the first ones and the count
 MAX_LISTED = 200
+#: show builds this many items between two turns of the event loop
+SHOW_SLICE = 256
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class Service:
         self.about = dict(about)
         self.started = time.time()
         self._commit = anyio.Lock()
+        self._static_memo: dict[str, tuple[Intent, dict[str, Any]]] = {}
         self._handlers: dict[type[Request], Handler] = {
             ops.Status: self._status,
             ops.Show: self._show,
@@ -315,7 +318,9 @@ class Service:
         fw = rec.status.get(FIREWALL)
         fw_ok = fw is not None and fw.state == IN_PLACE
         items = []
-        for intent in self.state.ordered():
+        for n, intent in enumerate(self.state.ordered(), 1):
+            if n % SHOW_SLICE == 0:
+                await anyio.sleep(0)  # thousands of items: let cheap requests go between
             kind = self.kinds.of(intent)
             st = rec.status.get(intent.key)
             state = st.state if st is not None else PENDING
@@ -331,15 +336,12 @@ class Service:
                 missing.append(condition)
             items.append(
                 {
-                    "key": intent.key,
-                    "kind": intent.kind,
-                    "describe": intent.describe(),
+                    **self._static(intent),
                     "in_place": state == IN_PLACE,
                     "state": state,
                     "missing": missing,
                     "error": st.error if st is not None else None,
                     "checked": st.checked if st is not None else None,
-                    "intent": intent.to_dict(),
                     **kind.details(self.ctx, intent),
                 }
             )
@@ -355,6 +357,23 @@ class Service:
                 "error": fw.error if fw is not None else None,
             },
         }
+
+    def _static(self, intent: Intent) -> dict[str, Any]:
+        """What ``show`` says of an intent that does not change while it does (computed
+        once per intent object)."""
+        held = self._static_memo.get(intent.key)
+        if held is not None and held[0] is intent:
+            return held[1]
+        static = {
+            "key": intent.key,
+            "kind": intent.kind,
+            "describe": intent.describe(),
+            "intent": intent.to_dict(),
+        }
+        if len(self._static_memo) > 2 * len(self.state) + 1024:
+            self._static_memo.clear()
+        self._static_memo[intent.key] = (intent, static)
+        return static
 
     async def _kernel_view(self, req: Request) -> Any:
         assert isinstance(req, (ops.Links, ops.Neigh, ops.Routes))

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import anyio
+import orjson
 import structlog
 from anyio.abc import SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
@@ -33,6 +34,13 @@ from .errors import (
 from .probe import NOOP, Probe
 
 log = structlog.get_logger("netagent")
+
+
+def encode(msg: dict[str, Any]) -> bytes:
+    """One reply line. orjson: ``show`` of 2,000 intents is ~600 KB of JSON, 16 ms with
+    the standard library, ~1.5 ms with orjson (the CLI decodes it with the standard
+    library: it is JSON, newlines in strings escaped)."""
+    return orjson.dumps(msg) + b"\n"
 
 
 class Server:
@@ -120,7 +128,7 @@ class Server:
     async def _send(self, stream: SocketStream, msg: dict[str, Any]) -> None:
         """A reply; a client that does not read it within client_timeout is dropped."""
         with anyio.fail_after(self.client_timeout):
-            await stream.send(protocol.encode(msg))
+            await stream.send(encode(msg))
 
     async def _send_last(
         self, stream: SocketStream, err: NetagentError, req_id: Any = None
@@ -128,7 +136,7 @@ class Server:
         """A last error reply before hanging up: best effort, never waits long."""
         grace = min(1.0, self.client_timeout)
         with contextlib.suppress(Exception), anyio.move_on_after(grace):
-            await stream.send(protocol.encode(protocol.reply_error(req_id, err)))
+            await stream.send(encode(protocol.reply_error(req_id, err)))
 
     async def _refuse(self, stream: SocketStream, err: NetagentError) -> None:
         """Answer the first request with ``err`` and hang up. The request is read first
@@ -228,20 +236,18 @@ class Server:
             except RecursionError:  # json's C decoder on deeply nested arrays
                 raise BadRequest("request nests too deeply; send a flat JSON object") from None
             self.counters.requests += 1
-            if op == "events":
-                await self._events(stream, req_id, args)
-                return True
-            result = await self.api.handle(op, args, peer)
-            reply = protocol.reply_ok(req_id, result)
-            seconds = time.perf_counter() - t0
-            self.probe.request(op, "ok", seconds)
-            log.info(
-                "request",
-                op=op,
-                ok=True,
-                changed=result.get("changed") if isinstance(result, dict) else None,
-                duration_ms=round(seconds * 1000, 2),
-            )
+            if op != "events":
+                result = await self.api.handle(op, args, peer)
+                reply = protocol.reply_ok(req_id, result)
+                seconds = time.perf_counter() - t0
+                self.probe.request(op, "ok", seconds)
+                log.info(
+                    "request",
+                    op=op,
+                    ok=True,
+                    changed=result.get("changed") if isinstance(result, dict) else None,
+                    duration_ms=round(seconds * 1000, 2),
+                )
         except NetagentError as exc:
             reply = protocol.reply_error(req_id, exc)
             self.probe.request(op, exc.name, time.perf_counter() - t0)
@@ -257,6 +263,13 @@ class Server:
             log.exception("request failed", op=op)
             reply = protocol.reply_error(req_id, Internal(f"internal error: {exc}"))
             self.probe.request(op, Internal.name, time.perf_counter() - t0)
+        else:
+            if op == "events":
+                # outside the handlers above: a watcher that stops reading, or hangs up,
+                # ends its connection the way any client's does (serve_connection), not
+                # as a failed request with a traceback
+                await self._events(stream, req_id, args)
+                return True
         await self._send(stream, reply)
         return False
 

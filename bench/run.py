@@ -214,6 +214,73 @@ class Bench:
             f"{len(sent)} requests, p50 {pct(sent, 0.5):.2f} ms)   target p99 <= 5 ms"
         )
 
+    def scale(self, namespaces: int = 600, forwards: int = 1000, clients: int = 60) -> None:
+        """show and status with 600 namespaces plugged and 1,000 forwards, alone and
+        while 60 other clients keep asking."""
+        print(f"\n== show and status at {namespaces} namespaces and {forwards:,} forwards")
+        intents: list[dict[str, object]] = [
+            {"kind": "bridge", "name": f"br-s{b}", "addresses": [f"10.{180 + b}.0.1/16"]}
+            for b in range(2)
+        ]
+        for i in range(namespaces):
+            b = i % 2
+            intents.append({"kind": "ns", "name": f"s{i}"})
+            intents.append(
+                {
+                    "kind": "plug",
+                    "ns": f"s{i}",
+                    "bridge": f"br-s{b}",
+                    "addresses": [f"10.{180 + b}.{i // 250}.{i % 250 + 2}/16"],
+                }
+            )
+        intents += [
+            {"kind": "forward", "host_ports": str(20000 + i), "destination": "10.180.0.2:80"}
+            for i in range(forwards)
+        ]
+        t0 = time.perf_counter()
+        with Client(self.socket, timeout=600) as c:
+            c.call("apply", {"intents": intents})
+        print(f"built in {time.perf_counter() - t0:.1f} s")
+
+        def timed(op: str, n: int = 40) -> list[float]:
+            out = []
+            with Client(self.socket, timeout=60) as c:
+                for _ in range(n):
+                    t = time.perf_counter()
+                    c.call(op)
+                    out.append((time.perf_counter() - t) * 1000)
+            return out
+
+        alone = {op: timed(op) for op in ("show", "status")}
+        # the others in processes of their own (4 of them, threads inside), so that
+        # decoding their replies does not take the measuring client's GIL
+        worker = (
+            "import sys, threading, time\n"
+            f"sys.path.insert(0, {str(REPO)!r})\n"
+            "from netagent.cli.client import Client\n"
+            "sock, n, until = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])\n"
+            "def run(i):\n"
+            "    with Client(sock, timeout=60) as c:\n"
+            "        while time.time() < until:\n"
+            "            c.call('show' if i % 2 else 'status')\n"
+            "ts = [threading.Thread(target=run, args=(i,)) for i in range(n)]\n"
+            "[t.start() for t in ts]; [t.join() for t in ts]\n"
+        )
+        until = time.time() + 8
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", worker, self.socket, str(clients // 4), str(until)]
+            )
+            for _ in range(4)
+        ]
+        time.sleep(1.5)
+        loaded = {op: timed(op, 20) for op in ("show", "status")}
+        for proc in procs:
+            proc.wait(60)
+        for op in ("show", "status"):
+            print(f"{op:6} alone          {fmt(alone[op])}   target p50 <= 50 ms")
+            print(f"{op:6} with {clients} others {fmt(loaded[op])}")
+
     def repair(self, ports: int = 10) -> None:
         print("\n== self-repair: bridge deleted -> bridge, address and ports back")
         with Client(self.socket) as c:
@@ -350,7 +417,7 @@ class Bench:
         self.box.stop(server)
 
 
-SECTIONS = ("cli", "floor", "agent", "attach", "lag", "repair", "nftables", "iptables")
+SECTIONS = ("cli", "floor", "agent", "attach", "lag", "scale", "repair", "nftables", "iptables")
 
 
 def main() -> None:

@@ -68,6 +68,10 @@ def pytest_runtest_makereport(
             crash.message = f"{crash.message} [{replay_hint(seed)}]"
 
 
+#: the long-run mode (``make soak``) only when asked for
+collect_ignore_glob = [] if os.environ.get("NETAGENT_SOAK") else ["soak/*"]
+
+
 # ---- fixtures --------------------------------------------------------------------------
 @pytest.fixture
 def sandbox() -> Iterator[Sandbox]:

@@ -10,12 +10,14 @@ is on the bridge already (both ends on one bridge make a loop: a broadcast storm
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import anyio
+import structlog
 
 from netagent.backends.netlink import Link
 
@@ -27,6 +29,8 @@ from ..values import check_name
 from .base import Context, Kind, want
 from .bridge import bridge_key
 from .plug import require_bridge
+
+log = structlog.get_logger(__name__)
 
 if TYPE_CHECKING:
     from ..linkcache import LinkCache
@@ -216,7 +220,13 @@ async def attach_links(
         if n % YIELD_EVERY == 0:
             await anyio.sleep(0)
         assert verdict.rule is not None
-        if exc is not None:  # gone meanwhile, or the bridge is full (1,023 ports)
+        if exc is not None and exc.errno == errno.ENODEV:
+            # gone between the kernel's answer and the attach (a tap that lived for
+            # milliseconds): nothing failed, there is nothing left to attach
+            ctx.links.remove(link.index)
+            log.debug("gone before it could be attached", ifname=link.name)
+            continue
+        if exc is not None:  # the bridge refused it (full at 1,023 ports, a loop, ...)
             ctx.bus.publish(
                 "attach-failed",
                 f"{link.name} could not be attached to {verdict.rule.bridge}: "

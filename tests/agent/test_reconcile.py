@@ -471,6 +471,40 @@ async def test_every_attach_is_checked_with_the_kernel_first(
         assert [c[1] for c in w.net.calls if c[0] == "enslave"] == ["tap0", "tap0"]
 
 
+async def test_a_tap_gone_between_the_check_and_the_attach_is_no_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tap that lives for milliseconds: the kernel still had it when asked, and it was
+    gone by the attach (ENODEV). Nothing failed: no attach-failed event, nothing logged
+    above debug, and the next tap is attached as usual."""
+    w = make_world(tmp_path)
+    enslave = w.net.enslave
+
+    async def vanishing(pairs: list[tuple[int, int]]) -> list[OSError | None]:
+        for index, _ in pairs:
+            if w.net.host.links[index].name == "tap-brief":
+                await w.net.del_link(None, index)
+        return await enslave(pairs)
+
+    monkeypatch.setattr(w.net, "enslave", vanishing)
+    async with w.running():
+        await w.call("bridge.add", name="v-net-0", address=["192.168.15.5/24"])
+        await w.call("attach.add", pattern="tap*", bridge="v-net-0")
+        brief = w.net.make_foreign_link("tap-brief")
+        with structlog.testing.capture_logs() as logs:
+            passes = w.rec.passes
+            w.rec.mark_links([brief.index])
+            await until(lambda: w.rec.passes > passes, "a pass over the hint")
+        assert ("enslave", "tap-brief", w.link("v-net-0").index) not in w.net.calls
+        assert w.published("attach-failed") == []
+        loud = [e for e in logs if e["log_level"] not in ("debug",)]
+        assert not [e for e in loud if "tap-brief" in str(e)], loud
+        assert w.links.get(brief.index) is None
+        tap1 = w.net.make_foreign_link("tap1")
+        w.rec.mark_links([tap1.index])
+        await until(lambda: w.link("tap1").master == w.link("v-net-0").index, "tap1 attached")
+
+
 async def test_a_bridge_that_refuses_a_port_is_reported(tmp_path: Path) -> None:
     w = make_world(tmp_path)
     async with w.running():

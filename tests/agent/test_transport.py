@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import anyio
 import pytest
+import structlog.testing
 from anyio.abc import SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
@@ -250,3 +251,31 @@ async def test_events_streams_what_the_bus_publishes_until_the_client_hangs_up(
         await until(lambda: srv.counters.clients == 0, "the connection closed")
         srv.bus.publish("attached", "nobody watches this")
     assert srv.api.peers == []  # events is the transport's, never the API's
+
+
+async def test_a_watcher_that_stops_reading_is_dropped_quietly(tmp_path: Path) -> None:
+    """A ``ctl events`` watcher that stops reading is cut at the client timeout: counted,
+    logged once at info, never as an error with a traceback; the others go on."""
+    async with serving(tmp_path, client_timeout=0.2) as srv:
+        with structlog.testing.capture_logs() as logs:
+            async with srv.client() as silent, srv.client() as reading:
+                for c, n in ((silent, 1), (reading, 2)):
+                    await c.send(request("events", n))
+                    assert (await c.reply())["result"] == {"streaming": True}
+                    assert (await c.reply())["event"]["type"] == "watching"
+                # enough to fill the silent one's socket buffers, then its send waits
+                pad = "x" * 4096
+                for n in range(400):
+                    srv.bus.publish("attached", f"event {n}", pad=pad)
+                    if n % 50 == 0:
+                        await anyio.sleep(0)
+                    while (await reading.reply())["event"]["message"] != f"event {n}":
+                        pass
+                await until(lambda: srv.counters.timeouts == 1, "the silent one cut")
+                await until(lambda: len(srv.bus.watchers) == 1, "its watcher gone")
+                srv.bus.publish("error", "still streaming")
+                assert (await reading.reply())["event"]["message"] == "still streaming"
+    errors = [e for e in logs if e["log_level"] in ("error", "critical", "exception")]
+    assert errors == []
+    cut = [e for e in logs if "did not read" in e["event"]]
+    assert len(cut) == 1 and cut[0]["log_level"] == "info"
