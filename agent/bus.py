@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import anyio
@@ -48,13 +49,17 @@ class Watcher:
 
 
 class EventBus:
-    def __init__(self) -> None:
+    def __init__(self, listeners: Iterable[Callable[[dict[str, Any]], None]] = ()) -> None:
         self.watchers: set[Watcher] = set()
         self.recent: deque[dict[str, Any]] = deque(maxlen=200)
+        #: called with every event, at once, never dropping one (the metrics' probe)
+        self.listeners = tuple(listeners)
 
     def publish(self, type_: str, message: str, **fields: Any) -> None:
         event = {"ts": time.time(), "type": type_, "message": message, **fields}
         self.recent.append(event)
+        for listener in self.listeners:
+            listener(event)
         for w in list(self.watchers):
             w.push(event)
 

@@ -28,6 +28,8 @@ class Config:
     client_timeout: float = 10.0
     #: "auto" (console on a terminal, JSON otherwise), "console" or "json"
     log_format: str = "auto"
+    #: ADDR:PORT to serve Prometheus metrics on (``docs/metrics.md``); off when unset
+    metrics: str | None = None
 
     @classmethod
     def load(cls, path: str | None, overrides: dict[str, Any]) -> Config:
@@ -63,3 +65,30 @@ class Config:
             raise InvalidArgument("resync_interval and client_timeout must be positive")
         if self.log_format not in ("auto", "console", "json"):
             raise InvalidArgument("log_format must be auto, console or json")
+        if self.metrics is not None:
+            metrics_address(self.metrics)
+
+
+def metrics_address(text: object) -> tuple[str, int]:
+    """``ADDR:PORT`` (``127.0.0.1:9464``, ``[::1]:9464``, ``0.0.0.0:9464``) as a host
+    and a port; the address must be an IP address (no name to resolve at start)."""
+    import ipaddress
+
+    if not isinstance(text, str):
+        raise InvalidArgument("metrics must be ADDR:PORT, e.g. 127.0.0.1:9464")
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        host = ""  # an IPv6 address needs its brackets
+    try:
+        ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError:
+        number = 0
+    if not sep or not host or not 0 < number < 65536:
+        raise InvalidArgument(
+            f"metrics {text!r}: use ADDR:PORT with an IP address, e.g. 127.0.0.1:9464 or "
+            "[::1]:9464"
+        )
+    return host, number

@@ -14,18 +14,21 @@ from collections import deque
 import anyio
 
 from .api import Counters
+from .probe import NOOP, Probe
 
 INTERVAL = 0.01
 WINDOW = 500  # five seconds
 
 
-async def measure_lag(counters: Counters) -> None:
+async def measure_lag(counters: Counters, probe: Probe = NOOP) -> None:
     samples: deque[float] = deque(maxlen=WINDOW)
     n = 0
     while True:
         t0 = time.perf_counter()
         await anyio.sleep(INTERVAL)
-        samples.append(max(0.0, time.perf_counter() - t0 - INTERVAL))
+        sample = max(0.0, time.perf_counter() - t0 - INTERVAL)
+        samples.append(sample)
+        probe.loop_lag(sample)
         n += 1
         if n % 50 == 0:
             ordered = sorted(samples)

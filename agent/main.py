@@ -40,6 +40,7 @@ from .kinds.namespace import Claims
 from .lag import measure_lag
 from .linkcache import LinkCache
 from .listen import bind_socket, lock_state_dir
+from .probe import NOOP, Probe
 from .reconcile import Reconciler
 from .state import DesiredState
 from .store import StateStore
@@ -102,10 +103,25 @@ async def run_daemon(config: Config) -> None:
     state_dir = Path(config.state_dir)
     lock_fd = lock_state_dir(config.state_dir)
     raw, owned = bind_socket(config)
+    kinds = default_kinds()
+    exporter = None
+    probe: Probe = NOOP
+    if config.metrics:  # prometheus_client is imported only then
+        from .metrics import Exporter
+
+        try:
+            exporter = Exporter(config.metrics, kinds)
+        except NetagentError:
+            raw.close()
+            if owned is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    owned.unlink()
+            os.close(lock_fd)
+            raise
+        probe = exporter.probe
     net = PyrouteNetlink()
     backend: fwreg.AnyBackend | None = None
     fw: FirewallSync | None = None
-    kinds = default_kinds()
     store = StateStore(state_dir, kinds)
     try:
         t0 = time.perf_counter()
@@ -122,7 +138,7 @@ async def run_daemon(config: Config) -> None:
         except NetagentError as exc:
             sdnotify.notify(f"STATUS=failed to start: {sdnotify.one_line(exc.message)}")
             raise
-        bus = EventBus()
+        bus = EventBus(listeners=[probe.event] if exporter is not None else [])
         counters = Counters()
         await retire_other_firewall(state_dir, cls.name, bus)
         fw = FirewallSync(backend, bus)
@@ -135,7 +151,13 @@ async def run_daemon(config: Config) -> None:
             refused=fw.quarantined,
         )
         rec = Reconciler(
-            state, ctx, fw, bus, config.resync_interval, remove_orphans_at_start=store.seq > 0
+            state,
+            ctx,
+            fw,
+            bus,
+            config.resync_interval,
+            remove_orphans_at_start=store.seq > 0,
+            probe=probe,
         )
         events = EventSource(state, rec, net, links, bus, counters)
         api = Service(
@@ -154,6 +176,7 @@ async def run_daemon(config: Config) -> None:
             bus,
             counters,
             config.client_timeout,
+            probe=probe,
         )
         listener = await anyio.abc.SocketListener.from_socket(raw)
         try:
@@ -170,7 +193,9 @@ async def run_daemon(config: Config) -> None:
                 )
                 tg.start_soon(rec.run)
                 tg.start_soon(events.watch_namespaces)
-                tg.start_soon(measure_lag, counters)
+                tg.start_soon(measure_lag, counters, probe)
+                if exporter is not None:
+                    tg.start_soon(exporter.serve, api)
                 watcher = backend.drift_watcher()
                 if watcher is not None:
                     tg.start_soon(watcher.run, lambda what: on_drift(rec, fw, bus, what))
@@ -206,6 +231,8 @@ async def run_daemon(config: Config) -> None:
             with contextlib.suppress(Exception):
                 await backend.close()
         await net.close()
+        if exporter is not None:
+            exporter.close()
         os.close(lock_fd)
 
 

@@ -29,6 +29,10 @@ DESTINATION: Value[tuple[IPAddress, int, int]] = Value("destination", "IP:PORT")
 PROTO: Value[Proto] = Value("proto", "PROTO")
 PATTERN: Value[str] = Value("pattern", "PATTERN")
 LIST: Value[list[object]] = Value("list", "LIST")
+#: the CLI's own values (never parsed by the daemon)
+FORMAT: Value[str] = Value("word", "FORMAT")
+OUTPUT: Value[str] = Value("path", "FILE")
+GRAPH_FORMATS = ("dot", "svg", "png")
 
 
 # ---- the daemon ---------------------------------------------------------------------
@@ -44,6 +48,30 @@ class Show(Request):
 
     op = "show"
     cli = ("show",)
+    # the CLI's own: the picture is drawn from show's answer, never by the daemon
+    graph = flag(
+        "--graph",
+        "graph",
+        "Draw the topology: host, bridges, namespaces, wires, forwards; what is not in "
+        "place in red.",
+        local=True,
+    )
+    format = maybe(
+        FORMAT,
+        "--format",
+        "format",
+        "dot (always), svg or png (through Graphviz's dot); implies --graph. "
+        "Default: from --output's suffix, else dot.",
+        choices=GRAPH_FORMATS,
+        local=True,
+    )
+    output = maybe(
+        OUTPUT,
+        "--output",
+        "output file",
+        "Write the picture here instead of to standard output; implies --graph.",
+        local=True,
+    )
 
 
 class Events(Request):

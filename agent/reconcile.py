@@ -38,6 +38,7 @@ from .fwsync import FirewallSync
 from .kinds.attach import attach_links
 from .kinds.base import Context, Intent
 from .orphans import Orphan
+from .probe import NOOP, Probe
 from .state import Change, DesiredState
 
 log = structlog.get_logger("netagent.reconcile")
@@ -109,6 +110,8 @@ class _Batch:
     links: set[int]
     tickets: list[Ticket]
     trigger: str
+    #: when the oldest kernel event this pass acts on was marked (perf_counter)
+    event_since: float | None = None
 
 
 class Reconciler:
@@ -120,8 +123,12 @@ class Reconciler:
         bus: EventBus,
         resync_interval: float = 30.0,
         remove_orphans_at_start: bool = False,
+        probe: Probe = NOOP,
     ) -> None:
         self.state = state
+        self.probe = probe
+        #: when the oldest kernel event not yet taken into a pass marked something
+        self._event_since: float | None = None
         self._remove_orphans_once = remove_orphans_at_start
         self.ctx = ctx
         self.firewall = firewall
@@ -190,6 +197,8 @@ class Reconciler:
 
     def mark(self, keys: Iterable[str], why: str = "event") -> None:
         """Keys that may have drifted (events, retries)."""
+        if why == "event" and self._event_since is None:
+            self._event_since = time.perf_counter()
         for key in keys:
             if key not in self.state and key not in self._removals and key not in PSEUDO:
                 continue
@@ -208,6 +217,8 @@ class Reconciler:
 
     def mark_links(self, indexes: Iterable[int]) -> None:
         """Interfaces the kernel announced: the attach rules decide on them."""
+        if self._event_since is None:
+            self._event_since = time.perf_counter()
         self._links.update(indexes)
         self._kick()
 
@@ -305,6 +316,9 @@ class Reconciler:
             self._links -= links
         tickets = [t for t in self._tickets if t.keys <= keys]
         self._tickets = [t for t in self._tickets if not t.keys <= keys]
+        since = self._event_since
+        if not self._links and not any(w == "event" for w in self._pending.values()):
+            self._event_since = None  # else what is left of a burst waits since then
         if trigger is None:
             trigger = (
                 "request"
@@ -314,7 +328,7 @@ class Reconciler:
                     "event" if links else "periodic",
                 )
             )
-        return _Batch(keys, links, tickets, trigger)
+        return _Batch(keys, links, tickets, trigger, since if "event" in whys or links else None)
 
     # ---- a pass ---------------------------------------------------------------------
     async def _pass(self, batch: _Batch) -> PassResult:
@@ -493,7 +507,11 @@ class Reconciler:
 
     def _log_pass(self, batch: _Batch, t0: float, result: PassResult) -> None:
         self.passes += 1
-        ms = (time.perf_counter() - t0) * 1000
+        now = time.perf_counter()
+        ms = (now - t0) * 1000
+        self.probe.reconcile_pass(batch.trigger, now - t0)
+        if batch.event_since is not None:
+            self.probe.event_lag(now - batch.event_since)
         changed = sum(len(a) for a in result.actions.values())
         self.last_pass = {
             "trigger": batch.trigger,

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar, Generic, TypeVar, overload
 
+from .argv import FLAG, MANY, ONE, Shape
 from .errors import BadRequest, NetagentError
 
 T = TypeVar("T")
@@ -41,7 +42,19 @@ _REQUIRED: Any = object()
 class Field(Generic[T]):
     """One argument of a request. Positional on the CLI when ``flag`` is None."""
 
-    __slots__ = ("aliases", "default", "flag", "help", "label", "many", "metavar", "name", "value")
+    __slots__ = (
+        "aliases",
+        "choices",
+        "default",
+        "flag",
+        "help",
+        "label",
+        "local",
+        "many",
+        "metavar",
+        "name",
+        "value",
+    )
 
     def __init__(
         self,
@@ -54,6 +67,8 @@ class Field(Generic[T]):
         many: bool = False,
         aliases: tuple[str, ...] = (),
         metavar: str | None = None,
+        choices: tuple[str, ...] | None = None,
+        local: bool = False,
     ) -> None:
         self.value = value
         self.label = label
@@ -63,6 +78,10 @@ class Field(Generic[T]):
         self.many = many
         self.aliases = aliases
         self.metavar = metavar or value.metavar
+        #: the only words the CLI takes for it (typer shows and completes them)
+        self.choices = choices
+        #: the CLI's own (how to show the answer): never sent, never parsed by the daemon
+        self.local = local
         self.name = ""
 
     @property
@@ -99,13 +118,33 @@ def opt(
     default: T,
     help: str = "",
     aliases: tuple[str, ...] = (),
+    choices: tuple[str, ...] | None = None,
+    local: bool = False,
 ) -> Field[T]:
-    return Field(value, label, flag=flag, default=default, help=help, aliases=aliases)
+    return Field(
+        value,
+        label,
+        flag=flag,
+        default=default,
+        help=help,
+        aliases=aliases,
+        choices=choices,
+        local=local,
+    )
 
 
-def maybe(value: Value[T], flag: str, label: str, help: str = "") -> Field[T | None]:
+def maybe(
+    value: Value[T],
+    flag: str,
+    label: str,
+    help: str = "",
+    choices: tuple[str, ...] | None = None,
+    local: bool = False,
+) -> Field[T | None]:
     """An option that may be left out (None)."""
-    return Field(value, label, flag=flag, default=None, help=help)
+    return Field(
+        value, label, flag=flag, default=None, help=help, choices=choices, local=local
+    )
 
 
 def many(
@@ -128,8 +167,8 @@ def many(
     )
 
 
-def flag(name: str, label: str, help: str = "") -> Field[bool]:
-    return Field(BOOL, label, flag=name, default=False, help=help)
+def flag(name: str, label: str, help: str = "", local: bool = False) -> Field[bool]:
+    return Field(BOOL, label, flag=name, default=False, help=help, local=local)
 
 
 BOOL: Value[bool] = Value("bool", "")
@@ -151,6 +190,8 @@ class Request:
     kind_aliases: ClassVar[tuple[str, ...]] = ()
     #: the fields, in declaration order (set by ``__init_subclass__``)
     fields: ClassVar[tuple[Field[Any], ...]] = ()
+    #: the CLI's own options (``local``): how the CLI shows the answer, never sent
+    local_fields: ClassVar[tuple[Field[Any], ...]] = ()
     #: argument name or alias -> its field
     _known: ClassVar[dict[str, Field[Any]]] = {}
 
@@ -158,11 +199,12 @@ class Request:
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
-        found: dict[str, Field[Any]] = {f.name: f for f in cls.fields}
+        found: dict[str, Field[Any]] = {f.name: f for f in (*cls.fields, *cls.local_fields)}
         for name, value in vars(cls).items():
             if isinstance(value, Field):
                 found[name] = value
-        cls.fields = tuple(found.values())
+        cls.fields = tuple(f for f in found.values() if not f.local)
+        cls.local_fields = tuple(f for f in found.values() if f.local)
         cls._known = {n: f for f in cls.fields for n in (f.name, *f.aliases)}
 
     def __init__(self, **values: Any) -> None:
@@ -215,54 +257,30 @@ class Request:
     # ---- the CLI's side: a command line -> the arguments to send ----------------------
     @classmethod
     def from_argv(cls, argv: list[str]) -> dict[str, Any] | None:
-        """The arguments for this op from the words after the command, or None when the
-        line is not plainly valid (then typer parses it and says what is wrong)."""
-        positional = [f for f in cls.fields if f.flag is None]
-        by_flag = {f.flag: f for f in cls.fields if f.flag is not None}
-        out: dict[str, Any] = {}
-        words: list[str] = []
-        i = 0
-        while i < len(argv):
-            word = argv[i]
-            if word == "--":
-                words.extend(argv[i + 1 :])
-                break
-            if word.startswith("--"):
-                name, eq, inline = word.partition("=")
-                f = by_flag.get(name)
-                if f is None:
-                    return None
-                if f.is_flag:
-                    if eq:
-                        return None
-                    out[f.name] = True
-                else:
-                    if eq:
-                        value = inline
-                    elif i + 1 < len(argv):
-                        i += 1
-                        value = argv[i]
-                    else:
-                        return None
-                    if f.many:
-                        out.setdefault(f.name, []).append(value)
-                    elif f.name in out:
-                        return None
-                    else:
-                        out[f.name] = value
-            elif word.startswith("-") and word != "-":
-                return None
-            else:
-                words.append(word)
-            i += 1
-        if len(words) != len(positional):
-            return None
-        for f, word in zip(positional, words, strict=True):
-            out[f.name] = word
-        for f in cls.fields:
-            if f.required and f.name not in out:
-                return None
-        return out
+        """The arguments for this op from the words after the command (the CLI's own
+        options among them), or None when the line is not plainly valid (then typer
+        parses it and says what is wrong). One parser for this and the fast path:
+        :func:`netagent.agent.argv.parse`."""
+        from .argv import parse
+
+        return parse(cls.shape(), argv)
+
+    @classmethod
+    def shape(cls) -> Shape:
+        """What the command line of this op looks like, as plain data (the fast path's
+        table, ``cli/words.py``, holds these)."""
+        every = (*cls.fields, *cls.local_fields)
+        flags: dict[str, tuple[str, int, tuple[str, ...] | None]] = {}
+        for f in every:
+            if f.flag is not None:
+                arity = FLAG if f.is_flag else MANY if f.many else ONE
+                flags[f.flag] = (f.name, arity, f.choices)
+        return (
+            tuple(f.name for f in every if f.flag is None),
+            flags,
+            tuple(f.name for f in every if f.required),
+            tuple(f.name for f in cls.local_fields),
+        )
 
 
 def prefix_error(exc: NetagentError, prefix: str) -> NetagentError:

@@ -31,6 +31,7 @@ from .errors import (
     RequestTimeout,
     RequestTooLarge,
 )
+from .probe import NOOP, Probe
 
 log = structlog.get_logger("netagent")
 
@@ -53,8 +54,10 @@ class Server:
         bus: EventBus,
         counters: Counters,
         client_timeout: float,
+        probe: Probe = NOOP,
     ) -> None:
         self.api = api
+        self.probe = probe
         self.policy = policy
         self.bus = bus
         self.counters = counters
@@ -236,15 +239,18 @@ class Server:
             if op != "events":
                 result = await self.api.handle(op, args, peer)
                 reply = protocol.reply_ok(req_id, result)
+                seconds = time.perf_counter() - t0
+                self.probe.request(op, "ok", seconds)
                 log.info(
                     "request",
                     op=op,
                     ok=True,
                     changed=result.get("changed") if isinstance(result, dict) else None,
-                    duration_ms=round((time.perf_counter() - t0) * 1000, 2),
+                    duration_ms=round(seconds * 1000, 2),
                 )
         except NetagentError as exc:
             reply = protocol.reply_error(req_id, exc)
+            self.probe.request(op, exc.name, time.perf_counter() - t0)
             log.info(
                 "request",
                 op=op,
@@ -256,6 +262,7 @@ class Server:
         except Exception as exc:
             log.exception("request failed", op=op)
             reply = protocol.reply_error(req_id, Internal(f"internal error: {exc}"))
+            self.probe.request(op, Internal.name, time.perf_counter() - t0)
         else:
             if op == "events":
                 # outside the handlers above: a watcher that stops reading, or hangs up,

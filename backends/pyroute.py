@@ -36,7 +36,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from netagent.agent.errors import BackendFailed, HostTimeout
 from netagent.agent.values import IPAddress, IPInterface
 
-from . import rtnl
+from . import netns, rtnl
 from .netlink import NETAGENT_GROUP, RTPROT_NETAGENT, Link, NsRef, Route
 
 T = TypeVar("T")
@@ -47,6 +47,8 @@ TIMEOUT = 5.0
 #: seconds ``ip netns add/del`` may take
 TOOL_TIMEOUT = 15.0
 NETNS_DIR = Path(os.environ.get("NETAGENT_NETNS_DIR", "/run/netns"))
+#: errors of making a namespace in the daemon that the ``ip`` program may not meet
+_FALL_BACK = frozenset({errno.EPERM, errno.EACCES, errno.ENOSYS, errno.EOPNOTSUPP})
 
 
 def link_from_msg(msg: Any) -> Link:
@@ -166,10 +168,43 @@ class PyrouteNetlink:
             raise BackendFailed(f"{' '.join(argv)}: {msg}")
 
     async def ns_add(self, name: str) -> None:
-        await self._tool(["ip", "netns", "add", name])
+        """``ip netns add``, in the daemon (``backends/netns.py``: a child process is
+        most of a namespace's cost); the namespace's socket comes with it. The ``ip``
+        program where the kernel refuses doing it so."""
+        path = str(self._path(name))
+        try:
+            raw = await self._timed(
+                None, f"creating namespace {name}", anyio.to_thread.run_sync(netns.add, path)
+            )
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            if exc.errno not in _FALL_BACK:
+                raise BackendFailed(f"creating namespace {name}: {exc.strerror or exc}") from None
+            await self._tool(["ip", "netns", "add", name])
+            return
+        async with self._ns_lock:
+            await self.forget(name)
+            sock = AsyncIPRoute(fileno=raw.detach())
+            await self._timed(None, "opening a socket", sock.setup_endpoint())
+            ident = self.ns_identity(name)
+            if ident is not None:
+                self._ns[name] = (ident, sock)
+            else:  # gone already: nothing to keep a socket in
+                self._retired.append((time.monotonic() + TIMEOUT + 1, sock))
 
     async def ns_del(self, name: str) -> None:
-        await self._tool(["ip", "netns", "del", name])
+        """``ip netns del``, in the daemon (``backends/netns.py``)."""
+        try:
+            await self._timed(
+                None,
+                f"removing namespace {name}",
+                anyio.to_thread.run_sync(netns.delete, str(self._path(name))),
+            )
+        except OSError as exc:
+            if exc.errno not in _FALL_BACK:
+                raise BackendFailed(f"removing namespace {name}: {exc.strerror or exc}") from None
+            await self._tool(["ip", "netns", "del", name])
 
     async def _ns_socket(self, ns: str) -> Any:
         """A request socket inside ``ns``, kept with the namespace's identity."""

@@ -417,7 +417,7 @@ class Bench:
         self.box.stop(server)
 
 
-SECTIONS = ("cli", "agent", "attach", "lag", "scale", "repair", "nftables", "iptables")
+SECTIONS = ("cli", "floor", "agent", "attach", "lag", "scale", "repair", "nftables", "iptables")
 
 
 def main() -> None:
@@ -435,6 +435,11 @@ def main() -> None:
             if name in ("nftables", "iptables"):
                 b.start("--firewall", name)
                 b.firewall(name)
+            elif name == "floor":
+                from floor import floor
+
+                b.start()
+                floor(b)
             else:
                 b.start()
                 getattr(b, name)()

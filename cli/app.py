@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -85,15 +86,23 @@ def _parameter(f: Field[Any]) -> inspect.Parameter:
         ]
         return inspect.Parameter(f.name, kind, annotation=ann, default=None)
     shown = None if f.default is None else str(f.default)
+    # a value with choices is an enum to typer: it shows, completes and checks them
+    typ: Any = str if f.choices is None else StrEnum(f.name, {c: c for c in f.choices})
     ann = Annotated[
-        Optional[str],  # noqa: UP045
-        typer.Option(f.flag, help=f.help, metavar=f.metavar, show_default=shown or False),
+        Optional[typ],  # noqa: UP045
+        typer.Option(
+            f.flag,
+            help=f.help,
+            metavar=None if f.choices else f.metavar,  # typer shows the choices then
+            show_default=shown or False,
+        ),
     ]
     return inspect.Parameter(f.name, kind, annotation=ann, default=None)
 
 
 def _command(req: type[Request]) -> Callable[..., None]:
-    params = [_parameter(f) for f in req.fields]
+    params = [_parameter(f) for f in (*req.fields, *req.local_fields)]
+    local_names = {f.name for f in req.local_fields}
     params.append(
         inspect.Parameter(
             "as_json",
@@ -106,8 +115,16 @@ def _command(req: type[Request]) -> Callable[..., None]:
     def command(**values: Any) -> None:
         as_json = values.pop("as_json")
         # what the fast path sends for the same line: only what was given
-        args = {k: v for k, v in values.items() if v is not None and v is not False and v != []}
-        C.run_op(req.op, args, G.socket, as_json or G.json)
+        args = {
+            k: v.value if isinstance(v, StrEnum) else v
+            for k, v in values.items()
+            if v is not None and v is not False and v != []
+        }
+        local = {k: args.pop(k) for k in list(args) if k in local_names}
+        if local:
+            C.run_op(req.op, args, G.socket, as_json or G.json, local)
+        else:
+            C.run_op(req.op, args, G.socket, as_json or G.json)
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in params}
@@ -201,6 +218,15 @@ def run(
             show_default="10",
         ),
     ] = None,
+    metrics: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--metrics",
+            metavar="ADDR:PORT",
+            help="Serve Prometheus metrics at http://ADDR:PORT/metrics, e.g. "
+            "127.0.0.1:9464 (off by default).",
+        ),
+    ] = None,
 ) -> None:
     """Run the daemon in the foreground (systemd runs it this way too)."""
     import anyio
@@ -221,6 +247,7 @@ def run(
                 "socket_group": socket_group,
                 "readonly_group": readonly_group,
                 "client_timeout": client_timeout,
+                "metrics": metrics,
             },
         )
     except NetagentError as exc:
@@ -239,8 +266,17 @@ def demo(
     keep_logs: Annotated[
         bool, typer.Option("--show-log", help="Print the daemon's log at the end.")
     ] = False,
+    picture: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            "--picture",
+            help="Save the picture of the seed's topology here (PNG, SVG or DOT by suffix).",
+            show_default="netagent-demo-topology.png in the temporary directory",
+        ),
+    ] = None,
 ) -> None:
-    """The seed's walk through the real daemon and CLI, in a throwaway sandbox (root)."""
+    """The seed's walk through the real daemon and CLI, in a throwaway sandbox (root);
+    saves a picture of the topology it built and says where."""
     from . import demo as D
 
-    raise typer.Exit(D.main(show_log=keep_logs))
+    raise typer.Exit(D.main(show_log=keep_logs, picture=picture))

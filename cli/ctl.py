@@ -1,20 +1,21 @@
 """What every ``netagent ctl`` command does: send one op, print the answer, exit.
 
 Shared by the typer commands and the start-up fast path (``entry.py``), so both behave
-exactly alike. Standard library only.
+exactly alike. Standard library only, and only what a command needs: the socket and the
+JSON through :mod:`netagent.cli.wire`, the renderers once a reply is in, the picture
+(``show --graph``) only when asked for (``docs/cli.md`` says why it matters).
 """
 
 from __future__ import annotations
 
-import json
 import sys
-import time
-from collections.abc import Callable
-from typing import Any, NoReturn
 
-from netagent.agent.errors import NetagentError
+from .wire import Connection, Unreachable, socket_path
 
-from .client import Client, Unreachable
+#: not typing.TYPE_CHECKING: importing typing costs ~1-3 ms (mypy reads this name alike)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
 
 def fail(message: str, status: int) -> NoReturn:
@@ -22,42 +23,85 @@ def fail(message: str, status: int) -> NoReturn:
     raise SystemExit(status)
 
 
-def run_op(op: str, args: dict[str, Any], socket: str | None, as_json: bool) -> None:
+def exchange(op: str, args: dict[str, Any], socket: str | None, as_json: bool) -> dict[str, Any]:
+    """One request and its reply; a daemon that is not there ends the command (69)."""
     try:
-        with Client(socket) as client:
-            reply = client.raw(op, args)
+        with Connection(socket_path(socket)) as conn:
+            return conn.raw(op, args)
     except Unreachable as exc:
         if as_json:
             print(
-                json.dumps(
+                dumps_pretty(
                     {"ok": False, "error": {"code": 0, "name": "unreachable", "message": str(exc)}}
                 )
             )
         fail(str(exc), Unreachable.exit_status)
     except OSError as exc:
         fail(f"talking to the daemon failed: {exc}", Unreachable.exit_status)
+
+
+def run_op(
+    op: str,
+    args: dict[str, Any],
+    socket: str | None,
+    as_json: bool,
+    local: dict[str, Any] | None = None,
+) -> None:
+    """Send ``op`` with ``args``; print the answer (``--json``: the reply as it came);
+    exit with the status its error code means. ``local``: the command's own options
+    (``show --graph ...``), which change how the answer is shown."""
+    if local and op == "show" and any(local.values()):
+        from .graph import show_graph
+
+        show_graph(exchange(op, args, socket, False), local, as_json)
+        return
+    reply = exchange(op, args, socket, as_json)
     if as_json:
-        print(json.dumps(reply, indent=2, sort_keys=True))
+        print(dumps_pretty(reply))
         if not reply.get("ok"):
-            raise SystemExit(_exit_status(reply))
+            raise SystemExit(exit_status(reply))
         return
     if not reply.get("ok"):
         err = reply.get("error") or {}
         fail(
             f"{err.get('message', 'unknown error')} [{err.get('name')} {err.get('code')}]",
-            _exit_status(reply),
+            exit_status(reply),
         )
+    from .render import render
+
     render(op, reply.get("result"))
 
 
-def _exit_status(reply: dict[str, Any]) -> int:
-    from netagent.agent.errors import error_from_wire
+def check(reply: dict[str, Any]) -> Any:
+    """The result of a reply, or the command ends with its error (as :func:`run_op`)."""
+    if not reply.get("ok"):
+        err = reply.get("error") or {}
+        fail(
+            f"{err.get('message', 'unknown error')} [{err.get('name')} {err.get('code')}]",
+            exit_status(reply),
+        )
+    return reply.get("result")
 
-    return error_from_wire(reply.get("error") or {}).exit_status
+
+def dumps_pretty(value: Any) -> str:
+    import json
+
+    return json.dumps(value, indent=2, sort_keys=True)
+
+
+def exit_status(reply: dict[str, Any]) -> int:
+    """The exit status an error reply means (``README``: 2 invalid input, 3 not found,
+    4 conflict, 5 not allowed, 6 the host refused, 1 anything else)."""
+    from .words import EXIT_STATUS
+
+    code = (reply.get("error") or {}).get("code")
+    return EXIT_STATUS.get(code, 1) if isinstance(code, int) else 1
 
 
 def apply_file(path: str, prune: bool, socket: str | None, as_json: bool) -> None:
     """``ctl apply FILE``: a JSON document ``{"intents": [...]}`` (or ``-``: stdin)."""
+    import json
+
     try:
         text = sys.stdin.read() if path == "-" else open(path).read()  # noqa: SIM115
         doc = json.loads(text)
@@ -72,10 +116,20 @@ def apply_file(path: str, prune: bool, socket: str | None, as_json: bool) -> Non
 
 
 def stream_events(socket: str | None, as_json: bool) -> None:
+    import time
+
     try:
-        with Client(socket) as client:
-            for event in client.events():
+        with Connection(socket_path(socket)) as conn:
+            conn.sock.settimeout(None)
+            check(conn.raw("events"))
+            while True:
+                msg = conn.read_message()
+                if not isinstance(msg, dict) or "event" not in msg:
+                    continue
+                event = msg["event"]
                 if as_json:
+                    import json
+
                     print(json.dumps(event), flush=True)
                 else:
                     ts = time.strftime("%H:%M:%S", time.localtime(event.get("ts", 0)))
@@ -86,185 +140,5 @@ def stream_events(socket: str | None, as_json: bool) -> None:
                     )
     except Unreachable as exc:
         fail(str(exc), Unreachable.exit_status)
-    except NetagentError as exc:
-        fail(exc.message, exc.exit_status)
     except KeyboardInterrupt:
         pass
-
-
-# ---- rendering ----------------------------------------------------------------------
-def _table(rows: list[list[str]], header: list[str]) -> None:
-    if not rows:
-        return
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-
-
-def render(op: str, result: Any) -> None:
-    if isinstance(result, dict) and "changed" in result:
-        _render_change(result)
-        return
-    fn = _RENDERERS.get(op)
-    if fn is not None:
-        fn(result)
-    else:
-        print(json.dumps(result, indent=2, sort_keys=True))
-
-
-def _render_change(result: dict[str, Any]) -> None:
-    if not result["changed"]:
-        print("nothing changed: already as asked")
-        return
-    changes = result.get("changes", [])
-    for change in changes:
-        print(f"{change['action']}: {change['what']}")
-    more = result.get("changes_total", len(changes)) - len(changes)
-    if more > 0:
-        print(f"... and {more} more changes")
-    for key, actions in sorted((result.get("actions") or {}).items()):
-        for a in actions:
-            print(f"  {key}: {a}")
-    for key, err in sorted((result.get("errors") or {}).items()):
-        print(f"  {key}: FAILED: {err}")
-
-
-def _status(r: dict[str, Any]) -> None:
-    print(f"netagent {r['version']} (pid {r['pid']}), up {r['uptime_s']}s")
-    print(f"socket    {r['socket']}")
-    print(f"state     {r['state_dir']}")
-    print(f"firewall  {r['firewall']}")
-    print(f"desired   {r['summary']}")
-    lp = r.get("last_pass") or {}
-    if lp:
-        print(
-            f"last pass {lp.get('trigger')}: {lp.get('changed')} changes, "
-            f"{lp.get('errors')} errors, {lp.get('ms')} ms"
-        )
-    for key, err in sorted((r.get("failing") or {}).items()):
-        print(f"FAILING   {key}: {err}")
-
-
-def _ns_list(rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        print("no namespaces")
-    _table(
-        [
-            [
-                r["name"],
-                "netagent" if r["managed"] else "external",
-                "present" if r["present"] else "MISSING",
-            ]
-            for r in rows
-        ],
-        ["NAME", "OWNER", "STATE"],
-    )
-
-
-def _bridge_list(rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        print("no bridges")
-    _table(
-        [
-            [
-                r["name"],
-                ",".join(r["addresses"]) or "-",
-                "yes" if r["masquerade"] else "no",
-                ",".join(r["plugs"]) or "-",
-            ]
-            for r in rows
-        ],
-        ["NAME", "ADDRESS", "MASQUERADE", "PLUGGED"],
-    )
-
-
-def _forwards(rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        print("no forwards")
-    _table(
-        [[r["proto"], r.get("host_ip") or "*", r["host_ports"], r["destination"]] for r in rows],
-        ["PROTO", "HOST IP", "HOST PORT", "DESTINATION"],
-    )
-
-
-def _rules(rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        print("no attach rules")
-    _table([[r["pattern"], r["bridge"]] for r in rows], ["PATTERN", "BRIDGE"])
-
-
-def _links(rows: list[dict[str, Any]]) -> None:
-    _table(
-        [
-            [
-                str(r["index"]),
-                r["name"],
-                r["kind"] or "-",
-                r["state"],
-                r["master"] or "-",
-                " ".join(r["addresses"]) or "-",
-                r["owner"] or "-",
-            ]
-            for r in rows
-        ],
-        ["#", "NAME", "KIND", "STATE", "MASTER", "ADDRESSES", "NETAGENT"],
-    )
-
-
-def _neigh(rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        print("no neighbours")
-    _table(
-        [[r["address"], r["lladdr"] or "(incomplete)", r["dev"], r["state"]] for r in rows],
-        ["ADDRESS", "HWADDRESS", "IFACE", "STATE"],
-    )
-
-
-def _routes(rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        print("no routes")
-    _table(
-        [
-            [r["destination"], r["gateway"] or "-", r["dev"] or "-", r["source"] or "-"]
-            for r in rows
-        ],
-        ["DESTINATION", "GATEWAY", "IFACE", "SOURCE"],
-    )
-
-
-def _show(r: dict[str, Any]) -> None:
-    if not r["intents"]:
-        print("nothing desired yet")
-    for item in r["intents"]:
-        mark = "ok " if item["in_place"] else "!! "
-        print(f"{mark} {item['key']:<28} {item['describe']}")
-        for m in item["missing"]:
-            print(f"      missing: {m}")
-        if item.get("error"):
-            print(f"      error: {item['error']}")
-        if item.get("attached"):
-            print(f"      attached: {', '.join(item['attached'])}")
-        for left in item.get("left_alone") or []:
-            print(f"      left alone: {left['why']}")
-    for o in r.get("orphans") or []:
-        print(f"!!  orphan: {o['describe']} (`purge --orphans` removes it)")
-    fw = r["firewall"]
-    state = "in place" if fw["in_place"] else "DRIFTED"
-    print(f"firewall ({fw['backend']}): {state}")
-    for p in fw["pending"][:20]:
-        print(f"      pending: {p}")
-    if fw.get("error"):
-        print(f"      error: {fw['error']}")
-
-
-_RENDERERS: dict[str, Callable[[Any], None]] = {
-    "status": _status,
-    "ns.list": _ns_list,
-    "bridge.list": _bridge_list,
-    "forward.list": _forwards,
-    "attach.list": _rules,
-    "links": _links,
-    "neigh": _neigh,
-    "routes": _routes,
-    "show": _show,
-}

@@ -32,8 +32,16 @@ class DemoFailed(Exception):
     pass
 
 
+def default_picture() -> Path:
+    """Where ``netagent demo`` saves the picture of the seed's topology (it outlives the
+    sandbox): PNG when Graphviz is installed, else DOT."""
+    suffix = "png" if shutil.which("dot") else "dot"
+    return Path(tempfile.gettempdir()) / f"netagent-demo-topology.{suffix}"
+
+
 class Demo:
-    def __init__(self, box: Sandbox, work: Path) -> None:
+    def __init__(self, box: Sandbox, work: Path, picture: Path | None = None) -> None:
+        self.picture = picture or default_picture()
         self.box = box
         self.work = work
         self.socket = str(work / "netagent.sock")
@@ -199,6 +207,11 @@ class Demo:
         self.check(body == "hello from blue", "the host itself -> 127.0.0.1:80 reaches blue")
         self.ctl("forwards")
         self.ctl("show")
+        self.ctl("show", "--graph", "--output", str(self.picture))
+        self.check(
+            self.picture.is_file() and self.picture.stat().st_size > 0,
+            f"the picture of the seed's topology is saved: {self.picture}",
+        )
 
         self.section("5. the daemon stops; the data plane keeps working; it comes back")
         self.stop_daemon()
@@ -242,7 +255,7 @@ class Demo:
         raise DemoFailed("the web server in blue did not start")
 
 
-def main(show_log: bool = False) -> int:
+def main(show_log: bool = False, picture: Path | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="netagent-demo-"))
     try:
         box = Sandbox()
@@ -250,7 +263,7 @@ def main(show_log: bool = False) -> int:
         print(f"netagent demo: {exc}", file=sys.stderr)
         shutil.rmtree(work, ignore_errors=True)
         return 2
-    demo = Demo(box, work)
+    demo = Demo(box, work, picture)
     status = 0
     try:
         demo.run()
@@ -258,6 +271,7 @@ def main(show_log: bool = False) -> int:
             f"\n{GREEN}{BOLD}demo passed: {demo.checks} checks{RESET}; "
             "the sandbox and everything in it are gone"
         )
+        print(f"the picture of the seed's topology: {demo.picture}")
     except (DemoFailed, SandboxError, subprocess.TimeoutExpired) as exc:
         print(f"\n{RED}{BOLD}demo failed: {exc}{RESET}", file=sys.stderr)
         print(demo.log.read_text()[-4000:] if demo.log.exists() else "", file=sys.stderr)

@@ -1,10 +1,16 @@
 """The ``netagent`` console script.
 
-typer costs ~150-250 ms to import and build here (it pulls in pydantic and rich): more
-than a whole ``ctl`` command should take. So every ``ctl`` command line that is plainly
-valid is parsed here, from the same request declarations the typer commands are built
-from (``agent/ops.py``), and sent at once; anything else (``--help``, completion, a
-mistake typer should explain, ``run``, ``demo``) goes through typer.
+A ``ctl`` command should cost about what starting Python costs (``docs/cli.md``). typer
+costs ~150-250 ms to import and build here (it pulls in pydantic and rich), and even the
+request classes of ``agent/ops.py`` cost ~10 ms. So every ``ctl`` command line that is
+plainly valid is parsed here, with the one parser (``agent/argv.py``) over the requests'
+shapes, compiled from ``agent/ops.py`` into a literal table (``cli/words.py``), and sent
+at once; anything else (``--help``, completion, a mistake typer should explain, ``run``,
+``demo``) goes through typer, whose commands are built from the same declarations.
+
+A command that went the fast way ends with ``os._exit`` once its output is flushed:
+tearing the interpreter down (modules, the heap) costs ~15-20 % of a ``python -c pass``
+here and frees nothing the kernel does not.
 """
 
 from __future__ import annotations
@@ -12,10 +18,13 @@ from __future__ import annotations
 import os
 import sys
 
+#: set while a shell asks for completions: that is typer's (click's) work
+COMPLETE_ENV = "_NETAGENT_COMPLETE"
+
 
 def _fast(argv: list[str]) -> bool:
     """Handle a ``ctl`` command without typer; False when typer should."""
-    if len(argv) < 2 or argv[0] != "ctl":
+    if len(argv) < 2 or argv[0] != "ctl" or COMPLETE_ENV in os.environ:
         return False
     rest = argv[1:]
     socket: str | None = None
@@ -41,28 +50,33 @@ def _fast(argv: list[str]) -> bool:
 
         stream_events(sock, as_json)
         return True
-    if rest[:1] == ["purge"] and "--yes" in rest:
-        from netagent.agent.ops import Purge
+    if rest[:1] == ["purge"] and "--yes" not in rest:
+        return False  # typer asks first
+    from netagent.agent.argv import parse, split_local
 
-        args = Purge.from_argv([w for w in rest[1:] if w != "--yes"])
-        if args is None:
-            return False
-        from .ctl import run_op
-
-        run_op("purge", args, sock, as_json)
-        return True
-    from netagent.agent.ops import BY_CLI
+    from .words import COMMANDS
 
     for n in (2, 1):
-        cls = BY_CLI.get(tuple(rest[:n]))
-        if cls is not None and cls.op not in ("apply", "purge", "events"):
-            args = cls.from_argv(rest[n:])
-            if args is None:
-                return False
-            from .ctl import run_op
+        entry = COMMANDS.get(tuple(rest[:n]))
+        if entry is None:
+            continue
+        op, shape = entry
+        if op in ("apply", "events"):
+            return False
+        words = rest[n:]
+        if op == "purge":
+            words = [w for w in words if w != "--yes"]
+        args = parse(shape, words)
+        if args is None:
+            return False
+        sent, local = split_local(shape, args)
+        from . import ctl
 
-            run_op(cls.op, args, sock, as_json)
-            return True
+        if local:
+            ctl.run_op(op, sent, sock, as_json, local)
+        else:
+            ctl.run_op(op, sent, sock, as_json)
+        return True
     return False
 
 
@@ -77,9 +91,31 @@ def _apply(rest: list[str], sock: str | None, as_json: bool) -> bool:
     return True
 
 
+def _exit_now(status: int) -> None:
+    """Flush what was printed and leave without tearing the interpreter down."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ValueError):  # a reader that went away (| head)
+            status = status or 1
+    os._exit(status)
+
+
 def main() -> None:
-    if _fast(sys.argv[1:]):
-        return
+    try:
+        fast = _fast(sys.argv[1:])
+    except SystemExit as done:
+        code = done.code
+        if code is None or isinstance(code, int):
+            _exit_now(code or 0)
+        print(code, file=sys.stderr)
+        _exit_now(1)
+    except KeyboardInterrupt:
+        _exit_now(130)
+    except BrokenPipeError:  # the reader of our output went away (| head): say no more
+        _exit_now(1)
+    if fast:
+        _exit_now(0)
     from .app import app
 
     app(prog_name="netagent")

@@ -29,6 +29,7 @@ from netagent.agent.kinds import default_kinds
 from netagent.agent.kinds.base import Context
 from netagent.agent.kinds.namespace import Claims
 from netagent.agent.linkcache import LinkCache
+from netagent.agent.probe import NOOP, Probe
 from netagent.agent.reconcile import Reconciler
 from netagent.agent.state import DesiredState
 from netagent.agent.store import StateStore
@@ -95,6 +96,7 @@ def make_world(
     *,
     feed: Literal["cache", "events", "none"] = "cache",
     resync_interval: float = 3600.0,
+    probe: Probe = NOOP,
 ) -> World:
     net = FakeNetlink(netns_dir=tmp_path / "netns")
     fw = FakeFirewall(calls=net.calls)
@@ -104,7 +106,7 @@ def make_world(
     state = DesiredState(kinds, external_namespace=net.ns_exists, name_in_use=links.foreign_name)
     state.load(store.load())
     links.reset(list(net.host.links.values()))
-    bus = EventBus()
+    bus = EventBus(listeners=[probe.event])
     counters = Counters()
     sync = FirewallSync(cast(AnyBackend, fw), bus, conntrack=False)
     ctx = Context(
@@ -115,7 +117,7 @@ def make_world(
         claims=Claims(tmp_path / "claims"),
         refused=sync.quarantined,
     )
-    rec = Reconciler(state, ctx, sync, bus, resync_interval)
+    rec = Reconciler(state, ctx, sync, bus, resync_interval, probe=probe)
     events = EventSource(state, rec, net, links, bus, counters)
     api = Service(
         state=state,

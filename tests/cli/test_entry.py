@@ -71,6 +71,15 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
         (["ctl", "ns", "list"], ("op", "ns.list", {}, None, False)),
         (["ctl", "apply", "f.json", "--prune"], ("apply", "f.json", True, None, False)),
         (["ctl", "apply", "-"], ("apply", "-", False, None, False)),
+        # the CLI's own options stay with the CLI
+        (
+            ["ctl", "show", "--graph", "--format", "png", "--output", "t.png"],
+            ("op", "show", {}, None, False, {"graph": True, "format": "png", "output": "t.png"}),
+        ),
+        (
+            ["ctl", "--json", "show", "--output=t.svg"],
+            ("op", "show", {}, None, True, {"output": "t.svg"}),
+        ),
     ],
 )
 def test_fast_path_takes(
@@ -96,10 +105,20 @@ def test_fast_path_takes(
         ["run"],
         ["ctl"],
         ["ctl", "status", "--prune"],
+        ["ctl", "show", "--format", "jpeg"],  # not one of the choices: typer says so
+        ["ctl", "show", "--graph", "--format"],
     ],
 )
 def test_everything_else_goes_to_typer(argv: list[str], calls: list[tuple[Any, ...]]) -> None:
     assert entry._fast(argv) is False
+    assert calls == []
+
+
+def test_a_shell_asking_for_completions_goes_to_typer(
+    monkeypatch: pytest.MonkeyPatch, calls: list[tuple[Any, ...]]
+) -> None:
+    monkeypatch.setenv("_NETAGENT_COMPLETE", "complete_bash")
+    assert entry._fast(["ctl", "status"]) is False
     assert calls == []
 
 

@@ -1,0 +1,192 @@
+"""How ``netagent ctl`` shows an answer: one renderer per op, tables, change lists.
+
+Loaded only once a reply has arrived; standard library only, and nothing it imports that
+the interpreter has not loaded already (``docs/cli.md``).
+"""
+
+from __future__ import annotations
+
+#: not typing.TYPE_CHECKING: importing typing costs ~1-3 ms (mypy reads this name alike)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    if not rows:
+        return
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def render(op: str, result: Any) -> None:
+    if isinstance(result, dict) and "changed" in result:
+        _render_change(result)
+        return
+    fn = _RENDERERS.get(op)
+    if fn is not None:
+        fn(result)
+    else:
+        import json
+
+        print(json.dumps(result, indent=2, sort_keys=True))
+
+
+def _render_change(result: dict[str, Any]) -> None:
+    if not result["changed"]:
+        print("nothing changed: already as asked")
+        return
+    changes = result.get("changes", [])
+    for change in changes:
+        print(f"{change['action']}: {change['what']}")
+    more = result.get("changes_total", len(changes)) - len(changes)
+    if more > 0:
+        print(f"... and {more} more changes")
+    for key, actions in sorted((result.get("actions") or {}).items()):
+        for a in actions:
+            print(f"  {key}: {a}")
+    for key, err in sorted((result.get("errors") or {}).items()):
+        print(f"  {key}: FAILED: {err}")
+
+
+def _status(r: dict[str, Any]) -> None:
+    print(f"netagent {r['version']} (pid {r['pid']}), up {r['uptime_s']}s")
+    print(f"socket    {r['socket']}")
+    print(f"state     {r['state_dir']}")
+    print(f"firewall  {r['firewall']}")
+    print(f"desired   {r['summary']}")
+    lp = r.get("last_pass") or {}
+    if lp:
+        print(
+            f"last pass {lp.get('trigger')}: {lp.get('changed')} changes, "
+            f"{lp.get('errors')} errors, {lp.get('ms')} ms"
+        )
+    for key, err in sorted((r.get("failing") or {}).items()):
+        print(f"FAILING   {key}: {err}")
+
+
+def _ns_list(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        print("no namespaces")
+    _table(
+        [
+            [
+                r["name"],
+                "netagent" if r["managed"] else "external",
+                "present" if r["present"] else "MISSING",
+            ]
+            for r in rows
+        ],
+        ["NAME", "OWNER", "STATE"],
+    )
+
+
+def _bridge_list(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        print("no bridges")
+    _table(
+        [
+            [
+                r["name"],
+                ",".join(r["addresses"]) or "-",
+                "yes" if r["masquerade"] else "no",
+                ",".join(r["plugs"]) or "-",
+            ]
+            for r in rows
+        ],
+        ["NAME", "ADDRESS", "MASQUERADE", "PLUGGED"],
+    )
+
+
+def _forwards(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        print("no forwards")
+    _table(
+        [[r["proto"], r.get("host_ip") or "*", r["host_ports"], r["destination"]] for r in rows],
+        ["PROTO", "HOST IP", "HOST PORT", "DESTINATION"],
+    )
+
+
+def _rules(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        print("no attach rules")
+    _table([[r["pattern"], r["bridge"]] for r in rows], ["PATTERN", "BRIDGE"])
+
+
+def _links(rows: list[dict[str, Any]]) -> None:
+    _table(
+        [
+            [
+                str(r["index"]),
+                r["name"],
+                r["kind"] or "-",
+                r["state"],
+                r["master"] or "-",
+                " ".join(r["addresses"]) or "-",
+                r["owner"] or "-",
+            ]
+            for r in rows
+        ],
+        ["#", "NAME", "KIND", "STATE", "MASTER", "ADDRESSES", "NETAGENT"],
+    )
+
+
+def _neigh(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        print("no neighbours")
+    _table(
+        [[r["address"], r["lladdr"] or "(incomplete)", r["dev"], r["state"]] for r in rows],
+        ["ADDRESS", "HWADDRESS", "IFACE", "STATE"],
+    )
+
+
+def _routes(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        print("no routes")
+    _table(
+        [
+            [r["destination"], r["gateway"] or "-", r["dev"] or "-", r["source"] or "-"]
+            for r in rows
+        ],
+        ["DESTINATION", "GATEWAY", "IFACE", "SOURCE"],
+    )
+
+
+def _show(r: dict[str, Any]) -> None:
+    if not r["intents"]:
+        print("nothing desired yet")
+    for item in r["intents"]:
+        mark = "ok " if item["in_place"] else "!! "
+        print(f"{mark} {item['key']:<28} {item['describe']}")
+        for m in item["missing"]:
+            print(f"      missing: {m}")
+        if item.get("error"):
+            print(f"      error: {item['error']}")
+        if item.get("attached"):
+            print(f"      attached: {', '.join(item['attached'])}")
+        for left in item.get("left_alone") or []:
+            print(f"      left alone: {left['why']}")
+    for o in r.get("orphans") or []:
+        print(f"!!  orphan: {o['describe']} (`purge --orphans` removes it)")
+    fw = r["firewall"]
+    state = "in place" if fw["in_place"] else "DRIFTED"
+    print(f"firewall ({fw['backend']}): {state}")
+    for p in fw["pending"][:20]:
+        print(f"      pending: {p}")
+    if fw.get("error"):
+        print(f"      error: {fw['error']}")
+
+
+_RENDERERS: dict[str, Callable[[Any], None]] = {
+    "status": _status,
+    "ns.list": _ns_list,
+    "bridge.list": _bridge_list,
+    "forward.list": _forwards,
+    "attach.list": _rules,
+    "links": _links,
+    "neigh": _neigh,
+    "routes": _routes,
+    "show": _show,
+}
