@@ -328,6 +328,19 @@ class Routes(Request):
     ns = maybe(NAME, "--ns", "namespace name", _NS_HELP)
 
 
+# ---- the state's own requests (``agent/quarantine.py``) -----------------------------
+KEY: Value[str] = Value("text", "KEY")
+
+
+class Forget(Request):
+    """Drop a quarantined intent (one today's checks refuse) for good."""
+
+    op = "forget"
+    cli = ("forget",)
+    mutating = True
+    key = arg(KEY, "key", "The quarantined intent's key, as `show` lists it.", "KEY")
+
+
 REQUESTS: tuple[type[Request], ...] = (
     Status,
     Show,
@@ -353,6 +366,7 @@ REQUESTS: tuple[type[Request], ...] = (
     Events,
     Apply,
     Purge,
+    Forget,
 )
 
 #: op name or alias -> request class
@@ -402,3 +416,4 @@ class ShowReply(TypedDict):
     intents: list[ShowItem]
     firewall: ShowFirewall
     orphans: list[dict[str, Any]]
+    quarantined: list[dict[str, Any]]

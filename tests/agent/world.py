@@ -114,6 +114,7 @@ def make_world(
         links=links,
         claims=Claims(tmp_path / "claims"),
         refused=sync.quarantined,
+        quarantined=store.quarantine,
     )
     rec = Reconciler(state, ctx, sync, bus, resync_interval)
     events = EventSource(state, rec, net, links, bus, counters)
