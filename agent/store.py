@@ -233,8 +233,8 @@ class StateStore:
             if snap is None or snap.format >= 2:
                 return self._journal_damage(
                     snap,
-                    f"{JOURNAL} has no header and no line: it was emptied (a journal "
-                    "always begins with its header)",
+                    f"{JOURNAL} has no header and no line: it was emptied, as a "
+                    "journal always begins with its header",
                     snap.seq if snap else 0,
                 )
             return None  # format 1: a compaction empties the journal
@@ -297,10 +297,15 @@ class StateStore:
             if damage.good
             else "there is no earlier copy"
         )
+        what = (
+            f"state file {path}: {damage.why}"
+            if damage.why.startswith(damage.name)  # missing, empty, a directory
+            else f"state file {path} is damaged ({damage.why})"
+        )
+        start = f"seq {damage.last_good}" + (" (an empty state)" if not damage.last_good else "")
         return StateCorrupt(
-            f"state file {path} is damaged ({damage.why}); the last good sequence is "
-            f"{damage.last_good}; {good}; nothing was changed. "
-            f"`netagent run --recover` starts from seq {damage.last_good} and keeps the "
+            f"{what}; the last good sequence is {damage.last_good}; {good}; nothing was "
+            f"changed. `netagent run --recover` starts from {start} and keeps the "
             f"damaged files aside in {self.dir}/aside-<time>/; or keep a copy of "
             f"{damage.name}, repair it, and start again (docs/state.md)",
             file=str(path),

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -19,27 +18,9 @@ from netagent.agent import store as S
 from netagent.agent.kinds import default_kinds
 from netagent.agent.listen import lock_state_dir
 from netagent.agent.state import Change
+from tests.support.statefiles import build, files, forward, journal_lines
 
 KINDS = default_kinds()
-
-
-def forward(i: int) -> I.Forward:
-    return I.make_forward(9000 + i, f"10.6.0.{i + 1}:80")
-
-
-def build(directory: Path, n: int, compact_at: tuple[int, ...] = ()) -> None:
-    """n acknowledged requests (seq 1..n), each adding forward i, with compactions
-    after the given seqs; written with the daemon's own store."""
-    store = S.StateStore(directory, KINDS)
-    store.load()
-    live: dict[str, dict[str, Any]] = {}
-    for i in range(1, n + 1):
-        fwd = forward(i)
-        store.append([Change(fwd.key, None, fwd)])
-        live[fwd.key] = fwd.to_dict()
-        if i in compact_at:
-            store.compact(list(live.values()))
-    store.close()
 
 
 def load(directory: Path, recover: bool = False) -> list[str]:
@@ -55,12 +36,6 @@ def keys(*numbers: int) -> list[str]:
     return sorted(forward(i).key for i in numbers)
 
 
-def files(directory: Path) -> dict[str, bytes]:
-    return {
-        p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()
-    } | {p.name + "/": b"" for p in directory.iterdir() if p.is_dir()}
-
-
 def refused(directory: Path, match: str) -> E.StateCorrupt:
     """The start stops, names the damage, and writes nothing."""
     before = files(directory)
@@ -69,10 +44,6 @@ def refused(directory: Path, match: str) -> E.StateCorrupt:
     print(exc.value.message)
     assert files(directory) == before
     return exc.value
-
-
-def journal_lines(directory: Path) -> list[bytes]:
-    return (directory / "journal.jsonl").read_bytes().splitlines(keepends=True)
 
 
 def test_a_deleted_middle_line_stops_the_start(tmp_path: Path) -> None:
@@ -162,7 +133,7 @@ def test_a_journal_that_is_a_directory_stops_the_start(tmp_path: Path) -> None:
     build(tmp_path, 3, compact_at=(3,))
     (tmp_path / "journal.jsonl").unlink()
     (tmp_path / "journal.jsonl").mkdir()
-    err = refused(tmp_path, r"journal\.jsonl is damaged \(journal\.jsonl is a directory")
+    err = refused(tmp_path, r"journal\.jsonl: journal\.jsonl is a directory")
     assert "the last good sequence is 3" in err.message
 
 
