@@ -32,7 +32,7 @@ from pathlib import Path
 from .errors import UntrustedPath
 
 #: tags of a POSIX ACL entry (linux/posix_acl_xattr.h)
-_ACL_USER, _ACL_GROUP, _ACL_MASK = 0x02, 0x08, 0x10
+_ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP, _ACL_MASK = 0x02, 0x04, 0x08, 0x10
 _ACL_WRITE = 0x02
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -57,22 +57,26 @@ def _group(gid: int) -> str:
         return f"group {gid}"
 
 
-def _acl_writers(target: int | str) -> list[tuple[int, int]]:
-    """(tag, id) of the named ACL entries that grant write (after the mask)."""
+def _acl(target: int | str) -> tuple[list[tuple[int, int]], bool] | None:
+    """The access ACL's write grants: the named entries that grant write after the mask
+    (tag, id), and whether the owning group may write (its entry and the mask; the mode's
+    group bits show only the mask). None without an ACL."""
     try:
         if isinstance(target, int):
             raw = os.getxattr(target, "system.posix_acl_access")
         else:
             raw = os.getxattr(target, "system.posix_acl_access", follow_symlinks=False)
     except OSError:
-        return []  # no ACL (ENODATA), or a file system without them (EOPNOTSUPP)
+        return None  # no ACL (ENODATA), or a file system without them (EOPNOTSUPP)
     entries = [struct.unpack_from("<HHI", raw, off) for off in range(4, len(raw) - 7, 8)]
     mask = next((perm for tag, perm, _ in entries if tag == _ACL_MASK), 0x07)
-    return [
+    named = [
         (tag, ident)
         for tag, perm, ident in entries
         if tag in (_ACL_USER, _ACL_GROUP) and perm & mask & _ACL_WRITE
     ]
+    group = any(tag == _ACL_GROUP_OBJ and perm & mask & _ACL_WRITE for tag, perm, _ in entries)
+    return named, group
 
 
 def problem(
@@ -94,9 +98,11 @@ def problem(
         return None
     if st.st_mode & stat.S_IWOTH:
         return ("is writable by everyone", "chmod o-w {path}")
-    if st.st_mode & stat.S_IWGRP and st.st_gid not in groups:
+    acl = _acl(acl_target)
+    named, group_writes = acl if acl is not None else ([], bool(st.st_mode & stat.S_IWGRP))
+    if group_writes and st.st_gid not in groups:
         return (f"is writable by {_group(st.st_gid)}", "chmod g-w {path}")
-    for tag, ident in _acl_writers(acl_target):
+    for tag, ident in named:
         if tag == _ACL_USER and ident not in trusted_uids():
             return (
                 f"has an ACL entry that lets {_user(ident)} write it",
