@@ -159,8 +159,14 @@ async def run_daemon(config: Config, recover: bool = False) -> None:
             refused=fw.quarantined,
             quarantined=store.quarantine,
         )
+        # after --recover, what the lost lines made is shown as orphans, not removed
         rec = Reconciler(
-            state, ctx, fw, bus, config.resync_interval, remove_orphans_at_start=store.seq > 0
+            state,
+            ctx,
+            fw,
+            bus,
+            config.resync_interval,
+            remove_orphans_at_start=store.seq > 0 and not store.recovered,
         )
         events = EventSource(state, rec, net, links, bus, counters)
         api = Service(

@@ -96,6 +96,8 @@ class StateStore:
         self.quarantine = Quarantine()
         #: what the last load set aside or recovered, in words (``status`` shows them)
         self.notes: list[str] = []
+        #: the last load started from the last good sequence of damaged files
+        self.recovered = False
         self._journal_lines = 0
         self._fd: int | None = None
         self._d: TrustedDir | None = None
@@ -138,6 +140,7 @@ class StateStore:
         ``recover``, starts from the last good sequence instead and keeps the damaged
         files aside."""
         self.notes = []
+        self.recovered = False
         snap = self._snapshot(self._read(SNAPSHOT))
         prev = self._snapshot(self._read(PREV))
         raw_journal = self._read(JOURNAL)
@@ -372,6 +375,7 @@ class StateStore:
                 os.rename(name, f"{aside}/{name}", src_dir_fd=d.fd, dst_dir_fd=d.fd)
         d.fsync()
         self.seq = highest
+        self.recovered = True
         intents = [i.to_dict() for i in self._ordered(live)]
         d.write_atomic(SNAPSHOT, self._snapshot_doc(intents), FILE)
         self._new_journal(self.seq)

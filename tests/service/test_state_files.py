@@ -124,6 +124,33 @@ def test_recover_starts_from_the_last_good_sequence(sandbox: Sandbox, workdir: P
     assert d.status()["state_notes"] == []
 
 
+def test_recover_leaves_what_the_lost_lines_made_as_orphans(
+    sandbox: Sandbox, workdir: Path
+) -> None:
+    """The namespaces the lines after the hole made carry netagent's mark, and the
+    recovered state does not hold them: shown as orphans, left in place (they may be in
+    use), removed only by ``purge --orphans``."""
+    d = Daemon(sandbox, workdir)
+    d.start()
+    for name in ("a", "b", "c"):
+        d.ok("ns", "add", name)
+    assert d.stop() == 0
+    drop_line(2)(d.state_dir)  # the header, seq 1 (a), [seq 2 (b) gone], seq 3 (c)
+    assert d.run_to_exit()[0] == 6
+    d.extra = ["--recover"]
+    d.start()
+    assert [i["key"] for i in d.ctl_json("show")["intents"]] == ["ns/a"]
+    orphans = {o["describe"] for o in d.ctl_json("show")["orphans"]}
+    assert orphans == {"namespace b (marked ns/b)", "namespace c (marked ns/c)"}
+    assert netns(d) == {"a", "b", "c"}
+    d.ok("purge", "--yes", "--orphans")
+    assert netns(d) == {"a"}
+
+
+def netns(d: Daemon) -> set[str]:
+    return {line.split()[0] for line in d.sh("ip", "netns", "list").stdout.splitlines()}
+
+
 def test_an_unfinished_last_line_is_reported_and_not_carried_out(
     sandbox: Sandbox, workdir: Path
 ) -> None:
