@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import structlog
 
-from . import ops
+from . import ops, quarantine
 from .errors import BackendFailed, InvalidArgument, NetagentError, NotFound, ReadOnly, UnknownOp
 from .reconcile import FIREWALL, IN_PLACE, PENDING, PURGE_ORPHANS, Reconciler
 from .schema import Request, prefix_error
@@ -118,6 +118,7 @@ class Service:
             ops.Links: self._kernel_view,
             ops.Neigh: self._kernel_view,
             ops.Routes: self._kernel_view,
+            ops.Forget: lambda req: quarantine.forget(self, req),
         }
 
     # ---- dispatch -------------------------------------------------------------------
@@ -281,7 +282,12 @@ class Service:
             if k.plural and k.name in ("ns", "bridge", "plug", "forward")
         ]
         failing = len(self.reconciler.failing())
-        return ", ".join(parts) + (f", {failing} failing" if failing else "")
+        held = len(self.store.quarantine)
+        return (
+            ", ".join(parts)
+            + (f", {failing} failing" if failing else "")
+            + (f", {held} quarantined" if held else "")
+        )
 
     async def _status(self, req: Request) -> Any:
         from netagent import __version__
@@ -300,6 +306,8 @@ class Service:
             "last_pass": self.reconciler.last_pass,
             "failing": self.reconciler.failing(),
             "stale": dict(self.reconciler.conditions),
+            "quarantined": {q.key: q.reason for q in self.store.quarantine.entries()},
+            "state_notes": list(self.store.notes),
             "event_resyncs": c.event_resyncs,
             "clients": c.clients,
             "refused": c.refused,
@@ -349,6 +357,7 @@ class Service:
             "intents": items,
             "orphans": [o.to_wire() for o in rec.orphans],
             "orphans_checked": rec.orphans_checked,
+            "quarantined": quarantine.report(self),
             "firewall": {
                 "backend": self.firewall.name,
                 "in_place": fw_ok,

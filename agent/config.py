@@ -88,7 +88,6 @@ def metrics_address(text: object) -> tuple[str, int]:
         number = 0
     if not sep or not host or not 0 < number < 65536:
         raise InvalidArgument(
-            f"metrics {text!r}: use ADDR:PORT with an IP address, e.g. 127.0.0.1:9464 or "
-            "[::1]:9464"
+            f"metrics {text!r}: use ADDR:PORT with an IP address, e.g. 127.0.0.1:9464 or [::1]:9464"
         )
     return host, number

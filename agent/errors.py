@@ -171,6 +171,15 @@ class HostTimeout(BackendFailed):
     name = "host-timeout"
 
 
+class UntrustedPath(NetagentError):
+    """A directory or file the daemon acts on as root is writable by someone else, or is
+    a link: starting would let them steer root (``agent/paths.py``)."""
+
+    code = 5006
+    name = "untrusted-path"
+    exit_status = 6
+
+
 def _all_error_classes() -> list[type[NetagentError]]:
     seen: list[type[NetagentError]] = []
     stack: list[type[NetagentError]] = [NetagentError]

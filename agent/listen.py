@@ -8,8 +8,10 @@ anything.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import stat
 import struct
 from pathlib import Path
 
@@ -18,7 +20,8 @@ import structlog
 from . import sdnotify
 from .access import group_gid
 from .config import Config
-from .errors import Internal
+from .errors import Internal, StateCorrupt
+from .paths import TrustedDir, check_dir, trusted_uids, untrusted
 
 log = structlog.get_logger("netagent.listen")
 
@@ -54,8 +57,6 @@ def bind_socket(config: Config) -> tuple[socket.socket, Path | None]:
     Passed in by systemd (LISTEN_FDS, netagent.socket: SocketMode=0660, SocketGroup=) or
     bound here: created 0660 from the start (umask during bind), owner root, group
     ``socket_group``; the read-only group, if any, gets an ACL entry."""
-    import stat
-
     readonly_gid = group_gid(config.readonly_group)
     admin_gid = group_gid(config.socket_group)
     passed = sdnotify.listen_fds(unset_environment=True)
@@ -77,6 +78,12 @@ def bind_socket(config: Config) -> tuple[socket.socket, Path | None]:
             )
         name = sock.getsockname()
         where = name if isinstance(name, str) and name.startswith("/") else None
+        if where:
+            try:
+                check_dir(Path(where).parent, "socket directory", (0, admin_gid or 0))
+            except BaseException:
+                sock.detach()  # systemd's socket: not ours to close
+                raise
         if where and readonly_gid is not None and readonly_gid != admin_gid:
             grant_socket_access(where, readonly_gid)
         if where and where != config.socket:
@@ -89,23 +96,51 @@ def bind_socket(config: Config) -> tuple[socket.socket, Path | None]:
         return sock, None
     path = Path(config.socket)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    groups = (0,) if admin_gid is None else (0, admin_gid)
+    with TrustedDir(path.parent, "socket directory", groups) as sockdir:
+        return _bind_in(sockdir, path, config, admin_gid, readonly_gid)
+
+
+def _check_stale(sockdir: TrustedDir, path: Path) -> None:
+    """What is at the socket's path before binding: nothing, or a socket a daemon of
+    root's left (removed). A link, or a socket someone else made (their listener would
+    answer root's requests), stops the start."""
+    st = sockdir.lstat(path.name)
+    if st is None:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        target = os.readlink(path.name, dir_fd=sockdir.fd)
+        raise untrusted(path, "the socket", f"is a symbolic link (to {target})", "rm {path}")
+    if not stat.S_ISSOCK(st.st_mode):
+        raise Internal(f"{path} exists and is not a socket; remove it or choose another --socket")
+    if st.st_uid not in trusted_uids():
+        raise untrusted(
+            path,
+            "the socket",
+            f"was made by uid {st.st_uid}, not by root",
+            "rm {path}",
+            "a listener of theirs there would answer root's requests",
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        st = path.lstat()
-    except FileNotFoundError:
-        st = None
-    if st is not None:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise Internal(
-                f"{path} exists and is not a socket; remove it or choose another --socket"
-            )
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-            raise Internal(f"another netagent is already listening on {path}")
-        except (ConnectionRefusedError, FileNotFoundError):
-            path.unlink(missing_ok=True)  # left by a daemon that died
-        finally:
-            probe.close()
+        probe.settimeout(5)
+        probe.connect(str(path))
+        raise Internal(f"another netagent is already listening on {path}")
+    except (ConnectionRefusedError, FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):  # left by a daemon that died
+            os.unlink(path.name, dir_fd=sockdir.fd)
+    finally:
+        probe.close()
+
+
+def _bind_in(
+    sockdir: TrustedDir,
+    path: Path,
+    config: Config,
+    admin_gid: int | None,
+    readonly_gid: int | None,
+) -> tuple[socket.socket, Path | None]:
+    _check_stale(sockdir, path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     old_umask = os.umask(0o117)
     try:
@@ -116,11 +151,12 @@ def bind_socket(config: Config) -> tuple[socket.socket, Path | None]:
     finally:
         os.umask(old_umask)
     try:
-        made = path.stat()  # created by this process: owner = its uid, group = its gid
+        # created by this process: owner = its uid, group = its gid
+        made = os.stat(path.name, dir_fd=sockdir.fd, follow_symlinks=False)
         if admin_gid is not None and made.st_gid != admin_gid:
             # needs CAP_CHOWN unless the daemon is in the group (systemd: Group=netagent)
             try:
-                os.chown(path, -1, admin_gid)
+                os.chown(path.name, -1, admin_gid, dir_fd=sockdir.fd, follow_symlinks=False)
             except PermissionError:
                 raise Internal(
                     f"cannot give {path} the group {config.socket_group!r}: run "
@@ -132,7 +168,8 @@ def bind_socket(config: Config) -> tuple[socket.socket, Path | None]:
         sock.listen(1024)
     except BaseException:
         sock.close()
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path.name, dir_fd=sockdir.fd)
         raise
     return sock, path
 
@@ -142,13 +179,24 @@ def lock_state_dir(state_dir: str) -> int:
 
     A POSIX record lock (lockf), not flock: it belongs to this process only, so a child
     process (``ip``, ``nft``) never inherits it and keeps it held after ``kill -9``; the
-    kernel drops it the moment the process dies."""
+    kernel drops it the moment the process dies. The state dir is checked first (nobody
+    but root may write it), and the lock is opened without following a link: a planted
+    ``lock`` link to a root-owned file would otherwise be truncated."""
     import fcntl
 
     directory = Path(state_dir)
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not os.path.lexists(directory):
+        directory.mkdir(parents=True, mode=0o700)
     lock = directory / "lock"
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    with TrustedDir(directory, "state directory") as d:
+        st = d.lstat(lock.name)
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise StateCorrupt(
+                f"{lock} is a directory, not netagent's lock file; nothing was changed: "
+                f"move it away (`mv {lock} {lock}.aside`) and start again",
+                file=str(lock),
+            )
+        fd = d.open(lock.name, os.O_RDWR | os.O_CREAT, "lock file")
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -40,6 +40,7 @@ from .kinds.namespace import Claims
 from .lag import measure_lag
 from .linkcache import LinkCache
 from .listen import bind_socket, lock_state_dir
+from .paths import TrustedDir
 from .probe import NOOP, Probe
 from .reconcile import Reconciler
 from .state import DesiredState
@@ -49,11 +50,28 @@ from .transport import Server
 log = structlog.get_logger("netagent")
 
 
+MARKER = "firewall-backend"
+
+
+def check_state_extras(state_dir: Path) -> None:
+    """The state dir's files besides the store's: the firewall-backend marker and the
+    namespace claims (a claim planted by someone else would make netagent call their
+    namespace its own). Links, and files others may write, stop the start."""
+    with TrustedDir(state_dir, "state directory") as d:
+        d.check(MARKER, "firewall-backend marker")
+        if d.check("claims", "claims directory", kind="dir") is None:
+            return
+    with TrustedDir(state_dir / "claims", "claims directory") as claims:
+        for name in claims.names():
+            claims.check(name, "namespace claim file")
+
+
 async def retire_other_firewall(state_dir: Path, current: str, bus: EventBus) -> None:
     """Starting with another backend than the one that wrote the rules: remove the old
     backend's rules first, so no forward is installed twice."""
-    marker = state_dir / "firewall-backend"
-    previous = marker.read_text().strip() if marker.exists() else None
+    with TrustedDir(state_dir, "state directory") as d:
+        raw = d.read(MARKER, "firewall-backend marker")
+    previous = raw.decode(errors="replace").strip() if raw is not None else None
     if previous and previous != current:
         try:
             old = fwreg.get_backend(previous)()
@@ -68,9 +86,8 @@ async def retire_other_firewall(state_dir: Path, current: str, bus: EventBus) ->
                 "could not remove the previous backend's rules", backend=previous, error=exc.message
             )
     if previous != current:
-        tmp = marker.with_name(marker.name + ".tmp")
-        tmp.write_text(current + "\n")
-        os.replace(tmp, marker)
+        with TrustedDir(state_dir, "state directory") as d:
+            d.write_atomic(MARKER, f"{current}\n".encode(), "firewall-backend marker")
 
 
 async def wait_for_stop_signal() -> int:
@@ -98,11 +115,17 @@ async def wait_for_stop_signal() -> int:
     return received[0]
 
 
-async def run_daemon(config: Config) -> None:
+async def run_daemon(config: Config, recover: bool = False) -> None:
+    """``recover``: start from the last good sequence of a damaged state, keeping the
+    damaged files aside (``netagent run --recover``, ``docs/state.md``)."""
     sdnotify.notify("STATUS=starting: loading state")
     state_dir = Path(config.state_dir)
-    lock_fd = lock_state_dir(config.state_dir)
-    raw, owned = bind_socket(config)
+    try:
+        lock_fd = lock_state_dir(config.state_dir)
+        raw, owned = bind_socket(config)
+    except NetagentError as exc:
+        sdnotify.notify(f"STATUS=failed to start: {sdnotify.one_line(exc.message)}")
+        raise
     kinds = default_kinds()
     exporter = None
     probe: Probe = NOOP
@@ -130,7 +153,8 @@ async def run_daemon(config: Config) -> None:
             state = DesiredState(
                 kinds, external_namespace=net.ns_exists, name_in_use=links.foreign_name
             )
-            state.load(store.load())
+            check_state_extras(state_dir)
+            state.load(store.load(recover=recover))
             await net.start()
             cls, why = fwreg.choose_backend(config.firewall)
             backend = cls()
@@ -149,14 +173,16 @@ async def run_daemon(config: Config) -> None:
             links=links,
             claims=Claims(state_dir / "claims"),
             refused=fw.quarantined,
+            quarantined=store.quarantine,
         )
+        # after --recover, what the lost lines made is shown as orphans, not removed
         rec = Reconciler(
             state,
             ctx,
             fw,
             bus,
             config.resync_interval,
-            remove_orphans_at_start=store.seq > 0,
+            remove_orphans_at_start=store.seq > 0 and not store.recovered,
             probe=probe,
         )
         events = EventSource(state, rec, net, links, bus, counters)

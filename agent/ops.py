@@ -356,6 +356,19 @@ class Routes(Request):
     ns = maybe(NAME, "--ns", "namespace name", _NS_HELP)
 
 
+# ---- the state's own requests (``agent/quarantine.py``) -----------------------------
+KEY: Value[str] = Value("text", "KEY")
+
+
+class Forget(Request):
+    """Drop a quarantined intent (one today's checks refuse) for good."""
+
+    op = "forget"
+    cli = ("forget",)
+    mutating = True
+    key = arg(KEY, "key", "The quarantined intent's key, as `show` lists it.", "KEY")
+
+
 REQUESTS: tuple[type[Request], ...] = (
     Status,
     Show,
@@ -381,6 +394,7 @@ REQUESTS: tuple[type[Request], ...] = (
     Events,
     Apply,
     Purge,
+    Forget,
 )
 
 #: op name or alias -> request class
@@ -430,3 +444,4 @@ class ShowReply(TypedDict):
     intents: list[ShowItem]
     firewall: ShowFirewall
     orphans: list[dict[str, Any]]
+    quarantined: list[dict[str, Any]]

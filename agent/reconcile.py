@@ -428,7 +428,7 @@ class Reconciler:
             self._remove_orphans_once = False
             purge = True
         inside, self._look_inside = self._look_inside or purge, False
-        pending = set(self._removals)
+        pending = set(self._removals) | set(self.ctx.quarantined)
         found = await orphans.find(self.ctx, pending, inside=inside)
         done: list[str] = []
         if purge and found:

@@ -142,9 +142,7 @@ def maybe(
     local: bool = False,
 ) -> Field[T | None]:
     """An option that may be left out (None)."""
-    return Field(
-        value, label, flag=flag, default=None, help=help, choices=choices, local=local
-    )
+    return Field(value, label, flag=flag, default=None, help=help, choices=choices, local=local)
 
 
 def many(

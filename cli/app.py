@@ -227,6 +227,14 @@ def run(
             "127.0.0.1:9464 (off by default).",
         ),
     ] = None,
+    recover: Annotated[
+        bool,
+        typer.Option(
+            "--recover",
+            help="If the state files are damaged, start from the last good sequence and "
+            "keep the damaged files aside in the state dir (see docs/state.md).",
+        ),
+    ] = False,
 ) -> None:
     """Run the daemon in the foreground (systemd runs it this way too)."""
     import anyio
@@ -254,7 +262,7 @@ def run(
         C.fail(exc.message, 2)
     logs.configure(cfg.log_format)
     try:
-        anyio.run(run_daemon, cfg, backend="asyncio")
+        anyio.run(run_daemon, cfg, recover, backend="asyncio")
     except NetagentError as exc:
         C.fail(exc.message, exc.exit_status)
     except KeyboardInterrupt:

@@ -48,7 +48,10 @@ PALETTE = ("#e3ecf7", "#e6f4e6", "#f7ece0", "#efe6f5", "#e0f2f1", "#f5f5dc", "#f
 def esc(text: object) -> str:
     """Text inside an HTML-like DOT label."""
     return (
-        str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        str(text)
+        .replace("&", "&amp;")
+        .replace("<", "&lt;")
+        .replace(">", "&gt;")
         .replace('"', "&quot;")
     )
 

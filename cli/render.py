@@ -65,6 +65,12 @@ def _status(r: dict[str, Any]) -> None:
         )
     for key, err in sorted((r.get("failing") or {}).items()):
         print(f"FAILING   {key}: {err}")
+    for key, why in sorted((r.get("stale") or {}).items()):
+        print(f"STALE     {key}: {why}")
+    for key, why in sorted((r.get("quarantined") or {}).items()):
+        print(f"QUARANTINED {key}: {why} (`netagent ctl forget {key}` drops it)")
+    for note in r.get("state_notes") or []:
+        print(f"NOTE      {note}")
 
 
 def _ns_list(rows: list[dict[str, Any]]) -> None:
@@ -170,6 +176,8 @@ def _show(r: dict[str, Any]) -> None:
             print(f"      left alone: {left['why']}")
     for o in r.get("orphans") or []:
         print(f"!!  orphan: {o['describe']} (`purge --orphans` removes it)")
+    for q in r.get("quarantined") or []:
+        print(f"!!  quarantined: {q['key']}: {q['reason']} (`forget {q['key']}` drops it)")
     fw = r["firewall"]
     state = "in place" if fw["in_place"] else "DRIFTED"
     print(f"firewall ({fw['backend']}): {state}")

@@ -25,7 +25,6 @@ VERSION = 1  # agent/protocol.py's, which the fast path does not import
 DEFAULT_SOCKET = "/run/netagent/netagent.sock"
 
 
-
 def _c_json() -> Any:
     """CPython's ``_json`` (the C half of ``json``), or None: then ``json`` does it."""
     try:

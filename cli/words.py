@@ -15,30 +15,83 @@ if TYPE_CHECKING:
 
 #: command words -> (op, shape: see netagent.agent.argv.parse)
 COMMANDS: dict[tuple[str, ...], tuple[str, Shape]] = {
-    ('status',): ('status', ((), {}, (), ())),
-    ('show',): ('show', ((), {'--graph': ('graph', 0, None), '--format': ('format', 1, ('dot', 'svg', 'png')), '--output': ('output', 1, None)}, (), ('graph', 'format', 'output'))),
-    ('ns', 'add'): ('ns.add', (('name',), {}, ('name',), ())),
-    ('ns', 'del'): ('ns.del', (('name',), {}, ('name',), ())),
-    ('ns', 'list'): ('ns.list', ((), {}, (), ())),
-    ('bridge', 'add'): ('bridge.add', (('name',), {'--address': ('addresses', 2, None), '--masquerade': ('masquerade', 0, None)}, ('name',), ())),
-    ('bridge', 'del'): ('bridge.del', (('name',), {}, ('name',), ())),
-    ('bridge', 'list'): ('bridge.list', ((), {}, (), ())),
-    ('plug',): ('plug.add', (('ns', 'bridge'), {'--address': ('addresses', 2, None), '--ifname': ('ifname', 1, None)}, ('ns', 'bridge'), ())),
-    ('unplug',): ('plug.del', (('ns', 'bridge'), {}, ('ns', 'bridge'), ())),
-    ('wire',): ('wire.add', (('ns_a', 'addresses_a', 'ns_b', 'addresses_b'), {}, ('ns_a', 'addresses_a', 'ns_b', 'addresses_b'), ())),
-    ('unwire',): ('wire.del', (('ns_a', 'ns_b'), {}, ('ns_a', 'ns_b'), ())),
-    ('forward',): ('forward.add', (('host_ports', 'destination'), {'--proto': ('proto', 1, None), '--host-ip': ('host_ip', 1, None)}, ('host_ports', 'destination'), ())),
-    ('unforward',): ('forward.del', (('host_ports',), {'--proto': ('proto', 1, None), '--host-ip': ('host_ip', 1, None)}, ('host_ports',), ())),
-    ('forwards',): ('forward.list', ((), {}, (), ())),
-    ('attach', 'add'): ('attach.add', (('pattern', 'bridge'), {}, ('pattern', 'bridge'), ())),
-    ('attach', 'del'): ('attach.del', (('pattern', 'bridge'), {}, ('pattern', 'bridge'), ())),
-    ('attach', 'list'): ('attach.list', ((), {}, (), ())),
-    ('links',): ('links', ((), {'--ns': ('ns', 1, None)}, (), ())),
-    ('neigh',): ('neigh', ((), {'--ns': ('ns', 1, None)}, (), ())),
-    ('routes',): ('routes', ((), {'--ns': ('ns', 1, None)}, (), ())),
-    ('events',): ('events', ((), {}, (), ())),
-    ('apply',): ('apply', (('intents',), {'--prune': ('prune', 0, None)}, ('intents',), ())),
-    ('purge',): ('purge', ((), {'--orphans': ('orphans', 0, None)}, (), ())),
+    ("status",): ("status", ((), {}, (), ())),
+    ("show",): (
+        "show",
+        (
+            (),
+            {
+                "--graph": ("graph", 0, None),
+                "--format": ("format", 1, ("dot", "svg", "png")),
+                "--output": ("output", 1, None),
+            },
+            (),
+            ("graph", "format", "output"),
+        ),
+    ),
+    ("ns", "add"): ("ns.add", (("name",), {}, ("name",), ())),
+    ("ns", "del"): ("ns.del", (("name",), {}, ("name",), ())),
+    ("ns", "list"): ("ns.list", ((), {}, (), ())),
+    ("bridge", "add"): (
+        "bridge.add",
+        (
+            ("name",),
+            {"--address": ("addresses", 2, None), "--masquerade": ("masquerade", 0, None)},
+            ("name",),
+            (),
+        ),
+    ),
+    ("bridge", "del"): ("bridge.del", (("name",), {}, ("name",), ())),
+    ("bridge", "list"): ("bridge.list", ((), {}, (), ())),
+    ("plug",): (
+        "plug.add",
+        (
+            ("ns", "bridge"),
+            {"--address": ("addresses", 2, None), "--ifname": ("ifname", 1, None)},
+            ("ns", "bridge"),
+            (),
+        ),
+    ),
+    ("unplug",): ("plug.del", (("ns", "bridge"), {}, ("ns", "bridge"), ())),
+    ("wire",): (
+        "wire.add",
+        (
+            ("ns_a", "addresses_a", "ns_b", "addresses_b"),
+            {},
+            ("ns_a", "addresses_a", "ns_b", "addresses_b"),
+            (),
+        ),
+    ),
+    ("unwire",): ("wire.del", (("ns_a", "ns_b"), {}, ("ns_a", "ns_b"), ())),
+    ("forward",): (
+        "forward.add",
+        (
+            ("host_ports", "destination"),
+            {"--proto": ("proto", 1, None), "--host-ip": ("host_ip", 1, None)},
+            ("host_ports", "destination"),
+            (),
+        ),
+    ),
+    ("unforward",): (
+        "forward.del",
+        (
+            ("host_ports",),
+            {"--proto": ("proto", 1, None), "--host-ip": ("host_ip", 1, None)},
+            ("host_ports",),
+            (),
+        ),
+    ),
+    ("forwards",): ("forward.list", ((), {}, (), ())),
+    ("attach", "add"): ("attach.add", (("pattern", "bridge"), {}, ("pattern", "bridge"), ())),
+    ("attach", "del"): ("attach.del", (("pattern", "bridge"), {}, ("pattern", "bridge"), ())),
+    ("attach", "list"): ("attach.list", ((), {}, (), ())),
+    ("links",): ("links", ((), {"--ns": ("ns", 1, None)}, (), ())),
+    ("neigh",): ("neigh", ((), {"--ns": ("ns", 1, None)}, (), ())),
+    ("routes",): ("routes", ((), {"--ns": ("ns", 1, None)}, (), ())),
+    ("events",): ("events", ((), {}, (), ())),
+    ("apply",): ("apply", (("intents",), {"--prune": ("prune", 0, None)}, ("intents",), ())),
+    ("purge",): ("purge", ((), {"--orphans": ("orphans", 0, None)}, (), ())),
+    ("forget",): ("forget", (("key",), {}, ("key",), ())),
 }
 
 #: error code of a reply -> the CLI's exit status
@@ -67,4 +120,5 @@ EXIT_STATUS: dict[int, int] = {
     5003: 6,
     5004: 6,
     5005: 6,
+    5006: 6,
 }

@@ -258,6 +258,9 @@ class AttachKind(Kind[AttachRule]):
     def from_dict(self, d: Mapping[str, Any]) -> AttachRule:
         return AttachRule(pattern=want(d, "pattern"), bridge=want(d, "bridge"))
 
+    def key_of(self, d: Mapping[str, Any]) -> str | None:
+        return attach_key(str(d["bridge"]), str(d["pattern"]))
+
     def needs(self, intent: AttachRule) -> tuple[str, ...]:
         return (bridge_key(intent.bridge),)
 

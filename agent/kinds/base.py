@@ -18,7 +18,7 @@ iterate kinds through the registry (``agent/kinds/__init__.py``).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Collection, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
@@ -69,6 +69,9 @@ class Context:
     claims: Claims = field(default_factory=lambda: _no_claims())
     #: forward key -> why the firewall backend refused it (``agent/fwsync.py``)
     refused: dict[str, str] = field(default_factory=dict)
+    #: keys quarantined on load (``agent/quarantine.py``): acknowledged, so what carries
+    #: their mark in the kernel is not an orphan
+    quarantined: Collection[str] = field(default_factory=frozenset)
 
 
 def _no_claims() -> Claims:
@@ -98,6 +101,12 @@ class Kind(ABC, Generic[IntentT]):
     @abstractmethod
     def from_dict(self, d: Mapping[str, Any]) -> IntentT:
         """The intent from its ``to_dict()`` form (persisted state). Strict."""
+
+    def key_of(self, d: Mapping[str, Any]) -> str | None:
+        """The key of a persisted intent that :meth:`from_dict` refuses (recorded by an
+        older netagent, quarantined on load): worked out from the raw fields, without
+        validating them. None when it cannot be (a stand-in key is used)."""
+        return None
 
     # ---- relations, asked by the desired state and the reconciler --------------------
     def needs(self, intent: IntentT) -> tuple[str, ...]:

@@ -89,6 +89,9 @@ class BridgeKind(Kind[Bridge]):
             masquerade=d.get("masquerade", False),
         )
 
+    def key_of(self, d: Mapping[str, Any]) -> str | None:
+        return bridge_key(str(d["name"]))
+
     def label(self, intent: Bridge) -> str:
         return intent.name
 

@@ -98,7 +98,7 @@ def port_spec(first: int, count: int) -> str:
 
 
 def forward_key(
-    proto: str, host_port: int, count: int, host_ip: IPAddress | None, family: int = 4
+    proto: str, host_port: int, count: int, host_ip: IPAddress | str | None, family: int = 4
 ) -> str:
     """``fwd/tcp/80``; ``fwd/tcp/80/10.0.0.1`` when bound to a host address;
     ``fwd/tcp/80/ipv6`` for an unbound IPv6 forward (it lives beside the IPv4 one)."""
@@ -179,6 +179,19 @@ class ForwardKind(Kind[Forward]):
             dest_port=parse_port(want(d, "dest_port"), "destination port"),
             count=d.get("count", 1),
             host_ip=None if host_ip is None else parse_host_ip(host_ip),
+        )
+
+    def key_of(self, d: Mapping[str, Any]) -> str | None:
+        """The key from the raw fields: a refused destination still tells its IP
+        version (``fe80::1%eth0`` is IPv6), which is part of the key."""
+        host_ip = d.get("host_ip")
+        family = 6 if ":" in str(d.get("dest_ip", "")) else 4
+        return forward_key(
+            str(d.get("proto", "tcp")),
+            int(d["host_port"]),
+            int(d.get("count", 1)),
+            None if host_ip is None else str(host_ip),
+            family,
         )
 
     def index(self, intent: Forward) -> Iterable[tuple[str, Hashable]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,8 +76,15 @@ class Claims:
             os.close(dfd)
 
     def claimed(self, name: str) -> bool:
+        """A claim is a regular file: a link planted there claims nothing (``exists()``
+        would follow it and call someone else's namespace netagent's)."""
         path = self._path(name)
-        return path is not None and path.exists()
+        if path is None:
+            return False
+        try:
+            return stat.S_ISREG(path.lstat().st_mode)
+        except FileNotFoundError:
+            return False
 
     def release(self, name: str) -> None:
         path = self._path(name)
@@ -100,6 +108,9 @@ class NamespaceKind(Kind[Namespace]):
 
     def from_dict(self, d: Mapping[str, Any]) -> Namespace:
         return Namespace(want(d, "name"))
+
+    def key_of(self, d: Mapping[str, Any]) -> str | None:
+        return ns_key(str(d["name"]))
 
     def namespaces(self, intent: Namespace) -> tuple[str, ...]:
         return (intent.name,)

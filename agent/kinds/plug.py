@@ -130,6 +130,9 @@ class PlugKind(Kind[Plug]):
             host_ifname=want(d, "host_ifname"),
         )
 
+    def key_of(self, d: Mapping[str, Any]) -> str | None:
+        return plug_key(str(d["ns"]), str(d["bridge"]))
+
     def label(self, intent: Plug) -> str:
         return intent.ns
 

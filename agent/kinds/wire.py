@@ -101,6 +101,9 @@ class WireKind(Kind[Wire]):
             ifname_b=want(d, "ifname_b"),
         )
 
+    def key_of(self, d: Mapping[str, Any]) -> str | None:
+        return wire_key(str(d["ns_a"]), str(d["ns_b"]))
+
     def needs(self, intent: Wire) -> tuple[str, ...]:
         return (ns_key(intent.ns_a), ns_key(intent.ns_b))
 

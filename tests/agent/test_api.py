@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from netagent.agent import errors as E
 from netagent.agent import ops, reconcile
 from netagent.agent.errors import BackendFailed, NetagentError
 from netagent.agent.reconcile import FIREWALL
@@ -155,6 +156,8 @@ async def test_every_op_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         reply = await w.call("apply", intents=doc[:2], prune=True)
         assert [c["action"] for c in reply["changes"]] == ["removed", "removed"]
 
+        with pytest.raises(E.NotFound, match="not quarantined: it is desired and valid"):
+            await w.call("forget", key="br/v-net-0")  # tests/agent/test_quarantine.py
         reply = await w.call("purge")
         assert reply["changed"] is True and reply["errors"] == {}
     assert set(seen) == {o for r in ops.REQUESTS for o in (r.op, *r.aliases)} - {"events"}

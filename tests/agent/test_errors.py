@@ -27,6 +27,7 @@ PINNED = {
     5003: "state-corrupt",
     5004: "backend-unavailable",
     5005: "host-timeout",
+    5006: "untrusted-path",
 }
 
 

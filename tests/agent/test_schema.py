@@ -24,6 +24,7 @@ WORD = {
     "proto": "udp",
     "pattern": "veth-*-br",
     "list": "topology.json",
+    "text": "fwd/tcp/80",
 }
 #: what it parses to
 PARSED: dict[str, Any] = {
@@ -35,6 +36,7 @@ PARSED: dict[str, Any] = {
     "destination": (ipaddress.ip_address("192.168.15.2"), 9000, 9009),
     "proto": "udp",
     "pattern": "veth-*-br",
+    "text": "fwd/tcp/80",
 }
 WITH_FIELDS = [r for r in ops.REQUESTS if r.fields]
 

@@ -70,7 +70,8 @@ def test_corrupt_journal_line_stops_start(tmp_path: Path) -> None:
     store.close()
     with open(tmp_path / "journal.jsonl", "ab") as f:
         f.write(b"not json\n")
-    with pytest.raises(E.StateCorrupt, match=r"journal\.jsonl is damaged.*line 2") as exc:
+    # line 1 is the header, 2 the namespace
+    with pytest.raises(E.StateCorrupt, match=r"journal\.jsonl is damaged.*line 3") as exc:
         new_store(tmp_path).load()
     assert "keep a copy of journal.jsonl" in exc.value.message
 
@@ -126,9 +127,10 @@ def test_corrupt_snapshot_names_last_good_copy(tmp_path: Path) -> None:
         new_store(tmp_path).load()
     assert str(tmp_path / "state.json") in exc.value.message
     assert "state.json.prev" in exc.value.message
-    # the last good copy is real and loads
-    (tmp_path / "state.json.prev").rename(tmp_path / "state.json")
-    (tmp_path / "journal.jsonl").unlink()
+    # the last good copy is real: a recovery starts from it
+    recovered = new_state()
+    recovered.load(new_store(tmp_path).load(recover=True))
+    assert recovered.to_wire() == [{"kind": "ns", "name": "red"}]
     assert replay(tmp_path).to_wire() == [{"kind": "ns", "name": "red"}]
 
 
@@ -169,8 +171,8 @@ def test_a_damaged_key_in_the_journal_is_detected(tmp_path: Path) -> None:
     record(store, state, partial(DesiredState.forget, key=fwd.key))
     store.close()
     journal = tmp_path / "journal.jsonl"
-    first, second = journal.read_bytes().splitlines(keepends=True)
+    header, first, second = journal.read_bytes().splitlines(keepends=True)
     assert b'"key":"fwd/tcp/9101","intent":null' in second
-    journal.write_bytes(first + second.replace(b"fwd/tcp/9101", b"fwd/tcp/9#01"))
-    with pytest.raises(E.StateCorrupt, match=r"line 2: checksum mismatch"):
+    journal.write_bytes(header + first + second.replace(b"fwd/tcp/9101", b"fwd/tcp/9#01"))
+    with pytest.raises(E.StateCorrupt, match=r"line 3: checksum mismatch"):
         new_store(tmp_path).load()

@@ -116,6 +116,7 @@ def make_world(
         links=links,
         claims=Claims(tmp_path / "claims"),
         refused=sync.quarantined,
+        quarantined=store.quarantine,
     )
     rec = Reconciler(state, ctx, sync, bus, resync_interval, probe=probe)
     events = EventSource(state, rec, net, links, bus, counters)

@@ -37,7 +37,7 @@ def test_the_wire_speaks_the_protocol_of_the_daemon() -> None:
 def test_the_lean_json_is_json() -> None:
     import json
 
-    value = {"a": ["x", True, False, None, 3, 2.5], "é\"\n": {"k": []}, "n": -7}
+    value = {"a": ["x", True, False, None, 3, 2.5], 'é"\n': {"k": []}, "n": -7}
     assert json.loads(wire._dump(value)) == value
     loads = wire._loader()
     text = json.dumps(value)

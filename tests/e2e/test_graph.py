@@ -38,9 +38,7 @@ def test_the_seed_drawn_in_dot_svg_and_png(daemon: Daemon, workdir: Path) -> Non
     png = workdir / "seed.png"
     out = daemon.ok("show", "--graph", "--format", "png", "--output", str(png))
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
-    assert out.strip() == (
-        f"wrote {png} (png, {png.stat().st_size} bytes; 6 parts, all in place)"
-    )
+    assert out.strip() == (f"wrote {png} (png, {png.stat().st_size} bytes; 6 parts, all in place)")
     svg = workdir / "seed.svg"  # the format from the file's suffix
     reply = json.loads(daemon.ctl("--json", "show", "--output", str(svg), check=True).stdout)
     assert reply["ok"] is True
@@ -67,6 +65,7 @@ def test_a_part_not_in_place_is_drawn_red_until_it_is(daemon: Daemon) -> None:
         assert BAD not in red
     finally:
         daemon.sh("mount", "-o", "remount,rw", "/run/netns")
+
     # the retry makes it; the picture says so
     def whole() -> str | None:
         dot = daemon.ok("show", "--graph")

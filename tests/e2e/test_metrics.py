@@ -78,6 +78,7 @@ def test_requests_repairs_attaches_lag_and_what_is(metered: Daemon) -> None:
 
     # a repair, counted by kind, and how long the event waited
     d.sh("ip", "link", "del", "veth-red-br")
+
     def repaired() -> Samples | None:
         now = samples(d)
         return now if now.get(("netagent_repairs_total", (("kind", "plug"),))) else None

@@ -293,8 +293,8 @@ def test_damaged_state_stops_the_start_and_names_the_files(
         snapshot_file.write_text(json.dumps({**doc, "format": 99}))
         bad = snapshot_file
     else:
-        raw = journal.read_bytes()  # one complete line (it ends in a newline): damage it
-        assert raw.count(b"\n") == 1 and b'"changes":' in raw
+        raw = journal.read_bytes()  # the header and one line (both end in a newline)
+        assert raw.count(b"\n") == 2 and b'"changes":' in raw  # damage the line
         journal.write_bytes(raw.replace(b'"changes":', b'"changes"#', 1))
         bad = journal
     damaged = bad.read_bytes()
