@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import structlog
 
-from netagent.backends.firewall import AnyBackend, Batch, FirewallSpec
+from netagent.backends.firewall import AnyBackend, Batch, FirewallSpec, VxlanGuard
 
 from .errors import NetagentError
 
@@ -65,7 +65,7 @@ class FirewallSync:
     def spec(self, state: DesiredState) -> FirewallSpec:
         forwards: Any = tuple(state.of_kind("forward"))
         bridges: Any = tuple(state.of_kind("bridge"))
-        return FirewallSpec(forwards=forwards, bridges=bridges)
+        return FirewallSpec(forwards=forwards, bridges=bridges, vxlan=vxlan_guard(state))
 
     def note(self, change: Change) -> None:
         """A committed change of a firewall kind."""
@@ -78,7 +78,7 @@ class FirewallSync:
             if isinstance(new, Forward):
                 self._added.append(new)
         else:
-            self._full = True  # a bridge: its rules are few, plan them whole
+            self._full = True  # a bridge, a peer: their rules are few, plan them whole
 
     def drifted(self, why: str) -> None:
         self._full = True
@@ -235,6 +235,16 @@ class FirewallSync:
                     cleared=cleared,
                 )
         return steps
+
+
+def vxlan_guard(state: DesiredState) -> VxlanGuard | None:
+    """The VXLAN device's port and every peer's underlay address (``agent/kinds``)."""
+    devices = state.of_kind("vxlan") if state.kinds.get("vxlan") else []
+    if not devices:
+        return None
+    vx: Any = min(devices, key=lambda d: d.key)
+    peers = frozenset(p.underlay for p in state.of_kind("peer"))  # type: ignore[attr-defined]
+    return VxlanGuard(device=vx.name, port=vx.port, peers=peers)
 
 
 async def _clear_one(tool: str, fwd: Forward, hport: int, dport: int) -> int:
