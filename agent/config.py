@@ -28,6 +28,28 @@ class Config:
     client_timeout: float = 10.0
     #: "auto" (console on a terminal, JSON otherwise), "console" or "json"
     log_format: str = "auto"
+    # ---- the cluster (``docs/cluster.md``); none of it applies without endpoints -------
+    #: etcd client URLs (a list, or one string with commas): joins the cluster
+    cluster_endpoints: list[str] | str | None = None
+    cluster_cidr: str = "10.244.0.0/16"
+    cluster_subnet_len: int = 24
+    #: this host's address on the underlay (default: the address of the interface the
+    #: default route goes through)
+    underlay: str | None = None
+    cluster_vni: int = 1
+    cluster_port: int = 4789
+    #: seconds a host's lease outlives its last keep-alive
+    cluster_lease_ttl: int = 30
+    cluster_bridge: str = "netagent0"
+    cluster_prefix: str = "/netagent/network"
+    #: PEM files for TLS to etcd (https endpoints): CA, client certificate and key
+    cluster_ca: str | None = None
+    cluster_cert: str | None = None
+    cluster_key: str | None = None
+    #: the server name checked in etcd's certificate (default: the first endpoint's host)
+    cluster_tls_name: str | None = None
+    #: this host's name in the cluster (default: the host name)
+    cluster_host: str | None = None
 
     @classmethod
     def load(cls, path: str | None, overrides: dict[str, Any]) -> Config:
@@ -63,3 +85,7 @@ class Config:
             raise InvalidArgument("resync_interval and client_timeout must be positive")
         if self.log_format not in ("auto", "console", "json"):
             raise InvalidArgument("log_format must be auto, console or json")
+        if self.cluster_endpoints:
+            from .subnets import Settings
+
+            Settings.from_config(self)  # refuses what cannot work, before anything starts

@@ -29,6 +29,7 @@ import ipaddress
 import os
 import socket
 import struct
+
 from .netlink import RTPROT_NETAGENT, PeerEntries
 from .rtnl import NLM_F_ACK, NLM_F_REQUEST, Requests
 
@@ -107,7 +108,9 @@ class Overlay:
         return mtype, flags, body
 
     @staticmethod
-    def _neigh(mtype: int, flags: int, index: int, ip: str, mac: str | None) -> tuple[int, int, bytes]:
+    def _neigh(
+        mtype: int, flags: int, index: int, ip: str, mac: str | None
+    ) -> tuple[int, int, bytes]:
         state = NUD_PERMANENT if mtype == RTM_NEWNEIGH else 0
         body = _NDMSG.pack(socket.AF_INET, index, state, 0, 0)
         body += _attr(NDA_DST, ipaddress.IPv4Address(ip).packed)
@@ -116,7 +119,9 @@ class Overlay:
         return mtype, flags, body
 
     @staticmethod
-    def _fdb(mtype: int, flags: int, index: int, mac: str, dst: str | None) -> tuple[int, int, bytes]:
+    def _fdb(
+        mtype: int, flags: int, index: int, mac: str, dst: str | None
+    ) -> tuple[int, int, bytes]:
         state = NUD_PERMANENT if mtype == RTM_NEWNEIGH else 0
         body = _NDMSG.pack(socket.AF_BRIDGE, index, state, NTF_SELF, 0)
         body += _attr(NDA_LLADDR, _mac(mac))
@@ -126,11 +131,9 @@ class Overlay:
 
     # ---- parsing --------------------------------------------------------------------
     @staticmethod
-    def _parse_route(
-        raw: bytes, index: int, subnet: ipaddress.IPv4Network
-    ) -> str | None:
+    def _parse_route(raw: bytes, index: int, subnet: ipaddress.IPv4Network) -> str | None:
         body = _NLMSGHDR.size
-        _fam, dst_len, _s, _t, table, proto, _sc, _ty, flags = _RTMSG.unpack_from(raw, body)
+        _fam, dst_len, _s, _t, _table, proto, _sc, _ty, flags = _RTMSG.unpack_from(raw, body)
         attrs = _attrs(raw, body + _RTMSG.size)
         dst = attrs.get(RTA_DST)
         oif = attrs.get(RTA_OIF)
@@ -218,9 +221,7 @@ class Overlay:
         if requests:
             await self._run(requests, absent_ok=False)
 
-    async def delete(
-        self, index: int, subnet: ipaddress.IPv4Network, vtep: str, mac: str
-    ) -> None:
+    async def delete(self, index: int, subnet: ipaddress.IPv4Network, vtep: str, mac: str) -> None:
         """Remove the route, the neighbour and the FDB entry; absent ones are fine."""
         flags = NLM_F_REQUEST | NLM_F_ACK
         await self._run(

@@ -55,7 +55,9 @@ def check_subnet(value: object, what: str = "subnet") -> ipaddress.IPv4Network:
     try:
         net = ipaddress.IPv4Network(str(value))
     except ValueError:
-        raise InvalidArgument(f"{what} {value!r} is not an IPv4 subnet like 10.244.1.0/24") from None
+        raise InvalidArgument(
+            f"{what} {value!r} is not an IPv4 subnet like 10.244.1.0/24"
+        ) from None
     if net.prefixlen > 30:
         raise InvalidArgument(f"{what} {net} leaves no address for the bridge and a namespace")
     return net

@@ -216,8 +216,9 @@ def test_a_copied_bridge_rule_is_deleted_and_added_once(nft: NftablesBackend) ->
 
     batch = nft.plan(SPEC, observed(copied))
     assert batch.payload is not None
+    first = rules(DOC["nftables"], "masquerade br/v-net-0 192.168.15.0/24")[0]["rule"]["handle"]
     assert [line.split(" comment")[0] for line in batch.payload] == [
-        f"delete rule {T} postrouting handle {rules(DOC['nftables'], 'masquerade br/v-net-0 192.168.15.0/24')[0]['rule']['handle']}",
+        f"delete rule {T} postrouting handle {first}",
         f"delete rule {T} postrouting handle 99",
         f'add rule {T} postrouting ip saddr 192.168.15.0/24 oifname != "v-net-0" masquerade',
     ]
