@@ -103,6 +103,10 @@ class Cluster:
         bus: EventBus,
         node: str,
         status_of: Callable[[str], str | None],
+        *,
+        keepalive_interval: float | None = None,
+        retry: float = RETRY,
+        conflict_retry: float = CONFLICT_RETRY,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -113,6 +117,10 @@ class Cluster:
         #: key -> its reconcile state (``in place``, ...), from the reconciler
         self.status_of = status_of
         self.host = settings.host or socket.gethostname()
+        #: seconds between keep-alives (a third of the TTL), and between tries
+        self.keepalive_interval = keepalive_interval or max(1.0, settings.lease_ttl / 3)
+        self.retry = retry
+        self.conflict_retry = conflict_retry
         self.underlay: str | None = settings.underlay
         #: None: not asked yet; then whether the last call to etcd was answered
         self.reachable: bool | None = None
@@ -134,7 +142,7 @@ class Cluster:
         self._relist: anyio.CancelScope | None = None
 
     # ---- reachability ---------------------------------------------------------------
-    def _answered(self) -> None:
+    def _answered(self, resync: bool = True) -> None:
         was = self.reachable
         self.reachable, self.error = True, None
         if was is not True:
@@ -142,7 +150,8 @@ class Cluster:
             if was is False:
                 log.info("etcd is reachable again; resyncing")
                 self.bus.publish("cluster-reachable", "etcd is reachable again; full resync")
-                self.resync()
+                if resync:
+                    self.resync()
 
     def _unanswered(self, exc: BaseException) -> None:
         was = self.reachable
@@ -174,13 +183,13 @@ class Cluster:
                             inner.cancel_scope.cancel()
                     except StoreError as exc:
                         self._unanswered(exc)
-                        await anyio.sleep(RETRY)
+                        await anyio.sleep(self.retry)
                     except (JoinRefused, NetagentError) as exc:
                         message = exc.message if isinstance(exc, NetagentError) else str(exc)
                         self.error = message
                         log.error("cannot join the cluster", error=message)
                         self.bus.publish("cluster-refused", message)
-                        await anyio.sleep(CONFLICT_RETRY)
+                        await anyio.sleep(self.conflict_retry)
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(3):
                 await self._leave(store)
@@ -331,7 +340,7 @@ class Cluster:
         """Renew every TTL/3 (1 s while etcd does not answer); return when etcd says the
         lease is gone."""
         assert self.lease is not None
-        interval = max(1.0, self.settings.lease_ttl / 3)
+        interval = self.keepalive_interval
         wait = interval
         while True:
             await anyio.sleep(wait)
@@ -339,7 +348,7 @@ class Cluster:
                 left = await store.keepalive(self.lease)
             except StoreError as exc:
                 self._unanswered(exc)
-                wait = min(RETRY, interval)
+                wait = min(self.retry, interval)
                 continue
             self._answered()
             wait = interval
@@ -354,22 +363,26 @@ class Cluster:
         prefix = self.settings.subnets_prefix
         while True:
             try:
+                rev, kvs = await store.list_prefix(prefix)
+            except StoreError as exc:
+                self._unanswered(exc)
+                await anyio.sleep(self.retry)
+                continue
+            self._answered(resync=False)  # this listing is the resync
+            self._take_listing(kvs)
+            try:
                 with anyio.CancelScope() as scope:
                     self._relist = scope
-                    rev, kvs = await store.list_prefix(prefix)
-                    self._answered()
-                    self._take_listing(kvs)
                     async for events in store.watch(prefix, rev + 1):
                         for ev in events:
                             self._take(ev.kv, deleted=ev.kind == "delete")
                         self._mark_dirty()
-                self.resyncs += 1
             except StoreError as exc:
                 log.info("the watch ended; listing again", error=str(exc))
-                self.resyncs += 1
-                await anyio.sleep(RETRY)
+                await anyio.sleep(self.retry)
             finally:
                 self._relist = None
+            self.resyncs += 1
 
     def _take_listing(self, kvs: list[KeyValue]) -> None:
         now = set()
