@@ -437,9 +437,7 @@ class FakeNetlink:
             self.fdb.setdefault(index, {})[mac] = underlay
         self.calls.append(("set_peer_entries", str(subnet), what))
 
-    async def del_peer_entries(
-        self, index: int, subnet: IPv4Network, vtep: str, mac: str
-    ) -> None:
+    async def del_peer_entries(self, index: int, subnet: IPv4Network, vtep: str, mac: str) -> None:
         await self._fault("del_peer_entries")
         self.routes.get(index, {}).pop(str(subnet), None)
         self.neighbours.get(index, {}).pop(vtep, None)

@@ -246,9 +246,7 @@ class Netlink(Protocol):
         VXLAN device ``index``; ``what`` picks which of the three."""
         ...
 
-    async def del_peer_entries(
-        self, index: int, subnet: IPv4Network, vtep: str, mac: str
-    ) -> None:
+    async def del_peer_entries(self, index: int, subnet: IPv4Network, vtep: str, mac: str) -> None:
         """Remove the three (absent ones are fine)."""
         ...
 

@@ -85,7 +85,10 @@ def _vxlan_rules(guard: VxlanGuard | None) -> Rules:
     if guard is None:
         return {}
     c = f"vxlan-guard {guard.port}"
-    drop = f'meta nfproto ipv4 udp dport {guard.port} ip saddr != @{PEERS_SET} drop comment "{c}"'
+    drop = (
+        f"meta nfproto ipv4 udp dport {guard.port} ip saddr != @{PEERS_SET} counter drop "
+        f'comment "{c}"'
+    )
     m = f"vxlan-dnat {guard.device}"
     masq = f'ct status dnat oifname "{guard.device}" masquerade comment "{m}"'
     return {c: ("input", drop), m: ("postrouting", masq)}
@@ -419,8 +422,7 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
         count = 2 * len(MAPS) + 1 + len(rules)
         peers_text = f", {len(peers)} VXLAN peers" if peers else ""
         steps = [
-            f"{what} table {FAMILY} {TABLE} ({count} rules, {len(elems)} map elements"
-            f"{peers_text})"
+            f"{what} table {FAMILY} {TABLE} ({count} rules, {len(elems)} map elements{peers_text})"
         ]
         return Batch(steps=steps, payload=lines, rebuild=True)
 

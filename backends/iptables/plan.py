@@ -226,9 +226,7 @@ def plan_filter(
         decls.append(f":{chain} - [0:0]")
         body += chain_lines(chain, rules)
         verb = "create" if chain not in have.chains else "rewrite"
-        steps.append(
-            f"{verb} chain {chain} (ipv4 filter, {plural(len(rules) - 1, 'VXLAN peer')})"
-        )
+        steps.append(f"{verb} chain {chain} (ipv4 filter, {plural(len(rules) - 1, 'VXLAN peer')})")
     if guard is not None and not have.jumps.get(GUARD_JUMP):
         tail.append(rule_line("-I", "INPUT", jump_rule(CHAIN_INPUT), position=1))
         steps.append(f"add {jump_text('INPUT', CHAIN_INPUT, 4)}")

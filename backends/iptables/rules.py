@@ -301,9 +301,7 @@ class Wanted:
 def same_spec(a: FirewallSpec, b: FirewallSpec) -> bool:
     # the reconciler hands the same intent objects each time: the tuples' items compare
     # by identity first, so 10,000 forwards compare in ~0.1 ms
-    return a is b or (
-        a.forwards == b.forwards and a.bridges == b.bridges and a.vxlan == b.vxlan
-    )
+    return a is b or (a.forwards == b.forwards and a.bridges == b.bridges and a.vxlan == b.vxlan)
 
 
 def is_update_of(
