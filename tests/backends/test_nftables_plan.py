@@ -257,8 +257,8 @@ def test_a_gone_peer_is_one_element_deleted(nft: NftablesBackend) -> None:
 def test_the_guard_rule_is_put_back_alone(nft: NftablesBackend) -> None:
     batch = nft.plan(SPEC, observed(without_rule("vxlan-guard 4789")))
     assert batch.payload == [
-        f"add rule {T} input meta nfproto ipv4 udp dport 4789 ip saddr != @vxlan_peers counter drop "
-        'comment "vxlan-guard 4789"'
+        f"add rule {T} input meta nfproto ipv4 udp dport 4789 ip saddr != @vxlan_peers counter "
+        'drop comment "vxlan-guard 4789"'
     ]
 
 

@@ -5,6 +5,7 @@ hosts as nested sandboxes on an underlay bridge (``tests/support/cluster.py``), 
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator
 
@@ -68,6 +69,10 @@ def daemons(cluster: Cluster, etcd: EtcdCluster, n: int = 3, *extra: str) -> lis
     return ds
 
 
+def etcd_is(d: Daemon, state: str) -> bool:
+    return bool(cluster_status(d)["etcd"] == state)
+
+
 def everyone_reaches_everyone(ds: list[Daemon], ips: list[str]) -> None:
     for i, d in enumerate(ds):
         for j, ip in enumerate(ips):
@@ -120,7 +125,7 @@ def test_three_hosts_over_vxlan_through_etcd_with_tls(
     for i in range(3):
         etcd.stop_member(i)
     for d in ds:
-        wait_for("etcd unreachable said", lambda d=d: cluster_status(d)["etcd"] == "unreachable")
+        wait_for("etcd unreachable said", functools.partial(etcd_is, d, "unreachable"))
     assert "etcd UNREACHABLE" in ds[1].ok("status")
     everyone_reaches_everyone(ds, ips)
     ds[1].ok("ns", "add", "y")
@@ -128,7 +133,7 @@ def test_three_hosts_over_vxlan_through_etcd_with_tls(
     # back: a full resync, no peer lost or duplicated
     etcd.start_all()
     for d in ds:
-        wait_for("etcd reachable again", lambda d=d: cluster_status(d)["etcd"] == "reachable")
+        wait_for("etcd reachable again", functools.partial(etcd_is, d, "reachable"))
     wait_joined(ds)
     for i, d in enumerate(ds):
         rows = d.ctl_json("peers")

@@ -91,7 +91,7 @@ def vxlan_rx(host: Host, dev: str = "netagent.1") -> int:
 def _checksum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
@@ -147,4 +147,5 @@ def time_until(what: str, cond: Any, timeout: float = 30, interval: float = 0.02
     """Seconds until ``cond()`` is true (``wait_for`` with the time it took)."""
     t0 = time.monotonic()
     wait_for(what, cond, timeout=timeout, interval=interval)
-    return time.monotonic() - t0
+    took: float = time.monotonic() - t0
+    return took
