@@ -43,9 +43,9 @@ import structlog
 from netagent.backends.etcd import ClusterStore, KeyValue, StoreError
 
 from . import ops
-from .errors import InvalidArgument, NetagentError
+from .errors import BackendFailed, InvalidArgument, NetagentError
 from .kinds.bridge import Bridge, bridge_key
-from .kinds.peer import Peer
+from .kinds.peer import Peer, peer_key
 from .kinds.vxlan import Vxlan, vxlan_key
 from .subnets import Record, Settings, gateway, pick, vtep_mac
 
@@ -77,6 +77,8 @@ class Seen:
     invalid: str | None
     #: when this host first saw this lease of it (time.time())
     first_seen: float
+    #: the intent it asks for (None: none; made once, not at every sync)
+    peer: Peer | None = None
 
 
 def node_id(state_dir: Path) -> str:
@@ -140,6 +142,8 @@ class Cluster:
         self._dirty = anyio.Event()
         self._dirty_since: float | None = None
         self._relist: anyio.CancelScope | None = None
+        #: subnets seen changing since the last sync (None: compare them all)
+        self._changed: set[ipaddress.IPv4Network] | None = None
 
     # ---- reachability ---------------------------------------------------------------
     def _answered(self, resync: bool = True) -> None:
@@ -394,6 +398,7 @@ class Cluster:
             del self.seen[gone]
         self.listed_at = time.time()
         self._listed = True
+        self._changed = None  # compare everything
         self._mark_dirty()
 
     def _take(self, kv: KeyValue, deleted: bool) -> ipaddress.IPv4Network | None:
@@ -402,6 +407,8 @@ class Cluster:
             return None
         if deleted:
             self.seen.pop(net, None)
+            if self._changed is not None:
+                self._changed.add(net)
             return net
         old = self.seen.get(net)
         first = (
@@ -420,7 +427,18 @@ class Cluster:
                 )
         except InvalidArgument as exc:
             why = f"its record is not valid: {exc.message}"
-        self.seen[net] = Seen(kv, record, why, first)
+        peer = None
+        if record is not None and why is None and record.node != self.node:
+            # (a record of this host's own node id is an old one, left to expire)
+            try:
+                peer = Peer(
+                    net, record.underlay, record.vtep_mac, record.host, self.settings.device
+                )
+            except InvalidArgument as exc:
+                why = f"its record is not valid: {exc.message}"
+        self.seen[net] = Seen(kv, record, why, first, peer)
+        if self._changed is not None:
+            self._changed.add(net)
         return net
 
     # ---- peers into intents ---------------------------------------------------------
@@ -429,18 +447,13 @@ class Cluster:
             self._dirty_since = time.perf_counter()
         self._dirty.set()
 
+    def _wanted(self, net: ipaddress.IPv4Network) -> Peer | None:
+        seen = self.seen.get(net)
+        return None if seen is None or net == self.subnet else seen.peer
+
     def wanted(self) -> dict[str, Peer]:
         """The peer intents what was seen asks for (not this host's own subnet)."""
-        out: dict[str, Peer] = {}
-        for net, seen in self.seen.items():
-            rec = seen.record
-            if rec is None or seen.invalid is not None or net == self.subnet:
-                continue
-            if rec.node == self.node:
-                continue  # an old record of this host's, left to expire
-            peer = Peer(net, rec.underlay, rec.vtep_mac, rec.host, self.settings.device)
-            out[peer.key] = peer
-        return out
+        return {p.key: p for net in self.seen if (p := self._wanted(net)) is not None}
 
     async def _sync_loop(self) -> None:
         while True:
@@ -449,8 +462,18 @@ class Cluster:
             if self.subnet is None or self._mutate is None or not self._listed:
                 continue  # not joined, or not listed since: that marks dirty again
             started, self._dirty_since = self._dirty_since, None
-            want = self.wanted()
-            have = {p.key: p for p in self.state.of_kind("peer")}
+            changed, self._changed = self._changed, set()
+            if changed is None:  # a listing: everything
+                want = self.wanted()
+                have = {p.key: p for p in self.state.of_kind("peer")}
+            else:  # the watch's events: only what they named (1 of 1,000 costs 1)
+                want, have = {}, {}
+                for net in changed:
+                    key = peer_key(net)
+                    if (p := self._wanted(net)) is not None:
+                        want[key] = p
+                    if (h := self.state.get(key)) is not None:
+                        have[key] = h
             if want == have:
                 continue
 
@@ -459,9 +482,11 @@ class Cluster:
             removed = len(have.keys() - want.keys())
             try:
                 await self._mutate(change)
-            except NetagentError as exc:
-                # recorded but not in place yet (the reconciler retries), or refused
+            except BackendFailed as exc:  # recorded, not in place yet: the reconciler retries
                 log.warning("peers not all in place yet", error=exc.message)
+            except NetagentError as exc:  # refused: compare everything next time
+                log.error("peers could not be recorded", error=exc.message)
+                self._changed = None
             ms = (time.perf_counter() - (started or time.perf_counter())) * 1000
             self.last_sync = {
                 "added": added,

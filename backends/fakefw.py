@@ -181,6 +181,13 @@ class FakeFirewall(FirewallBackend[FakeRuleset, FakePayload]):
             touched=frozenset(f.key for f in added),
         )
 
+    def plan_guard(
+        self, spec: FirewallSpec, added: set[str], removed: set[str]
+    ) -> Batch[FakePayload]:
+        ops = [Op("delete-rule", f"vxlan-peer {ip}") for ip in sorted(removed)]
+        ops += [Op("add-rule", f"vxlan-peer {ip}") for ip in sorted(added)]
+        return Batch(_steps(ops), FakePayload("update", tuple(ops)))
+
     async def apply(self, batch: Batch[FakePayload]) -> None:
         await self._fault("apply")
         if batch.payload is None or not batch.payload.ops:

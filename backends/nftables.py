@@ -438,6 +438,18 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
             touched=frozenset(f.key for f in added),
         )
 
+    def plan_guard(
+        self, spec: FirewallSpec, added: set[str], removed: set[str]
+    ) -> Batch[list[str]]:
+        """Elements of ``vxlan_peers`` only; deleting one that is not there fails the
+        transaction (then a full sync follows)."""
+        gone = sorted((PEERS_SET, ip) for ip in removed)
+        new = sorted((PEERS_SET, ip) for ip in added)
+        return Batch(
+            steps=_peer_steps(gone, new),
+            payload=_set_lines("delete", gone) + _set_lines("add", new),
+        )
+
     async def apply(self, batch: Batch[list[str]]) -> None:
         if batch.empty or batch.payload is None:
             return

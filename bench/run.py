@@ -350,7 +350,7 @@ class Bench:
         self.box.stop(server)
 
 
-SECTIONS = ("cli", "agent", "attach", "lag", "repair", "nftables", "iptables")
+SECTIONS = ("cli", "agent", "attach", "lag", "repair", "nftables", "iptables", "cluster")
 
 
 def main() -> None:
@@ -362,6 +362,9 @@ def main() -> None:
         f"{os.cpu_count()} CPUs, each part in a sandbox of its own"
     )
     for name in chosen:
+        if name == "cluster":  # hosts, etcd and daemons of its own (bench/cluster.py)
+            __import__("bench.cluster", fromlist=["run"]).run()
+            continue
         # a fresh sandbox and daemon per part: no part measures another's leftovers
         b = Bench()
         try:

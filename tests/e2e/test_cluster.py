@@ -62,8 +62,10 @@ def etcd_tls(cluster: Cluster) -> Iterator[EtcdCluster]:
     yield from _etcd(cluster, tls=True)
 
 
-def daemons(cluster: Cluster, etcd: EtcdCluster, n: int = 3, *extra: str) -> list[Daemon]:
-    ds = [daemon_on(h, etcd, TTL, *extra) for h in cluster.hosts[:n]]
+def daemons(
+    cluster: Cluster, etcd: EtcdCluster, n: int = 3, *extra: str, firewall: str = "nftables"
+) -> list[Daemon]:
+    ds = [daemon_on(h, etcd, TTL, *extra, firewall=firewall) for h in cluster.hosts[:n]]
     for d in ds:
         d.start()
     return ds
@@ -163,9 +165,12 @@ def test_three_hosts_over_vxlan_through_etcd_with_tls(
         assert d.stop() == 0
 
 
-def test_vxlan_from_a_non_peer_is_dropped(cluster: Cluster, etcd: EtcdCluster) -> None:
+@pytest.mark.parametrize("firewall", ["nftables", "iptables"])
+def test_vxlan_from_a_non_peer_is_dropped(
+    cluster: Cluster, etcd: EtcdCluster, firewall: str
+) -> None:
     h1, h2 = cluster.hosts[:2]
-    ds = daemons(cluster, etcd, 2)
+    ds = daemons(cluster, etcd, 2, firewall=firewall)
     subnets = wait_joined(ds)
     ip2 = plug_workload(ds[1])
     mac2 = next(p["vtep_mac"] for p in ds[0].ctl_json("peers") if p["subnet"] == subnets[1])
@@ -178,6 +183,9 @@ def test_vxlan_from_a_non_peer_is_dropped(cluster: Cluster, etcd: EtcdCluster) -
     send_udp(h1, h2.underlay_ip, 4789, frame)
     wait_for("host2's VXLAN device got the peer's frame", lambda: vxlan_rx(h2) > rx)
     assert vxlan_rx(h2) == rx + 1 and guard_drops(ds[1]) == drops + 1
+    # and traffic between the two hosts' namespaces flows with this backend's guard
+    ip1 = plug_workload(ds[0])
+    assert ping(ds[0], "w", ip2) and ping(ds[1], "w", ip1)
 
 
 def test_hosts_starting_together_never_share_a_subnet(cluster: Cluster, etcd: EtcdCluster) -> None:

@@ -42,8 +42,12 @@ def cluster_args(host: Host, etcd: EtcdCluster, ttl: int = 6, *extra: str) -> li
     return [*args, *extra]
 
 
-def daemon_on(host: Host, etcd: EtcdCluster, ttl: int = 6, *extra: str) -> Daemon:
-    return Daemon(host, host.workdir, extra=cluster_args(host, etcd, ttl, *extra))
+def daemon_on(
+    host: Host, etcd: EtcdCluster, ttl: int = 6, *extra: str, firewall: str = "nftables"
+) -> Daemon:
+    return Daemon(
+        host, host.workdir, firewall=firewall, extra=cluster_args(host, etcd, ttl, *extra)
+    )
 
 
 def cluster_status(d: Daemon) -> dict[str, Any]:
@@ -135,7 +139,13 @@ def send_udp(host: Host, dst: str, port: int, payload: bytes) -> None:
 
 
 def guard_drops(d: Daemon) -> int:
-    """Packets the VXLAN guard rule dropped (its nft counter)."""
+    """Packets the VXLAN guard rule dropped (its nft counter, or iptables' own)."""
+    if d.firewall == "iptables":
+        out = d.sh("iptables", "-w", "-L", "NETAGENT-INPUT", "-v", "-x", "-n").stdout
+        for line in out.splitlines():
+            if "DROP" in line and "netagent:vxlan-guard" in line:
+                return int(line.split()[0])
+        raise AssertionError(f"no guard rule:\n{out}")
     out = d.sh("nft", "list", "chain", "inet", "netagent", "input").stdout
     for line in out.splitlines():
         if "vxlan-guard" in line and "counter packets" in line:
