@@ -247,6 +247,14 @@ class Cluster:
         vx = self.state.get(vxlan_key(self.settings.device))
         return vx.subnet if isinstance(vx, Vxlan) else None
 
+    def _own_missing(self) -> bool:
+        """The cluster's bridge or VXLAN device is not desired (a purge, an apply
+        --prune): while this host holds a subnet they are put back."""
+        return self.subnet is not None and (
+            vxlan_key(self.settings.device) not in self.state
+            or bridge_key(self.settings.bridge) not in self.state
+        )
+
     def _plugged(self) -> bool:
         return any(
             u.kind == "plug" for u in self.state.dependents(bridge_key(self.settings.bridge))
@@ -356,6 +364,8 @@ class Cluster:
                 continue
             self._answered()
             wait = interval
+            if self._own_missing():
+                self._mark_dirty()  # purged, or pruned: the sync puts them back
             if left <= 0:
                 log.warning("the lease expired (etcd was out of reach); joining again")
                 self.bus.publish("cluster-lease-lost", f"lease {self.lease:x} expired; rejoining")
@@ -462,6 +472,12 @@ class Cluster:
             if self.subnet is None or self._mutate is None or not self._listed:
                 continue  # not joined, or not listed since: that marks dirty again
             started, self._dirty_since = self._dirty_since, None
+            if self._own_missing():
+                try:
+                    await self._commit_own(self.subnet)
+                except NetagentError as exc:
+                    log.warning("the cluster's bridge and device not back yet", error=exc.message)
+                self._changed = None  # and every peer with them
             changed, self._changed = self._changed, set()
             if changed is None:  # a listing: everything
                 want = self.wanted()

@@ -396,3 +396,16 @@ def test_settings_refuse_what_cannot_work() -> None:
     assert s.subnet_of(PREFIX + "10.244.3.0-24") == ipaddress.IPv4Network("10.244.3.0/24")
     assert s.subnet_of(PREFIX + "10.244.3.0-25") is None
     assert vtep_mac(ipaddress.IPv4Network("10.244.1.0/24")) == "0a:58:0a:f4:01:00"
+
+
+async def test_a_purge_is_followed_by_the_cluster_putting_its_own_back(tmp_path: Path) -> None:
+    store = FakeStore()
+    h1, h2 = make_host(tmp_path / "h1", store, 1), make_host(tmp_path / "h2", store, 2)
+    async with running(h1, h2):
+        await see_each_other(h1, h2)
+        await h1.w.call("purge")
+        await until(
+            lambda: "vxlan/netagent.1" in h1.w.state and str(h2.subnet) in h1.routes(),
+            "the bridge, the device and the peer back",
+        )
+        assert "br/netagent0" in h1.w.state
