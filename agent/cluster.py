@@ -29,12 +29,10 @@ flannel's way (``pkg/subnet/etcd``, ``pkg/backend/vxlan``), in netagent's rooms:
 from __future__ import annotations
 
 import ipaddress
-import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -79,20 +77,6 @@ class Seen:
     first_seen: float
     #: the intent it asks for (None: none; made once, not at every sync)
     peer: Peer | None = None
-
-
-def node_id(state_dir: Path) -> str:
-    """This host's id in the cluster, kept in the state dir: what makes a record this
-    host's own across restarts (its underlay address may change)."""
-    path = state_dir / "cluster-node"
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        value = secrets.token_hex(8)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(value + "\n")
-        tmp.replace(path)
-        return value
 
 
 class Cluster:
@@ -587,16 +571,3 @@ def _peer_change(want: dict[str, Peer], have: dict[str, Any]) -> Callable[[Desir
                 st.put(peer)
 
     return change
-
-
-def open_store(settings: Settings) -> ClusterStore:
-    """The real store (etcd3aio is imported here, in the daemon only)."""
-    from netagent.backends.etcd import Etcd3Store, parse_endpoints
-
-    return Etcd3Store(
-        parse_endpoints(settings.endpoints),
-        ca=settings.ca,
-        cert=settings.cert,
-        key=settings.key,
-        server_name=settings.tls_name,
-    )

@@ -33,7 +33,7 @@ from . import clusterapi, sdnotify
 from .access import Policy
 from .api import Counters, Service
 from .bus import EventBus
-from .cluster import Cluster, node_id, open_store
+from .cluster import Cluster
 from .config import Config
 from .errors import NetagentError
 from .events import EventSource
@@ -47,7 +47,7 @@ from .listen import bind_socket, lock_state_dir
 from .reconcile import Reconciler
 from .state import DesiredState
 from .store import StateStore
-from .subnets import Settings
+from .subnets import Settings, node_id, open_store
 from .transport import Server
 
 log = structlog.get_logger("netagent")

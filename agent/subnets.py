@@ -1,4 +1,5 @@
-"""The cluster's settings and what it writes in etcd, without I/O.
+"""The cluster's settings and what it writes in etcd (pure), and the two things
+``main.py`` builds the cluster room from: this host's node id and the real store.
 
 Keys under the prefix (``--cluster-prefix``, default ``/netagent/network``), after
 flannel's ``/coreos.com/network``:
@@ -19,12 +20,15 @@ import json
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidArgument
 from .kinds.vxlan import check_ipv4, check_mac, device_name
 
 if TYPE_CHECKING:
+    from netagent.backends.etcd import ClusterStore
+
     from .config import Config
 
 #: the record's format version (a host reading a newer one skips it and says so)
@@ -207,3 +211,30 @@ def pick(free: Iterable[ipaddress.IPv4Network]) -> ipaddress.IPv4Network | None:
     the same one; the create-if-absent transaction settles it when they do."""
     choices = list(free)
     return secrets.choice(choices) if choices else None
+
+
+def node_id(state_dir: Path) -> str:
+    """This host's id in the cluster, kept in the state dir: what makes a record this
+    host's own across restarts (its underlay address may change)."""
+    path = state_dir / "cluster-node"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        value = secrets.token_hex(8)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(value + "\n")
+        tmp.replace(path)
+        return value
+
+
+def open_store(settings: Settings) -> ClusterStore:
+    """The real store (etcd3aio is imported here, in the daemon only)."""
+    from netagent.backends.etcd import Etcd3Store, parse_endpoints
+
+    return Etcd3Store(
+        parse_endpoints(settings.endpoints),
+        ca=settings.ca,
+        cert=settings.cert,
+        key=settings.key,
+        server_name=settings.tls_name,
+    )

@@ -21,10 +21,10 @@ import anyio
 import pytest
 
 from netagent.agent import clusterapi, subnets
-from netagent.agent.cluster import Cluster, node_id
+from netagent.agent.cluster import Cluster
 from netagent.agent.config import Config
 from netagent.agent.errors import InvalidArgument
-from netagent.agent.subnets import Record, Settings, vtep_mac
+from netagent.agent.subnets import Record, Settings, node_id, vtep_mac
 from netagent.backends.fakeetcd import FakeStore
 
 from .world import World, make_world, until
