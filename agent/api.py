@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import structlog
 
-from . import ops, quarantine
+from . import clusterapi, ops, quarantine
 from .errors import BackendFailed, InvalidArgument, NetagentError, NotFound, ReadOnly, UnknownOp
 from .reconcile import FIREWALL, IN_PLACE, PENDING, PURGE_ORPHANS, Reconciler
 from .schema import Request, prefix_error
 
 if TYPE_CHECKING:
     from .bus import EventBus
+    from .cluster import Cluster
     from .fwsync import FirewallSync
     from .kinds import Registry
     from .kinds.base import Context, Intent
@@ -97,6 +98,7 @@ class Service:
         bus: EventBus,
         counters: Counters,
         about: Mapping[str, Any],
+        cluster: Cluster | None = None,
     ) -> None:
         self.state = state
         self.kinds: Registry = state.kinds
@@ -107,6 +109,7 @@ class Service:
         self.bus = bus
         self.counters = counters
         self.about = dict(about)
+        self.cluster = cluster
         self.started = time.time()
         self._commit = anyio.Lock()
         self._static_memo: dict[str, tuple[Intent, dict[str, Any]]] = {}
@@ -119,6 +122,7 @@ class Service:
             ops.Neigh: self._kernel_view,
             ops.Routes: self._kernel_view,
             ops.Forget: lambda req: quarantine.forget(self, req),
+            ops.Peers: self._peers,
         }
 
     # ---- dispatch -------------------------------------------------------------------
@@ -316,7 +320,11 @@ class Service:
                 "p99": round(c.loop_lag_p99 * 1000, 2),
                 "max": round(c.loop_lag_max * 1000, 2),
             },
+            "cluster": clusterapi.status(self.cluster),
         }
+
+    async def _peers(self, req: Request) -> Any:
+        return clusterapi.peers(self.cluster)
 
     async def _show(self, req: Request) -> Any:
         """What is desired and whether each part is in place, as the reconciler last

@@ -30,6 +30,28 @@ class Config:
     log_format: str = "auto"
     #: ADDR:PORT to serve Prometheus metrics on (``docs/metrics.md``); off when unset
     metrics: str | None = None
+    # ---- the cluster (``docs/cluster.md``); none of it applies without endpoints -------
+    #: etcd client URLs (a list, or one string with commas): joins the cluster
+    cluster_endpoints: list[str] | str | None = None
+    cluster_cidr: str = "10.244.0.0/16"
+    cluster_subnet_len: int = 24
+    #: this host's address on the underlay (default: the address of the interface the
+    #: default route goes through)
+    underlay: str | None = None
+    cluster_vni: int = 1
+    cluster_port: int = 4789
+    #: seconds a host's lease outlives its last keep-alive
+    cluster_lease_ttl: int = 30
+    cluster_bridge: str = "netagent0"
+    cluster_prefix: str = "/netagent/network"
+    #: PEM files for TLS to etcd (https endpoints): CA, client certificate and key
+    cluster_ca: str | None = None
+    cluster_cert: str | None = None
+    cluster_key: str | None = None
+    #: the server name checked in etcd's certificate (default: the first endpoint's host)
+    cluster_tls_name: str | None = None
+    #: this host's name in the cluster (default: the host name)
+    cluster_host: str | None = None
 
     @classmethod
     def load(cls, path: str | None, overrides: dict[str, Any]) -> Config:
@@ -67,6 +89,10 @@ class Config:
             raise InvalidArgument("log_format must be auto, console or json")
         if self.metrics is not None:
             metrics_address(self.metrics)
+        if self.cluster_endpoints:
+            from .subnets import Settings
+
+            Settings.from_config(self)  # refuses what cannot work, before anything starts
 
 
 def metrics_address(text: object) -> tuple[str, int]:

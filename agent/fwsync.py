@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import structlog
 
-from netagent.backends.firewall import AnyBackend, Batch, FirewallSpec
+from netagent.backends.firewall import AnyBackend, Batch, FirewallSpec, VxlanGuard
 
 from .errors import NetagentError
 
@@ -51,7 +51,11 @@ class FirewallSync:
         self._tool_only: str | None = None
         self._added: list[Forward] = []
         self._removed: list[Forward] = []
+        #: peers' underlay addresses added / removed since the last sync
+        self._peers_added: set[str] = set()
+        self._peers_removed: set[str] = set()
         self._full = True
+        self._full_guard = False
         #: what the last full plan found missing, until a sync succeeds
         self.pending: list[str] = []
         #: forward key -> why the backend refused it (kept out until the next full sync)
@@ -65,11 +69,12 @@ class FirewallSync:
     def spec(self, state: DesiredState) -> FirewallSpec:
         forwards: Any = tuple(state.of_kind("forward"))
         bridges: Any = tuple(state.of_kind("bridge"))
-        return FirewallSpec(forwards=forwards, bridges=bridges)
+        return FirewallSpec(forwards=forwards, bridges=bridges, vxlan=vxlan_guard(state))
 
     def note(self, change: Change) -> None:
         """A committed change of a firewall kind."""
         from .kinds.forward import Forward
+        from .kinds.peer import Peer
 
         old, new = change.old, change.new
         if isinstance(old, Forward) or isinstance(new, Forward):
@@ -77,8 +82,14 @@ class FirewallSync:
                 self._removed.append(old)
             if isinstance(new, Forward):
                 self._added.append(new)
+        elif isinstance(old, Peer) or isinstance(new, Peer):
+            # a peer's underlay address: one element of the VXLAN guard
+            if isinstance(old, Peer):
+                self._peers_removed.add(old.underlay)
+            if isinstance(new, Peer):
+                self._peers_added.add(new.underlay)
         else:
-            self._full = True  # a bridge: its rules are few, plan them whole
+            self._full = True  # a bridge, a peer: their rules are few, plan them whole
 
     def drifted(self, why: str) -> None:
         self._full = True
@@ -92,6 +103,8 @@ class FirewallSync:
         spec = self.spec(state)
         added, removed = self._added, self._removed
         self._added, self._removed = [], []
+        peers_added, peers_removed = self._peers_added, self._peers_removed
+        self._peers_added, self._peers_removed = set(), set()
         full, self._full = self._full, True  # until this sync succeeds
         steps: list[str] = []
         if spec.empty:
@@ -108,6 +121,9 @@ class FirewallSync:
                     # the rules drifted under us: observe and converge the whole of it
                     log.info("firewall update failed; planning it whole", error=exc.message)
                     full = True
+            if not full and (peers_added or peers_removed):
+                steps = [*steps, *await self._guard_update(spec, peers_added, peers_removed)]
+                full = self._full_guard
             if full:
                 steps = await self._full_sync(spec)
         self._full = False
@@ -115,6 +131,25 @@ class FirewallSync:
         if removed and self.conntrack:
             steps = [*steps, *await self.clear_connections(removed)]
         return steps
+
+    async def _guard_update(
+        self, spec: FirewallSpec, added: set[str], removed: set[str]
+    ) -> list[str]:
+        """Peers came or went: the guard's elements alone, when the backend can
+        (``plan_guard``); else (or when applying fails) a full sync follows."""
+        self._full_guard = False
+        want = spec.vxlan.peers if spec.vxlan is not None else frozenset()
+        batch = self.backend.plan_guard(spec, added & want, removed - want)
+        if batch is None:
+            self._full_guard = True
+            return []
+        try:
+            await self.backend.apply(batch)
+        except NetagentError as exc:
+            log.info("VXLAN guard update failed; planning it whole", error=exc.message)
+            self._full_guard = True
+            return []
+        return batch.steps
 
     async def _full_sync(self, spec: FirewallSpec) -> list[str]:
         observed = await self.backend.observe()
@@ -136,14 +171,16 @@ class FirewallSync:
         """Install the bridges' rules, then the forwards in chunks as updates; a chunk
         that fails is halved until the forwards the backend refuses are found. Those are
         reported (``quarantined``, their keys fail) and retried at the next full sync."""
-        base = FirewallSpec(forwards=(), bridges=spec.bridges)
+        base = FirewallSpec(forwards=(), bridges=spec.bridges, vxlan=spec.vxlan)
         batch = await self._plan(base, await self.backend.observe())
         await self.backend.apply(batch)  # if the bridges' own rules fail, that is the error
         installed: list[Forward] = []
         refused: dict[str, str] = {}
 
         async def add(group: list[Forward]) -> None:
-            current = FirewallSpec(forwards=(*installed, *group), bridges=spec.bridges)
+            current = FirewallSpec(
+                forwards=(*installed, *group), bridges=spec.bridges, vxlan=spec.vxlan
+            )
             try:
                 await self.backend.apply(self.backend.plan_update(current, group, []))
                 installed.extend(group)
@@ -235,6 +272,16 @@ class FirewallSync:
                     cleared=cleared,
                 )
         return steps
+
+
+def vxlan_guard(state: DesiredState) -> VxlanGuard | None:
+    """The VXLAN device's port and every peer's underlay address (``agent/kinds``)."""
+    devices = state.of_kind("vxlan") if state.kinds.get("vxlan") else []
+    if not devices:
+        return None
+    vx: Any = min(devices, key=lambda d: d.key)
+    peers = frozenset(p.underlay for p in state.of_kind("peer"))  # type: ignore[attr-defined]
+    return VxlanGuard(device=vx.name, port=vx.port, peers=peers)
 
 
 async def _clear_one(tool: str, fwd: Forward, hport: int, dport: int) -> int:

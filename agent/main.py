@@ -5,9 +5,12 @@
 2. load the desired state; open the kernel side and the firewall backend (removing the
    rules of another backend that wrote them last);
 3. start the event source (subscribe, then dump into the link cache);
-4. reconcile everything before serving, then serve, and tell systemd READY=1.
+4. reconcile everything before serving, then serve, and tell systemd READY=1;
+5. with ``--cluster-endpoints``, join the cluster (``agent/cluster.py``): etcd answering
+   or not, the host is served and its data plane is back by then.
 
-SIGTERM stops serving and exits; the data plane (links, rules) stays as it is.
+SIGTERM stops serving and exits; the data plane (links, rules) stays as it is (the
+cluster lease is revoked, so the other hosts stop routing to this one at once).
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ import structlog
 from netagent.backends import firewall as fwreg
 from netagent.backends.pyroute import PyrouteNetlink
 
-from . import sdnotify
+from . import clusterapi, sdnotify
 from .access import Policy
 from .api import Counters, Service
 from .bus import EventBus
+from .cluster import Cluster
 from .config import Config
 from .errors import NetagentError
 from .events import EventSource
@@ -45,6 +49,7 @@ from .probe import NOOP, Probe
 from .reconcile import Reconciler
 from .state import DesiredState
 from .store import StateStore
+from .subnets import Settings, node_id, open_store
 from .transport import Server
 
 log = structlog.get_logger("netagent")
@@ -186,6 +191,18 @@ async def run_daemon(config: Config, recover: bool = False) -> None:
             probe=probe,
         )
         events = EventSource(state, rec, net, links, bus, counters)
+        cluster = None
+        if config.cluster_endpoints:
+            settings = Settings.from_config(config)
+            cluster = Cluster(
+                settings,
+                open_store(settings),  # a bad TLS file stops the start, here
+                state,
+                net,
+                bus,
+                node_id(state_dir),
+                clusterapi.state_of(rec),
+            )
         api = Service(
             state=state,
             store=store,
@@ -195,6 +212,7 @@ async def run_daemon(config: Config, recover: bool = False) -> None:
             bus=bus,
             counters=counters,
             about={"socket": config.socket, "state_dir": config.state_dir},
+            cluster=cluster,
         )
         server = Server(
             api,
@@ -226,6 +244,10 @@ async def run_daemon(config: Config, recover: bool = False) -> None:
                 if watcher is not None:
                     tg.start_soon(watcher.run, lambda what: on_drift(rec, fw, bus, what))
                 tg.start_soon(server.serve, listener)
+                if cluster is not None:
+                    # after the start-up pass: the data plane the journal holds is back
+                    # and local requests are served whether or not etcd answers
+                    tg.start_soon(cluster.run, api.mutate)
                 gc.freeze()  # what start-up made lives forever: keep it out of GC passes
                 sdnotify.notify(f"READY=1\nSTATUS={sdnotify.one_line(api.summary())}")
                 tg.start_soon(sdnotify.watchdog_loop, api.summary)

@@ -397,6 +397,18 @@ REQUESTS: tuple[type[Request], ...] = (
     Forget,
 )
 
+
+# ---- the cluster (``agent/cluster.py``) ----------------------------------------------
+class Peers(Request):
+    """The cluster's other hosts: subnet, underlay, lease, and whether their routes and
+    FDB entries are in place."""
+
+    op = "peers"
+    cli = ("peers",)
+
+
+REQUESTS += (Peers,)
+
 #: op name or alias -> request class
 BY_OP: dict[str, type[Request]] = {name: r for r in REQUESTS for name in (r.op, *r.aliases)}
 #: intent kind or alias -> the request that adds one (an ``apply`` document's entries)

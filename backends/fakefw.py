@@ -32,7 +32,7 @@ import anyio
 from netagent.agent import intents as I
 from netagent.agent.errors import BackendFailed
 
-from .firewall import Batch, FirewallBackend, FirewallSpec
+from .firewall import Batch, FirewallBackend, FirewallSpec, VxlanGuard
 
 Verb = Literal["create", "add", "delete", "add-rule", "delete-rule"]
 
@@ -74,6 +74,15 @@ def bridge_rules(br: I.Bridge) -> list[str]:
         if br.masquerade:
             out.append(f"masquerade {br.key} {addr.network} oifname != {br.name}")
     return out
+
+
+def vxlan_rules(guard: VxlanGuard | None) -> list[str]:
+    """The VXLAN port's guard, one line per peer allowed, and the masquerade of
+    forwarded connections leaving through the device."""
+    if guard is None:
+        return []
+    out = [f"vxlan-guard udp/{guard.port} drop unless a peer", f"vxlan-dnat {guard.device}"]
+    return out + [f"vxlan-peer {ip}" for ip in sorted(guard.peers)]
 
 
 def _forward_line(fwd: I.Forward) -> str:
@@ -141,6 +150,7 @@ class FakeFirewall(FirewallBackend[FakeRuleset, FakePayload]):
     def plan(self, spec: FirewallSpec, observed: FakeRuleset) -> Batch[FakePayload]:
         want = {f.key: f for f in spec.forwards}
         want_rules = {r for br in spec.bridges for r in bridge_rules(br)}
+        want_rules.update(vxlan_rules(spec.vxlan))
         if not observed.present:
             ops = [Op("create")]
             ops += [Op("add", k, f) for k, f in sorted(want.items())]
@@ -170,6 +180,13 @@ class FakeFirewall(FirewallBackend[FakeRuleset, FakePayload]):
             FakePayload("update", tuple(ops)),
             touched=frozenset(f.key for f in added),
         )
+
+    def plan_guard(
+        self, spec: FirewallSpec, added: set[str], removed: set[str]
+    ) -> Batch[FakePayload]:
+        ops = [Op("delete-rule", f"vxlan-peer {ip}") for ip in sorted(removed)]
+        ops += [Op("add-rule", f"vxlan-peer {ip}") for ip in sorted(added)]
+        return Batch(_steps(ops), FakePayload("update", tuple(ops)))
 
     async def apply(self, batch: Batch[FakePayload]) -> None:
         await self._fault("apply")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 from collections.abc import Callable
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import anyio
 
 from netagent.agent.values import IPAddress, IPInterface
 
-from .netlink import NETAGENT_GROUP, RTPROT_NETAGENT, Link, NsRef, Route
+from .netlink import NETAGENT_GROUP, RTPROT_NETAGENT, Link, NsRef, PeerEntries, Route, Vxlan
 
 
 @dataclasses.dataclass
@@ -45,6 +46,13 @@ class FakeNetlink:
         #: every mutating call, in order: ("op", args...)
         self.calls: list[tuple[Any, ...]] = []
         self._faults: dict[str, list[BaseException | None]] = {}
+        #: host VXLAN devices: index -> (vni, port, local, dev, learning)
+        self.vxlans: dict[int, tuple[int, int, str, int, bool]] = {}
+        #: per VXLAN device index: routes (subnet -> via), neighbours (ip -> mac) and FDB
+        #: entries (mac -> dst), as netagent's raw requests leave them
+        self.routes: dict[int, dict[str, str]] = {}
+        self.neighbours: dict[int, dict[str, str]] = {}
+        self.fdb: dict[int, dict[str, str]] = {}
         #: called with (deleted, Link) in the host namespace, like the kernel's events
         self.on_link: Callable[[bool, Link], None] | None = None
         self._add_lo(self.host)
@@ -132,6 +140,10 @@ class FakeNetlink:
 
     def _set(self, space: _Ns, link: Link, ns: NsRef, deleted: bool = False) -> None:
         if deleted:
+            self.vxlans.pop(link.index, None)
+            self.routes.pop(link.index, None)
+            self.neighbours.pop(link.index, None)
+            self.fdb.pop(link.index, None)
             space.links.pop(link.index, None)
             space.addrs.pop(link.index, None)
             for version, route in list(space.routes.items()):
@@ -364,6 +376,83 @@ class FakeNetlink:
         space = self._space(ns)
         space.routes[gateway.version] = Route(str(gateway), index, RTPROT_NETAGENT)
         self.calls.append(("replace_default_route", ns, str(gateway)))
+
+    # ---- the VXLAN overlay ----------------------------------------------------------
+    def add_address_to_host(self, name: str, addr: IPInterface) -> Link:
+        """A host interface someone else made, holding ``addr`` (an underlay's eth0)."""
+        link = self.make_foreign_link(name)
+        self.host.addrs.setdefault(link.index, set()).add(addr)
+        return link
+
+    async def add_vxlan(
+        self, name: str, *, vni: int, port: int, local: str, dev: int, mac: str
+    ) -> None:
+        await self._fault("add_vxlan")
+        if self._by_name(self.host, name) is not None:
+            raise FileExistsError(errno.EEXIST, name)
+        link = Link(self._index(), name, "vxlan", up=True, group=NETAGENT_GROUP, mac=mac)
+        self.vxlans[link.index] = (vni, port, local, dev, False)
+        self._set(self.host, link, None)
+        self.calls.append(("add_vxlan", name, vni, port, local, dev, mac))
+
+    async def vxlan(self, name: str) -> Vxlan | None:
+        await self._fault("vxlan")
+        link = self._by_name(self.host, name)
+        if link is None or link.index not in self.vxlans:
+            return None
+        vni, port, local, dev, learning = self.vxlans[link.index]
+        return Vxlan(link, vni, port, local, dev, learning)
+
+    async def address_owner(self, ip: str) -> int | None:
+        for index, addrs in self.host.addrs.items():
+            if any(str(a.ip) == ip for a in addrs):
+                return index
+        return None
+
+    def _device(self, index: int) -> None:
+        if index not in self.vxlans:
+            raise OSError(errno.ENODEV, "No such device")
+
+    async def peer_entries(
+        self, index: int, subnet: IPv4Network, vtep: str, mac: str
+    ) -> PeerEntries:
+        await self._fault("peer_entries")
+        self._device(index)
+        return PeerEntries(
+            self.routes.get(index, {}).get(str(subnet)),
+            self.neighbours.get(index, {}).get(vtep),
+            self.fdb.get(index, {}).get(mac),
+        )
+
+    async def set_peer_entries(
+        self,
+        index: int,
+        subnet: IPv4Network,
+        vtep: str,
+        mac: str,
+        underlay: str,
+        what: tuple[bool, bool, bool] = (True, True, True),
+    ) -> None:
+        await self._fault("set_peer_entries")
+        self._device(index)
+        if what[0]:
+            self.routes.setdefault(index, {})[str(subnet)] = vtep
+        if what[1]:
+            self.neighbours.setdefault(index, {})[vtep] = mac
+        if what[2]:
+            self.fdb.setdefault(index, {})[mac] = underlay
+        self.calls.append(("set_peer_entries", str(subnet), what))
+
+    async def del_peer_entries(self, index: int, subnet: IPv4Network, vtep: str, mac: str) -> None:
+        await self._fault("del_peer_entries")
+        self.routes.get(index, {}).pop(str(subnet), None)
+        self.neighbours.get(index, {}).pop(vtep, None)
+        self.fdb.get(index, {}).pop(mac, None)
+        self.calls.append(("del_peer_entries", str(subnet)))
+
+    async def del_fdb(self, index: int, mac: str) -> None:
+        self.fdb.get(index, {}).pop(mac, None)
+        self.calls.append(("del_fdb", mac))
 
     # ---- sysctls --------------------------------------------------------------------
     def sysctl(self, path: str) -> str | None:

@@ -17,6 +17,7 @@ socket is dropped, instead of waiting forever.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -92,6 +93,33 @@ class Route:
     gateway: str | None
     oif: int | None
     proto: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Vxlan:
+    """A VXLAN device's settings, as far as netagent sets them."""
+
+    link: Link
+    vni: int
+    port: int
+    local: str | None
+    #: the underlay interface's index (``dev``)
+    dev: int | None
+    learning: bool
+
+
+@dataclass(frozen=True)
+class PeerEntries:
+    """What the kernel has for one peer on the VXLAN device (None: missing, or not as
+    netagent makes it)."""
+
+    #: the gateway of the route to exactly the peer's subnet over the device (onlink,
+    #: netagent's protocol)
+    route_via: str | None
+    #: the MAC of the permanent neighbour entry for the peer's VTEP address
+    neigh_mac: str | None
+    #: the remote (underlay address) of the FDB entry for the peer's MAC
+    fdb_dst: str | None
 
 
 class Netlink(Protocol):
@@ -201,10 +229,48 @@ class Netlink(Protocol):
         """Point netagent's default route of that IP version at another gateway."""
         ...
 
-    # ---- sysctls ----------------------------------------------------------------------
-    def sysctl(self, path: str) -> str | None:
-        """In the daemon's own namespace."""
+    # ---- the VXLAN overlay (the daemon's own namespace) ------------------------------
+    async def add_vxlan(
+        self, name: str, *, vni: int, port: int, local: str, dev: int, mac: str
+    ) -> None:
+        """A VXLAN device with learning off, netagent's group and a fixed MAC, on the
+        underlay interface ``dev`` (its MTU follows from it), up."""
         ...
+
+    async def vxlan(self, name: str) -> Vxlan | None:
+        """A host interface's VXLAN settings (None: no such interface, or not VXLAN)."""
+        ...
+
+    async def address_owner(self, ip: str) -> int | None:
+        """The index of the host interface that holds the address ``ip``."""
+        ...
+
+    async def peer_entries(
+        self, index: int, subnet: IPv4Network, vtep: str, mac: str
+    ) -> PeerEntries: ...
+
+    async def set_peer_entries(
+        self,
+        index: int,
+        subnet: IPv4Network,
+        vtep: str,
+        mac: str,
+        underlay: str,
+        what: tuple[bool, bool, bool] = (True, True, True),
+    ) -> None:
+        """Create or replace the route to ``subnet`` via ``vtep`` (onlink), the permanent
+        neighbour entry ``vtep -> mac`` and the FDB entry ``mac -> underlay``, on the
+        VXLAN device ``index``; ``what`` picks which of the three."""
+        ...
+
+    async def del_peer_entries(self, index: int, subnet: IPv4Network, vtep: str, mac: str) -> None:
+        """Remove the three (absent ones are fine)."""
+        ...
+
+    async def del_fdb(self, index: int, mac: str) -> None: ...
+
+    # ---- sysctls (the daemon's own namespace) ---------------------------------------
+    def sysctl(self, path: str) -> str | None: ...
 
     def set_sysctl(self, path: str, value: str) -> None: ...
 

@@ -11,7 +11,11 @@ DNAT rule starts with ``fib daddr type local`` (CNI portmap's GHSA-jv3w-x3r3-g6r
       chain prerouting  nat/prerouting -100: fib daddr type local dnat ... map @...
       chain output      nat/output -100:     the same, for the host's own traffic
       chain postrouting nat/postrouting 100: masquerade for 127.0.0.1 -> forward,
-                                             hairpin and --masquerade per bridge
+                                             hairpin and --masquerade per bridge,
+                                             forwarded connections out of the VXLAN
+                                             device
+      set vxlan_peers   ipv4_addr: the cluster's peers' underlay addresses
+      chain input       filter/input -100:   VXLAN port from a non-peer: drop
 
 Every change is one transaction of nft's language (atomic, all or nothing), run through
 in-process libnftables when it is there (see ``LibNftables``), else as ``nft -f -`` with
@@ -37,7 +41,7 @@ import anyio
 from netagent.agent import intents as I
 from netagent.agent.errors import BackendFailed
 
-from .firewall import Batch, DriftWatcher, FirewallBackend, FirewallSpec
+from .firewall import Batch, DriftWatcher, FirewallBackend, FirewallSpec, VxlanGuard
 from .nftmonitor import NftMonitorWatcher
 
 TABLE = "netagent"
@@ -67,6 +71,29 @@ def _dnat_rule(proto: str, version: int, bound: bool) -> str:
     )
 
 
+#: the set of the cluster's peers' underlay addresses
+PEERS_SET = "vxlan_peers"
+#: chains of the filter type (the others are nat chains)
+FILTER_CHAINS = (("input", "input", -100),)
+
+Rules = dict[str, tuple[str, str]]  # comment -> (chain, rule text)
+
+
+def _vxlan_rules(guard: VxlanGuard | None) -> Rules:
+    """The VXLAN port's guard (input) and the masquerade of forwarded connections that
+    leave through the VXLAN device (postrouting); comments name what they depend on."""
+    if guard is None:
+        return {}
+    c = f"vxlan-guard {guard.port}"
+    drop = (
+        f"meta nfproto ipv4 udp dport {guard.port} ip saddr != @{PEERS_SET} counter drop "
+        f'comment "{c}"'
+    )
+    m = f"vxlan-dnat {guard.device}"
+    masq = f'ct status dnat oifname "{guard.device}" masquerade comment "{m}"'
+    return {c: ("input", drop), m: ("postrouting", masq)}
+
+
 def _bridge_rules(br: I.Bridge) -> dict[str, str]:
     """comment -> rule text, for the postrouting chain. ``plan`` knows a rule by its
     comment alone (``parse_table`` keeps no expressions), so the comment names all the
@@ -94,7 +121,7 @@ CHAINS = (
 )
 
 
-def _table_text(bridge_rules: dict[str, str]) -> str:
+def _table_text(rules: Rules) -> str:
     lines = [f"table {FAMILY} {TABLE} {{"]
     for proto, version, bound in MAPS:
         key_type = f"{_ADDR_TYPE[version]} . inet_service" if bound else "inet_service"
@@ -102,14 +129,16 @@ def _table_text(bridge_rules: dict[str, str]) -> str:
             f"  map {map_name(proto, version, bound)} "
             f"{{ type {key_type} : {_ADDR_TYPE[version]} . inet_service; }}"
         )
-    for chain, hook, prio in CHAINS:
+    lines.append(f"  set {PEERS_SET} {{ type ipv4_addr; }}")
+    for chain, hook, prio in (*CHAINS, *FILTER_CHAINS):
         lines.append(f"  chain {chain} {{")
-        lines.append(f"    type nat hook {hook} priority {prio}; policy accept;")
-        if chain != "postrouting":
+        kind = "filter" if (chain, hook, prio) in FILTER_CHAINS else "nat"
+        lines.append(f"    type {kind} hook {hook} priority {prio}; policy accept;")
+        if chain in ("prerouting", "output"):
             lines.extend(f"    {_dnat_rule(*m)}" for m in MAPS)
-        else:
+        elif chain == "postrouting":
             lines.append(f"    {LOCALHOST_RULE}")
-            lines.extend(f"    {r}" for r in bridge_rules.values())
+        lines.extend(f"    {r}" for c, r in rules.values() if c == chain)
         lines.append("  }")
     lines.append("}")
     return "\n".join(lines)
@@ -155,6 +184,9 @@ class Observed:
     )  # comment -> (chain, handle)
     chains: set[str] = field(default_factory=set)
     maps: set[str] = field(default_factory=set)
+    sets: set[str] = field(default_factory=set)
+    #: (set name, element)
+    set_elems: set[tuple[str, str]] = field(default_factory=set)
 
 
 def parse_table(doc: dict[str, Any]) -> Observed:
@@ -165,6 +197,11 @@ def parse_table(doc: dict[str, Any]) -> Observed:
             obs.maps.add(m["name"])
             for k, v in m.get("elem", []):
                 obs.elems.add((m["name"], _norm(k), _norm(v)))
+        elif "set" in item:
+            st = item["set"]
+            obs.sets.add(st["name"])
+            for e in st.get("elem", []):
+                obs.set_elems.add((st["name"], _norm(e)))
         elif "chain" in item:
             obs.chains.add(item["chain"]["name"])
         elif "rule" in item:
@@ -184,6 +221,23 @@ def _element_steps(gone: list[Elem], new: list[Elem], detail: int = 50) -> list[
         ]
     steps = [f"delete element {m} {{ {k} : {v} }}" for m, k, v in gone]
     return steps + [f"add element {m} {{ {k} : {v} }}" for m, k, v in new]
+
+
+def _set_lines(verb: str, elems: list[tuple[str, str]]) -> list[str]:
+    if not elems:
+        return []
+    body = ", ".join(e for _s, e in elems)
+    return [f"{verb} element {FAMILY} {TABLE} {PEERS_SET} {{ {body} }}"]
+
+
+def _peer_steps(gone: list[tuple[str, str]], new: list[tuple[str, str]]) -> list[str]:
+    if len(gone) + len(new) > 50:
+        return [
+            f"{verb} {len(elems)} VXLAN peers"
+            for verb, elems in (("delete", gone), ("add", new))
+            if elems
+        ]
+    return [f"delete VXLAN peer {e}" for _s, e in gone] + [f"add VXLAN peer {e}" for _s, e in new]
 
 
 class LibNftables:
@@ -301,13 +355,16 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
 
     def plan(self, spec: FirewallSpec, observed: Observed) -> Batch[list[str]]:
         want_elems = {e for f in spec.forwards for e in forward_elems(f)}
-        bridge_rules: dict[str, str] = {}
+        rules: Rules = {}
         for br in spec.bridges:
-            bridge_rules.update(_bridge_rules(br))
+            rules.update((c, ("postrouting", r)) for c, r in _bridge_rules(br).items())
+        rules.update(_vxlan_rules(spec.vxlan))
+        want_peers = {(PEERS_SET, p) for p in (spec.vxlan.peers if spec.vxlan else ())}
         intact = (
             observed.present
             and {map_name(*m) for m in MAPS} <= observed.maps
-            and {c for c, _h, _p in CHAINS} <= observed.chains
+            and PEERS_SET in observed.sets
+            and {c for c, _h, _p in (*CHAINS, *FILTER_CHAINS)} <= observed.chains
             and all(
                 sorted(c for c, _h in observed.rules.get(map_name(*m), []))
                 == ["output", "prerouting"]
@@ -316,30 +373,31 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
             and [c for c, _h in observed.rules.get("localhost", [])] == ["postrouting"]
         )
         if not intact:
-            return self._full(bridge_rules, want_elems, observed.present)
+            return self._full(rules, want_elems, want_peers, observed.present)
         lines: list[str] = []
         steps: list[str] = []
         static = {map_name(*m) for m in MAPS} | {"localhost"}
-        # per-bridge rules: delete the ones no longer wanted, add the missing ones
+        # per-bridge and VXLAN rules: delete the ones no longer wanted, add the missing
         for comment, handles in sorted(observed.rules.items()):
             if comment in static:
                 continue
-            if (
-                comment in bridge_rules
-                and handles == [(c, h) for c, h in handles if c == "postrouting"][:1]
-            ):
+            if comment in rules and [c for c, _h in handles] == [rules[comment][0]]:
                 continue
             for chain, h in handles:
                 lines.append(f"delete rule {FAMILY} {TABLE} {chain} handle {h}")
             steps.append(f"delete rule {comment or '(no comment)'}")
-        for comment, rule in bridge_rules.items():
-            if [c for c, _h in observed.rules.get(comment, [])] != ["postrouting"]:
-                lines.append(f"add rule {FAMILY} {TABLE} postrouting {rule}")
+        for comment, (chain, rule) in rules.items():
+            if [c for c, _h in observed.rules.get(comment, [])] != [chain]:
+                lines.append(f"add rule {FAMILY} {TABLE} {chain} {rule}")
                 steps.append(f"add rule {comment}")
         extra = sorted(observed.elems - want_elems)
         missing = sorted(want_elems - observed.elems)
         lines += _elem_lines("delete", extra, keys_only=True) + _elem_lines("add", missing)
         steps += _element_steps(extra, missing)
+        gone_peers = sorted(observed.set_elems - want_peers)
+        new_peers = sorted(want_peers - observed.set_elems)
+        lines += _set_lines("delete", gone_peers) + _set_lines("add", new_peers)
+        steps += _peer_steps(gone_peers, new_peers)
         touched: frozenset[str] = frozenset()
         if missing:
             lost = set(missing)
@@ -349,15 +407,23 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
         return Batch(steps=steps, payload=lines, touched=touched)
 
     def _full(
-        self, bridge_rules: dict[str, str], elems: set[Elem], present: bool
+        self,
+        rules: Rules,
+        elems: set[Elem],
+        peers: set[tuple[str, str]],
+        present: bool,
     ) -> Batch[list[str]]:
         # add + delete + create: atomic whether or not the table exists now
         lines = [f"add table {FAMILY} {TABLE}", f"delete table {FAMILY} {TABLE}"]
-        lines.append(_table_text(bridge_rules))
+        lines.append(_table_text(rules))
         lines += _elem_lines("add", sorted(elems))
+        lines += _set_lines("add", sorted(peers))
         what = "rebuild" if present else "create"
-        rules = 2 * len(MAPS) + 1 + len(bridge_rules)
-        steps = [f"{what} table {FAMILY} {TABLE} ({rules} rules, {len(elems)} map elements)"]
+        count = 2 * len(MAPS) + 1 + len(rules)
+        peers_text = f", {len(peers)} VXLAN peers" if peers else ""
+        steps = [
+            f"{what} table {FAMILY} {TABLE} ({count} rules, {len(elems)} map elements{peers_text})"
+        ]
         return Batch(steps=steps, payload=lines, rebuild=True)
 
     def plan_update(
@@ -370,6 +436,18 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
             steps=_element_steps(gone, new),
             payload=lines,
             touched=frozenset(f.key for f in added),
+        )
+
+    def plan_guard(
+        self, spec: FirewallSpec, added: set[str], removed: set[str]
+    ) -> Batch[list[str]]:
+        """Elements of ``vxlan_peers`` only; deleting one that is not there fails the
+        transaction (then a full sync follows)."""
+        gone = sorted((PEERS_SET, ip) for ip in removed)
+        new = sorted((PEERS_SET, ip) for ip in added)
+        return Batch(
+            steps=_peer_steps(gone, new),
+            payload=_set_lines("delete", gone) + _set_lines("add", new),
         )
 
     async def apply(self, batch: Batch[list[str]]) -> None:

@@ -37,7 +37,8 @@ from netagent.agent.errors import BackendFailed, HostTimeout
 from netagent.agent.values import IPAddress, IPInterface
 
 from . import netns, rtnl
-from .netlink import NETAGENT_GROUP, RTPROT_NETAGENT, Link, NsRef, Route
+from .netlink import NETAGENT_GROUP, RTPROT_NETAGENT, Link, NsRef, PeerEntries, Route, Vxlan
+from .overlay import Overlay
 
 T = TypeVar("T")
 IFF_UP = 0x1
@@ -90,6 +91,7 @@ class PyrouteNetlink:
         self.netns_dir = netns_dir
         self.ipr: Any = None
         self.raw: rtnl.Requests | None = None
+        self.overlay: Overlay | None = None
         self._ns: dict[str, tuple[tuple[int, int], Any]] = {}
         #: sockets let go of, closed once no request can still be using them
         self._retired: list[tuple[float, Any]] = []
@@ -100,6 +102,7 @@ class PyrouteNetlink:
         self.ipr = AsyncIPRoute()
         await self.ipr.setup_endpoint()
         self.raw = rtnl.Requests()
+        self.overlay = Overlay(self.raw)
 
     async def close(self) -> None:
         for name in list(self._ns):
@@ -458,6 +461,100 @@ class PyrouteNetlink:
                 proto=RTPROT_NETAGENT,
             ),
         )
+
+    # ---- the VXLAN overlay ----------------------------------------------------------
+    async def add_vxlan(
+        self, name: str, *, vni: int, port: int, local: str, dev: int, mac: str
+    ) -> None:
+        await self._timed(
+            None,
+            f"creating VXLAN device {name}",
+            self.ipr.link(
+                "add",
+                ifname=name,
+                kind="vxlan",
+                vxlan_id=vni,
+                vxlan_port=port,
+                vxlan_local=local,
+                vxlan_link=dev,
+                vxlan_learning=0,
+                address=mac,
+                group=NETAGENT_GROUP,
+                state="up",
+            ),
+        )
+
+    async def vxlan(self, name: str) -> Vxlan | None:
+        try:
+            msgs = await self._timed(None, f"a lookup of {name}", self.ipr.link("get", ifname=name))
+        except NetlinkError as exc:
+            if exc.code == errno.ENODEV:
+                return None
+            raise
+        finally:
+            _drain(self.ipr)
+        if not msgs:
+            return None
+        link = link_from_msg(msgs[0])
+        info = msgs[0].get_attr("IFLA_LINKINFO")
+        data = info.get_attr("IFLA_INFO_DATA") if info is not None else None
+        if link.kind != "vxlan" or data is None:
+            return None
+        return Vxlan(
+            link=link,
+            vni=data.get_attr("IFLA_VXLAN_ID") or 0,
+            port=data.get_attr("IFLA_VXLAN_PORT") or 0,
+            local=data.get_attr("IFLA_VXLAN_LOCAL"),
+            dev=data.get_attr("IFLA_VXLAN_LINK") or None,
+            learning=bool(data.get_attr("IFLA_VXLAN_LEARNING")),
+        )
+
+    async def address_owner(self, ip: str) -> int | None:
+        for m in await self._dump(None, "an address dump", self.ipr.addr("dump")):
+            if (m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS")) == ip:
+                return int(m["index"])
+        return None
+
+    def _overlay(self) -> Overlay:
+        assert self.overlay is not None, "start() first"
+        return self.overlay
+
+    async def _raw(self, what: str, aw: Awaitable[T]) -> T:
+        try:
+            return await aw
+        except TimeoutError:
+            raise HostTimeout(f"the kernel did not answer {what} within {TIMEOUT:g} s") from None
+
+    async def peer_entries(
+        self, index: int, subnet: ipaddress.IPv4Network, vtep: str, mac: str
+    ) -> PeerEntries:
+        return await self._raw(
+            f"a lookup of {subnet}'s entries", self._overlay().get(index, subnet, vtep, mac)
+        )
+
+    async def set_peer_entries(
+        self,
+        index: int,
+        subnet: ipaddress.IPv4Network,
+        vtep: str,
+        mac: str,
+        underlay: str,
+        what: tuple[bool, bool, bool] = (True, True, True),
+    ) -> None:
+        await self._raw(
+            f"setting {subnet}'s entries",
+            self._overlay().set(index, subnet, vtep, mac, underlay, what),
+        )
+
+    async def del_peer_entries(
+        self, index: int, subnet: ipaddress.IPv4Network, vtep: str, mac: str
+    ) -> None:
+        await self._raw(
+            f"removing {subnet}'s entries", self._overlay().delete(index, subnet, vtep, mac)
+        )
+
+    async def del_fdb(self, index: int, mac: str) -> None:
+        await self._raw(f"removing the FDB entry of {mac}", self._overlay().delete_fdb(index, mac))
 
     # ---- sysctls --------------------------------------------------------------------
     def sysctl(self, path: str) -> str | None:

@@ -321,6 +321,11 @@ class Requests:
                     results.append(exc if isinstance(exc, OSError) else OSError(str(exc)))
         return results
 
+    async def many(self, requests: list[tuple[int, int, bytes]]) -> list[int | bytes | OSError]:
+        """Requests of other rooms (``overlay.py``), pipelined the same way: each is
+        (message type, flags, body) and answers with an errno, the reply or the OSError."""
+        return await self._many(requests)
+
     async def set_masters_up(self, pairs: list[tuple[int, int]]) -> list[OSError | None]:
         """Many "enslave and up" at once; one result per pair, None when it took."""
         requests = [

@@ -417,7 +417,18 @@ class Bench:
         self.box.stop(server)
 
 
-SECTIONS = ("cli", "floor", "agent", "attach", "lag", "scale", "repair", "nftables", "iptables")
+SECTIONS = (
+    "cli",
+    "floor",
+    "agent",
+    "attach",
+    "lag",
+    "scale",
+    "repair",
+    "nftables",
+    "iptables",
+    "cluster",
+)
 
 
 def main() -> None:
@@ -429,6 +440,9 @@ def main() -> None:
         f"{os.cpu_count()} CPUs, each part in a sandbox of its own"
     )
     for name in chosen:
+        if name == "cluster":  # hosts, etcd and daemons of its own (bench/cluster.py)
+            __import__("bench.cluster", fromlist=["run"]).run()
+            continue
         # a fresh sandbox and daemon per part: no part measures another's leftovers
         b = Bench()
         try:

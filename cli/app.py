@@ -175,6 +175,13 @@ def purge(
 
 
 # ---- run ----------------------------------------------------------------------------
+def _cluster(flag: str, help: str, metavar: str, default: str | None = None) -> Any:
+    """A ``run`` option of the cluster's, shown in a panel of its own."""
+    return typer.Option(
+        flag, help=help, metavar=metavar, show_default=default or False, rich_help_panel="Cluster"
+    )
+
+
 @app.command("run")
 def run(
     socket: Annotated[
@@ -235,6 +242,77 @@ def run(
             "keep the damaged files aside in the state dir (see docs/state.md).",
         ),
     ] = False,
+    cluster_endpoints: Annotated[
+        Optional[str],  # noqa: UP045
+        _cluster("--cluster-endpoints", "etcd URLs, comma-separated: join the cluster.", "URL"),
+    ] = None,
+    cluster_cidr: Annotated[
+        Optional[str],  # noqa: UP045
+        _cluster("--cluster-cidr", "The cluster's range.", "CIDR", "10.244.0.0/16"),
+    ] = None,
+    cluster_subnet_len: Annotated[
+        Optional[int],  # noqa: UP045
+        _cluster("--cluster-subnet-len", "Prefix length of each host's subnet.", "N", "24"),
+    ] = None,
+    underlay: Annotated[
+        Optional[str],  # noqa: UP045
+        _cluster(
+            "--underlay",
+            "This host's address on the underlay (default: the default route's interface's).",
+            "ADDR",
+        ),
+    ] = None,
+    cluster_vni: Annotated[
+        Optional[int],  # noqa: UP045
+        _cluster("--cluster-vni", "The VXLAN network identifier.", "VNI", "1"),
+    ] = None,
+    cluster_port: Annotated[
+        Optional[int],  # noqa: UP045
+        _cluster("--cluster-port", "The VXLAN UDP port.", "PORT", "4789"),
+    ] = None,
+    cluster_lease_ttl: Annotated[
+        Optional[int],  # noqa: UP045
+        _cluster(
+            "--cluster-lease-ttl",
+            "Seconds a host's lease outlives its last keep-alive.",
+            "SECONDS",
+            "30",
+        ),
+    ] = None,
+    cluster_bridge: Annotated[
+        Optional[str],  # noqa: UP045
+        _cluster(
+            "--cluster-bridge", "The bridge that gets the host's subnet.", "NAME", "netagent0"
+        ),
+    ] = None,
+    cluster_prefix: Annotated[
+        Optional[str],  # noqa: UP045
+        _cluster("--cluster-prefix", "Where in etcd.", "KEY", "/netagent/network"),
+    ] = None,
+    cluster_ca: Annotated[
+        Optional[str],  # noqa: UP045
+        _cluster("--cluster-ca", "CA certificate (PEM) for https endpoints.", "FILE"),
+    ] = None,
+    cluster_cert: Annotated[
+        Optional[str],  # noqa: UP045
+        _cluster("--cluster-cert", "Client certificate (PEM) for etcd.", "FILE"),
+    ] = None,
+    cluster_key: Annotated[
+        Optional[str],  # noqa: UP045
+        _cluster("--cluster-key", "Client key (PEM) for etcd.", "FILE"),
+    ] = None,
+    cluster_tls_name: Annotated[
+        Optional[str],  # noqa: UP045
+        _cluster(
+            "--cluster-tls-name",
+            "Server name in etcd's certificates (default: the first endpoint's host).",
+            "NAME",
+        ),
+    ] = None,
+    cluster_host: Annotated[
+        Optional[str],  # noqa: UP045
+        _cluster("--cluster-host", "This host's name in the cluster (default: hostname).", "NAME"),
+    ] = None,
 ) -> None:
     """Run the daemon in the foreground (systemd runs it this way too)."""
     import anyio
@@ -256,6 +334,20 @@ def run(
                 "readonly_group": readonly_group,
                 "client_timeout": client_timeout,
                 "metrics": metrics,
+                "cluster_endpoints": cluster_endpoints,
+                "cluster_cidr": cluster_cidr,
+                "cluster_subnet_len": cluster_subnet_len,
+                "underlay": underlay,
+                "cluster_vni": cluster_vni,
+                "cluster_port": cluster_port,
+                "cluster_lease_ttl": cluster_lease_ttl,
+                "cluster_bridge": cluster_bridge,
+                "cluster_prefix": cluster_prefix,
+                "cluster_ca": cluster_ca,
+                "cluster_cert": cluster_cert,
+                "cluster_key": cluster_key,
+                "cluster_tls_name": cluster_tls_name,
+                "cluster_host": cluster_host,
             },
         )
     except NetagentError as exc:

@@ -63,6 +63,16 @@ def _status(r: dict[str, Any]) -> None:
             f"last pass {lp.get('trigger')}: {lp.get('changed')} changes, "
             f"{lp.get('errors')} errors, {lp.get('ms')} ms"
         )
+    cl = r.get("cluster")
+    if cl:
+        etcd = f"etcd {cl['etcd'].upper() if cl['etcd'] == 'unreachable' else cl['etcd']}"
+        held = f"subnet {cl['subnet']}" if cl.get("subnet") else "no subnet yet"
+        print(
+            f"cluster   {etcd}, {held} on {cl['bridge']}, "
+            f"{cl['peers_in_place']}/{cl['peers']} peers in place"
+        )
+        if cl.get("error"):
+            print(f"          {cl['error']}")
     for key, err in sorted((r.get("failing") or {}).items()):
         print(f"FAILING   {key}: {err}")
     for key, why in sorted((r.get("stale") or {}).items()):
@@ -160,6 +170,25 @@ def _routes(rows: list[dict[str, Any]]) -> None:
     )
 
 
+def _peers(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        print("no peers")
+    _table(
+        [
+            [
+                r.get("host") or "-",
+                r["subnet"],
+                r.get("underlay") or "-",
+                "-" if r.get("lease_age") is None else f"{r['lease_age']:.0f}s",
+                "yes" if r["in_place"] else r.get("state", "no").upper(),
+                r.get("error") or ("" if r.get("in_etcd", True) else "not in etcd (yet)"),
+            ]
+            for r in rows
+        ],
+        ["HOST", "SUBNET", "UNDERLAY", "LEASE AGE", "IN PLACE", "NOTE"],
+    )
+
+
 def _show(r: dict[str, Any]) -> None:
     if not r["intents"]:
         print("nothing desired yet")
@@ -197,4 +226,5 @@ _RENDERERS: dict[str, Callable[[Any], None]] = {
     "neigh": _neigh,
     "routes": _routes,
     "show": _show,
+    "peers": _peers,
 }

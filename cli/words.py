@@ -92,6 +92,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, Shape]] = {
     ("apply",): ("apply", (("intents",), {"--prune": ("prune", 0, None)}, ("intents",), ())),
     ("purge",): ("purge", ((), {"--orphans": ("orphans", 0, None)}, (), ())),
     ("forget",): ("forget", (("key",), {}, ("key",), ())),
+    ("peers",): ("peers", ((), {}, (), ())),
 }
 
 #: error code of a reply -> the CLI's exit status

@@ -65,7 +65,9 @@ def default_kinds() -> Registry:
     from .bridge import BridgeKind
     from .forward import ForwardKind
     from .namespace import NamespaceKind
+    from .peer import PeerKind
     from .plug import PlugKind
+    from .vxlan import VxlanKind
     from .wire import WireKind
 
     return Registry(
@@ -76,5 +78,7 @@ def default_kinds() -> Registry:
             PlugKind(),
             WireKind(),
             ForwardKind(),
+            VxlanKind(),
+            PeerKind(),
         ]
     )

@@ -19,12 +19,13 @@ from .genid import nf_genid, nft_flavour
 from .process import SBIN, Programs
 from .restore import RestorePayload, restore_text, rule_line
 from .rules import CHAIN_DNAT, CHAIN_OUT, CHAIN_POST, CHAIN_PRE, jump_rule, jump_text, plural
-from .save import FamilyObserved, Observed, parse_save
+from .save import FamilyObserved, Observed, parse_filter, parse_save
 
 #: per family: (the save program, the restore program); the same argv works for both
 TOOLS = {4: ("iptables-save", "iptables-restore"), 6: ("ip6tables-save", "ip6tables-restore")}
-#: what ``nft monitor`` prints for a change in iptables-nft's nat tables
-MONITOR_MARKERS = (" ip nat", " ip6 nat")
+#: what ``nft monitor`` prints for a change in iptables-nft's nat tables, and in the
+#: IPv4 filter table's INPUT chain and ours (the VXLAN guard)
+MONITOR_MARKERS = (" ip nat", " ip6 nat", " ip filter INPUT", " ip filter NETAGENT-")
 
 
 def _resolve(program: str) -> str | None:
@@ -136,7 +137,12 @@ class IptablesBackend(FirewallBackend[Observed, RestorePayload]):
             save, _restore = self.tools[version]
             text = await self.programs.run([save, "-t", "nat"])
             families[version] = parse_save(text.decode(errors="replace"))
-        return self.cache.read(before, families)
+        save4 = self.tools[4][0] if 4 in self.tools else None
+        filt = None
+        if save4 is not None:
+            text = await self.programs.run([save4, "-t", "filter"])
+            filt = parse_filter(text.decode(errors="replace"))
+        return self.cache.read(before, families, filt)
 
     def plan(self, spec: FirewallSpec, observed: Observed) -> Batch[RestorePayload]:
         """Pure: see :func:`~.plan.plan_full`."""
@@ -164,6 +170,8 @@ class IptablesBackend(FirewallBackend[Observed, RestorePayload]):
         pending = self.cache.begin(payload)
         for version, text in payload.files():
             await self._restore(version, text)
+        if payload.filter_text is not None:
+            await self._restore(4, payload.filter_text)
         self.cache.commit(pending, payload)
 
     async def purge(self) -> list[str]:
@@ -184,4 +192,14 @@ class IptablesBackend(FirewallBackend[Observed, RestorePayload]):
             lines += [f"-X {chain}" for chain in sorted(have.chains)]
             removed += purge_steps(have, version)
             await self._restore(version, restore_text(lines))
+        filt = observed.filter
+        if filt is not None and filt.present:
+            lines = []
+            for (builtin, target), count in sorted(filt.jumps.items()):
+                lines += [rule_line("-D", builtin, jump_rule(target))] * count
+                removed += [f"deleted {jump_text(builtin, target, 4)} (filter)"] * count
+            lines += [f":{chain} - [0:0]" for chain in sorted(filt.chains)]
+            lines += [f"-X {chain}" for chain in sorted(filt.chains)]
+            removed += [f"deleted chain {chain} (ipv4 filter)" for chain in sorted(filt.chains)]
+            await self._restore(4, restore_text(lines, "filter"))
         return removed

@@ -57,11 +57,16 @@ class ObservationCache:
             return now, self.observed
         return now, None
 
-    def read(self, before: int | None, families: dict[int, FamilyObserved]) -> Observed:
+    def read(
+        self,
+        before: int | None,
+        families: dict[int, FamilyObserved],
+        filt: FamilyObserved | None = None,
+    ) -> Observed:
         """A fresh read of the table, begun at generation ``before``: remembered if the
         generation did not move while the families were read one after the other. It
         carries the wanted chains, never ``in_sync`` (nothing is known about it yet)."""
-        obs = Observed(families, wanted=self.wanted)
+        obs = Observed(families, wanted=self.wanted, filter=filt)
         if before is not None and self.read_generation() == before:
             self.generation, self.observed = before, obs
         else:
@@ -89,7 +94,8 @@ class ObservationCache:
         if pending.generation is None or pending.known is None:
             return
         now = self.read_generation()
-        if now != pending.generation + len(payload):
+        files = len(payload) + (payload.filter_text is not None)
+        if now != pending.generation + files:
             return
         families = dict(pending.known.families)
         for version, _text in payload.files():
@@ -101,8 +107,11 @@ class ObservationCache:
                 return
             families[version] = after
         in_sync = self._in_sync(pending.known, payload)
+        filt = pending.known.filter
+        if payload.filter_text is not None:
+            filt = payload.filter_after
         self.generation = now
-        self.observed = Observed(families, in_sync=in_sync, wanted=self.wanted)
+        self.observed = Observed(families, in_sync=in_sync, wanted=self.wanted, filter=filt)
 
     @staticmethod
     def _in_sync(before: Observed, payload: RestorePayload) -> FirewallSpec | None:

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from netagent.agent import intents as I
 from netagent.agent.errors import BackendUnavailable
 
-from ..firewall import Batch, FirewallSpec
+from ..firewall import Batch, FirewallSpec, VxlanGuard
 from .effects import Effect
 from .restore import RestorePayload, chain_lines, restore_text, rule_line
 from .rules import (
+    CHAIN_INPUT,
     CHAIN_POST,
     ENTRY_CHAINS,
     ENTRY_RULES,
@@ -35,6 +36,7 @@ from .rules import (
     describe,
     dnat_rules,
     forwards_below,
+    guard_rules,
     jump_rule,
     jump_text,
     leaf_chains,
@@ -184,7 +186,51 @@ def plan_full(
             steps += fplan.steps
             rebuild |= fplan.rebuild
             touched |= forwards_below(wanted.chains[version], fplan.blocks)
+    if 4 in families:
+        lines, fsteps, after = plan_filter(spec.vxlan, observed.filter or FamilyObserved())
+        if lines:
+            payload.filter_text = restore_text(lines, "filter")
+            payload.filter_after = after
+            steps += fsteps
     return Batch(steps=steps, payload=payload, rebuild=rebuild, touched=frozenset(touched))
+
+
+GUARD_JUMP = ("INPUT", CHAIN_INPUT)
+
+
+def plan_filter(
+    guard: VxlanGuard | None, have: FamilyObserved
+) -> tuple[list[str], list[str], FamilyObserved]:
+    """The IPv4 filter table's part: NETAGENT-INPUT (the VXLAN guard) and the jump to it
+    first in INPUT, or neither without a VXLAN device. (restore lines, steps, what of
+    ours the table holds after them); no lines when it is as wanted."""
+    want = {CHAIN_INPUT: guard_rules(guard)} if guard is not None else {}
+    after = FamilyObserved(want, Counter({GUARD_JUMP: 1}) if guard is not None else Counter())
+    decls: list[str] = []
+    jumps: list[str] = []
+    body: list[str] = []
+    tail: list[str] = []
+    steps: list[str] = []
+    for (builtin, target), count in sorted(have.jumps.items()):
+        keep = 1 if guard is not None and (builtin, target) == GUARD_JUMP else 0
+        for _ in range(count - keep):
+            jumps.append(rule_line("-D", builtin, jump_rule(target)))
+            steps.append(f"delete {jump_text(builtin, target, 4)}")
+    for chain in sorted(set(have.chains) - set(want)):
+        decls.append(f":{chain} - [0:0]")
+        tail.append(f"-X {chain}")
+        steps.append(f"delete chain {chain} (ipv4 filter)")
+    for chain, rules in want.items():
+        if have.chains.get(chain) == rules:
+            continue
+        decls.append(f":{chain} - [0:0]")
+        body += chain_lines(chain, rules)
+        verb = "create" if chain not in have.chains else "rewrite"
+        steps.append(f"{verb} chain {chain} (ipv4 filter, {plural(len(rules) - 1, 'VXLAN peer')})")
+    if guard is not None and not have.jumps.get(GUARD_JUMP):
+        tail.append(rule_line("-I", "INPUT", jump_rule(CHAIN_INPUT), position=1))
+        steps.append(f"add {jump_text('INPUT', CHAIN_INPUT, 4)}")
+    return decls + jumps + body + tail, steps, after
 
 
 def plan_update(

@@ -15,7 +15,7 @@ from netagent.agent import intents as I
 from ..firewall import FirewallSpec
 from .effects import Effect
 from .rules import Rule, Wanted
-from .save import Observed
+from .save import FamilyObserved, Observed
 
 _BARE = re.compile(r"[A-Za-z0-9_.:/\[\]!,+=@%-]+")
 #: a whole line of bare tokens and single spaces (the common case, checked at once)
@@ -53,8 +53,8 @@ def chain_lines(chain: str, rules: list[Rule]) -> list[str]:
     return [head + render(rule) for rule in rules]
 
 
-def restore_text(lines: Iterable[str]) -> str:
-    return "\n".join(["*nat", *lines, "COMMIT", ""])
+def restore_text(lines: Iterable[str], table: str = "nat") -> str:
+    return "\n".join([f"*{table}", *lines, "COMMIT", ""])
 
 
 class RestorePayload(dict[str, str]):
@@ -83,6 +83,10 @@ class RestorePayload(dict[str, str]):
         self.basis = basis
         self.wanted = wanted
         self.changes = changes
+        #: the IPv4 filter table's restore file (the VXLAN guard), and what that table
+        #: holds of ours once it ran
+        self.filter_text: str | None = None
+        self.filter_after: FamilyObserved | None = None
 
     def files(self) -> list[tuple[int, str]]:
         """(family, restore file), IPv4 first."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from netagent.agent import intents as I
 
-from ..firewall import FirewallSpec
+from ..firewall import FirewallSpec, VxlanGuard
 
 PREFIX = "NETAGENT-"
 CHAIN_PRE = "NETAGENT-PREROUTING"
@@ -30,7 +30,10 @@ HOOKS = (("PREROUTING", CHAIN_PRE), ("OUTPUT", CHAIN_OUT), ("POSTROUTING", CHAIN
 ENTRY_CHAINS = (CHAIN_PRE, CHAIN_OUT)
 #: the chains every forward's path runs through: rewriting one is a ``Batch.rebuild``
 PATH_CHAINS = frozenset({*ENTRY_CHAINS, CHAIN_DNAT})
-BUILTIN_CHAINS = frozenset({"PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"})
+BUILTIN_CHAINS = frozenset({"PREROUTING", "INPUT", "OUTPUT", "POSTROUTING", "FORWARD"})
+#: the filter table's chain (IPv4): the VXLAN port open to the cluster's peers only
+CHAIN_INPUT = "NETAGENT-INPUT"
+FILTER_HOOKS = (("INPUT", CHAIN_INPUT),)
 COMMENT_PREFIX = "netagent:"
 JUMP_COMMENT = COMMENT_PREFIX + "jump"
 #: the widths of the port blocks, one level of chains each, from NETAGENT-DNAT down; the
@@ -124,6 +127,39 @@ def bridge_rules(br: I.Bridge, version: int) -> list[Rule]:
                     *("-j", "MASQUERADE"),
                 )
             )
+    return out
+
+
+def vxlan_masquerade(guard: VxlanGuard | None) -> list[Rule]:
+    """Forwarded connections leaving through the VXLAN device (to another host's
+    subnet) are masqueraded, so the peer's replies come back here to be de-NATed."""
+    if guard is None:
+        return []
+    return [
+        (
+            *("-o", guard.device, "-m", "conntrack", "--ctstate", "DNAT"),
+            *_comment(f"vxlan-dnat {guard.device}"),
+            *("-j", "MASQUERADE"),
+        )
+    ]
+
+
+def guard_rules(guard: VxlanGuard) -> list[Rule]:
+    """NETAGENT-INPUT: a peer's VXLAN packets go back to INPUT (RETURN: the host's own
+    rules still apply), anyone else's are dropped. One rule per peer, sorted: iptables
+    has no sets without ipset, so a VXLAN packet walks up to one rule per peer."""
+    port = str(guard.port)
+    out: list[Rule] = [
+        (
+            *("-s", f"{ip}/32", "-p", "udp", "-m", "udp", "--dport", port),
+            *_comment("vxlan-peer"),
+            *("-j", "RETURN"),
+        )
+        for ip in sorted(guard.peers, key=lambda a: tuple(int(x) for x in a.split(".")))
+    ]
+    out.append(
+        (*("-p", "udp", "-m", "udp", "--dport", port), *_comment("vxlan-guard"), "-j", "DROP")
+    )
     return out
 
 
@@ -224,6 +260,8 @@ def desired_chains(spec: FirewallSpec, version: int) -> Chains:
     post = [LOCALHOST_RULE] if version == 4 else []
     for br in sorted(spec.bridges, key=lambda b: b.name):
         post += bridge_rules(br, version)
+    if version == 4:
+        post += vxlan_masquerade(spec.vxlan)
     return {
         CHAIN_PRE: list(ENTRY_RULES),
         CHAIN_OUT: list(ENTRY_RULES),
@@ -236,6 +274,8 @@ def spec_families(spec: FirewallSpec) -> set[int]:
     """The IP versions the spec has something for."""
     found = {f.family for f in spec.forwards}
     found |= {a.version for br in spec.bridges for a in br.addresses}
+    if spec.vxlan is not None:
+        found.add(4)
     return found
 
 
@@ -261,7 +301,7 @@ class Wanted:
 def same_spec(a: FirewallSpec, b: FirewallSpec) -> bool:
     # the reconciler hands the same intent objects each time: the tuples' items compare
     # by identity first, so 10,000 forwards compare in ~0.1 ms
-    return a is b or (a.forwards == b.forwards and a.bridges == b.bridges)
+    return a is b or (a.forwards == b.forwards and a.bridges == b.bridges and a.vxlan == b.vxlan)
 
 
 def is_update_of(
@@ -270,7 +310,7 @@ def is_update_of(
     """Is ``new`` exactly ``old`` without ``removed`` and with ``added``? By identity
     (all of these objects are alive, so their ids are distinct): cheap, and a "no" only
     costs a full plan later."""
-    if old.bridges != new.bridges:
+    if old.bridges != new.bridges or old.vxlan != new.vxlan:
         return False
     if len(new.forwards) != len(old.forwards) - len(removed) + len(added):
         return False

@@ -58,10 +58,14 @@ class Observed:
     families: dict[int, FamilyObserved] = field(default_factory=dict)
     in_sync: FirewallSpec | None = None
     wanted: Wanted | None = None
+    #: the IPv4 filter table's chain and jump (the VXLAN guard); None: not read
+    filter: FamilyObserved | None = None
 
     @property
     def present(self) -> bool:
-        return any(f.present for f in self.families.values())
+        return any(f.present for f in self.families.values()) or bool(
+            self.filter is not None and self.filter.present
+        )
 
 
 def _is_jump(rule: Rule) -> bool:
@@ -70,9 +74,9 @@ def _is_jump(rule: Rule) -> bool:
     return bool(rule) and rule[-1].startswith(PREFIX) and rule == jump_rule(rule[-1])
 
 
-def parse_save(text: str) -> FamilyObserved:
-    """Keep, from ``iptables-save -t nat`` output, our chains and our jump rules only;
-    every other line is dropped as soon as it is read."""
+def parse_save(text: str, table: str = "nat") -> FamilyObserved:
+    """Keep, from ``iptables-save -t nat`` (or ``-t filter``) output, our chains and our
+    jump rules only; every other line is dropped as soon as it is read."""
     obs = FamilyObserved()
     in_nat = False
     for raw in text.splitlines():
@@ -80,7 +84,7 @@ def parse_save(text: str) -> FamilyObserved:
         if not line or line.startswith("#"):
             continue
         if line.startswith("*"):
-            in_nat = line == "*nat"
+            in_nat = line == f"*{table}"
         elif not in_nat:
             continue
         elif line == "COMMIT":
@@ -99,3 +103,15 @@ def parse_save(text: str) -> FamilyObserved:
             elif chain in BUILTIN_CHAINS and _is_jump(rule):
                 obs.jumps[(chain, rule[-1])] += 1
     return obs
+
+
+def parse_filter(text: str) -> FamilyObserved:
+    """From ``iptables-save -t filter``: the one chain netagent owns there
+    (NETAGENT-INPUT, the VXLAN guard) and our jumps to it. Any other NETAGENT-* chain in
+    the filter table is someone else's lookalike, never touched."""
+    from .rules import CHAIN_INPUT
+
+    obs = parse_save(text, "filter")
+    chains = {c: r for c, r in obs.chains.items() if c == CHAIN_INPUT}
+    jumps = Counter({k: n for k, n in obs.jumps.items() if k[1] == CHAIN_INPUT})
+    return FamilyObserved(chains, jumps)

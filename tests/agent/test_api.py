@@ -12,7 +12,7 @@ import pytest
 
 from netagent.agent import errors as E
 from netagent.agent import ops, reconcile
-from netagent.agent.errors import BackendFailed, NetagentError
+from netagent.agent.errors import BackendFailed, NetagentError, NotFound
 from netagent.agent.reconcile import FIREWALL
 
 from .world import RO, RW, World, lines, make_world, until
@@ -125,6 +125,10 @@ async def test_every_op_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
         show = await w.call("show")
         assert all(item["in_place"] for item in show["intents"])
+        # not in a cluster: peers says so (tests/agent/test_cluster.py: in one)
+        with pytest.raises(NotFound, match="not in a cluster"):
+            await w.call("peers")
+        assert (await w.call("status"))["cluster"] is None
         assert show["firewall"]["in_place"] is True and show["firewall"]["backend"] == "fake"
 
         await w.call("forward.del", host_ports="80")
@@ -287,6 +291,8 @@ async def test_a_read_only_peer_may_look_but_not_change(tmp_path: Path) -> None:
             if req.mutating:
                 # refused before the arguments are even read
                 assert await code_of(w, req.op, RO, junk=1) == 4002, req.op
+            elif req is ops.Peers:  # may look, but there is no cluster here
+                assert await code_of(w, req.op, RO) == NotFound.code
             elif not any(f.required for f in req.fields):
                 await w.call(req.op, RO)
         assert await code_of(w, "fwd.add", RO, host_ports="81", destination="1.2.3.4:81") == 4002

@@ -75,7 +75,7 @@ async def test_apply_failure_carries_stderr(fake_run: FakeRun) -> None:
 
 async def test_observe_reads_both_families(fake_run: FakeRun) -> None:
     obs = await backend().observe()
-    assert [c.argv[1:] for c in fake_run.calls] == [["-t", "nat"], ["-t", "nat"]]
+    assert [c.argv[1:] for c in fake_run.calls] == [["-t", "nat"], ["-t", "nat"], ["-t", "filter"]]
     assert backend().plan(SPEC, obs).empty
     assert (await backend().observe()).present
 
@@ -200,7 +200,7 @@ def test_iptables_nft_gets_an_nft_monitor_watcher(monkeypatch: pytest.MonkeyPatc
     be = flavoured(monkeypatch, "xtables-nft-multi")
     watcher = be.drift_watcher()
     assert isinstance(watcher, NftMonitorWatcher)
-    assert watcher.markers == (" ip nat", " ip6 nat")
+    assert watcher.markers == (" ip nat", " ip6 nat", " ip filter INPUT", " ip filter NETAGENT-")
     assert watcher.own_pids == be.programs.own_pids
 
 

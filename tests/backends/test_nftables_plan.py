@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from netagent.agent import intents as I
-from netagent.backends.firewall import FirewallSpec
+from netagent.backends.firewall import FirewallSpec, VxlanGuard
 from netagent.backends.nftables import NftablesBackend, Observed, parse_table
 
 V_NET_0 = I.Bridge(
@@ -34,8 +34,11 @@ FWD_RANGE = I.make_forward("8000-8001", "192.168.15.3:9000-9001", "udp")
 FWD_BOUND = I.make_forward("81", "10.0.0.9:81", host_ip="10.0.0.1")
 FWD6 = I.make_forward("80", "[fd00:15::2]:8080")
 FWD6_BOUND = I.make_forward("443", "[fd00:15::3]:443", host_ip="fd00::1")
+GUARD = VxlanGuard("netagent.1", 4789, frozenset({"198.51.100.2", "198.51.100.3"}))
 SPEC = FirewallSpec(
-    forwards=(FWD80, FWD_RANGE, FWD_BOUND, FWD6, FWD6_BOUND), bridges=(V_NET_0, BR1)
+    forwards=(FWD80, FWD_RANGE, FWD_BOUND, FWD6, FWD6_BOUND),
+    bridges=(V_NET_0, BR1),
+    vxlan=GUARD,
 )
 DOC: dict[str, Any] = json.loads((Path(__file__).parent / "nft_table.json").read_text())
 T = "inet netagent"
@@ -86,7 +89,7 @@ def test_the_table_as_nft_lists_it_needs_nothing(nft: NftablesBackend) -> None:
 def test_nothing_there_is_a_full_create(nft: NftablesBackend) -> None:
     batch = nft.plan(SPEC, Observed(present=False))
     assert batch.rebuild and batch.touches("fwd/tcp/80")
-    assert batch.steps == ["create table inet netagent (22 rules, 6 map elements)"]
+    assert batch.steps == ["create table inet netagent (24 rules, 6 map elements, 2 VXLAN peers)"]
     assert batch.payload is not None
     head, table, elements = batch.payload[:2], batch.payload[2], batch.payload[3:]
     # add + delete + create: one transaction whether or not a table is there
@@ -100,7 +103,10 @@ def test_nothing_there_is_a_full_create(nft: NftablesBackend) -> None:
         f"add element {T} dnat_tcp6 {{ 80 : fd00:15::2 . 8080 }}",
         f"add element {T} dnat_tcp6h {{ fd00::1 . 443 : fd00:15::3 . 443 }}",
         f"add element {T} dnat_udp4 {{ 8000 : 192.168.15.3 . 9000, 8001 : 192.168.15.3 . 9001 }}",
+        f"add element {T} vxlan_peers {{ 198.51.100.2, 198.51.100.3 }}",
     ]
+    assert "set vxlan_peers { type ipv4_addr; }" in table
+    assert "type filter hook input priority -100; policy accept;" in table
 
 
 DAMAGE: dict[str, Callable[[list[dict[str, Any]]], None]] = {
@@ -110,6 +116,12 @@ DAMAGE: dict[str, Callable[[list[dict[str, Any]]], None]] = {
         next(i for i in items if i.get("chain", {}).get("name") == "output")
     ),
     "the localhost rule gone": without_rule("localhost"),
+    "the peers' set gone": lambda items: items.remove(
+        next(i for i in items if i.get("set", {}).get("name") == "vxlan_peers")
+    ),
+    "the input chain gone": lambda items: items.remove(
+        next(i for i in items if i.get("chain", {}).get("name") == "input")
+    ),
 }
 
 
@@ -119,7 +131,7 @@ def test_a_damaged_table_is_rebuilt_whole(
 ) -> None:
     batch = nft.plan(SPEC, observed(damage))
     assert batch.rebuild
-    assert batch.steps == ["rebuild table inet netagent (22 rules, 6 map elements)"]
+    assert batch.steps == ["rebuild table inet netagent (24 rules, 6 map elements, 2 VXLAN peers)"]
 
 
 # ---- elements -----------------------------------------------------------------------
@@ -189,7 +201,7 @@ def test_a_missing_bridge_rule_is_added(nft: NftablesBackend) -> None:
 
 
 def test_the_rules_of_a_bridge_no_longer_desired_are_deleted(nft: NftablesBackend) -> None:
-    spec = FirewallSpec(forwards=SPEC.forwards, bridges=(V_NET_0,))
+    spec = FirewallSpec(forwards=SPEC.forwards, bridges=(V_NET_0,), vxlan=GUARD)
     batch = nft.plan(spec, observed())
     handle = rules(DOC["nftables"], "hairpin br/br1 10.1.0.0/16")[0]["rule"]["handle"]
     assert batch.payload == [f"delete rule {T} postrouting handle {handle}"]
@@ -204,8 +216,9 @@ def test_a_copied_bridge_rule_is_deleted_and_added_once(nft: NftablesBackend) ->
 
     batch = nft.plan(SPEC, observed(copied))
     assert batch.payload is not None
+    first = rules(DOC["nftables"], "masquerade br/v-net-0 192.168.15.0/24")[0]["rule"]["handle"]
     assert [line.split(" comment")[0] for line in batch.payload] == [
-        f"delete rule {T} postrouting handle 30",
+        f"delete rule {T} postrouting handle {first}",
         f"delete rule {T} postrouting handle 99",
         f'add rule {T} postrouting ip saddr 192.168.15.0/24 oifname != "v-net-0" masquerade',
     ]
@@ -213,7 +226,7 @@ def test_a_copied_bridge_rule_is_deleted_and_added_once(nft: NftablesBackend) ->
 
 def test_a_readdressed_bridge_gets_rules_for_its_new_subnet(nft: NftablesBackend) -> None:
     moved = I.Bridge("br1", (ipaddress.ip_interface("10.2.0.1/16"),))
-    spec = FirewallSpec(forwards=SPEC.forwards, bridges=(V_NET_0, moved))
+    spec = FirewallSpec(forwards=SPEC.forwards, bridges=(V_NET_0, moved), vxlan=GUARD)
     batch = nft.plan(spec, observed())
     handle = rules(DOC["nftables"], "hairpin br/br1 10.1.0.0/16")[0]["rule"]["handle"]
     assert batch.payload == [
@@ -221,6 +234,48 @@ def test_a_readdressed_bridge_gets_rules_for_its_new_subnet(nft: NftablesBackend
         f"add rule {T} postrouting ct status dnat ip saddr 10.2.0.0/16 ip daddr 10.2.0.0/16 "
         'masquerade comment "hairpin br/br1 10.2.0.0/16"',
     ]
+
+
+# ---- the VXLAN guard ----------------------------------------------------------------
+def test_a_new_peer_is_one_element(nft: NftablesBackend) -> None:
+    peers = GUARD.peers | {"198.51.100.9"}
+    spec = FirewallSpec(SPEC.forwards, SPEC.bridges, VxlanGuard("netagent.1", 4789, peers))
+    batch = nft.plan(spec, observed())
+    assert batch.payload == [f"add element {T} vxlan_peers {{ 198.51.100.9 }}"]
+    assert batch.steps == ["add VXLAN peer 198.51.100.9"]
+    assert not batch.rebuild and batch.touched == frozenset()
+
+
+def test_a_gone_peer_is_one_element_deleted(nft: NftablesBackend) -> None:
+    spec = FirewallSpec(
+        SPEC.forwards, SPEC.bridges, VxlanGuard("netagent.1", 4789, frozenset({"198.51.100.3"}))
+    )
+    batch = nft.plan(spec, observed())
+    assert batch.payload == [f"delete element {T} vxlan_peers {{ 198.51.100.2 }}"]
+
+
+def test_the_guard_rule_is_put_back_alone(nft: NftablesBackend) -> None:
+    batch = nft.plan(SPEC, observed(without_rule("vxlan-guard 4789")))
+    assert batch.payload == [
+        f"add rule {T} input meta nfproto ipv4 udp dport 4789 ip saddr != @vxlan_peers counter "
+        'drop comment "vxlan-guard 4789"'
+    ]
+
+
+def test_without_a_vxlan_device_its_rules_and_peers_go(nft: NftablesBackend) -> None:
+    batch = nft.plan(FirewallSpec(SPEC.forwards, SPEC.bridges), observed())
+    assert batch.payload is not None
+    handles = {
+        c: rules(DOC["nftables"], c)[0]["rule"]["handle"]
+        for c in ("vxlan-guard 4789", "vxlan-dnat netagent.1")
+    }
+    assert sorted(batch.payload) == sorted(
+        [
+            f"delete rule {T} input handle {handles['vxlan-guard 4789']}",
+            f"delete rule {T} postrouting handle {handles['vxlan-dnat netagent.1']}",
+            f"delete element {T} vxlan_peers {{ 198.51.100.2, 198.51.100.3 }}",
+        ]
+    )
 
 
 # ---- updates ------------------------------------------------------------------------

@@ -244,6 +244,14 @@ class EtcdCluster:
         self._spawn(i, "existing")
         self.wait_healthy([i], timeout=timeout)
 
+    def start_all(self, timeout: float = 30) -> None:
+        """Restart every member that is down, with its data dir, at once (a member alone
+        cannot be healthy without a quorum); returns once all are healthy."""
+        for i, m in enumerate(self.members):
+            if not m.running():
+                self._spawn(i, "existing")
+        self.wait_healthy(timeout=timeout)
+
     def stop_member(self, i: int, timeout: float = 10) -> int | None:
         """SIGTERM member ``i`` (by PID) and wait for it to exit; its exit status (etcd
         stops gracefully, then re-raises the signal, so that is ``-SIGTERM``)."""
