@@ -23,7 +23,7 @@ def complete(words: str) -> list[str]:
 
 
 def test_commands_options_and_choices_complete() -> None:
-    assert complete("netagent ctl f") == ["forward", "forwards"]
+    assert sorted(complete("netagent ctl f")) == ["forget", "forward", "forwards"]
     assert "--graph" in complete("netagent ctl show --")
     assert complete("netagent ctl show --format ") == ["dot", "svg", "png"]
 
