@@ -137,7 +137,9 @@ for _req in ops.REQUESTS:
     if not _req.cli or _req in (ops.Apply, ops.Purge, ops.Events):
         continue
     _where = _groups[_req.cli[0]] if len(_req.cli) == 2 else ctl
-    _where.command(_req.cli[-1], help=_req.__doc__)(_command(_req))
+    # a docstring wrapped over lines is one paragraph of help, not lines of it
+    _help = " ".join((_req.__doc__ or "").split())
+    _where.command(_req.cli[-1], help=_help)(_command(_req))
 
 
 # ---- ctl commands whose command line differs from their request ----------------------
