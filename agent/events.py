@@ -23,6 +23,7 @@ import structlog
 from netagent.backends import rtnl
 
 from .kinds.attach import AttachRule, rule_for
+from .reconcile import IN_PLACE
 
 if TYPE_CHECKING:
     from netagent.backends.netlink import Netlink
@@ -91,6 +92,8 @@ class EventSource:
         self.links = links
         self.bus = bus
         self.counters = counters
+        #: namespaces intents act in whose deletion was told (until they are back)
+        self._absent: set[str] = set()
         #: the receive buffer of the host's event socket; NETAGENT_EVENT_RCVBUF makes it
         #: tiny in a test, to prove that lost events (ENOBUFS) lose no interface
         self.rcvbuf = int(os.environ.get("NETAGENT_EVENT_RCVBUF", 32 << 20))
@@ -174,6 +177,14 @@ class EventSource:
     def _keys_in(self, name: str) -> list[str]:
         return sorted(self.state.lookup("ns", name))
 
+    def _realized_in(self, name: str) -> bool:
+        """Whether something acting in namespace ``name`` is reported in place."""
+        status = self.rec.status
+        return any(
+            (st := status.get(key)) is not None and st.state == IN_PLACE
+            for key in self._keys_in(name)
+        )
+
     async def watch_namespaces(self) -> None:
         """Notice a namespace deleted (nothing in the host announces it when no veth
         joins it), and watch inside each namespace intents act in for what netagent set
@@ -229,17 +240,27 @@ class EventSource:
                 _ident, sock, scope = watchers.pop(name)
                 scope.cancel()
                 sock.close()
+        self._absent &= wanted
         for name in sorted(wanted):
             ident = self.net.ns_identity(name)
             current = watchers.get(name)
             if current is not None and current[0] == ident:
                 continue
+            if ident is None and (
+                name in self._absent or (current is None and not self._realized_in(name))
+            ):
+                continue  # told already; or nothing in it was realized (being made)
             if current is not None:
                 current[2].cancel()
                 current[1].close()
                 del watchers[name]
+            if current is not None or ident is None:
+                # replaced, or gone: deleted between two polls is gone too, even when
+                # no watcher was open yet (a plug then `ip netns del` within one poll)
                 await self.net.forget(name)  # the old one
                 gone = ident is None
+                if gone:
+                    self._absent.add(name)
                 self.bus.publish(
                     "ns-removed" if gone else "ns-replaced",
                     f"namespace {name} was {'deleted' if gone else 'replaced'}",
@@ -249,6 +270,7 @@ class EventSource:
                     self.rec.drift(key, f"namespace {name} was {'deleted' if gone else 'replaced'}")
             if ident is None:
                 continue
+            self._absent.discard(name)
             path = name if name.startswith("/") else str(self.net.netns_dir / name)
             try:
                 with anyio.fail_after(NS_OPEN_TIMEOUT):

@@ -19,6 +19,7 @@ Quirks worked around here (pyroute2 0.9.7, see ``docs/kernel-facts.md``):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import ipaddress
@@ -194,7 +195,7 @@ class PyrouteNetlink:
             if ident is not None:
                 self._ns[name] = (ident, sock)
             else:  # gone already: nothing to keep a socket in
-                self._retired.append((time.monotonic() + TIMEOUT + 1, sock))
+                self._retire(sock)
 
     async def ns_del(self, name: str) -> None:
         """``ip netns del``, in the daemon (``backends/netns.py``)."""
@@ -239,9 +240,20 @@ class PyrouteNetlink:
         unanswered until its time limit, holding up whoever waits for that request);
         it is closed once no request can still be using it."""
         cached = self._ns.pop(ns, None)
-        now = time.monotonic()
         if cached is not None:
-            self._retired.append((now + TIMEOUT + 1, cached[1]))
+            self._retire(cached[1])
+        self._close_due()
+
+    def _retire(self, sock: Any) -> None:
+        """Close ``sock`` once no request can still be waiting on it. On a timer: a
+        socket kept open holds its namespace alive (a deleted namespace, its veths and
+        what they reach would live on until something else came by)."""
+        self._retired.append((time.monotonic() + TIMEOUT + 1, sock))
+        with contextlib.suppress(RuntimeError):  # no event loop: the next forget closes it
+            asyncio.get_running_loop().call_later(TIMEOUT + 1.05, self._close_due)
+
+    def _close_due(self) -> None:
+        now = time.monotonic()
         while self._retired and self._retired[0][0] <= now:
             _when, sock = self._retired.pop(0)
             with contextlib.suppress(Exception):

@@ -55,3 +55,29 @@ def test_a_restarted_container_is_noticed_and_followed(daemon: Daemon) -> None:
     )
     wait_for("in place again", lambda: state_of(daemon, key)[0] == "in place", timeout=15)
     daemon.box.stop(second)
+
+
+def test_an_external_namespace_deleted_is_not_reported_in_place(daemon: Daemon) -> None:
+    """`ip netns del` of a namespace someone else made (its processes still running, or
+    none): what is plugged into it is no longer reported in place, within seconds, not
+    at the next periodic pass."""
+    daemon.ok("bridge", "add", "v-net-0", "--address", "192.168.15.5/24")
+    daemon.sh("ip", "netns", "add", "ext")
+    daemon.ok("plug", "ext", "v-net-0", "--address", "192.168.15.3/24")
+    key = "plug/ext/v-net-0"
+    assert state_of(daemon, key)[0] == "in place"
+    daemon.sh("ip", "netns", "del", "ext")
+    wait_for(
+        "the deleted namespace noticed",
+        lambda: state_of(daemon, key)[0] != "in place",
+        timeout=5,
+    )
+    state, missing = state_of(daemon, key)
+    assert state in ("failing", "pending", "drifted"), (state, missing)
+    # netagent lets go of the namespace too (its sockets there): it goes, and its veth
+    wait_for("the namespace gone", lambda: not ping(daemon, None, "192.168.15.3"), timeout=15)
+    wait_for(
+        "the veth gone with it",
+        lambda: "veth-ext-br" not in daemon.sh("ip", "-o", "link").stdout,
+        timeout=15,
+    )
