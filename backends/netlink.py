@@ -124,7 +124,8 @@ class Netlink(Protocol):
         ...
 
     async def add_bridge(self, name: str) -> None:
-        """A bridge, up, with netagent's group."""
+        """A bridge, up, with netagent's group and a MAC address of its own (a bridge
+        without one takes its lowest port's, which changes as ports come and go)."""
         ...
 
     async def add_veth(
@@ -138,9 +139,14 @@ class Netlink(Protocol):
         up: bool = False,
         mac: str | None = None,
         peer_mac: str | None = None,
+        mtu: int | None = None,
+        peer_ns_id: tuple[int, int] | None = None,
     ) -> None:
         """A veth pair with each end created directly in its namespace (moving a link
-        costs a grace period), both with netagent's group."""
+        costs a grace period), both with netagent's group and ``mtu``. With
+        ``peer_ns_id`` the peer is created only if ``peer_ns`` still names the namespace
+        of that identity (``ns_identity``); else FileNotFoundError: a namespace deleted
+        and made again under the same path is never plugged by mistake."""
         ...
 
     async def set_link(
