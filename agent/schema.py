@@ -41,7 +41,18 @@ _REQUIRED: Any = object()
 class Field(Generic[T]):
     """One argument of a request. Positional on the CLI when ``flag`` is None."""
 
-    __slots__ = ("aliases", "default", "flag", "help", "label", "many", "metavar", "name", "value")
+    __slots__ = (
+        "aliases",
+        "default",
+        "flag",
+        "help",
+        "instead",
+        "label",
+        "many",
+        "metavar",
+        "name",
+        "value",
+    )
 
     def __init__(
         self,
@@ -64,6 +75,8 @@ class Field(Generic[T]):
         self.aliases = aliases
         self.metavar = metavar or value.metavar
         self.name = ""
+        #: a positional that may be left out: the options that say it instead
+        self.instead: tuple[str, ...] = ()
 
     @property
     def required(self) -> bool:
@@ -90,6 +103,21 @@ class Field(Generic[T]):
 def arg(value: Value[T], label: str, help: str = "", metavar: str | None = None) -> Field[T]:
     """A required positional argument."""
     return Field(value, label, help=help, metavar=metavar)
+
+
+def maybe_arg(
+    value: Value[T],
+    label: str,
+    instead: tuple[str, ...],
+    help: str = "",
+    metavar: str | None = None,
+) -> Field[T | None]:
+    """A positional argument that is left out (None) when one of the options named in
+    ``instead`` says the same (``plug NS BRIDGE`` or ``plug --netns PATH BRIDGE``). Such
+    arguments come first: a command line with fewer words fills the required ones."""
+    f: Field[T | None] = Field(value, label, help=help, metavar=metavar, default=None)
+    f.instead = instead
+    return f
 
 
 def opt(
@@ -256,7 +284,13 @@ class Request:
                 words.append(word)
             i += 1
         if len(words) != len(positional):
-            return None
+            # the positionals that may be left out are, when an option says them instead
+            left_out = [f for f in positional if not f.required]
+            positional = [f for f in positional if f.required]
+            if len(words) != len(positional) or not all(
+                any(name in out for name in f.instead) for f in left_out
+            ):
+                return None
         for f, word in zip(positional, words, strict=True):
             out[f.name] = word
         for f in cls.fields:
