@@ -116,6 +116,9 @@ class Service:
             ops.Neigh: self._kernel_view,
             ops.Routes: self._kernel_view,
         }
+        from .cni import handlers as cni_handlers
+
+        self._handlers.update(cni_handlers(self))  # CNI, plug --netns|--pid
 
     # ---- dispatch -------------------------------------------------------------------
     async def handle(self, op: str, args: Mapping[str, object], peer: Peer) -> Any:
@@ -236,7 +239,7 @@ class Service:
                 named.add(intent.key)
             if req.prune:
                 for intent in s.ordered(reverse=True):
-                    if intent.key not in named:
+                    if intent.key not in named and self.kinds.of(intent).prunable(intent):
                         s.forget(intent.key)
                 s.check_references()
 
@@ -275,7 +278,11 @@ class Service:
         parts = [
             f"{self.state.count(k.name)} {k.plural}"
             for k in self.kinds
-            if k.plural and k.name in ("ns", "bridge", "plug", "forward")
+            if k.plural
+            and (
+                k.name in ("ns", "bridge", "plug", "forward")
+                or (k.name == "attachment" and self.state.count(k.name))
+            )
         ]
         failing = len(self.reconciler.failing())
         return ", ".join(parts) + (f", {failing} failing" if failing else "")

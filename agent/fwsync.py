@@ -57,14 +57,23 @@ class FirewallSync:
         #: forward key -> why the backend refused it (kept out until the next full sync)
         self.quarantined: dict[str, str] = {}
         self._client: Conntrack | None = None
+        #: the bridges the last good sync installed rules for: others need a full sync
+        self._synced_bridges: frozenset[object] | None = None
 
     @property
     def name(self) -> str:
         return self.backend.name
 
     def spec(self, state: DesiredState) -> FirewallSpec:
+        """The forwards, and the bridges' NAT needs: netagent's bridges, and the other
+        plugins' bridges behind chained CNI attachments (hairpin only)."""
+        from .kinds.attachment import chained_bridges
+
         forwards: Any = tuple(state.of_kind("forward"))
         bridges: Any = tuple(state.of_kind("bridge"))
+        names = {b.name for b in bridges}
+        extra = state.derived("fwsync.chained", "attachment", lambda: chained_bridges(state))
+        bridges += tuple(b for b in extra if b.name not in names)
         return FirewallSpec(forwards=forwards, bridges=bridges)
 
     def note(self, change: Change) -> None:
@@ -93,6 +102,8 @@ class FirewallSync:
         added, removed = self._added, self._removed
         self._added, self._removed = [], []
         full, self._full = self._full, True  # until this sync succeeds
+        bridges = frozenset(spec.bridges)
+        full = full or bridges != self._synced_bridges
         steps: list[str] = []
         if spec.empty:
             # nothing desired: the firewall holds nothing of netagent's (an empty table
@@ -111,6 +122,7 @@ class FirewallSync:
             if full:
                 steps = await self._full_sync(spec)
         self._full = False
+        self._synced_bridges = bridges
         self.pending = []
         if removed and self.conntrack:
             steps = [*steps, *await self.clear_connections(removed)]

@@ -30,6 +30,7 @@ from . import sdnotify
 from .access import Policy
 from .api import Counters, Service
 from .bus import EventBus
+from .cni import replay_queue
 from .config import Config
 from .errors import NetagentError
 from .events import EventSource
@@ -170,6 +171,7 @@ async def run_daemon(config: Config) -> None:
                 )
                 tg.start_soon(rec.run)
                 tg.start_soon(events.watch_namespaces)
+                tg.start_soon(replay_queue, api, state_dir / "cni-queue")  # queued CNI DELs
                 tg.start_soon(measure_lag, counters)
                 watcher = backend.drift_watcher()
                 if watcher is not None:

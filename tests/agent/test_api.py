@@ -155,6 +155,10 @@ async def test_every_op_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         reply = await w.call("apply", intents=doc[:2], prune=True)
         assert [c["action"] for c in reply["changes"]] == ["removed", "removed"]
 
+        assert await w.call("attachment.list") == []  # tests/agent/test_cni.py has more
+        version = await w.call("cni", command="VERSION", config={})
+        assert version["result"]["supportedVersions"] == ["0.4.0", "1.0.0", "1.1.0"]
+
         reply = await w.call("purge")
         assert reply["changed"] is True and reply["errors"] == {}
     assert set(seen) == {o for r in ops.REQUESTS for o in (r.op, *r.aliases)} - {"events"}
