@@ -618,14 +618,14 @@ async def replay_queue(service: Service, directory: Path) -> None:
 
     while True:
         try:
-            for path in queue.pending(directory):
+            for path in queue.pending(str(directory)):
                 await _replay_one(service, queue, path)
         except Exception:
             log.exception("replaying queued CNI DELs failed; trying again")
         await anyio.sleep(QUEUE_POLL)
 
 
-async def _replay_one(service: Service, queue: Any, path: Path) -> None:
+async def _replay_one(service: Service, queue: Any, path: str) -> None:
     record = queue.load(path)
     if record is None:
         queue.reject(path, "not a queued DEL")
@@ -645,4 +645,4 @@ async def _replay_one(service: Service, queue: Any, path: Path) -> None:
             log.warning("a queued CNI DEL failed; tried again later", error=exc.message)
         return
     queue.done(path)
-    log.info("queued CNI DEL carried out", file=path.name, container=record.get("containerID"))
+    log.info("queued CNI DEL carried out", file=path, container=record.get("containerID"))
