@@ -530,7 +530,7 @@ async def handle_plug(service: Service, req: ops.PlugAdd) -> Any:
     start = process_start(pid) if pid is not None else None
     ident = net.ns_identity(path)
     if (pid is not None and start is None) or ident is None:
-        what = f"process {pid}" if pid is not None else f"a namespace at {path}"
+        what = f"process {pid}" if pid is not None else f"namespace at {path}"
         raise NotFound(f"there is no {what}")
     existing = [
         a

@@ -81,13 +81,16 @@ class FirewallSync:
         from .kinds.forward import Forward
 
         old, new = change.old, change.new
+        item = new if new is not None else old
         if isinstance(old, Forward) or isinstance(new, Forward):
             if isinstance(old, Forward):
                 self._removed.append(old)
             if isinstance(new, Forward):
                 self._added.append(new)
-        else:
+        elif item is not None and item.kind == "bridge":
             self._full = True  # a bridge: its rules are few, plan them whole
+        # an attachment: ``sync`` compares the bridges the spec needs with the last synced
+        # (a chained one's bridge needs hairpin NAT), and changes nothing otherwise
 
     def drifted(self, why: str) -> None:
         self._full = True
