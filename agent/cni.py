@@ -363,9 +363,12 @@ async def cni_add(service: Service, conf: C.NetConf, req: ops.Cni) -> dict[str, 
         return C.chained_result(conf)
     br = service.state.get(bridge_key(att.bridge or ""))
     assert isinstance(br, Bridge) and att.host_ifname is not None
-    macs: dict[str, str | None] = {}
-    for where, name in ((None, br.name), (None, att.host_ifname), (att.netns, att.ifname)):
-        link = await net.link(where, name)
+    # the host's MACs as the kernel announced them (the link cache), the container's as
+    # netagent chose it: no lookups on the way back (each costs a netlink round trip)
+    macs: dict[str, str | None] = {att.ifname: att.mac}
+    for name in (br.name, att.host_ifname):
+        cached = service.ctx.links.named(name)
+        link = cached if cached is not None and cached.mac else await net.link(None, name)
         macs[name] = link.mac if link is not None else None
     return C.add_result(conf, att, br, macs)
 

@@ -139,8 +139,10 @@ class PyrouteNetlink:
         return self._path(ns).exists()
 
     def ns_identity(self, ns: str) -> tuple[int, int] | None:
+        """A stat of the path (no ``Path`` object: the namespace watcher asks this of every
+        namespace in use four times a second)."""
         try:
-            st = os.stat(self._path(ns))
+            st = os.stat(ns if ns.startswith("/") else f"{self.netns_dir}/{ns}")
         except (FileNotFoundError, NotADirectoryError, PermissionError):
             return None
         return st.st_dev, st.st_ino

@@ -239,7 +239,12 @@ def chained_bridges(state: DesiredState) -> tuple[Bridge, ...]:
     a namespace reaching a port mapping through the host's address is DNATed back onto
     its own bridge, and needs the same hairpin NAT as on netagent's bridges."""
     found: dict[str, dict[int, IPInterface]] = {}
-    for att in state.of_kind("attachment"):
+    # asked on every pass that syncs the firewall: the index names the few chained ones
+    keys = sorted(
+        k for name in state.indexed("att-chained") for k in state.lookup("att-chained", name)
+    )
+    for key in keys:
+        att = state.get(key)
         if isinstance(att, Attachment) and att.bridge is None and att.host_bridge:
             per = found.setdefault(att.host_bridge, {})
             for addr in att.addresses:
@@ -304,6 +309,8 @@ class AttachmentKind(Kind[Attachment]):
         out: list[tuple[str, Hashable]] = [("att-netns", intent.netns)]
         if intent.network:
             out.append(("att-network", intent.network))
+        if intent.bridge is None and intent.host_bridge:
+            out.append(("att-chained", intent.host_bridge))
         return out
 
     def drifted(self, intent: Attachment, link: Link, links: LinkCache) -> bool:
