@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from netagent.cni.install import install as cni_install
 from tests.support import cniplugin as P
 from tests.support.daemon import Daemon
 from tests.support.images import Images, remove_session_images, session_images
@@ -50,11 +51,15 @@ def images() -> Iterator[Images]:
     remove_session_images()
 
 
-def conflist(d: Daemon, conf_dir: Path, name: str, bridge: str, subnet: str) -> Path:
-    net = P.netagent_conf(d, name=name, bridge=bridge, subnet=subnet)
-    conf_dir.mkdir(parents=True, exist_ok=True)
+def conflist(d: Daemon, conf_dir: Path, name: str, subnet: str) -> Path:
+    """The network as ``netagent cni install`` writes it (cniVersion 1.0.0, the highest
+    libcni 1.1 in Podman 4.3 and containerd 1.6 reads results of; ``cniVersions`` up to
+    1.1.0), naming the test daemon's socket and queue."""
+    cni_install(
+        str(d.dir / "cni-bin"), str(conf_dir), [f"{name}={subnet}"], d.socket, str(P.queue_dir(d))
+    )
     path = conf_dir / f"10-{name}.conflist"
-    path.write_bytes(net.raw)
+    assert json.loads(path.read_text())["cniVersions"] == ["0.4.0", "1.0.0", "1.1.0"]
     return path
 
 
@@ -72,7 +77,7 @@ def test_podman_with_its_cni_backend(daemon: Daemon, workdir: Path, images: Imag
     box = daemon.box
     bin_dir = P.install(daemon)
     conf_dir = workdir / "podman-net.d"
-    conflist(daemon, conf_dir, "nanet", "cni-na0", "10.88.0.0/16")
+    conflist(daemon, conf_dir, "nanet", "10.88.0.0/16")
     host = outside_client(box)
     with Podman(box, workdir / "podman", [str(bin_dir)], conf_dir) as podman:
         podman.import_image(images.rootfs_tar, images.ref)
@@ -116,7 +121,7 @@ def test_containerd_ctr_cni_and_published_ports(
     box = daemon.box
     bin_dir = P.install(daemon)
     conf_dir = workdir / "ctd-net.d"
-    path = conflist(daemon, conf_dir, "ctdnet", "cni-ctd0", "10.79.0.0/24")
+    path = conflist(daemon, conf_dir, "ctdnet", "10.79.0.0/24")
     host = outside_client(box)
     with Containerd(box, workdir / "containerd", str(bin_dir), conf_dir) as ctd:
         ctd.import_image(images.oci_tar)

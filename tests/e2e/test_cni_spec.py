@@ -103,6 +103,7 @@ def test_the_whole_lifecycle(daemon: Daemon, version: str) -> None:
     )
     again = json.loads(daemon.sh("ip", "-n", "c1", "-j", "link", "show", "eth0").stdout)
     assert again[0]["address"] == inner["mac"]
+
     def checked() -> bool:
         cni.check_network_list(net, rt("c1", PORT))
         return True
