@@ -109,6 +109,18 @@ def test_podman_with_its_cni_backend(daemon: Daemon, workdir: Path, images: Imag
         third = podman.run("web3", images.ref, HTTPD, network="nanet")
         assert podman.ip(third, "nanet") == "10.88.0.2"  # the freed lease
         podman.rm(third)
+        # podman run --ip/--mac-address: Podman 4.3 passes them in CNI_ARGS (IP=, MAC=)
+        static = podman.run(
+            "static",
+            images.ref,
+            HTTPD,
+            network="nanet",
+            extra=["--ip", "10.88.0.50", "--mac-address", "02:aa:bb:cc:dd:ee"],
+        )
+        assert podman.ip(static, "nanet") == "10.88.0.50"
+        row = next(a for a in attachments(daemon) if a["container_id"] == static)
+        assert row["mac"] == "02:aa:bb:cc:dd:ee"
+        podman.rm(static)
         podman.rm(other)
         assert attachments(daemon) == [] and forwards(daemon) == {}
     assert not podman.stop_errors
