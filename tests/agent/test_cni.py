@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from netagent.agent import cni as agent_cni
+from netagent.agent import foreign
 from netagent.agent.cniconf import derived_mac
 from netagent.agent.errors import NetagentError
 from netagent.agent.kinds import attachment as att_mod
@@ -450,7 +451,7 @@ async def test_people_plug_another_tools_namespace_by_path_or_pid(
     w.net.make_foreign_ns("/proc/4242/ns/net")
     w.net.make_foreign_link("eth0", ns="/proc/4242/ns/net")  # it has an eth0 of its own
     started = {4242: 777}
-    monkeypatch.setattr(agent_cni, "process_start", lambda pid: started.get(pid))
+    monkeypatch.setattr(foreign, "process_start", lambda pid: started.get(pid))
     monkeypatch.setattr(att_mod, "process_start", lambda pid: started.get(pid))
     async with w.running():
         await w.call("bridge.add", name="br0", addresses=["10.7.0.1/24"])
