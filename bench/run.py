@@ -362,8 +362,8 @@ def main() -> None:
         f"{os.cpu_count()} CPUs, each part in a sandbox of its own"
     )
     for name in chosen:
-        if name == "cni":  # bench/cni.py: sandboxes and daemons of its own
-            __import__("cni").cni()
+        if name == "cni":  # bench/cni_bench.py: sandboxes and daemons of its own
+            __import__("cni_bench").cni()
             continue
         # a fresh sandbox and daemon per part: no part measures another's leftovers
         b = Bench()
