@@ -124,6 +124,9 @@ class Service:
             ops.Forget: lambda req: quarantine.forget(self, req),
             ops.Peers: self._peers,
         }
+        from .cni import handlers as cni_handlers
+
+        self._handlers.update(cni_handlers(self))  # CNI, plug --netns|--pid
 
     # ---- dispatch -------------------------------------------------------------------
     async def handle(self, op: str, args: Mapping[str, object], peer: Peer) -> Any:
@@ -244,7 +247,7 @@ class Service:
                 named.add(intent.key)
             if req.prune:
                 for intent in s.ordered(reverse=True):
-                    if intent.key not in named:
+                    if intent.key not in named and self.kinds.of(intent).prunable(intent):
                         s.forget(intent.key)
                 s.check_references()
 
@@ -283,7 +286,11 @@ class Service:
         parts = [
             f"{self.state.count(k.name)} {k.plural}"
             for k in self.kinds
-            if k.plural and k.name in ("ns", "bridge", "plug", "forward")
+            if k.plural
+            and (
+                k.name in ("ns", "bridge", "plug", "forward")
+                or (k.name == "attachment" and self.state.count(k.name))
+            )
         ]
         failing = len(self.reconciler.failing())
         held = len(self.store.quarantine)

@@ -17,12 +17,14 @@ from __future__ import annotations
 FLAG, ONE, MANY = 0, 1, 2
 
 #: (positional names, {flag: (name, arity, choices or None)}, required names, the CLI's
-#: own names): what :meth:`Request.shape` gives
+#: own names, (positional that may be left out, the options that say it instead)): what
+#: :meth:`Request.shape` gives
 Shape = tuple[
     tuple[str, ...],
     dict[str, tuple[str, int, "tuple[str, ...] | None"]],
     tuple[str, ...],
     tuple[str, ...],
+    "tuple[tuple[str, tuple[str, ...]], ...]",
 ]
 
 
@@ -30,8 +32,10 @@ def parse(shape: Shape, argv: list[str]) -> dict[str, object] | None:
     """The arguments that ``argv`` (the words after the command) gives, by field name;
     None when the line is not plainly valid: an unknown or short option, a flag with a
     value, an option without its value, a single-valued option twice, a value outside
-    its choices, too many or too few words, a required argument left out."""
-    positional, flags, required, _local = shape
+    its choices, too many or too few words, a required argument left out (a positional
+    that may be left out only when an option says it instead: ``plug --netns PATH
+    BRIDGE``)."""
+    positional, flags, required, _local, instead = shape
     out: dict[str, object] = {}
     words: list[str] = []
     i = 0
@@ -74,7 +78,13 @@ def parse(shape: Shape, argv: list[str]) -> dict[str, object] | None:
             words.append(word)
         i += 1
     if len(words) != len(positional):
-        return None
+        # the positionals that may be left out are, when an option says them instead
+        if len(words) != len(positional) - len(instead) or not all(
+            any(name in out for name in names) for _field, names in instead
+        ):
+            return None
+        left_out = {field for field, _names in instead}
+        positional = tuple(f for f in positional if f not in left_out)
     for field, word in zip(positional, words, strict=True):
         out[field] = word
     for field in required:

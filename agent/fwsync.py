@@ -61,14 +61,23 @@ class FirewallSync:
         #: forward key -> why the backend refused it (kept out until the next full sync)
         self.quarantined: dict[str, str] = {}
         self._client: Conntrack | None = None
+        #: the bridges the last good sync installed rules for: others need a full sync
+        self._synced_bridges: frozenset[object] | None = None
 
     @property
     def name(self) -> str:
         return self.backend.name
 
     def spec(self, state: DesiredState) -> FirewallSpec:
+        """The forwards, and the bridges' NAT needs: netagent's bridges, and the other
+        plugins' bridges behind chained CNI attachments (hairpin only)."""
+        from .kinds.attachment import chained_bridges
+
         forwards: Any = tuple(state.of_kind("forward"))
         bridges: Any = tuple(state.of_kind("bridge"))
+        names = {b.name for b in bridges}
+        extra = state.derived("fwsync.chained", "attachment", lambda: chained_bridges(state))
+        bridges += tuple(b for b in extra if b.name not in names)
         return FirewallSpec(forwards=forwards, bridges=bridges, vxlan=vxlan_guard(state))
 
     def note(self, change: Change) -> None:
@@ -77,6 +86,7 @@ class FirewallSync:
         from .kinds.peer import Peer
 
         old, new = change.old, change.new
+        item = new if new is not None else old
         if isinstance(old, Forward) or isinstance(new, Forward):
             if isinstance(old, Forward):
                 self._removed.append(old)
@@ -88,8 +98,12 @@ class FirewallSync:
                 self._peers_removed.add(old.underlay)
             if isinstance(new, Peer):
                 self._peers_added.add(new.underlay)
+        elif item is not None and item.kind == "attachment":
+            # ``sync`` compares the bridges the spec needs with the last synced (a
+            # chained one's bridge needs hairpin NAT), and changes nothing otherwise
+            pass
         else:
-            self._full = True  # a bridge, a peer: their rules are few, plan them whole
+            self._full = True  # a bridge, the VXLAN device: their rules are few, plan them whole
 
     def drifted(self, why: str) -> None:
         self._full = True
@@ -106,6 +120,8 @@ class FirewallSync:
         peers_added, peers_removed = self._peers_added, self._peers_removed
         self._peers_added, self._peers_removed = set(), set()
         full, self._full = self._full, True  # until this sync succeeds
+        bridges = frozenset(spec.bridges)
+        full = full or bridges != self._synced_bridges
         steps: list[str] = []
         if spec.empty:
             # nothing desired: the firewall holds nothing of netagent's (an empty table
@@ -127,6 +143,7 @@ class FirewallSync:
             if full:
                 steps = await self._full_sync(spec)
         self._full = False
+        self._synced_bridges = bridges
         self.pending = []
         if removed and self.conntrack:
             steps = [*steps, *await self.clear_connections(removed)]

@@ -34,6 +34,7 @@ from .access import Policy
 from .api import Counters, Service
 from .bus import EventBus
 from .cluster import Cluster
+from .cni import replay_queue
 from .config import Config
 from .errors import NetagentError
 from .events import EventSource
@@ -237,6 +238,7 @@ async def run_daemon(config: Config, recover: bool = False) -> None:
                 )
                 tg.start_soon(rec.run)
                 tg.start_soon(events.watch_namespaces)
+                tg.start_soon(replay_queue, api, state_dir / "cni-queue")  # queued CNI DELs
                 tg.start_soon(measure_lag, counters, probe)
                 if exporter is not None:
                     tg.start_soon(exporter.serve, api)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, TypedDict
 
-from .schema import Request, Value, arg, flag, many, maybe, opt
+from .schema import Request, Value, arg, flag, many, maybe, maybe_arg, opt
 
 if TYPE_CHECKING:
     from .values import IPAddress, IPInterface, Proto
@@ -29,6 +29,11 @@ DESTINATION: Value[tuple[IPAddress, int, int]] = Value("destination", "IP:PORT")
 PROTO: Value[Proto] = Value("proto", "PROTO")
 PATTERN: Value[str] = Value("pattern", "PATTERN")
 LIST: Value[list[object]] = Value("list", "LIST")
+NETNS: Value[str] = Value("netns", "PATH")
+PID: Value[int] = Value("pid", "PID")
+TEXT: Value[str] = Value("text", "TEXT")
+OBJECT: Value[dict[str, Any]] = Value("object", "OBJECT")
+NUMBER: Value[float] = Value("number", "NUMBER")
 #: the CLI's own values (never parsed by the daemon)
 FORMAT: Value[str] = Value("word", "FORMAT")
 OUTPUT: Value[str] = Value("path", "FILE")
@@ -178,16 +183,28 @@ class BridgeList(Request):
 
 
 # ---- plugs --------------------------------------------------------------------------
+_FOREIGN_HELP = (
+    "A namespace another tool made, by path (/proc/PID/ns/net, /run/netns/NAME), "
+    "instead of NS; netagent adds its veth and never takes the namespace."
+)
+_PID_HELP = "The namespace of this process, instead of NS (noticed when the process is gone)."
+
+
 class PlugAdd(Request):
-    """Plug a namespace into a bridge (veth pair, address, default route via the bridge)."""
+    """Plug a namespace into a bridge (veth pair, address, default route via the bridge):
+    NS BRIDGE, or --netns PATH BRIDGE / --pid PID BRIDGE for another tool's namespace."""
 
     op = "plug.add"
     cli = ("plug",)
     mutating = True
     kind = "plug"
     verb = "add"
-    ns = arg(NAME, "namespace name", metavar="NS")
+    ns = maybe_arg(
+        NAME, "namespace name", ("netns", "pid"), "A namespace under /run/netns.", metavar="NS"
+    )
     bridge = arg(NAME, "bridge name", metavar="BRIDGE")
+    netns = maybe(NETNS, "--netns", "--netns", _FOREIGN_HELP)
+    pid = maybe(PID, "--pid", "--pid", _PID_HELP)
     addresses = many(
         CIDRS,
         "--address",
@@ -202,15 +219,20 @@ class PlugAdd(Request):
 
 
 class PlugDel(Request):
-    """Remove a namespace's veth from a bridge."""
+    """Remove a namespace's veth from a bridge (NS BRIDGE, or --netns PATH / --pid PID
+    BRIDGE); another tool's namespace stays."""
 
     op = "plug.del"
     kind = "plug"
     verb = "del"
     cli = ("unplug",)
     mutating = True
-    ns = arg(NAME, "namespace name", metavar="NS")
+    ns = maybe_arg(
+        NAME, "namespace name", ("netns", "pid"), "A namespace under /run/netns.", metavar="NS"
+    )
     bridge = arg(NAME, "bridge name", metavar="BRIDGE")
+    netns = maybe(NETNS, "--netns", "--netns", "The namespace it was plugged by path.")
+    pid = maybe(PID, "--pid", "--pid", "The process whose namespace it was plugged.")
 
 
 # ---- wires --------------------------------------------------------------------------
@@ -369,6 +391,34 @@ class Forget(Request):
     key = arg(KEY, "key", "The quarantined intent's key, as `show` lists it.", "KEY")
 
 
+# ---- container runtimes (CNI) and other tools' namespaces ---------------------------
+class AttachmentList(Request):
+    """Interfaces netagent put into other tools' namespaces (CNI, plug --netns/--pid)."""
+
+    op = "attachment.list"
+    kind = "attachment"
+    verb = "list"
+    cli = ("attachments",)
+
+
+class Cni(Request):
+    """One CNI call, as the ``netagent`` CNI plugin forwards it (``netagent.cni``):
+    ``CNI_COMMAND`` and the other ``CNI_*`` variables, the network configuration from
+    stdin, and for a DEL carried out from the queue, when it was queued."""
+
+    op = "cni"
+    mutating = True
+    command = arg(TEXT, "CNI_COMMAND")
+    container_id = maybe(TEXT, "--container-id", "CNI_CONTAINERID")
+    netns = maybe(TEXT, "--netns", "CNI_NETNS")
+    ifname = maybe(TEXT, "--ifname", "CNI_IFNAME")
+    args = maybe(TEXT, "--args", "CNI_ARGS")
+    config = arg(OBJECT, "network configuration")
+    queued_at = maybe(NUMBER, "--queued-at", "queued_at")
+
+
+CNI_REQUESTS: tuple[type[Request], ...] = (AttachmentList, Cni)
+
 REQUESTS: tuple[type[Request], ...] = (
     Status,
     Show,
@@ -395,6 +445,7 @@ REQUESTS: tuple[type[Request], ...] = (
     Apply,
     Purge,
     Forget,
+    *CNI_REQUESTS,
 )
 
 

@@ -75,7 +75,9 @@ async def find(ctx: Context, pending: set[str], inside: bool = True) -> list[Orp
     for name in ctx.net.ns_names():
         key = f"ns/{name}"
         desired = key in ctx.state or key in pending
-        if desired or ctx.state.lookup("ns", name):
+        # a runtime's namespace an attachment uses by its path is looked inside, not at
+        by_path = ctx.state.has_indexed("ns", str(ctx.net.netns_dir / name))
+        if desired or ctx.state.lookup("ns", name) or by_path:
             ours.append(name)
             continue
         lo = await ctx.net.link(name, "lo")

@@ -48,6 +48,7 @@ class Field(Generic[T]):
         "default",
         "flag",
         "help",
+        "instead",
         "label",
         "local",
         "many",
@@ -83,6 +84,8 @@ class Field(Generic[T]):
         #: the CLI's own (how to show the answer): never sent, never parsed by the daemon
         self.local = local
         self.name = ""
+        #: a positional that may be left out: the options that say it instead
+        self.instead: tuple[str, ...] = ()
 
     @property
     def required(self) -> bool:
@@ -109,6 +112,21 @@ class Field(Generic[T]):
 def arg(value: Value[T], label: str, help: str = "", metavar: str | None = None) -> Field[T]:
     """A required positional argument."""
     return Field(value, label, help=help, metavar=metavar)
+
+
+def maybe_arg(
+    value: Value[T],
+    label: str,
+    instead: tuple[str, ...],
+    help: str = "",
+    metavar: str | None = None,
+) -> Field[T | None]:
+    """A positional argument that is left out (None) when one of the options named in
+    ``instead`` says the same (``plug NS BRIDGE`` or ``plug --netns PATH BRIDGE``). Such
+    arguments come first: a command line with fewer words fills the required ones."""
+    f: Field[T | None] = Field(value, label, help=help, metavar=metavar, default=None)
+    f.instead = instead
+    return f
 
 
 def opt(
@@ -278,6 +296,7 @@ class Request:
             flags,
             tuple(f.name for f in every if f.required),
             tuple(f.name for f in cls.local_fields),
+            tuple((f.name, f.instead) for f in every if f.flag is None and f.instead),
         )
 
 

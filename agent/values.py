@@ -264,6 +264,40 @@ def parse_text(value: object, what: str) -> str:
     return value
 
 
+def parse_object(value: object, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def parse_number(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgument(f"{what} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def parse_pid(value: object, what: str = "pid") -> int:
+    """A process ID (``--pid 1234``), from the CLI's text or a JSON number."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 10:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 1 << 22:
+        raise InvalidArgument(f"{what} {value!r} is not a process ID; give a number such as 1234")
+    return value
+
+
+def parse_netns_path(value: object, what: str = "--netns") -> str:
+    """A network namespace file by absolute path (``/proc/PID/ns/net``,
+    ``/run/netns/NAME``, a runtime's bind mount)."""
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise InvalidArgument(
+            f"{what} {value!r} must be an absolute path to a network namespace, "
+            "e.g. /proc/1234/ns/net or /run/netns/NAME"
+        )
+    if "\0" in value or len(value) > 4096 or any(c in value for c in "\n\r"):
+        raise InvalidArgument(f"{what} {value!r} is not a usable path")
+    return value
+
+
 def _parse_pattern(value: object, what: str) -> str:
     from .glob import check_pattern
 
@@ -287,4 +321,8 @@ PARSERS: dict[str, Callable[[object, str], Any]] = {
     "bool": parse_bool,
     "list": parse_list,
     "text": parse_text,
+    "object": parse_object,
+    "number": parse_number,
+    "pid": parse_pid,
+    "netns": parse_netns_path,
 }

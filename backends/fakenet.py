@@ -43,6 +43,8 @@ class FakeNetlink:
         self.sysctls: dict[str, str] = {}
         #: veth index -> its peer's index
         self._peers: dict[int, int] = {}
+        #: interface name -> the MTU it was created with (when one was given)
+        self.mtus: dict[str, int] = {}
         #: every mutating call, in order: ("op", args...)
         self.calls: list[tuple[Any, ...]] = []
         self._faults: dict[str, list[BaseException | None]] = {}
@@ -77,8 +79,16 @@ class FakeNetlink:
             raise exc
 
     def make_foreign_ns(self, name: str) -> None:
-        """A namespace someone else made (no netagent mark)."""
-        self.named[name] = self._new_ns()
+        """A namespace someone else made (no netagent mark); ``name`` may be a path (a
+        container's ``/proc/PID/ns/net``). Made again, it is another namespace."""
+        self.named[self._name(name)] = self._new_ns()
+
+    def drop_ns(self, name: str) -> None:
+        """Someone else's namespace ends (its container exited): its links go, and so do
+        their veth peers in the host."""
+        space = self.named.pop(self._name(name))
+        for index in list(space.links):
+            self._delete(name, space, index)
 
     def make_foreign_link(self, name: str, kind: str = "veth", ns: NsRef = None) -> Link:
         space = self._space(ns)
@@ -136,7 +146,12 @@ class FakeNetlink:
         return space
 
     def _name(self, ns: str) -> str:
-        return Path(ns).name if ns.startswith("/") else ns
+        """A path under the netns directory is that name; another path (a container's
+        ``/proc/PID/ns/net``) is a namespace of its own, known by the whole path."""
+        if ns.startswith("/"):
+            path = Path(ns)
+            return path.name if path.parent == self.netns_dir else ns
+        return ns
 
     def _set(self, space: _Ns, link: Link, ns: NsRef, deleted: bool = False) -> None:
         if deleted:
@@ -190,7 +205,7 @@ class FakeNetlink:
         return None if space is None else space.ident
 
     def ns_names(self) -> list[str]:
-        return sorted(self.named)
+        return sorted(n for n in self.named if not n.startswith("/"))
 
     async def ns_add(self, name: str) -> None:
         await self._fault("ns_add")
@@ -250,9 +265,15 @@ class FakeNetlink:
         up: bool = False,
         mac: str | None = None,
         peer_mac: str | None = None,
+        mtu: int | None = None,
+        peer_ns_id: tuple[int, int] | None = None,
     ) -> None:
         await self._fault("add_veth")
         space, pspace = self._space(ns), self._space(peer_ns)
+        if peer_ns_id is not None and pspace.ident != peer_ns_id:
+            raise FileNotFoundError(f"{peer_ns} names another namespace now")
+        if mtu is not None:
+            self.mtus[name] = self.mtus[peer] = mtu
         if self._by_name(space, name) or self._by_name(pspace, peer):
             raise FileExistsError(errno.EEXIST, name)
         a, b = self._index(), self._index()

@@ -163,8 +163,9 @@ class Netlink(Protocol):
         ...
 
     async def add_bridge(self, name: str, mac: str | None = None) -> None:
-        """A bridge, up, with netagent's group (and ``mac``: else the kernel gives it the
-        lowest of its ports' MACs, which changes as ports come and go)."""
+        """A bridge, up, with netagent's group and a MAC address of its own, ``mac`` or a
+        random one (a bridge without one takes its lowest port's, which changes as ports
+        come and go)."""
         ...
 
     async def add_veth(
@@ -178,9 +179,14 @@ class Netlink(Protocol):
         up: bool = False,
         mac: str | None = None,
         peer_mac: str | None = None,
+        mtu: int | None = None,
+        peer_ns_id: tuple[int, int] | None = None,
     ) -> None:
         """A veth pair with each end created directly in its namespace (moving a link
-        costs a grace period), both with netagent's group."""
+        costs a grace period), both with netagent's group and ``mtu``. With
+        ``peer_ns_id`` the peer is created only if ``peer_ns`` still names the namespace
+        of that identity (``ns_identity``); else FileNotFoundError: a namespace deleted
+        and made again under the same path is never plugged by mistake."""
         ...
 
     async def set_link(

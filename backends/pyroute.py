@@ -73,6 +73,12 @@ def link_from_msg(msg: Any) -> Link:
     )
 
 
+def random_mac() -> str:
+    """A random unicast, locally administered MAC address."""
+    first = (os.urandom(1)[0] & 0xFC) | 0x02
+    return ":".join(f"{b:02x}" for b in (first, *os.urandom(5)))
+
+
 def _drain(sock: Any) -> None:
     """Drop stray ACKs that pyroute2 leaves in the root queue after "get" requests."""
     queue = sock.msg_queue.root
@@ -146,8 +152,10 @@ class PyrouteNetlink:
         return self._path(ns).exists()
 
     def ns_identity(self, ns: str) -> tuple[int, int] | None:
+        """A stat of the path (no ``Path`` object: the namespace watcher asks this of every
+        namespace in use four times a second)."""
         try:
-            st = os.stat(self._path(ns))
+            st = os.stat(ns if ns.startswith("/") else f"{self.netns_dir}/{ns}")
         except (FileNotFoundError, NotADirectoryError, PermissionError):
             return None
         return st.st_dev, st.st_ino
@@ -295,11 +303,23 @@ class PyrouteNetlink:
             raise HostTimeout("the kernel did not answer a lookup of interfaces") from None
 
     async def add_bridge(self, name: str, mac: str | None = None) -> None:
-        spec: dict[str, Any] = {"ifname": name, "kind": "bridge", "state": "up"}
-        if mac is not None:
-            spec["address"] = mac
+        """The MAC is given at creation, which makes it the bridge's own
+        (``addr_assign_type`` 3, "set"): a bridge without one takes its lowest port's
+        instead and changes it as ports come and go, and the namespaces behind it keep
+        the old gateway MAC in their ARP caches (docs/kernel-facts.md). netagent's own
+        bridges get one derived from the intent (the same after a repair), others a
+        random one."""
         await self._timed(
-            None, f"creating bridge {name}", self.ipr.link("add", **spec, group=NETAGENT_GROUP)
+            None,
+            f"creating bridge {name}",
+            self.ipr.link(
+                "add",
+                ifname=name,
+                kind="bridge",
+                state="up",
+                group=NETAGENT_GROUP,
+                address=mac or random_mac(),
+            ),
         )
 
     async def add_veth(
@@ -313,9 +333,17 @@ class PyrouteNetlink:
         up: bool = False,
         mac: str | None = None,
         peer_mac: str | None = None,
+        mtu: int | None = None,
+        peer_ns_id: tuple[int, int] | None = None,
     ) -> None:
         peer_spec: dict[str, Any] = {"ifname": peer, "group": NETAGENT_GROUP}
-        if peer_ns is not None:
+        fd: int | None = None
+        if peer_ns is not None and peer_ns_id is not None:
+            # the namespace is opened once and checked: the kernel is given that very
+            # file (pyroute2 passes an int as the fd), not a path that may have changed
+            fd = self._open_ns(peer_ns, peer_ns_id)
+            peer_spec["net_ns_fd"] = fd
+        elif peer_ns is not None:
             peer_spec["net_ns_fd"] = str(self._path(peer_ns))
         if peer_mac is not None:
             peer_spec["address"] = peer_mac
@@ -328,7 +356,24 @@ class PyrouteNetlink:
             spec["state"] = "up"
         if mac is not None:
             spec["address"] = mac
-        await self._timed(ns, f"creating veth {name}", self.ipr.link("add", **spec, peer=peer_spec))
+        if mtu is not None:
+            spec["mtu"] = mtu
+            peer_spec["mtu"] = mtu
+        try:
+            await self._timed(
+                ns, f"creating veth {name}", self.ipr.link("add", **spec, peer=peer_spec)
+            )
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _open_ns(self, ns: str, ident: tuple[int, int]) -> int:
+        fd = os.open(self._path(ns), os.O_RDONLY | os.O_CLOEXEC)
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != ident:
+            os.close(fd)
+            raise FileNotFoundError(f"{ns} names another namespace now")
+        return fd
 
     async def set_link(
         self,

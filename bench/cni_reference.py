@@ -1,6 +1,10 @@
-"""Reference figures for netagent's CNI plugin: what a container's network costs today.
+"""netagent's CNI plugin beside what a container's network costs today.
 
 Per container, sequentially, each in a fresh sandbox, one port mapping each:
+
+- netagent's plugin binary (as ``netagent cni install`` writes it, started with
+  ``python -I -S``) through libcni, with a daemon of its own in its sandbox: ADD, then
+  later DEL, the plugin process included;
 
 - Debian's reference plugins (``bridge`` + ``host-local`` + ``portmap``, 1.1.1) driven
   exactly as a runtime drives them through libcni (``tests/support/libcni.py``): ADD,
@@ -11,21 +15,25 @@ Per container, sequentially, each in a fresh sandbox, one port mapping each:
   addresses are given (``static_ips``): netavark's figures have no IPAM in them.
 
 The namespaces are made beforehand (``ip netns add``, not timed). ``cni_reference()``
-prints lines in the style of ``bench/run.py`` and returns the p50/p99 figures; run it
-alone with ``python bench/cni_reference.py [N]``. Each kind's timing runs inside its
-sandbox (no ``nsenter`` is timed), in a worker asked for one operation at a time.
+prints lines in the style of ``bench/run.py`` and returns the p50/p99 figures;
+``cni_scale()`` measures netagent's ADD with 10 and with 1,000 containers attached. Run
+both alone with ``python bench/cni_reference.py [N]`` (``make bench SECTIONS=cni``).
+Each kind's timing runs inside its sandbox (no ``nsenter`` is timed), in a worker asked
+for one operation at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import select
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -33,7 +41,9 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from run import fmt, pct  # noqa: E402
 
-from netagent.cli.sandbox import Sandbox  # noqa: E402
+from netagent.cli.client import Client  # noqa: E402
+from netagent.cli.sandbox import Sandbox, daemon_argv, wait_ready  # noqa: E402
+from netagent.cni.install import install as cni_install  # noqa: E402
 from tests.support.libcni import (  # noqa: E402
     CNIConfig,
     NetworkConfigList,
@@ -50,8 +60,8 @@ def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
-def _netns(n: int) -> list[str]:
-    names = [f"b{i}" for i in range(n)]
+def _netns(n: int, prefix: str = "b") -> list[str]:
+    names = [f"{prefix}{i}" for i in range(n)]
     for name in names:
         subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
     return names
@@ -181,7 +191,116 @@ class Netavark:
         return self._netavark("--version")
 
 
-KINDS: dict[str, type[Reference] | type[Netavark]] = {
+class Netagent:
+    """netagent's plugin binary (as ``netagent cni install`` writes it) through libcni, a
+    daemon of its own in this sandbox; the same one port mapping per container."""
+
+    SUBNET = "10.92.0.0/16"
+
+    def __init__(self, n: int, work: Path, prefix: str = "b") -> None:
+        self.work = work
+        self.socket = str(work / "netagent.sock")
+        self.log = open(work / "daemon.log", "a")  # noqa: SIM115
+        extra: list[str] = []
+        if os.environ.get("BENCH_RESYNC"):  # to tell the periodic pass's share apart
+            (work / "netagent.toml").write_text(f"resync_interval = {os.environ['BENCH_RESYNC']}\n")
+            extra = ["--config", str(work / "netagent.toml")]
+        self.proc = subprocess.Popen(
+            daemon_argv(self.socket, str(work / "state"), *extra),
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_ready(self.socket, self.proc)
+        bin_dir = work / "bin"
+        cni_install(str(bin_dir), str(work / "net.d"), ["unused"])
+        plugin: dict[str, Any] = {
+            "type": "netagent",
+            "bridge": "cni-bench1",
+            "subnet": self.SUBNET,
+            "ipMasq": True,
+            "socket": self.socket,
+            "queueDir": str(work / "state" / "cni-queue"),
+            "capabilities": {"portMappings": True},
+        }
+        self.plugin = plugin
+        self.net = NetworkConfigList.from_dict(
+            {"cniVersion": "1.0.0", "name": "bench", "plugins": [plugin]}
+        )
+        self.cni = CNIConfig([str(bin_dir)], work / "cache", local_exec, timeout=30)
+        self.runtimes = [
+            RuntimeConf(
+                f"bench{i}",
+                f"/run/netns/{ns}",
+                "eth0",
+                [("IgnoreUnknown", "1")],
+                {
+                    "portMappings": [
+                        {"hostPort": BASE_PORT + i, "containerPort": 80, "protocol": "tcp"}
+                    ]
+                },
+            )
+            for i, ns in enumerate(_netns(n, prefix))
+        ]
+        self.filled = 0
+
+    def add(self, i: int) -> float:
+        t0 = time.perf_counter()
+        self.cni.add_network_list(self.net, self.runtimes[i])
+        return _ms(t0)
+
+    def delete(self, i: int) -> float:
+        t0 = time.perf_counter()
+        self.cni.del_network_list(self.net, self.runtimes[i])
+        return _ms(t0)
+
+    def exec(self) -> float:
+        t0 = time.perf_counter()
+        self.cni.get_version_info("netagent")
+        return _ms(t0)
+
+    def fill(self, total: int) -> float:
+        """Containers attached (straight over the socket, untimed) until ``total`` are,
+        each with a port mapping of its own."""
+        names = [f"f{j}" for j in range(self.filled, total)]
+        if names:
+            batch = "".join(f"netns add {name}\n" for name in names)
+            subprocess.run(["ip", "-batch", "-"], input=batch.encode(), check=True, timeout=300)
+        with Client(self.socket, timeout=60) as c:
+            for j, name in zip(range(self.filled, total), names, strict=True):
+                c.call(
+                    "cni",
+                    {
+                        "command": "ADD",
+                        "container_id": f"fill{j}",
+                        "netns": f"/run/netns/{name}",
+                        "ifname": "eth0",
+                        "config": {
+                            **self.plugin,
+                            "name": "bench",
+                            "cniVersion": "1.0.0",
+                            "runtimeConfig": {
+                                "portMappings": [
+                                    {"hostPort": 40000 + j, "containerPort": 80, "protocol": "tcp"}
+                                ]
+                            },
+                        },
+                    },
+                )
+        self.filled = max(self.filled, total)
+        return float(self.filled)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+KINDS: dict[str, type[Reference] | type[Netavark] | type[Netagent]] = {
+    "netagent": Netagent,
     "reference": Reference,
     "netavark": Netavark,
 }
@@ -191,18 +310,24 @@ def _worker(kind: str, n: int) -> None:
     """Inside a sandbox: set up, say ready, then time one operation per line asked."""
     with tempfile.TemporaryDirectory(prefix="netagent-cniref-") as d:
         w = KINDS[kind](n, Path(d))
-        print("ready", flush=True)
-        for line in sys.stdin:
-            op, *args = line.split()
-            if op == "add":
-                ms = w.add(int(args[0]))
-            elif op == "del":
-                ms = w.delete(int(args[0]))
-            elif op == "exec":
-                ms = w.exec()
-            else:
-                break
-            print(ms, flush=True)
+        try:
+            print("ready", flush=True)
+            for line in sys.stdin:
+                op, *args = line.split()
+                if op == "add":
+                    ms = w.add(int(args[0]))
+                elif op == "del":
+                    ms = w.delete(int(args[0]))
+                elif op == "exec":
+                    ms = w.exec()
+                elif op == "fill" and isinstance(w, Netagent):
+                    ms = w.fill(int(args[0]))
+                else:
+                    break
+                print(ms, flush=True)
+        finally:
+            if isinstance(w, Netagent):
+                w.close()
 
 
 def _answer(proc: subprocess.Popen[str], timeout: float = 60) -> str:
@@ -215,12 +340,12 @@ def _answer(proc: subprocess.Popen[str], timeout: float = 60) -> str:
 
 
 def cni_reference(n: int = 50) -> dict[str, float]:
-    """Both kinds in their own fresh sandbox, asked in turn, one operation at a time (the
-    order swapped every round), so the machine's noise falls on both alike; prints the
+    """Each kind in its own fresh sandbox, asked in turn, one operation at a time (the
+    order reversed every round), so the machine's noise falls on all alike; prints the
     figures and returns p50/p99 in ms."""
     print(
         f"\n== CNI reference: per container, sequentially, n={n}, one port mapping each "
-        "(plugin processes included; the two asked in turn)"
+        "(plugin processes included; the three asked in turn)"
     )
     boxes: dict[str, Sandbox] = {}
     procs: dict[str, subprocess.Popen[str]] = {}
@@ -257,12 +382,22 @@ def cni_reference(n: int = 50) -> dict[str, float]:
             boxes[kind].stop(proc)
         for box in boxes.values():
             box.close()
+    print(f"netagent plugin ADD                      {fmt(out['netagent_add'])}")
     print(f"reference bridge+host-local+portmap ADD  {fmt(out['reference_add'])}")
     print(f"netavark 1.4 setup (static IP)           {fmt(out['netavark_add'])}")
+    print(f"netagent plugin DEL                      {fmt(out['netagent_del'])}")
     print(f"reference bridge+host-local+portmap DEL  {fmt(out['reference_del'])}")
     print(f"netavark 1.4 teardown                    {fmt(out['netavark_del'])}")
+    print(f"one netagent plugin process (VERSION)    {fmt(out['netagent_exec'])}")
     print(f"one plugin process (portmap VERSION)     {fmt(out['reference_exec'])}")
     print(f"one netavark process (--version)         {fmt(out['netavark_exec'])}")
+    for op, label in (("add", "ADD"), ("del", "DEL")):
+        ours = pct(out[f"netagent_{op}"], 0.5)
+        print(
+            f"netagent / reference, p50 {label}: {ours / pct(out[f'reference_{op}'], 0.5):.2f}x"
+            f"   (netagent / netavark {ours / pct(out[f'netavark_{op}'], 0.5):.2f}x)"
+            "   target <= 0.5x"
+        )
     for op, label in (("add", "ADD / setup"), ("del", "DEL / teardown")):
         ratio = pct(out[f"reference_{op}"], 0.5) / pct(out[f"netavark_{op}"], 0.5)
         print(f"reference / netavark, p50 {label}: {ratio:.2f}x")
@@ -273,11 +408,70 @@ def cni_reference(n: int = 50) -> dict[str, float]:
     return results
 
 
+def _ask(proc: subprocess.Popen[str], line: str, timeout: float = 60) -> float:
+    assert proc.stdin is not None
+    proc.stdin.write(line + "\n")
+    proc.stdin.flush()
+    return float(_answer(proc, timeout))
+
+
+def cni_scale(rounds: int = 60, few: int = 10, many: int = 1000) -> dict[str, float]:
+    """netagent's ADD (the plugin binary, a port mapping) with ``few`` containers
+    attached and with ``many``, side by side: a daemon of each in a sandbox of its own,
+    asked in turn (the order reversed every round). Each measured ADD is undone
+    (untimed) before the next, so the counts stay; the others are attached straight
+    over the socket beforehand."""
+    print(
+        f"\n== CNI at scale: netagent plugin ADD with {few} and with {many:,} containers "
+        "attached (two daemons, asked in turn)"
+    )
+    boxes: dict[int, Sandbox] = {}
+    procs: dict[int, subprocess.Popen[str]] = {}
+    out: dict[int, list[float]] = {few: [], many: []}
+    try:
+        for count in (few, many):
+            boxes[count] = Sandbox()
+            procs[count] = boxes[count].popen(
+                [sys.executable, __file__, "--worker", "netagent", str(rounds)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            if _answer(procs[count]) != "ready":
+                raise RuntimeError("the netagent worker did not start")
+            t0 = time.perf_counter()
+            _ask(procs[count], f"fill {count}", timeout=900)
+            print(f"{count:,} containers attached ({time.perf_counter() - t0:.1f} s, untimed)")
+        for i in range(rounds):
+            for count in (few, many) if i % 2 == 0 else (many, few):
+                out[count].append(_ask(procs[count], f"add {i}"))
+                _ask(procs[count], f"del {i}")
+    finally:
+        for count, proc in procs.items():
+            if proc.stdin is not None:
+                proc.stdin.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(60)
+            boxes[count].stop(proc)
+        for box in boxes.values():
+            box.close()
+    print(f"netagent plugin ADD, {few:>5,} attached  {fmt(out[few])}")
+    print(f"netagent plugin ADD, {many:>5,} attached  {fmt(out[many])}")
+    ratio = pct(out[many], 0.5) / pct(out[few], 0.5)
+    print(f"ADD with {many:,} attached / with {few}, p50: {ratio:.2f}x   target <= 1.2x")
+    return {
+        "add_few_p50_ms": pct(out[few], 0.5),
+        "add_many_p50_ms": pct(out[many], 0.5),
+        "ratio": ratio,
+    }
+
+
 def main(argv: list[str]) -> None:
     if argv[:1] == ["--worker"]:
         _worker(argv[1], int(argv[2]))
         return
     cni_reference(int(argv[0]) if argv else 50)
+    cni_scale()
 
 
 if __name__ == "__main__":

@@ -428,6 +428,7 @@ SECTIONS = (
     "nftables",
     "iptables",
     "cluster",
+    "cni",
 )
 
 
@@ -442,6 +443,9 @@ def main() -> None:
     for name in chosen:
         if name == "cluster":  # hosts, etcd and daemons of its own (bench/cluster.py)
             __import__("bench.cluster", fromlist=["run"]).run()
+            continue
+        if name == "cni":  # bench/cni_bench.py: sandboxes and daemons of its own
+            __import__("cni_bench").cni()
             continue
         # a fresh sandbox and daemon per part: no part measures another's leftovers
         b = Bench()

@@ -21,6 +21,7 @@ from netagent.agent.schema import Field, Request
 
 from . import ctl as C
 from .client import DEFAULT_SOCKET
+from .cni_cmd import cni_app
 
 app = typer.Typer(
     help="netagent: a host networking agent for namespaces, veth pairs, bridges and NAT.",
@@ -29,6 +30,7 @@ app = typer.Typer(
 )
 ctl = typer.Typer(help="Talk to the running daemon over its Unix socket.", no_args_is_help=True)
 app.add_typer(ctl, name="ctl")
+app.add_typer(cni_app, name="cni")
 GROUPS = {
     "ns": "Network namespaces.",
     "bridge": "Linux bridges.",
@@ -68,10 +70,18 @@ def ctl_main(
 
 
 # ---- ctl commands from the request declarations --------------------------------------
-def _parameter(f: Field[Any]) -> inspect.Parameter:
+def _parameter(f: Field[Any], loose: bool = False) -> inspect.Parameter:
+    """``loose``: the request has positionals that may be left out; click fills
+    positionals from the left, so all are optional here and the command shifts them."""
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
     if f.flag is None:
-        ann: Any = Annotated[str, typer.Argument(help=f.help, metavar=f.metavar)]
+        if loose:
+            ann: Any = Annotated[
+                Optional[str],  # noqa: UP045
+                typer.Argument(help=f.help, metavar=f.metavar, show_default=False),
+            ]
+            return inspect.Parameter(f.name, kind, annotation=ann, default=None)
+        ann = Annotated[str, typer.Argument(help=f.help, metavar=f.metavar)]
         return inspect.Parameter(f.name, kind, annotation=ann)
     if f.is_flag:
         ann = Annotated[bool, typer.Option(f.flag, help=f.help)]
@@ -101,7 +111,9 @@ def _parameter(f: Field[Any]) -> inspect.Parameter:
 
 
 def _command(req: type[Request]) -> Callable[..., None]:
-    params = [_parameter(f) for f in (*req.fields, *req.local_fields)]
+    positional = [f for f in req.fields if f.flag is None]
+    loose = any(not f.required for f in positional)
+    params = [_parameter(f, loose) for f in (*req.fields, *req.local_fields)]
     local_names = {f.name for f in req.local_fields}
     params.append(
         inspect.Parameter(
@@ -114,6 +126,25 @@ def _command(req: type[Request]) -> Callable[..., None]:
 
     def command(**values: Any) -> None:
         as_json = values.pop("as_json")
+        given = [values[f.name] for f in positional if values[f.name] is not None]
+        required = [f for f in positional if f.required]
+        if loose and len(given) < len(positional):
+            # ``plug --netns PATH BRIDGE``: the words are the required positionals
+            left_out = [f for f in positional if not f.required]
+            if len(given) != len(required) or not all(
+                any(values.get(name) is not None for name in f.instead) for f in left_out
+            ):
+                names = " ".join(f.metavar for f in positional)
+                instead = " or ".join(
+                    f"--{n} with {' '.join(r.metavar for r in required)}"
+                    for f in left_out
+                    for n in f.instead
+                )
+                raise typer.BadParameter(f"give {names}, or {instead}")
+            for f in positional:
+                values[f.name] = None
+            for f, word in zip(required, given, strict=True):
+                values[f.name] = word
         # what the fast path sends for the same line: only what was given
         args = {
             k: v.value if isinstance(v, StrEnum) else v

@@ -120,8 +120,37 @@ def _forwards(rows: list[dict[str, Any]]) -> None:
     if not rows:
         print("no forwards")
     _table(
-        [[r["proto"], r.get("host_ip") or "*", r["host_ports"], r["destination"]] for r in rows],
-        ["PROTO", "HOST IP", "HOST PORT", "DESTINATION"],
+        [
+            [
+                r["proto"],
+                r.get("host_ip") or "*",
+                r["host_ports"],
+                r["destination"],
+                r.get("owner") or "-",
+            ]
+            for r in rows
+        ],
+        ["PROTO", "HOST IP", "HOST PORT", "DESTINATION", "OWNER"],
+    )
+
+
+def _attachments(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        print("no attachments")
+    _table(
+        [
+            [
+                r["container_id"],
+                r["ifname"],
+                r["netns"],
+                r["network"] or "-",
+                r["bridge"] or "(chained)",
+                ",".join(r["addresses"]) or "-",
+                str(len(r.get("forwards") or [])),
+            ]
+            for r in rows
+        ],
+        ["CONTAINER", "IFNAME", "NETNS", "NETWORK", "BRIDGE", "ADDRESSES", "PORTS"],
     )
 
 
@@ -221,6 +250,7 @@ _RENDERERS: dict[str, Callable[[Any], None]] = {
     "ns.list": _ns_list,
     "bridge.list": _bridge_list,
     "forward.list": _forwards,
+    "attachment.list": _attachments,
     "attach.list": _rules,
     "links": _links,
     "neigh": _neigh,

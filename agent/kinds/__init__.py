@@ -62,6 +62,7 @@ class Registry:
 
 def default_kinds() -> Registry:
     from .attach import AttachKind
+    from .attachment import AttachmentKind
     from .bridge import BridgeKind
     from .forward import ForwardKind
     from .namespace import NamespaceKind
@@ -80,5 +81,6 @@ def default_kinds() -> Registry:
             ForwardKind(),
             VxlanKind(),
             PeerKind(),
+            AttachmentKind(),
         ]
     )

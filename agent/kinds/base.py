@@ -144,6 +144,12 @@ class Kind(ABC, Generic[IntentT]):
         """What it hangs on that the desired state no longer has (after a prune)."""
         return []
 
+    def prunable(self, intent: IntentT) -> bool:
+        """May ``apply --prune`` remove it when the document does not name it? Not what
+        a container runtime holds (an attachment, its port mappings): a document of
+        people's intents cannot name those."""
+        return True
+
     # ---- requests -------------------------------------------------------------------
     @abstractmethod
     def add(self, state: DesiredState, req: Request) -> IntentT:

@@ -14,7 +14,7 @@ from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import InvalidAddress, InvalidPort, NotFound, PortInUse
+from ..errors import InUse, InvalidAddress, InvalidArgument, InvalidPort, NotFound, PortInUse
 from ..ops import ForwardAdd, ForwardDel
 from ..schema import Request
 from ..values import IPAddress, Proto, parse_host_ip, parse_ip, parse_port, parse_proto
@@ -35,9 +35,14 @@ class Forward:
     dest_port: int
     count: int = 1
     host_ip: IPAddress | None = None
+    #: the key of the intent this forward belongs to (a container's attachment: its
+    #: port mappings), or None for one of ``ctl forward``'s; it goes with its owner
+    owner: str | None = None
 
     def __post_init__(self) -> None:
         parse_proto(self.proto)
+        if self.owner is not None and (not isinstance(self.owner, str) or not self.owner):
+            raise InvalidArgument("a forward's owner must be an intent key")
         parse_port(self.host_port, "host port")
         parse_port(self.dest_port, "destination port")
         if not isinstance(self.count, int) or isinstance(self.count, bool) or self.count < 1:
@@ -86,11 +91,14 @@ class Forward:
             d["count"] = self.count
         if self.host_ip is not None:
             d["host_ip"] = str(self.host_ip)
+        if self.owner is not None:
+            d["owner"] = self.owner
         return d
 
     def describe(self) -> str:
         on = f"{self.host_ip}:" if self.host_ip else ""
-        return f"{on}{self.port_spec}/{self.proto} -> {self.destination()}"
+        of = f" (for {self.owner})" if self.owner else ""
+        return f"{on}{self.port_spec}/{self.proto} -> {self.destination()}{of}"
 
 
 def port_spec(first: int, count: int) -> str:
@@ -179,6 +187,7 @@ class ForwardKind(Kind[Forward]):
             dest_port=parse_port(want(d, "dest_port"), "destination port"),
             count=d.get("count", 1),
             host_ip=None if host_ip is None else parse_host_ip(host_ip),
+            owner=d.get("owner"),
         )
 
     def key_of(self, d: Mapping[str, Any]) -> str | None:
@@ -194,6 +203,15 @@ class ForwardKind(Kind[Forward]):
             family,
         )
 
+    def needs(self, intent: Forward) -> tuple[str, ...]:
+        return (intent.owner,) if intent.owner is not None else ()
+
+    def prunable(self, intent: Forward) -> bool:
+        return intent.owner is None  # port mappings go with their owner
+
+    def unmet(self, state: DesiredState, intent: Forward) -> list[str]:
+        return [intent.owner] if intent.owner is not None and intent.owner not in state else []
+
     def index(self, intent: Forward) -> Iterable[tuple[str, Hashable]]:
         ports: list[tuple[str, Hashable]] = [
             ("port", (intent.proto, port)) for port in intent.host_ports
@@ -207,6 +225,12 @@ class ForwardKind(Kind[Forward]):
     def add(self, state: DesiredState, req: Request) -> Forward:
         assert isinstance(req, ForwardAdd)
         fwd = forward_from(req)
+        self.check(state, fwd)
+        return fwd
+
+    def check(self, state: DesiredState, fwd: Forward) -> None:
+        """A new forward's destination can work and its host ports are free (the same
+        rules for ``ctl forward`` and a container's port mappings)."""
         check_against_bridges(state, fwd)
         for port in fwd.host_ports:
             for other in self.covering(state, fwd.proto, port):
@@ -216,13 +240,17 @@ class ForwardKind(Kind[Forward]):
                     other.host_ip is None or fwd.host_ip is None or other.host_ip == fwd.host_ip
                 )
                 if same_scope:
+                    hint = (
+                        f"it is {other.owner}'s port mapping"
+                        if other.owner
+                        else f"`unforward {other.port_spec} --proto {other.proto}` first "
+                        "to retarget it"
+                    )
                     raise PortInUse(
                         f"host port {port}/{fwd.proto} is already forwarded "
-                        f"({other.describe()}); `unforward {other.port_spec} --proto "
-                        f"{other.proto}` first to retarget it",
+                        f"({other.describe()}); {hint}",
                         conflicts_with=other.key,
                     )
-        return fwd
 
     def delete(self, state: DesiredState, req: Request) -> list[str]:
         """The forward of these host ports, of both IP versions."""
@@ -237,6 +265,14 @@ class ForwardKind(Kind[Forward]):
             covering = self.covering(state, req.proto, lo)
             hint = f" (it is part of {covering[0].describe()})" if covering else ""
             raise NotFound(f"host port {port_spec(lo, count)}/{req.proto} is not forwarded{hint}")
+        for key in keys:
+            fwd = state.get(key)
+            if isinstance(fwd, Forward) and fwd.owner is not None:
+                raise InUse(
+                    f"{fwd.describe()} belongs to {fwd.owner} and goes with it (CNI DEL, "
+                    "or `unplug`)",
+                    users=[fwd.owner],
+                )
         return keys
 
     def refused(self, ctx: Context, intent: Forward) -> str | None:

@@ -28,19 +28,30 @@ def free_address(
     state: DesiredState, segment: str, gateway: IPInterface, skip: frozenset[object] = frozenset()
 ) -> IPInterface:
     """The lowest address of ``gateway``'s subnet not used on ``segment`` (nor the
-    gateway, the network or the broadcast address), with the subnet's prefix."""
+    gateway, the network or the broadcast address), with the subnet's prefix.
+
+    The segment's used addresses are gathered once, as integers, and the scan compares
+    integers: asking the index per candidate (an ``ipaddress`` object and its hash
+    each) made an ADD with 1,000 containers on a bridge cost ~5 ms more than with 10."""
     net = gateway.network
     first = int(net.network_address) + 1
     last = int(net.broadcast_address) - (1 if gateway.version == 4 else 0)
     if net.prefixlen >= net.max_prefixlen - 1:
         first, last = int(net.network_address), int(net.broadcast_address)
+    version = gateway.version
+    used: set[int] = set()
+    for entry in state.indexed("segment-ip"):  # (segment key, address)
+        if isinstance(entry, tuple) and entry[0] == segment and entry[1].version == version:
+            used.add(int(entry[1]))
+    used.add(int(gateway.ip))
+    used.update(
+        int(ip) for ip in skip if isinstance(ip, (ipaddress.IPv4Address, ipaddress.IPv6Address))
+    )
     for n, value in enumerate(range(first, last + 1)):
         if n >= SCAN_LIMIT:
             break
-        ip = ipaddress.ip_address(value)
-        if ip == gateway.ip or ip in skip or state.lookup("segment-ip", (segment, ip)):
-            continue
-        return ipaddress.ip_interface(f"{ip}/{net.prefixlen}")
+        if value not in used:
+            return ipaddress.ip_interface(f"{ipaddress.ip_address(value)}/{net.prefixlen}")
     raise AddressInUse(
         f"no free address is left in {net} on {state.label(segment)}; remove a plug or "
         "give the bridge a larger subnet"

@@ -15,7 +15,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from netagent.backends.netlink import Link, alias_for, mac_for
 
-from ..errors import AddressInUse, BackendFailed, Conflict, InvalidAddress, NameTaken, NotFound
+from ..errors import (
+    AddressInUse,
+    BackendFailed,
+    BadRequest,
+    Conflict,
+    InvalidAddress,
+    NameTaken,
+    NotFound,
+)
 from ..ops import PlugAdd, PlugDel
 from ..schema import Request
 from ..values import IPInterface, check_families, check_name, parse_interfaces
@@ -165,6 +173,11 @@ class PlugKind(Kind[Plug]):
     # ---- requests -------------------------------------------------------------------
     def add(self, state: DesiredState, req: Request) -> Plug:
         assert isinstance(req, PlugAdd)
+        if req.ns is None or req.netns is not None or req.pid is not None:
+            raise BadRequest(
+                "a plug names a namespace NS under /run/netns; another tool's namespace "
+                "(--netns PATH, --pid PID) is plugged with `ctl plug`, not in a document"
+            )
         ns, key = req.ns, plug_key(req.ns, req.bridge)
         if not state.namespace_known(ns):
             raise NotFound(f"namespace {ns} does not exist; create it with `ns add {ns}`")
@@ -195,6 +208,8 @@ class PlugKind(Kind[Plug]):
 
     def delete(self, state: DesiredState, req: Request) -> list[str]:
         assert isinstance(req, PlugDel)
+        if req.ns is None:
+            raise BadRequest("give the namespace NS (or --netns PATH, --pid PID) and BRIDGE")
         key = plug_key(req.ns, req.bridge)
         if key not in state:
             raise NotFound(f"{req.ns} is not plugged into {req.bridge}; `show` lists the plugs")

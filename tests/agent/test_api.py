@@ -162,6 +162,10 @@ async def test_every_op_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
         with pytest.raises(E.NotFound, match="not quarantined: it is desired and valid"):
             await w.call("forget", key="br/v-net-0")  # tests/agent/test_quarantine.py
+        assert await w.call("attachment.list") == []  # tests/agent/test_cni.py has more
+        version = await w.call("cni", command="VERSION", config={})
+        assert version["result"]["supportedVersions"] == ["0.4.0", "1.0.0", "1.1.0"]
+
         reply = await w.call("purge")
         assert reply["changed"] is True and reply["errors"] == {}
     assert set(seen) == {o for r in ops.REQUESTS for o in (r.op, *r.aliases)} - {"events"}

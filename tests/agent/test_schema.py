@@ -24,7 +24,9 @@ WORD = {
     "proto": "udp",
     "pattern": "veth-*-br",
     "list": "topology.json",
-    "text": "fwd/tcp/80",
+    "netns": "/proc/1234/ns/net",
+    "pid": "1234",
+    "text": "ADD",
 }
 #: what it parses to
 PARSED: dict[str, Any] = {
@@ -36,9 +38,13 @@ PARSED: dict[str, Any] = {
     "destination": (ipaddress.ip_address("192.168.15.2"), 9000, 9009),
     "proto": "udp",
     "pattern": "veth-*-br",
-    "text": "fwd/tcp/80",
+    "netns": "/proc/1234/ns/net",
+    "pid": 1234,
+    "text": "ADD",
 }
 WITH_FIELDS = [r for r in ops.REQUESTS if r.fields]
+#: the requests a command line can make (``cni`` is the CNI plugin's alone)
+CLI_FIELDS = [r for r in WITH_FIELDS if r.cli]
 
 
 def full_argv(req: type[Request]) -> tuple[list[str], dict[str, Any]]:
@@ -59,7 +65,7 @@ def full_argv(req: type[Request]) -> tuple[list[str], dict[str, Any]]:
     return argv, want
 
 
-@pytest.mark.parametrize("req", WITH_FIELDS, ids=lambda r: r.op)
+@pytest.mark.parametrize("req", CLI_FIELDS, ids=lambda r: r.op)
 def test_every_field_of_every_op_from_the_command_line(req: type[Request]) -> None:
     argv, want = full_argv(req)
     assert req.from_argv(argv) == want
@@ -75,24 +81,29 @@ def words_of(fields: list[Field[Any]]) -> list[list[str]]:
     return [[f.flag, WORD[f.value.parser]] if f.flag else [WORD[f.value.parser]] for f in fields]
 
 
-@pytest.mark.parametrize("req", WITH_FIELDS, ids=lambda r: r.op)
+@pytest.mark.parametrize("req", CLI_FIELDS, ids=lambda r: r.op)
 def test_what_may_be_left_out_and_what_may_not(req: type[Request]) -> None:
     required = [f for f in req.fields if f.required]
-    words = words_of(required)
+    # a positional left out needs an option that says it instead (plug --netns PATH BR)
+    named = {f.instead[0] for f in req.fields if f.instead}
+    chosen = [f for f in req.fields if f.name in named]
+    words = words_of(required + chosen)
     args: dict[str, Any] = {
-        f.name: [WORD[f.value.parser]] if f.many else WORD[f.value.parser] for f in required
+        f.name: [WORD[f.value.parser]] if f.many else WORD[f.value.parser]
+        for f in required + chosen
     }
     assert req.from_argv(list(chain.from_iterable(words))) == args
     if req is ops.Apply:
         args["intents"] = []
     parsed = req.parse(args)
     for f in req.fields:
-        if not f.required:
+        if not f.required and f not in chosen:
             # a repeatable option left out is its parser's empty value
             assert getattr(parsed, f.name) == (() if f.many else f.default), f.name
-    for i, f in enumerate(required):
-        with pytest.raises(BadRequest, match=f"missing argument '{f.name}'"):
-            req.parse({k: v for k, v in args.items() if k != f.name})
+    for i, f in enumerate(required + chosen):
+        if f in required:
+            with pytest.raises(BadRequest, match=f"missing argument '{f.name}'"):
+                req.parse({k: v for k, v in args.items() if k != f.name})
         assert req.from_argv(list(chain.from_iterable(words[:i] + words[i + 1 :]))) is None
 
 
