@@ -54,6 +54,9 @@ BACKOFF_MIN = 0.5
 BACKOFF_MAX = 60.0
 #: keys of a periodic pass handled per pass (requests and events go between chunks)
 CHUNK = 256
+#: seconds of periodic ensures one pass may spend: it stops early, the rest waits for the
+#: next pass, and it stops at once for a request (a request never waits behind a sweep)
+PERIODIC_BUDGET = 0.05
 #: announced interfaces handled per pass
 LINK_CHUNK = 128
 #: a burst of kernel events lands before the pass that handles them starts
@@ -112,6 +115,8 @@ class _Batch:
     trigger: str
     #: when the oldest kernel event this pass acts on was marked (perf_counter)
     event_since: float | None = None
+    #: the keys taken from the periodic sweep (put back when the pass stops early)
+    periodic: frozenset[str] = frozenset()
 
 
 class Reconciler:
@@ -156,6 +161,7 @@ class Reconciler:
         #: the next look for orphans also looks inside namespaces (costly: not periodic)
         self._look_inside = True
         self._next_full = time.monotonic() + resync_interval
+        self._in_pass = False
 
     # ---- marking --------------------------------------------------------------------
     def _kick(self) -> None:
@@ -249,7 +255,8 @@ class Reconciler:
         return {k: self.status[k].error or "failing" for k in self._retry if k in self.status}
 
     def busy(self) -> bool:
-        return bool(self._pending or self._links or self._tickets)
+        """Something is marked, waits, or a pass is running."""
+        return bool(self._pending or self._links or self._tickets or self._in_pass)
 
     # ---- the loop -------------------------------------------------------------------
     async def run_until_idle(self, trigger: str) -> PassResult:
@@ -302,7 +309,9 @@ class Reconciler:
         background = [k for k, w in self._pending.items() if w == "periodic"]
         order = self.state.kinds.order_of_key
         background.sort(key=lambda k: (order(k), k))
-        keys = set(urgent) | set(background[:CHUNK])
+        # a chunk of the sweep only when no request waits: a request's pass is its own
+        chunk = set() if self._tickets else set(background[:CHUNK])
+        keys = set(urgent) | chunk
         for key in list(keys):
             intent = self.state.get(key)
             if intent is not None:
@@ -328,13 +337,21 @@ class Reconciler:
                     "event" if links else "periodic",
                 )
             )
-        return _Batch(keys, links, tickets, trigger, since if "event" in whys or links else None)
+        return _Batch(
+            keys,
+            links,
+            tickets,
+            trigger,
+            since if "event" in whys or links else None,
+            frozenset(chunk - set(urgent)),
+        )
 
     # ---- a pass ---------------------------------------------------------------------
     async def _pass(self, batch: _Batch) -> PassResult:
         t0 = time.perf_counter()
         result = PassResult()
         order = self.state.kinds.order_of_key
+        self._in_pass = True
         try:
             if FIREWALL in batch.keys:
                 await self._step(FIREWALL, self.firewall.sync(self.state), result)
@@ -347,7 +364,8 @@ class Reconciler:
             ensuring = sorted(
                 (k for k in batch.keys if k in self.state), key=lambda k: (order(k), k)
             )
-            await self._ensure_all(ensuring, result)
+            # what the sweep's budget left is marked again, and not this pass's
+            batch.keys -= await self._ensure_all(ensuring, result, batch.periodic)
             if HOST in batch.keys:
                 await self._step(HOST, self._host(), result)
             if batch.keys & {ORPHANS, PURGE_ORPHANS}:
@@ -359,6 +377,7 @@ class Reconciler:
                 except Exception:  # each link's failure is caught inside: this is a bug
                     log.exception("attaching announced interfaces failed")
         finally:
+            self._in_pass = False
             for ticket in batch.tickets:
                 ticket.result = result.only(ticket.keys)
                 ticket.done.set()
@@ -367,14 +386,31 @@ class Reconciler:
         self._log_pass(batch, t0, result)
         return result
 
-    async def _ensure_all(self, keys: list[str], result: PassResult) -> None:
+    async def _ensure_all(
+        self, keys: list[str], result: PassResult, periodic: frozenset[str] = frozenset()
+    ) -> set[str]:
+        """Ensure ``keys`` in order, and what hangs off a changed one. The ``periodic``
+        ones (the sweep's) only within PERIODIC_BUDGET and while no request waits; those
+        left are marked again for the next pass, and returned."""
+        deferred: set[str] = set()
         done: set[str] = set()
         queue = list(keys)
+        deadline = time.perf_counter() + PERIODIC_BUDGET
+        swept = 0  # at least one per pass: the sweep always moves on
         while queue:
             key = queue.pop(0)
             if key in done:
                 continue
+            if key in periodic and (self._tickets or (swept and time.perf_counter() > deadline)):
+                for left in (key, *queue):
+                    if left in periodic and left not in done:
+                        self._pending.setdefault(left, "periodic")
+                        deferred.add(left)
+                queue = [k for k in queue if k not in periodic]
+                self._kick()
+                continue
             done.add(key)
+            swept += key in periodic
             intent = self.state.get(key)
             if intent is None:
                 continue
@@ -400,6 +436,7 @@ class Reconciler:
             if changed:
                 # what hangs off a changed (recreated, readdressed) key comes back with it
                 queue.extend(d.key for d in self.state.dependents(key) if d.key not in done)
+        return deferred
 
     async def _remove(self, key: str, result: PassResult) -> None:
         gone = self._removals.pop(key)
@@ -523,8 +560,11 @@ class Reconciler:
             "at": time.time(),
         }
         # a pass that only looked at announced interfaces is a debug line (a burst of
-        # 1,000 veths is hundreds of them)
-        quiet = not batch.keys and not result.errors
+        # 1,000 veths is hundreds of them), and so is a slice of the sweep that found
+        # everything in place (a sweep over 1,000 containers is many slices)
+        quiet = not result.errors and (
+            not batch.keys or (batch.trigger == "periodic" and not changed)
+        )
         (log.debug if quiet else log.info)(
             "reconcile pass",
             trigger=batch.trigger,

@@ -358,6 +358,19 @@ async def test_a_new_gateway_moves_the_plugs_default_route(tmp_path: Path) -> No
 
 
 # ---- periodic passes ----------------------------------------------------------------
+def record_passes(w: World, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """(trigger, keys) of every pass, whatever level its log line has."""
+    seen: list[tuple[str, int]] = []
+    log_pass = w.rec._log_pass
+
+    def recorded(batch: Any, t0: float, result: reconcile.PassResult) -> None:
+        seen.append((batch.trigger, len(batch.keys - reconcile.PSEUDO)))
+        log_pass(batch, t0, result)
+
+    monkeypatch.setattr(w.rec, "_log_pass", recorded)
+    return seen
+
+
 async def test_a_periodic_pass_is_chunked_and_a_request_goes_before_the_rest(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -366,20 +379,71 @@ async def test_a_periodic_pass_is_chunked_and_a_request_goes_before_the_rest(
     note(w, *[("ns.add", {"name": n}) for n in "abcdef"])
     with anyio.fail_after(LIMIT):
         await w.rec.run_until_idle("start")
+    passes = record_passes(w, monkeypatch)
     w.rec.mark_all("periodic")
     ticket = note(w, ("ns.add", {"name": "z"}))
-    with structlog.testing.capture_logs() as logs:
-        async with w.running():
-            with anyio.fail_after(LIMIT):
-                await w.rec.wait(ticket)
-            await until(lambda: not w.rec.busy(), "the periodic chunks done")
-            await until(lambda: len([e for e in logs if e["event"] == "reconcile pass"]) == 4, "4")
-    passes = [(e["trigger"], e["keys"]) for e in logs if e["event"] == "reconcile pass"]
-    # the request and the first chunk (ns/a, ns/b), then the rest chunk by chunk
-    # (ns/c+d, ns/e+f, then firewall and host, which are not counted as keys)
-    assert passes == [("request", 3), ("periodic", 2), ("periodic", 2), ("periodic", 0)]
+    async with w.running():
+        with anyio.fail_after(LIMIT):
+            await w.rec.wait(ticket)
+        await until(lambda: not w.rec.busy(), "the periodic chunks done")
+    # the request alone (no part of the sweep rides along), then the sweep chunk by
+    # chunk (ns/a+b, ns/c+d, ns/e+f, then the firewall, host and orphans steps, which
+    # are not counted as keys, two to a chunk)
+    assert passes == [
+        ("request", 1),
+        ("periodic", 2),
+        ("periodic", 2),
+        ("periodic", 2),
+        ("periodic", 0),
+        ("periodic", 0),
+    ]
     assert ticket.result.actions["ns/z"][0] == "create namespace z"
     assert ("ns_add", "z") in w.net.calls
+
+
+async def test_a_sweep_stops_within_its_budget_and_at_once_for_a_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each slice of the periodic sweep spends at most PERIODIC_BUDGET (and always does
+    one key, so the sweep moves on); a request that arrives during a slice is served by
+    the next pass, not after the whole slice or sweep."""
+    monkeypatch.setattr(reconcile, "PERIODIC_BUDGET", 0.0)
+    w = make_world(tmp_path)
+    names = [f"n{i}" for i in range(8)]
+    note(w, *[("ns.add", {"name": n}) for n in names])
+    with anyio.fail_after(LIMIT):
+        await w.rec.run_until_idle("start")
+    looked: list[str] = []
+    link = w.net.link
+
+    async def slow_link(ns: object, name: str) -> object:
+        looked.append(str(ns))
+        await anyio.sleep(0.01)
+        return await link(ns, name)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(w.net, "link", slow_link)
+    passes = record_passes(w, monkeypatch)
+    w.rec.mark_all("periodic")
+    async with w.running():
+        await until(lambda: not w.rec.busy(), "the sweep done")
+        # one namespace per slice: the budget is spent after the first
+        assert passes[: len(names)] == [("periodic", 1)] * len(names), passes
+        assert all(n in looked for n in names)
+
+        # a request during a sweep: served at once, its pass its own
+        passes.clear()
+        w.rec.mark_all("periodic")
+        await until(lambda: w.rec.busy(), "a sweep running")
+        t0 = time.monotonic()
+        ticket = note(w, ("ns.add", {"name": "late"}))
+        with anyio.fail_after(LIMIT):
+            await w.rec.wait(ticket)
+        waited = time.monotonic() - t0
+        assert ticket.result.actions["ns/late"][0] == "create namespace late"
+        assert waited < 0.5, waited  # not behind 8 x 10 ms slices plus the rest
+        await until(lambda: not w.rec.busy(), "the sweep done again")
+    assert [p for p in passes if p[0] == "request"] == [("request", 1)]
+    assert len(passes) >= len(names) + 1  # the sweep went on after it
 
 
 # ---- attach rules -------------------------------------------------------------------
