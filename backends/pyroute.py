@@ -286,8 +286,18 @@ class PyrouteNetlink:
         return link_from_msg(msgs[0]) if msgs else None
 
     async def links(self, ns: NsRef) -> list[Link]:
-        sock = await self._sock(ns)
-        return [link_from_msg(m) for m in await self._dump(ns, "a link dump", sock.link("dump"))]
+        """A dump through netagent's own parser, in a worker thread (``rtnl.dump_links``):
+        the host's links, thousands with many containers, cost milliseconds, not the
+        hundreds pyroute2's parser takes on the event loop."""
+        if ns is not None and not self.ns_exists(ns):
+            raise FileNotFoundError(f"namespace {ns} does not exist")
+        path = None if ns is None else str(self._path(ns))
+        where = "the host" if ns is None else f"namespace {ns}"
+        try:
+            with anyio.fail_after(TIMEOUT + 1):
+                return await anyio.to_thread.run_sync(rtnl.dump_links, path, TIMEOUT)
+        except TimeoutError:
+            raise HostTimeout(f"the kernel did not answer a link dump of {where}") from None
 
     def host_index(self, name: str) -> int | None:
         try:

@@ -33,6 +33,8 @@ NLMSG_ERROR = 2
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_NEWADDR, RTM_DELADDR = 16, 17, 18, 20, 21
 RTM_NEWROUTE, RTM_DELROUTE = 24, 25
 NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
+NLM_F_DUMP = 0x300
+NLMSG_DONE = 3
 IFLA_IFNAME, IFLA_LINK, IFLA_MASTER, IFLA_LINKINFO, IFLA_IFALIAS = 3, 5, 10, 18, 20
 IFLA_ADDRESS, IFLA_GROUP, IFLA_LINK_NETNSID = 1, 27, 37
 IFLA_INFO_KIND = 1
@@ -405,6 +407,53 @@ def in_netns(path: str, work: Callable[[], T]) -> T:
     if isinstance(got, BaseException):
         raise got
     return got
+
+
+def dump_links(path: str | None = None, timeout: float = TIMEOUT) -> list[Link]:
+    """Every link of the daemon's namespace (or of the one bound at ``path``), parsed by
+    :func:`parse`: blocking, for a worker thread. About ten times faster than pyroute2's
+    parser, which a host with thousands of veths (1,000 containers) notices: the orphan
+    search and the event source's resync dump the host's links."""
+    sock = (
+        socket_in_netns(path)
+        if path is not None
+        else socket.socket(
+            socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE
+        )
+    )
+    with sock:
+        sock.settimeout(timeout)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        body = _IFINFOMSG.pack(0, 0, 0, 0, 0)
+        seq = 1
+        sock.send(
+            _NLMSGHDR.pack(
+                _NLMSGHDR.size + len(body), RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, seq, 0
+            )
+            + body
+        )
+        links: list[Link] = []
+        while True:
+            data = sock.recv(1 << 20)
+            off = 0
+            while off + _NLMSGHDR.size <= len(data):
+                length, mtype, _f, got, _pid = _NLMSGHDR.unpack_from(data, off)
+                if length < _NLMSGHDR.size:
+                    break
+                if got == seq:
+                    if mtype == NLMSG_DONE:
+                        return links
+                    if mtype == NLMSG_ERROR:
+                        err = -struct.unpack_from("i", data, off + _NLMSGHDR.size)[0]
+                        if err:
+                            raise OSError(err, f"link dump: {os.strerror(err)}")
+                    elif mtype == RTM_NEWLINK:
+                        links.extend(
+                            e.link
+                            for e in parse(data[off : off + length])
+                            if isinstance(e, LinkEvent)
+                        )
+                off += (length + 3) & ~3
 
 
 def socket_in_netns(path: str) -> socket.socket:
