@@ -45,31 +45,3 @@ def peers(cluster: Cluster | None) -> list[dict[str, Any]]:
 
 def status(cluster: Cluster | None) -> dict[str, Any] | None:
     return None if cluster is None else cluster.status()
-
-
-def graph_hosts(cluster: Cluster | None) -> list[dict[str, Any]]:
-    """The hosts a topology picture draws (this one first, then each peer, with whether
-    the path to it is in place). For ``show --graph``: not on this branch yet."""
-    if cluster is None:
-        return []
-    me = cluster.status()
-    hosts = [
-        {
-            "host": me["host"],
-            "subnet": me["subnet"],
-            "underlay": me["underlay"],
-            "self": True,
-            "in_place": True,
-        }
-    ]
-    hosts += [
-        {
-            "host": p["host"],
-            "subnet": p["subnet"],
-            "underlay": p["underlay"],
-            "self": False,
-            "in_place": p["in_place"],
-        }
-        for p in cluster.peers()
-    ]
-    return hosts

@@ -121,6 +121,8 @@ class Picture:
         #: namespace -> its ``ns`` intent's part, when netagent made it
         self.ns_parts: dict[str, Part] = {}
         self.host: list[str] = []
+        #: the cluster's other hosts, drawn outside this host's box
+        self.peers: list[str] = []
         self.edges: list[str] = []
         #: address (no prefix) -> the interface node that holds it
         self.holders: dict[str, str] = {}
@@ -249,6 +251,49 @@ class Picture:
             part=part,
         )
 
+    def _vxlan(self, i: dict[str, Any], part: Part) -> None:
+        """The host's VXLAN device, on the cluster bridge's side of the picture."""
+        self._host_node(
+            f"vxlan/{i['name']}",
+            label=_label(
+                i["name"],
+                f"VXLAN {i['vni']}, udp/{i['port']}",
+                f"from {i['local']}, subnet {i['subnet']}",
+                note=part.note(),
+            ),
+            shape="box",
+            fillcolor="#e0f2f1",
+            **part.style("filled"),
+        )
+
+    def _peer(self, i: dict[str, Any], part: Part) -> None:
+        """Another host of the cluster: outside this host's box, reached through the
+        VXLAN device (red and dashed while its route, neighbour or FDB entry is not in
+        place)."""
+        node = f"peer/{i['subnet']}"
+        self.peers.append(
+            f"{quote(node)} "
+            + attrs(
+                label=_label(
+                    f"host {i.get('host') or '?'}",
+                    f"subnet {i['subnet']}",
+                    f"underlay {i['underlay']}",
+                    note=part.note(),
+                ),
+                shape="box3d",
+                fillcolor="#f4f6f7",
+                **part.style("filled"),
+            )
+        )
+        self._edge(
+            f"vxlan/{i['device']}",
+            node,
+            dir="none",
+            style="bold",
+            label=f" to {i['underlay']}",
+            part=part,
+        )
+
     def _other(self, item: dict[str, Any], part: Part) -> None:
         self._host_node(
             part.key,
@@ -261,7 +306,16 @@ class Picture:
 
     # ---- the whole ------------------------------------------------------------------
     def dot(self) -> str:
-        order = {"ns": 0, "bridge": 1, "attach": 2, "plug": 3, "wire": 4, "forward": 9}
+        order = {
+            "ns": 0,
+            "bridge": 1,
+            "vxlan": 1,
+            "attach": 2,
+            "plug": 3,
+            "wire": 4,
+            "peer": 6,
+            "forward": 9,
+        }
         items = sorted(self.items, key=lambda it: order.get(str(it.get("kind")), 5))
         for item in items:
             part = Part(item)
@@ -284,6 +338,10 @@ class Picture:
                     self._attach(intent, item, part)
                 elif kind == "forward":
                     self._forward(intent, part)
+                elif kind == "vxlan":
+                    self._vxlan(intent, part)
+                elif kind == "peer":
+                    self._peer(intent, part)
                 else:
                     self._other(item, part)
             except (KeyError, ValueError):  # a shape this CLI does not know
@@ -340,6 +398,7 @@ class Picture:
             *[f"  {line}" for line in self._namespaces()],
             *[f"    {line}" for line in self.host],
             "  }",
+            *[f"  {line}" for line in self.peers],
             *[f"  {line}" for line in self.edges],
             "}",
         ]

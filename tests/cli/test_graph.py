@@ -216,3 +216,58 @@ def test_without_graphviz_the_message_says_what_to_do(monkeypatch: pytest.Monkey
     with pytest.raises(graph.GraphError, match="apt-get install graphviz"):
         graph.render("digraph {}", "png")
     assert graph.render("digraph {}", "dot") == b"digraph {}"
+
+
+def test_the_cluster_hosts_are_drawn_beyond_the_vxlan_device() -> None:
+    show = seed()
+    show["intents"] += [
+        item(
+            "vxlan/netagent.1",
+            "vxlan",
+            {
+                "name": "netagent.1",
+                "vni": 1,
+                "port": 4789,
+                "local": "10.0.0.21",
+                "subnet": "10.244.3.0/24",
+                "mac": "0a:58:0a:f4:03:00",
+            },
+        ),
+        item(
+            "peer/10.244.7.0/24",
+            "peer",
+            {
+                "subnet": "10.244.7.0/24",
+                "underlay": "10.0.0.22",
+                "mac": "0a:58:0a:f4:07:00",
+                "host": "h2",
+                "device": "netagent.1",
+            },
+        ),
+        item(
+            "peer/10.244.9.0/24",
+            "peer",
+            {
+                "subnet": "10.244.9.0/24",
+                "underlay": "10.0.0.23",
+                "mac": "0a:58:0a:f4:09:00",
+                "host": "h3",
+                "device": "netagent.1",
+            },
+            state="failing",
+            error="the FDB entry was refused",
+        ),
+    ]
+    dot = graph.to_dot(show)
+    assert {
+        ("vxlan/netagent.1", "peer/10.244.7.0/24"),
+        ("vxlan/netagent.1", "peer/10.244.9.0/24"),
+    } <= edges(dot)
+    # the other hosts are outside this host's box
+    host_box = dot[dot.index("subgraph cluster_host") :].split("\n  }\n", 1)[0]
+    assert "peer/10.244.7.0/24" not in host_box and "vxlan/netagent.1" in host_box
+    assert "host h2" in dot and "underlay 10.0.0.22" in dot
+    bad = [ln for ln in dot.splitlines() if graph.BAD in ln]
+    assert any(ln.strip().startswith('"peer/10.244.9.0/24" [') for ln in bad)
+    assert not any(ln.strip().startswith('"peer/10.244.7.0/24" [') for ln in bad)
+    assert "✗ failing: the FDB entry was refused" in dot

@@ -109,6 +109,11 @@ def test_three_hosts_over_vxlan_through_etcd_with_tls(
     assert f"{subnets[1]} via {subnets[1].split('/')[0]} proto 201 onlink" in routes
     fdb = ds[0].sh("bridge", "fdb", "show", "dev", "netagent.1").stdout
     assert f"dst {h2.underlay_ip} self permanent" in fdb
+    # the picture draws the other hosts beyond the VXLAN device
+    dot = ds[0].ok("show", "--graph", "--format", "dot")
+    for net, host in ((subnets[1], h2), (subnets[2], h3)):
+        assert f'"vxlan/netagent.1" -> "peer/{net}"' in dot
+        assert f"underlay {host.underlay_ip}" in dot
 
     # a forward on host1 to a namespace on host2's subnet, reached from host3
     ds[0].ok("forward", "8080", f"{ips[1]}:7000")
