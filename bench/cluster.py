@@ -144,7 +144,12 @@ def run() -> None:
                     f"p50 {_pct(leaves, 0.5) * 1000:.0f} ms, max {max(leaves) * 1000:.0f} ms "
                     f"(n={len(leaves)})"
                 )
-                _scale(box, cl.hosts[0], ds[0], etcd)
+                held = []
+                for d in ds:
+                    st = _status(d.socket)
+                    assert st is not None and st["cluster"]["subnet"]
+                    held.append(st["cluster"]["subnet"])
+                _scale(box, cl.hosts[0], ds[0], etcd, held)
                 for d in ds:
                     d.stop()
     finally:
@@ -154,9 +159,28 @@ def run() -> None:
         box.close()
 
 
-def _scale(box: Any, host: Any, d: Any, etcd: Any) -> None:
+def _free_block(held: list[str], count: int) -> str:
+    """The first /24 of ``count`` consecutive ones in CIDR that no real host holds (the
+    hosts pick theirs at random: a simulated lease on a real host's subnet would
+    overwrite its record and never count as a peer)."""
+    import ipaddress
+
+    cidr = ipaddress.IPv4Network(CIDR)
+    taken = {int(ipaddress.IPv4Network(h).network_address) for h in held}
+    base = int(cidr.network_address) + 256  # the range's first subnet is never leased
+    end = int(cidr.broadcast_address) + 1
+    start = base
+    while start + count * 256 <= end:
+        clash = [t for t in taken if start <= t < start + count * 256]
+        if not clash:
+            return str(ipaddress.IPv4Network((start, 24)))
+        start = max(clash) + 256
+    raise SystemExit(f"bench cluster: no {count} free subnets in {CIDR} beside {held}")
+
+
+def _scale(box: Any, host: Any, d: Any, etcd: Any, held: list[str]) -> None:
     prefix = "/netagent/network/subnets/"
-    first = "10.140.0.0/24"  # inside CIDR, far from the hosts' random picks' usual spot
+    first = _free_block(held, PEERS + 10)  # the simulated hosts, and ten more one by one
     writer = box.popen(
         [sys.executable, INSIDE, "write", ",".join(f"{ip}:{p}" for ip, p in etcd.hostports),
          prefix, first, str(PEERS), "300"],
