@@ -47,7 +47,7 @@ def purge_steps(have: FamilyObserved, version: int) -> list[str]:
     def text(chain: str, rules: int) -> str:
         return f"deleted chain {chain} (ipv{version}, {plural(rules, 'rule')})"
 
-    names = sorted(have.chains)
+    names = sorted(name for name in have.chains if name not in have.referenced)
     if len(names) <= 8:
         return [text(name, len(have.chains[name])) for name in names]
     fixed = [name for name in names if name in (CHAIN_PRE, CHAIN_OUT, CHAIN_POST, CHAIN_DNAT)]
@@ -181,7 +181,15 @@ class IptablesBackend(FirewallBackend[Observed, RestorePayload]):
                 lines += [rule_line("-D", builtin, jump_rule(target))] * count
                 removed += [f"deleted {jump_text(builtin, target, version)}"] * count
             lines += [f":{chain} - [0:0]" for chain in sorted(have.chains)]
-            lines += [f"-X {chain}" for chain in sorted(have.chains)]
+            # a chain someone else's rule jumps to is emptied and left: deleting it would
+            # fail the whole purge ("CHAIN_DEL ... busy"); that rule is not ours to touch
+            lines += [
+                f"-X {chain}" for chain in sorted(have.chains) if chain not in have.referenced
+            ]
             removed += purge_steps(have, version)
+            removed += [
+                f"left chain {chain} (ipv{version}) empty: {by[0]} jumps to it"
+                for chain, by in sorted(have.referenced.items())
+            ]
             await self._restore(version, restore_text(lines))
         return removed

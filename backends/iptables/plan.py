@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from netagent.agent import intents as I
-from netagent.agent.errors import BackendUnavailable
+from netagent.agent.errors import BackendFailed, BackendUnavailable
 
 from ..firewall import Batch, FirewallSpec
 from .effects import Effect
@@ -61,6 +61,18 @@ def check_families(spec: FirewallSpec, families: Iterable[int]) -> None:
             f"({RESTORE_PROGRAMS.get(min(missing), 'the restore program')} is missing or "
             "the kernel lacks that family); remove those forwards/addresses or use "
             "--firewall nftables"
+        )
+
+
+def check_names(version: int, want: Chains, have: FamilyObserved) -> None:
+    """A chain netagent needs whose name someone else's chain has (its rules carry no
+    netagent mark) is never flushed or taken over: the plan is refused, naming it."""
+    taken = sorted(set(want) & set(have.foreign))
+    if taken:
+        raise BackendFailed(
+            f"chain {taken[0]} (ipv{version}) exists and is not netagent's (its "
+            f"{plural(have.foreign[taken[0]], 'rule')} carry no netagent mark); netagent "
+            "needs that name: rename or remove that chain"
         )
 
 
@@ -110,9 +122,19 @@ def plan_family(version: int, want: Chains, have: FamilyObserved) -> FamilyPlan:
             out.effect.jumps[(builtin, target)] -= extra
             what = "duplicate " if (builtin, target) in wanted_jumps else ""
             out.steps.append(f"delete {what}{jump_text(builtin, target, version)}")
+    check_names(version, want, have)
     for chain in sorted(set(have.chains) - set(want)):
         # an owned chain this version no longer uses: flush (declare) it, then delete it
-        # (the chain that jumped to it is rewritten below, without the jump)
+        # (the chain that jumped to it is rewritten below, without the jump). One that a
+        # rule not of ours jumps to is only emptied: ``-X`` would fail the whole file
+        # ("CHAIN_DEL ... busy") and with it every other change
+        if chain in have.referenced:
+            if have.chains[chain]:
+                decls.append(f":{chain} - [0:0]")
+                out.steps.append(f"empty chain {chain} (ipv{version}; someone else jumps to it)")
+                out.effect.chains[chain] = []
+                dels += have.chains[chain]
+            continue
         decls.append(f":{chain} - [0:0]")
         tail.append(f"-X {chain}")
         out.steps.append(f"delete chain {chain} (ipv{version})")

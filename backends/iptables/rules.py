@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -30,7 +31,13 @@ HOOKS = (("PREROUTING", CHAIN_PRE), ("OUTPUT", CHAIN_OUT), ("POSTROUTING", CHAIN
 ENTRY_CHAINS = (CHAIN_PRE, CHAIN_OUT)
 #: the chains every forward's path runs through: rewriting one is a ``Batch.rebuild``
 PATH_CHAINS = frozenset({*ENTRY_CHAINS, CHAIN_DNAT})
-BUILTIN_CHAINS = frozenset({"PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"})
+BUILTIN_CHAINS = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
+#: the chains of the filter table netagent writes (``backends/xtfilter.py``): accepts for
+#: its traffic where another tool filters FORWARD, and the localhost guard on INPUT
+CHAIN_FORWARD = "NETAGENT-FORWARD"
+CHAIN_INPUT = "NETAGENT-INPUT"
+FIXED_CHAINS = frozenset({CHAIN_PRE, CHAIN_OUT, CHAIN_POST, CHAIN_DNAT, CHAIN_FORWARD, CHAIN_INPUT})
+_BLOCK_NAME = re.compile(r"NETAGENT-(?:TCP|UDP)-\d{1,5}-\d{1,5}")
 COMMENT_PREFIX = "netagent:"
 JUMP_COMMENT = COMMENT_PREFIX + "jump"
 #: the widths of the port blocks, one level of chains each, from NETAGENT-DNAT down; the
@@ -42,6 +49,11 @@ MAX_DETAIL = 50
 
 Rule = tuple[str, ...]  # a rule as iptables-save prints it, after "-A CHAIN", as tokens
 Chains = dict[str, list[Rule]]  # our chains of one family and their rules, in order
+
+
+def our_name(chain: str) -> bool:
+    """Is this a name netagent gives its chains (a fixed one, or a port block's)?"""
+    return chain in FIXED_CHAINS or _BLOCK_NAME.fullmatch(chain) is not None
 
 
 def jump_rule(target: str) -> Rule:
