@@ -23,7 +23,7 @@ from .save import FamilyObserved, Observed, parse_save
 
 #: per family: (the save program, the restore program); the same argv works for both
 TOOLS = {4: ("iptables-save", "iptables-restore"), 6: ("ip6tables-save", "ip6tables-restore")}
-#: what ``nft monitor`` prints for a change in iptables-nft's nat tables
+#: how the drift watcher sees a change in iptables-nft's nat tables
 MONITOR_MARKERS = (" ip nat", " ip6 nat")
 
 
@@ -90,7 +90,7 @@ class IptablesBackend(FirewallBackend[Observed, RestorePayload]):
 
     def drift_watcher(self) -> DriftWatcher | None:
         """iptables-nft keeps its chains in nf_tables' ``ip nat`` / ``ip6 nat`` tables,
-        so ``nft monitor`` sees every change; the backend's own ``iptables-restore``
+        so nf_tables' notifications show every change; the backend's own ``iptables-restore``
         processes are named to it as ours. Legacy iptables changes never reach nf_tables:
         None, and the reconciler's periodic pass finds them."""
         if not self.nft_flavour:
