@@ -23,6 +23,7 @@ from . import ops
 from .errors import BackendFailed, InvalidArgument, NetagentError, NotFound, ReadOnly, UnknownOp
 from .reconcile import FIREWALL, IN_PLACE, PENDING, PURGE_ORPHANS, Reconciler
 from .schema import Request, prefix_error
+from .traffic import Traffic
 
 if TYPE_CHECKING:
     from .bus import EventBus
@@ -107,6 +108,7 @@ class Service:
         self.about = dict(about)
         self.started = time.time()
         self._commit = anyio.Lock()
+        self.traffic = Traffic(state, firewall, ctx.net)
         self._handlers: dict[type[Request], Handler] = {
             ops.Status: self._status,
             ops.Show: self._show,
@@ -137,7 +139,8 @@ class Service:
         if req.verb == "list":
             kind = self.kinds.get(req.kind or "")
             assert kind is not None, req.kind
-            return kind.rows(self.ctx)
+            rows = kind.rows(self.ctx)
+            return await self.traffic.rows(rows) if kind.name == "forward" else rows
         return await self.mutate(kind_change(self.kinds, req))
 
     # ---- changes --------------------------------------------------------------------
@@ -297,6 +300,7 @@ class Service:
             "last_pass": self.reconciler.last_pass,
             "failing": self.reconciler.failing(),
             "event_resyncs": c.event_resyncs,
+            "conntrack_walks_skipped": self.firewall.walks_skipped,
             "clients": c.clients,
             "refused": c.refused,
             "timeouts": c.timeouts,
@@ -337,6 +341,7 @@ class Service:
                     "intent": intent.to_dict(),
                 }
             )
+        await self.traffic.show(items)
         return {
             "intents": items,
             "orphans": [o.to_wire() for o in rec.orphans],

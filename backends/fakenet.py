@@ -40,6 +40,8 @@ class FakeNetlink:
         self.host = _Ns()
         self.named: dict[str, _Ns] = {}
         self.sysctls: dict[str, str] = {}
+        #: host interface name -> (rx packets, rx bytes, tx packets, tx bytes), as a test sets it
+        self.traffic: dict[str, tuple[int, int, int, int]] = {}
         #: veth index -> its peer's index
         self._peers: dict[int, int] = {}
         #: every mutating call, in order: ("op", args...)
@@ -358,6 +360,10 @@ class FakeNetlink:
         space = self._space(ns)
         space.routes[gateway.version] = Route(str(gateway), index, RTPROT_NETAGENT)
         self.calls.append(("replace_default_route", ns, str(gateway)))
+
+    async def link_counters(self) -> dict[str, tuple[int, int, int, int]]:
+        """Host links by name with what a test set in ``traffic`` (else zeros)."""
+        return {lk.name: self.traffic.get(lk.name, (0, 0, 0, 0)) for lk in self.host.links.values()}
 
     # ---- sysctls --------------------------------------------------------------------
     def sysctl(self, path: str) -> str | None:

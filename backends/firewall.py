@@ -23,6 +23,8 @@ never looks inside either. The reconciler calls, in this order:
 ``drift_watcher()``
     what tells the reconciler that someone changed the backend's rules (or None: the
     periodic pass finds it).
+``counters(forwards)``
+    optional: packets and bytes per forward (None: not counted).
 
 Third-party backends register under the entry point group ``netagent.firewall_backends``
 (``name = "package.module:Class"``) and are then selectable with ``--firewall name``.
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, ClassVar, Generic, Protocol, TypeVar
@@ -51,6 +53,8 @@ BUILTIN: dict[str, str] = {
 AUTO_ORDER = ("nftables", "iptables")
 
 ObservedT = TypeVar("ObservedT")
+#: (packets, bytes)
+Counts = tuple[int, int]
 PayloadT = TypeVar("PayloadT")
 
 
@@ -126,6 +130,14 @@ class FirewallBackend(ABC, Generic[ObservedT, PayloadT]):
 
     def drift_watcher(self) -> DriftWatcher | None:
         """None: drift is found by the periodic pass only."""
+        return None
+
+    async def counters(self, forwards: Sequence[I.Forward]) -> dict[str, Counts] | None:
+        """Optional: (packets, bytes) each forward's DNAT has counted, by key; None when
+        the backend cannot tell (then every removal clears conntrack, and the counters
+        are not shown). A forward that is not installed has no entry. A NAT rule sees
+        the first packet of each connection only (established flows skip NAT), so these
+        count connections' first packets, at no cost beyond the lookup."""
         return None
 
     async def close(self) -> None:

@@ -184,6 +184,11 @@ class Netlink(Protocol):
         """Point netagent's default route of that IP version at another gateway."""
         ...
 
+    async def link_counters(self) -> dict[str, tuple[int, int, int, int]]:
+        """Interfaces of the daemon's own namespace by name: (rx packets, rx bytes,
+        tx packets, tx bytes). One dump, off the event loop."""
+        ...
+
     # ---- sysctls (the daemon's own namespace) ---------------------------------------
     def sysctl(self, path: str) -> str | None: ...
 

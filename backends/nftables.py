@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +38,7 @@ import anyio
 from netagent.agent import intents as I
 from netagent.agent.errors import BackendFailed
 
-from .firewall import Batch, DriftWatcher, FirewallBackend, FirewallSpec
+from .firewall import Batch, Counts, DriftWatcher, FirewallBackend, FirewallSpec
 from .nftmonitor import NftMonitorWatcher
 
 TABLE = "netagent"
@@ -72,7 +73,7 @@ def _bridge_rules(br: I.Bridge) -> dict[str, str]:
     comment alone (``parse_table`` keeps no expressions), so the comment names all the
     rule depends on: the bridge and its subnet (a bridge readdressed to another subnet
     gets new rules instead of keeping the old ones)."""
-    rules = {}
+    rules: dict[str, str] = {}
     for addr in br.addresses:
         l3 = _L3[addr.version]
         net = addr.network
@@ -87,29 +88,58 @@ def _bridge_rules(br: I.Bridge) -> dict[str, str]:
 
 
 LOCALHOST_RULE = 'ct status dnat ip saddr 127.0.0.0/8 masquerade comment "localhost"'
+#: CVE-2020-8558, as kube-proxy closed it: the bridges have ``route_localnet`` (for the
+#: 127.0.0.1 forward path), so a namespace could reach host services bound to 127.0.0.1
+#: only. Packets to 127.0.0.0/8 that did not come from the host itself (``lo``) are
+#: dropped, unless they belong to a connection that is established (the host's own,
+#: answered) or was DNATed (netagent's forwards, and the replies of the host's own
+#: 127.0.0.1:PORT connections to a forward). The input hook: after routing has found
+#: the packet local. Checked by interface, not by source address (a namespace's root
+#: can send from 127.0.0.1 too, as route_localnet lets the bridge accept)
+GUARD = "localhost-guard"
+GUARD_RULE = (
+    'iifname != "lo" ip daddr 127.0.0.0/8 ct state != { established, related } '
+    f'ct status & dnat != dnat counter drop comment "{GUARD}"'
+)
+#: (chain, hook, priority, type)
 CHAINS = (
-    ("prerouting", "prerouting", -100),
-    ("output", "output", -100),
-    ("postrouting", "postrouting", 100),
+    ("prerouting", "prerouting", -100, "nat"),
+    ("output", "output", -100, "nat"),
+    ("postrouting", "postrouting", 100, "nat"),
+    ("input", "input", 0, "filter"),
 )
 
 
-def _table_text(bridge_rules: dict[str, str]) -> str:
+def _extra_rules(spec: FirewallSpec) -> dict[str, tuple[str, str]]:
+    """comment -> (chain, rule text): the rules that depend on the bridges (and the
+    guard, wanted while a bridge has an IPv4 address: that is when route_localnet is
+    set)."""
+    rules: dict[str, tuple[str, str]] = {}
+    for br in spec.bridges:
+        rules.update((c, ("postrouting", r)) for c, r in _bridge_rules(br).items())
+    if any(a.version == 4 for br in spec.bridges for a in br.addresses):
+        rules[GUARD] = ("input", GUARD_RULE)
+    return rules
+
+
+def _table_text(extra: dict[str, tuple[str, str]]) -> str:
     lines = [f"table {FAMILY} {TABLE} {{"]
     for proto, version, bound in MAPS:
         key_type = f"{_ADDR_TYPE[version]} . inet_service" if bound else "inet_service"
+        # ``counter``: each element counts what its lookup matched (the first packet of
+        # each connection; established flows skip nat), at no cost beyond the lookup
         lines.append(
             f"  map {map_name(proto, version, bound)} "
-            f"{{ type {key_type} : {_ADDR_TYPE[version]} . inet_service; }}"
+            f"{{ type {key_type} : {_ADDR_TYPE[version]} . inet_service; counter; }}"
         )
-    for chain, hook, prio in CHAINS:
+    for chain, hook, prio, kind in CHAINS:
         lines.append(f"  chain {chain} {{")
-        lines.append(f"    type nat hook {hook} priority {prio}; policy accept;")
-        if chain != "postrouting":
+        lines.append(f"    type {kind} hook {hook} priority {prio}; policy accept;")
+        if chain in ("prerouting", "output"):
             lines.extend(f"    {_dnat_rule(*m)}" for m in MAPS)
-        else:
+        if chain == "postrouting":
             lines.append(f"    {LOCALHOST_RULE}")
-            lines.extend(f"    {r}" for r in bridge_rules.values())
+        lines.extend(f"    {r}" for c, r in extra.values() if c == chain)
         lines.append("  }")
     lines.append("}")
     return "\n".join(lines)
@@ -138,6 +168,8 @@ def _elem_lines(verb: str, elems: list[Elem], keys_only: bool = False) -> list[s
 def _norm(value: Any) -> str:
     if isinstance(value, dict) and "concat" in value:
         return " . ".join(_norm(v) for v in value["concat"])
+    if isinstance(value, dict) and "elem" in value:  # an element with its counter
+        return _norm(value["elem"].get("val"))
     if isinstance(value, str):
         try:
             return str(ipaddress.ip_address(value))
@@ -155,6 +187,18 @@ class Observed:
     )  # comment -> (chain, handle)
     chains: set[str] = field(default_factory=set)
     maps: set[str] = field(default_factory=set)
+    #: the maps declared with ``counter`` (a table written before counters has none)
+    counted: set[str] = field(default_factory=set)
+    #: (map, key) -> the element's counter, when it has one
+    counts: dict[tuple[str, str], Counts] = field(default_factory=dict)
+
+
+def _counter(key: Any) -> Counts | None:
+    if isinstance(key, dict) and "elem" in key:
+        c = key["elem"].get("counter")
+        if isinstance(c, dict):
+            return int(c.get("packets", 0)), int(c.get("bytes", 0))
+    return None
 
 
 def parse_table(doc: dict[str, Any]) -> Observed:
@@ -162,15 +206,44 @@ def parse_table(doc: dict[str, Any]) -> Observed:
     for item in doc.get("nftables", []):
         if "map" in item:
             m = item["map"]
-            obs.maps.add(m["name"])
+            name = m["name"]
+            obs.maps.add(name)
+            if any(isinstance(st, dict) and "counter" in st for st in m.get("stmt", ())):
+                obs.counted.add(name)
             for k, v in m.get("elem", []):
-                obs.elems.add((m["name"], _norm(k), _norm(v)))
+                key = _norm(k)
+                obs.elems.add((name, key, _norm(v)))
+                counts = _counter(k)
+                if counts is not None:
+                    obs.counts[(name, key)] = counts
         elif "chain" in item:
             obs.chains.add(item["chain"]["name"])
         elif "rule" in item:
             r = item["rule"]
             obs.rules.setdefault(r.get("comment", ""), []).append((r["chain"], r["handle"]))
     return obs
+
+
+#: up to this many forwards, counters are read element by element
+SINGLE_READS = 64
+
+
+def forward_counts(observed: Observed, forwards: Sequence[I.Forward]) -> dict[str, Counts]:
+    """key -> (packets, bytes) summed over each forward's elements, from a listing."""
+    out: dict[str, Counts] = {}
+    counts = observed.counts
+    for fwd in forwards:
+        p = b = 0
+        found = False
+        for name, key, _value in forward_elems(fwd):
+            c = counts.get((name, key))
+            if c is not None:
+                found = True
+                p += c[0]
+                b += c[1]
+        if found:
+            out[fwd.key] = (p, b)
+    return out
 
 
 def _element_steps(gone: list[Elem], new: list[Elem], detail: int = 50) -> list[str]:
@@ -301,13 +374,14 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
 
     def plan(self, spec: FirewallSpec, observed: Observed) -> Batch[list[str]]:
         want_elems = {e for f in spec.forwards for e in forward_elems(f)}
-        bridge_rules: dict[str, str] = {}
-        for br in spec.bridges:
-            bridge_rules.update(_bridge_rules(br))
+        extra = _extra_rules(spec)
+        names = {map_name(*m) for m in MAPS}
         intact = (
             observed.present
-            and {map_name(*m) for m in MAPS} <= observed.maps
-            and {c for c, _h, _p in CHAINS} <= observed.chains
+            and names <= observed.maps
+            # maps without counters (a table from before counters): written anew once
+            and names <= observed.counted
+            and {c for c, _h, _p, _t in CHAINS} <= observed.chains
             and all(
                 sorted(c for c, _h in observed.rules.get(map_name(*m), []))
                 == ["output", "prerouting"]
@@ -316,30 +390,28 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
             and [c for c, _h in observed.rules.get("localhost", [])] == ["postrouting"]
         )
         if not intact:
-            return self._full(bridge_rules, want_elems, observed.present)
+            return self._full(extra, want_elems, observed.present)
         lines: list[str] = []
         steps: list[str] = []
         static = {map_name(*m) for m in MAPS} | {"localhost"}
-        # per-bridge rules: delete the ones no longer wanted, add the missing ones
+        # per-bridge rules and the guard: delete the ones no longer wanted (or in the
+        # wrong chain, or twice), add the missing ones
         for comment, handles in sorted(observed.rules.items()):
             if comment in static:
                 continue
-            if (
-                comment in bridge_rules
-                and handles == [(c, h) for c, h in handles if c == "postrouting"][:1]
-            ):
+            if comment in extra and [c for c, _h in handles] == [extra[comment][0]]:
                 continue
             for chain, h in handles:
                 lines.append(f"delete rule {FAMILY} {TABLE} {chain} handle {h}")
             steps.append(f"delete rule {comment or '(no comment)'}")
-        for comment, rule in bridge_rules.items():
-            if [c for c, _h in observed.rules.get(comment, [])] != ["postrouting"]:
-                lines.append(f"add rule {FAMILY} {TABLE} postrouting {rule}")
+        for comment, (chain, rule) in extra.items():
+            if [c for c, _h in observed.rules.get(comment, [])] != [chain]:
+                lines.append(f"add rule {FAMILY} {TABLE} {chain} {rule}")
                 steps.append(f"add rule {comment}")
-        extra = sorted(observed.elems - want_elems)
+        surplus = sorted(observed.elems - want_elems)
         missing = sorted(want_elems - observed.elems)
-        lines += _elem_lines("delete", extra, keys_only=True) + _elem_lines("add", missing)
-        steps += _element_steps(extra, missing)
+        lines += _elem_lines("delete", surplus, keys_only=True) + _elem_lines("add", missing)
+        steps += _element_steps(surplus, missing)
         touched: frozenset[str] = frozenset()
         if missing:
             lost = set(missing)
@@ -349,14 +421,14 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
         return Batch(steps=steps, payload=lines, touched=touched)
 
     def _full(
-        self, bridge_rules: dict[str, str], elems: set[Elem], present: bool
+        self, extra: dict[str, tuple[str, str]], elems: set[Elem], present: bool
     ) -> Batch[list[str]]:
         # add + delete + create: atomic whether or not the table exists now
         lines = [f"add table {FAMILY} {TABLE}", f"delete table {FAMILY} {TABLE}"]
-        lines.append(_table_text(bridge_rules))
+        lines.append(_table_text(extra))
         lines += _elem_lines("add", sorted(elems))
         what = "rebuild" if present else "create"
-        rules = 2 * len(MAPS) + 1 + len(bridge_rules)
+        rules = 2 * len(MAPS) + 1 + len(extra)
         steps = [f"{what} table {FAMILY} {TABLE} ({rules} rules, {len(elems)} map elements)"]
         return Batch(steps=steps, payload=lines, rebuild=True)
 
@@ -377,6 +449,45 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
             return
         script = "\n".join(batch.payload) + "\n"
         await self._nft("-f", "-", stdin=script.encode())
+
+    async def counters(self, forwards: Sequence[I.Forward]) -> dict[str, Counts] | None:
+        """Packets and bytes each forward's map elements counted (its DNAT: the first
+        packet of each connection), by key. A few forwards are read element by element
+        over nfnetlink (``backends/nftcount.py``: ~30 us each, where ``nft get element``
+        costs 30-40 ms at 10,000 elements, refetching its cache); many, with one listing
+        of the table in a worker thread. A forward not installed has no entry."""
+        if not forwards:
+            return {}
+        if len(forwards) <= SINGLE_READS:
+            from . import nftcount
+
+            wanted = [(f.key, e) for f in forwards for e in forward_elems(f)]
+            try:
+                got = await anyio.to_thread.run_sync(
+                    nftcount.element_counters, FAMILY, TABLE, [e for _k, e in wanted]
+                )
+            except OSError:
+                return None
+            out: dict[str, Counts] = {}
+            for (key, _e), counts in zip(wanted, got, strict=True):
+                if counts is not None:
+                    p, b = out.get(key, (0, 0))
+                    out[key] = (p + counts[0], b + counts[1])
+            return out
+        try:
+            if self.lib is not None and os.environ.get("NETAGENT_NFT") != "process":
+                lib = self.lib
+                rc, raw, _err = await anyio.to_thread.run_sync(
+                    lib.run, f"list table {FAMILY} {TABLE}".encode(), True
+                )
+                if rc != 0:
+                    return None
+                observed = parse_table(json.loads(raw))
+            else:
+                observed = await self.observe()
+        except (BackendFailed, ValueError):
+            return None
+        return forward_counts(observed, forwards)
 
     async def purge(self) -> list[str]:
         if not (await self.observe()).present:

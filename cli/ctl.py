@@ -178,12 +178,32 @@ def _bridge_list(rows: list[dict[str, Any]]) -> None:
     )
 
 
+def _count(value: object) -> str:
+    """A counter, short: 1234567 -> 1.2M; None (not counted) -> -."""
+    if not isinstance(value, int):
+        return "-"
+    for unit, size in (("G", 10**9), ("M", 10**6), ("k", 10**3)):
+        if value >= size:
+            return f"{value / size:.1f}{unit}"
+    return str(value)
+
+
 def _forwards(rows: list[dict[str, Any]]) -> None:
     if not rows:
         print("no forwards")
     _table(
-        [[r["proto"], r.get("host_ip") or "*", r["host_ports"], r["destination"]] for r in rows],
-        ["PROTO", "HOST IP", "HOST PORT", "DESTINATION"],
+        [
+            [
+                r["proto"],
+                r.get("host_ip") or "*",
+                r["host_ports"],
+                r["destination"],
+                _count(r.get("packets")),
+                _count(r.get("bytes")),
+            ]
+            for r in rows
+        ],
+        ["PROTO", "HOST IP", "HOST PORT", "DESTINATION", "PACKETS", "BYTES"],
     )
 
 
@@ -237,7 +257,10 @@ def _show(r: dict[str, Any]) -> None:
         print("nothing desired yet")
     for item in r["intents"]:
         mark = "ok " if item["in_place"] else "!! "
-        print(f"{mark} {item['key']:<28} {item['describe']}")
+        traffic = ""
+        if item.get("packets") is not None:
+            traffic = f"  [{_count(item['packets'])} pkts {_count(item.get('bytes'))}B]"
+        print(f"{mark} {item['key']:<28} {item['describe']}{traffic}")
         for m in item["missing"]:
             print(f"      missing: {m}")
         if item.get("error"):

@@ -6,13 +6,17 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import anyio
 
 from netagent.agent import intents as I
 from netagent.agent.errors import BackendUnavailable
 
-from ..firewall import Batch, DriftWatcher, FirewallBackend, FirewallSpec
+from ..firewall import Batch, Counts, DriftWatcher, FirewallBackend, FirewallSpec
 from ..nftmonitor import NftMonitorWatcher
+from . import counters
 from . import plan as planner
 from .cache import ObservationCache
 from .genid import nf_genid, nft_flavour
@@ -20,6 +24,9 @@ from .process import SBIN, Programs
 from .restore import RestorePayload, restore_text, rule_line
 from .rules import CHAIN_DNAT, CHAIN_OUT, CHAIN_POST, CHAIN_PRE, jump_rule, jump_text, plural
 from .save import FamilyObserved, Observed, parse_save
+
+if TYPE_CHECKING:
+    from ..nftables import LibNftables
 
 #: per family: (the save program, the restore program); the same argv works for both
 TOOLS = {4: ("iptables-save", "iptables-restore"), 6: ("ip6tables-save", "ip6tables-restore")}
@@ -87,6 +94,8 @@ class IptablesBackend(FirewallBackend[Observed, RestorePayload]):
             generation = nf_genid if self.nft_flavour else _no_generation
         self.cache = ObservationCache(generation)
         self.programs = Programs()
+        #: in-process libnftables, opened on the first read of counters
+        self._lib: LibNftables | None = None
 
     def drift_watcher(self) -> DriftWatcher | None:
         """iptables-nft keeps its chains in nf_tables' ``ip nat`` / ``ip6 nat`` tables,
@@ -165,6 +174,34 @@ class IptablesBackend(FirewallBackend[Observed, RestorePayload]):
         for version, text in payload.files():
             await self._restore(version, text)
         self.cache.commit(pending, payload)
+
+    async def counters(self, forwards: Sequence[I.Forward]) -> dict[str, Counts] | None:
+        """The DNAT rules' counters (``counters.py``), iptables-nft only, through
+        in-process libnftables in a worker thread; None for legacy iptables or when
+        libnftables is missing."""
+        if not self.nft_flavour or not forwards:
+            return None if not self.nft_flavour else {}
+        if self._lib is None:
+            from ..nftables import LibNftables
+
+            try:
+                self._lib = LibNftables()
+            except OSError:
+                return None
+        lib = self._lib
+        ports: dict[int, counters.PortCounts] = {}
+        for family, commands in counters.listing(forwards).items():
+            rc, raw, _err = await anyio.to_thread.run_sync(lib.run, commands, True)
+            if rc != 0:  # a block chain is gone: the whole table, then
+                table = "ip nat" if family == 4 else "ip6 nat"
+                rc, raw, _err = await anyio.to_thread.run_sync(
+                    lib.run, f"list table {table}".encode(), True
+                )
+                if rc != 0:
+                    ports[family] = {}
+                    continue
+            ports[family] = counters.parse_rules(raw)
+        return counters.forward_counts(ports, forwards)
 
     async def purge(self) -> list[str]:
         """Remove our jumps (by their exact rule), then flush and delete our chains: one
