@@ -28,6 +28,7 @@ from .errors import NetagentError
 
 if TYPE_CHECKING:
     from netagent.backends.conntrack import Conntrack
+    from netagent.backends.xtfilter import FilterChains
 
     from .bus import EventBus
     from .kinds.forward import Forward
@@ -47,10 +48,21 @@ _DELETED = re.compile(r"(\d+) flow entr(?:y|ies) ha(?:s|ve) been deleted")
 
 
 class FirewallSync:
-    def __init__(self, backend: AnyBackend, bus: EventBus, conntrack: bool = True) -> None:
+    def __init__(
+        self,
+        backend: AnyBackend,
+        bus: EventBus,
+        conntrack: bool = True,
+        filters: FilterChains | None = None,
+    ) -> None:
         self.backend = backend
         self.bus = bus
         self.conntrack = conntrack
+        #: netagent's chains in the iptables filter tables (``backends/xtfilter.py``):
+        #: accepts where another tool filters, and the guard for backends without one
+        self.filters = filters
+        #: the next sync reads the filter tables whatever changed (periodic, foreign)
+        self._look_filters = True
         #: the conntrack tool, once the kernel turned out not to filter dumps ("": none)
         self._tool_only: str | None = None
         self._added: list[Forward] = []
@@ -92,6 +104,12 @@ class FirewallSync:
 
     def drifted(self, why: str) -> None:
         self._full = True
+        self._look_filters = True
+
+    def look(self) -> None:
+        """The periodic pass, or someone else changed a filter table: the next sync
+        reads the filter tables (the NAT rules only on drift: their watcher says)."""
+        self._look_filters = True
 
     async def _plan(self, spec: FirewallSpec, observed: object) -> Batch[object]:
         if len(spec.forwards) > THREAD_PLAN:
@@ -110,6 +128,8 @@ class FirewallSync:
             # nothing desired: the firewall holds nothing of netagent's (an empty table
             # or empty chains would be something left behind)
             steps = await self.backend.purge()
+            if self.filters is not None:
+                steps += await self.filters.purge()
             self._counted.clear()
         else:
             if not full and (added or removed):
@@ -125,6 +145,9 @@ class FirewallSync:
                     full = True
             if full:
                 steps = await self._full_sync(spec)
+            if self.filters is not None:
+                look, self._look_filters = self._look_filters or full, False
+                steps = [*steps, *await self.filters.sync(spec, look)]
         self._full = False
         self.pending = []
         if removed and self.conntrack:

@@ -24,7 +24,9 @@ import anyio
 import structlog
 
 from netagent.backends import firewall as fwreg
+from netagent.backends.nftmonitor import NftMonitorWatcher
 from netagent.backends.pyroute import PyrouteNetlink
+from netagent.backends.xtfilter import FilterChains
 
 from . import sdnotify
 from .access import Policy
@@ -125,7 +127,8 @@ async def run_daemon(config: Config) -> None:
         bus = EventBus()
         counters = Counters()
         await retire_other_firewall(state_dir, cls.name, bus)
-        fw = FirewallSync(backend, bus)
+        guard_in = None if backend.guards_localhost else backend.xt_flavour
+        fw = FirewallSync(backend, bus, filters=FilterChains(guard_in))
         ctx = Context(
             net=net,
             state=state,
@@ -174,6 +177,13 @@ async def run_daemon(config: Config) -> None:
                 watcher = backend.drift_watcher()
                 if watcher is not None:
                     tg.start_soon(watcher.run, lambda what: on_drift(rec, fw, bus, what))
+                # other tools' changes (their filter and nat tables): one nf_tables
+                # watcher serves both when the backend's is ours
+                host = watcher if isinstance(watcher, NftMonitorWatcher) else None
+                if host is None:
+                    host = NftMonitorWatcher(())
+                    tg.start_soon(host.run, lambda what: None)
+                watch_others(host, rec, fw)
                 tg.start_soon(server.serve, listener)
                 gc.freeze()  # what start-up made lives forever: keep it out of GC passes
                 sdnotify.notify(f"READY=1\nSTATUS={sdnotify.one_line(api.summary())}")
@@ -207,6 +217,30 @@ async def run_daemon(config: Config) -> None:
                 await backend.close()
         await net.close()
         os.close(lock_fd)
+
+
+def watch_others(watcher: NftMonitorWatcher, rec: Reconciler, fw: FirewallSync) -> None:
+    """Tell the watcher our filter chains' restores are ours, and what to do when
+    another tool changes a table: a filter table (Docker starting, ufw reloading) is
+    looked at again at once, so netagent's accepts follow within the pass."""
+    backend_pids = watcher.own_pids
+    filters = fw.filters
+
+    def own() -> set[int]:
+        mine = set(backend_pids())
+        if filters is not None:
+            mine |= filters.programs.own_pids()
+        return mine
+
+    def other(tables: frozenset[str], who: str) -> None:
+        from .reconcile import FIREWALL
+
+        if tables & {"ip filter", "ip6 filter"}:
+            fw.look()
+            rec.mark([FIREWALL], "foreign")
+
+    watcher.own_pids = own
+    watcher.on_foreign = other
 
 
 def on_drift(rec: Reconciler, fw: FirewallSync, bus: EventBus, what: str) -> None:

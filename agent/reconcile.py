@@ -220,6 +220,8 @@ class Reconciler:
         if why != "periodic":
             self._look_inside = True
             self.firewall.drifted(why)
+        else:
+            self.firewall.look()
         self._kick()
 
     # ---- status ---------------------------------------------------------------------

@@ -106,6 +106,11 @@ class DriftWatcher(Protocol):
 
 class FirewallBackend(ABC, Generic[ObservedT, PayloadT]):
     name: ClassVar[str]
+    #: the backend's own rules hold the localhost guard (CVE-2020-8558, see
+    #: ``docs/backends.md``); when False the daemon writes it in the iptables filter
+    #: table (``backends/xtfilter.py``), in the flavour ``xt_flavour`` names
+    guards_localhost: ClassVar[bool] = False
+    xt_flavour: str = "nft"
 
     @classmethod
     @abstractmethod

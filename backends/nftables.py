@@ -315,6 +315,7 @@ def _open_lib() -> LibNftables | None:
 
 class NftablesBackend(FirewallBackend[Observed, list[str]]):
     name = "nftables"
+    guards_localhost = True
 
     def __init__(self) -> None:
         self.nft = shutil.which("nft") or "nft"

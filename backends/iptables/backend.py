@@ -90,6 +90,9 @@ class IptablesBackend(FirewallBackend[Observed, RestorePayload]):
         self.tools = {v: tuple(_resolve(p) or p for p in TOOLS[v]) for v in self.families}
         #: every program is iptables-nft: its changes are nf_tables commits
         self.nft_flavour = all(nft_flavour(p) for v in self.families for p in self.tools[v])
+        #: where the daemon writes the localhost guard for this backend (the filter
+        #: table of the same iptables flavour, ``backends/xtfilter.py``)
+        self.xt_flavour = "nft" if self.nft_flavour else "legacy"
         if generation is None:
             generation = nf_genid if self.nft_flavour else _no_generation
         self.cache = ObservationCache(generation)
