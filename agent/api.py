@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import structlog
 
-from . import ops
+from . import doctor_api, ops
 from .errors import BackendFailed, InvalidArgument, NetagentError, NotFound, ReadOnly, UnknownOp
 from .reconcile import FIREWALL, IN_PLACE, PENDING, PURGE_ORPHANS, Reconciler
 from .schema import Request, prefix_error
@@ -28,6 +28,7 @@ from .traffic import Traffic
 if TYPE_CHECKING:
     from .bus import EventBus
     from .fwsync import FirewallSync
+    from .hostcheck import HostCheck
     from .kinds import Registry
     from .kinds.base import Context
     from .state import Change, DesiredState
@@ -96,6 +97,7 @@ class Service:
         bus: EventBus,
         counters: Counters,
         about: Mapping[str, Any],
+        checker: HostCheck | None = None,
     ) -> None:
         self.state = state
         self.kinds: Registry = state.kinds
@@ -109,6 +111,8 @@ class Service:
         self.started = time.time()
         self._commit = anyio.Lock()
         self.traffic = Traffic(state, firewall, ctx.net)
+        #: the doctor's findings about other tools (``agent/hostcheck.py``)
+        self.checker = checker
         self._handlers: dict[type[Request], Handler] = {
             ops.Status: self._status,
             ops.Show: self._show,
@@ -117,6 +121,8 @@ class Service:
             ops.Links: self._kernel_view,
             ops.Neigh: self._kernel_view,
             ops.Routes: self._kernel_view,
+            ops.Doctor: lambda req: doctor_api.doctor(self, req),
+            ops.Explain: lambda req: doctor_api.explain_op(self, req),
         }
 
     # ---- dispatch -------------------------------------------------------------------
@@ -141,6 +147,19 @@ class Service:
             assert kind is not None, req.kind
             rows = kind.rows(self.ctx)
             return await self.traffic.rows(rows) if kind.name == "forward" else rows
+        if isinstance(req, ops.ForwardAdd):
+            # who else has the port, said at once (a DNAT of another tool, a listener)
+            try:
+                reply = await self.mutate(kind_change(self.kinds, req))
+            except BackendFailed as exc:
+                warnings = await doctor_api.forward_warnings(self, req)
+                if warnings:
+                    exc.message += "; " + "; ".join(warnings)
+                    exc.args = (exc.message,)
+                raise
+            if reply["changed"]:
+                reply["warnings"] = await doctor_api.forward_warnings(self, req)
+            return reply
         return await self.mutate(kind_change(self.kinds, req))
 
     # ---- changes --------------------------------------------------------------------
@@ -301,6 +320,7 @@ class Service:
             "failing": self.reconciler.failing(),
             "event_resyncs": c.event_resyncs,
             "conntrack_walks_skipped": self.firewall.walks_skipped,
+            "findings": self.checker.summary() if self.checker is not None else None,
             "clients": c.clients,
             "refused": c.refused,
             "timeouts": c.timeouts,
@@ -328,19 +348,19 @@ class Service:
             if kind.firewall and not fw_ok and state == IN_PLACE:
                 state = fw.state if fw is not None else PENDING
                 missing.append("the firewall is not in place")
-            items.append(
-                {
-                    "key": intent.key,
-                    "kind": intent.kind,
-                    "describe": intent.describe(),
-                    "in_place": state == IN_PLACE,
-                    "state": state,
-                    "missing": missing,
-                    "error": st.error if st is not None else None,
-                    "checked": st.checked if st is not None else None,
-                    "intent": intent.to_dict(),
-                }
-            )
+            item = {
+                "key": intent.key,
+                "kind": intent.kind,
+                "describe": intent.describe(),
+                "in_place": state == IN_PLACE,
+                "state": state,
+                "missing": missing,
+                "error": st.error if st is not None else None,
+                "checked": st.checked if st is not None else None,
+                "intent": intent.to_dict(),
+            }
+            doctor_api.annotate(self.checker, item)
+            items.append(item)
         await self.traffic.show(items)
         return {
             "intents": items,
@@ -353,6 +373,7 @@ class Service:
                 "pending": self.firewall.pending[:50],
                 "error": fw.error if fw is not None else None,
             },
+            "findings": self.checker.summary() if self.checker is not None else None,
         }
 
     async def _kernel_view(self, req: Request) -> Any:

@@ -36,6 +36,7 @@ from .config import Config
 from .errors import NetagentError
 from .events import EventSource
 from .fwsync import FirewallSync
+from .hostcheck import HostCheck
 from .kinds import default_kinds
 from .kinds.base import Context
 from .kinds.namespace import Claims
@@ -48,6 +49,8 @@ from .store import StateStore
 from .transport import Server
 
 log = structlog.get_logger("netagent")
+#: another tool's changes make the findings be read again at most this often (seconds)
+READ_EVERY = 0.5
 
 
 async def retire_other_firewall(state_dir: Path, current: str, bus: EventBus) -> None:
@@ -140,6 +143,8 @@ async def run_daemon(config: Config) -> None:
         rec = Reconciler(
             state, ctx, fw, bus, config.resync_interval, remove_orphans_at_start=store.seq > 0
         )
+        checker = HostCheck(ctx, fw)
+        rec.checker = checker
         events = EventSource(state, rec, net, links, bus, counters)
         api = Service(
             state=state,
@@ -150,6 +155,7 @@ async def run_daemon(config: Config) -> None:
             bus=bus,
             counters=counters,
             about={"socket": config.socket, "state_dir": config.state_dir},
+            checker=checker,
         )
         server = Server(
             api,
@@ -233,11 +239,28 @@ def watch_others(watcher: NftMonitorWatcher, rec: Reconciler, fw: FirewallSync) 
         return mine
 
     def other(tables: frozenset[str], who: str) -> None:
-        from .reconcile import FIREWALL
+        from .reconcile import FIREWALL, READ_HOST
 
         if tables & {"ip filter", "ip6 filter"}:
             fw.look()
             rec.mark([FIREWALL], "foreign")
+        # the findings: read again, at most every READ_EVERY seconds (Docker starting
+        # commits dozens of transactions in a row)
+        now = time.monotonic()
+        if now - last[0] >= READ_EVERY:
+            last[0] = now
+            rec.mark([READ_HOST], "foreign")
+        elif not pending[0]:
+            pending[0] = True
+
+            def later() -> None:
+                pending[0] = False
+                last[0] = time.monotonic()
+                rec.mark([READ_HOST], "foreign")
+
+            asyncio.get_running_loop().call_later(READ_EVERY, later)
+
+    last, pending = [0.0], [False]
 
     watcher.own_pids = own
     watcher.on_foreign = other

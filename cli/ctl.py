@@ -40,6 +40,7 @@ def run_op(op: str, args: dict[str, Any], socket: str | None, as_json: bool) -> 
         print(json.dumps(reply, indent=2, sort_keys=True))
         if not reply.get("ok"):
             raise SystemExit(_exit_status(reply))
+        _doctor_status(op, reply.get("result"))
         return
     if not reply.get("ok"):
         err = reply.get("error") or {}
@@ -48,6 +49,13 @@ def run_op(op: str, args: dict[str, Any], socket: str | None, as_json: bool) -> 
             _exit_status(reply),
         )
     render(op, reply.get("result"))
+    _doctor_status(op, reply.get("result"))
+
+
+def _doctor_status(op: str, result: Any) -> None:
+    """``doctor`` exits 1 when it found a problem (0 only when nothing is wrong)."""
+    if op == "doctor" and isinstance(result, dict) and result.get("problems"):
+        raise SystemExit(1)
 
 
 def _exit_status(reply: dict[str, Any]) -> int:
@@ -127,6 +135,8 @@ def _render_change(result: dict[str, Any]) -> None:
             print(f"  {key}: {a}")
     for key, err in sorted((result.get("errors") or {}).items()):
         print(f"  {key}: FAILED: {err}")
+    for warning in result.get("warnings") or ():
+        print(f"netagent: warning: {warning}", file=sys.stderr)
 
 
 def _status(r: dict[str, Any]) -> None:
@@ -143,6 +153,15 @@ def _status(r: dict[str, Any]) -> None:
         )
     for key, err in sorted((r.get("failing") or {}).items()):
         print(f"FAILING   {key}: {err}")
+    _findings(r.get("findings"))
+
+
+def _findings(f: dict[str, Any] | None) -> None:
+    if not f or f.get("checked") is None:
+        return
+    print(f"doctor    {f['problems']} problems, {f['notes']} notes (`netagent ctl doctor`)")
+    for line in f.get("lines") or ():
+        print(f"          {line}")
 
 
 def _ns_list(rows: list[dict[str, Any]]) -> None:
@@ -265,6 +284,10 @@ def _show(r: dict[str, Any]) -> None:
             print(f"      missing: {m}")
         if item.get("error"):
             print(f"      error: {item['error']}")
+        for line in item.get("doctor") or ():
+            print(f"      doctor: {line}")
+        for line in item.get("warnings") or ():
+            print(f"      warning: {line}")
     for o in r.get("orphans") or []:
         print(f"!!  orphan: {o['describe']} (`purge --orphans` removes it)")
     fw = r["firewall"]
@@ -274,6 +297,30 @@ def _show(r: dict[str, Any]) -> None:
         print(f"      pending: {p}")
     if fw.get("error"):
         print(f"      error: {fw['error']}")
+    f = r.get("findings")
+    if f and f.get("checked") is not None:
+        print(f"doctor: {f['problems']} problems, {f['notes']} notes (`netagent ctl doctor`)")
+
+
+def _doctor(r: dict[str, Any]) -> None:
+    for f in r["findings"]:
+        print(f["line"])
+    if not r["problems"]:
+        print("ok: nothing found that breaks netagent's bridges or forwards")
+    print(
+        f"{r['problems']} problems, {r['notes']} notes; checked: {', '.join(r['checked'])}"
+        + (f" (read in {r['read_ms']} ms)" if r.get("read_ms") is not None else "")
+    )
+
+
+def _explain(r: dict[str, Any]) -> None:
+    for n, s in enumerate(r["steps"], 1):
+        print(f"{n:>2}. {s['where']:<12} {s['what']}")
+    print(f"=> {r['verdict']}" + (f" ({r['forward']})" if r.get("forward") else ""))
+    if r.get("trace"):
+        print("trace:")
+        for line in r["trace"]:
+            print(f"    {line}")
 
 
 _RENDERERS: dict[str, Callable[[Any], None]] = {
@@ -286,4 +333,6 @@ _RENDERERS: dict[str, Callable[[Any], None]] = {
     "neigh": _neigh,
     "routes": _routes,
     "show": _show,
+    "doctor": _doctor,
+    "explain": _explain,
 }

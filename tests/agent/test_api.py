@@ -124,6 +124,10 @@ async def test_every_op_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
         show = await w.call("show")
         assert all(item["in_place"] for item in show["intents"])
+        doctor = await w.call("doctor")
+        assert doctor["problems"] == 0 and "drops" in doctor["checked"]
+        explained = await w.call("explain", port="80")
+        assert explained["forward"] == "fwd/tcp/80" and explained["verdict"] == "delivered"
         assert show["firewall"]["in_place"] is True and show["firewall"]["backend"] == "fake"
 
         await w.call("forward.del", host_ports="80")
