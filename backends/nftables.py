@@ -455,8 +455,8 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
         """Packets and bytes each forward's map elements counted (its DNAT: the first
         packet of each connection), by key. A few forwards are read element by element
         over nfnetlink (``backends/nftcount.py``: ~30 us each, where ``nft get element``
-        costs 30-40 ms at 10,000 elements, refetching its cache); many, with one listing
-        of the table in a worker thread. A forward not installed has no entry."""
+        costs 30-40 ms at 10,000 elements, refetching its cache); many, with one dump of
+        each map they are in, in a worker thread. A forward not installed has no entry."""
         if not forwards:
             return {}
         if len(forwards) <= SINGLE_READS:
@@ -475,20 +475,27 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
                     p, b = out.get(key, (0, 0))
                     out[key] = (p + counts[0], b + counts[1])
             return out
+        from . import nftcount
+
+        def read() -> dict[str, Counts]:
+            wanted: dict[str, list[tuple[str, bytes]]] = {}
+            for f in forwards:
+                for name, key, _value in forward_elems(f):
+                    wanted.setdefault(name, []).append((f.key, nftcount.key_bytes(key)))
+            out: dict[str, Counts] = {}
+            for name, keys in wanted.items():
+                got = nftcount.dump_counters(FAMILY, TABLE, name)
+                for fkey, kb in keys:
+                    c = got.get(kb)
+                    if c is not None:
+                        p, b = out.get(fkey, (0, 0))
+                        out[fkey] = (p + c[0], b + c[1])
+            return out
+
         try:
-            if self.lib is not None and os.environ.get("NETAGENT_NFT") != "process":
-                lib = self.lib
-                rc, raw, _err = await anyio.to_thread.run_sync(
-                    lib.run, f"list table {FAMILY} {TABLE}".encode(), True
-                )
-                if rc != 0:
-                    return None
-                observed = parse_table(json.loads(raw))
-            else:
-                observed = await self.observe()
-        except (BackendFailed, ValueError):
+            return await anyio.to_thread.run_sync(read)
+        except OSError:
             return None
-        return forward_counts(observed, forwards)
 
     async def purge(self) -> list[str]:
         if not (await self.observe()).present:

@@ -145,3 +145,72 @@ def element_counters(family: str, table: str, elems: list[Elem]) -> list[tuple[i
                     out[seq - 1] = counter_in_reply(body)
                 off += (length + 3) & ~3
     return out
+
+
+NLM_F_DUMP = 0x300
+NLMSG_DONE = 3
+
+
+def dump_counters(family: str, table: str, name: str) -> dict[bytes, tuple[int, int]]:
+    """Every element of a map with its counter: key bytes -> (packets, bytes). One
+    NFT_MSG_GETSETELEM dump, reading the key and the counter of each element and
+    nothing else (the listing of nft would also build and print the whole table:
+    ~12 ms at 1,000 elements, then the JSON to parse). Blocking."""
+    out: dict[bytes, tuple[int, int]] = {}
+    body = (
+        struct.pack("=BBH", NFPROTO[family], 0, 0)
+        + _attr(LIST_TABLE, table.encode() + b"\0")
+        + _attr(LIST_SET, name.encode() + b"\0")
+    )
+    kind = NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETSETELEM
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
+        sock.settimeout(TIMEOUT)
+        sock.bind((0, 0))
+        sock.sendall(
+            _HDR.pack(_HDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + body
+        )
+        while True:
+            data = sock.recv(1 << 17)
+            off = 0
+            while off + _HDR.size <= len(data):
+                length, mtype, _flags, _seq, _pid = _HDR.unpack_from(data, off)
+                if length < _HDR.size or mtype == NLMSG_DONE:
+                    return out
+                if mtype == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", data, off + _HDR.size)[0]
+                    if code:
+                        raise OSError(code, f"dumping map {name}: {os.strerror(code)}")
+                    return out
+                _elements(data, off + _HDR.size + 4, off + length, out)
+                off += (length + 3) & ~3
+
+
+def _elements(data: bytes, start: int, end: int, out: dict[bytes, tuple[int, int]]) -> None:
+    """The elements of one NEWSETELEM message into ``out``."""
+    at = start
+    while at + 4 <= end:
+        n, kind = struct.unpack_from("=HH", data, at)
+        if n < 4:
+            return
+        if kind & 0x3FFF == LIST_ELEMENTS:
+            e = at + 4
+            stop = at + n
+            while e + 4 <= stop:
+                en, _k = struct.unpack_from("=HH", data, e)
+                if en < 4:
+                    break
+                attrs = _attrs(data, e + 4, e + en)
+                keyattr = attrs.get(ELEM_KEY)
+                counts = None
+                if ELEM_EXPR in attrs:
+                    counts = _counter_of(attrs[ELEM_EXPR])
+                elif ELEM_EXPRESSIONS in attrs:
+                    listed = attrs[ELEM_EXPRESSIONS]
+                    for expr in _attrs(listed, 0, len(listed)).values():
+                        counts = counts or _counter_of(expr)
+                if keyattr is not None and counts is not None:
+                    value = _attrs(keyattr, 0, len(keyattr)).get(NFTA_DATA_VALUE)
+                    if value is not None:
+                        out[value] = counts
+                e += (en + 3) & ~3
+        at += (n + 3) & ~3

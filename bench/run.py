@@ -350,7 +350,10 @@ class Bench:
         self.box.stop(server)
 
 
-SECTIONS = ("cli", "agent", "attach", "lag", "repair", "nftables", "iptables")
+SECTIONS = (
+    *("cli", "agent", "attach", "lag", "repair", "nftables", "iptables"),
+    *("doctor", "bigflush"),
+)
 
 
 def main() -> None:
@@ -368,6 +371,10 @@ def main() -> None:
             if name in ("nftables", "iptables"):
                 b.start("--firewall", name)
                 b.firewall(name)
+            elif name in ("doctor", "bigflush"):
+                import doctor as section  # bench/doctor.py
+
+                getattr(section, name)(b)
             else:
                 b.start()
                 getattr(b, name)()
