@@ -36,9 +36,7 @@ Reader = Callable[[list[str], set[tuple[str, int]], Any], hostview.HostView]
 
 
 class HostCheck:
-    def __init__(
-        self, ctx: Context, firewall: FirewallSync, reader: Reader | None = None
-    ) -> None:
+    def __init__(self, ctx: Context, firewall: FirewallSync, reader: Reader | None = None) -> None:
         self.ctx = ctx
         self.firewall = firewall
         #: reads the host (``hostview.gather``; unit tests give a fake snapshot)
@@ -51,6 +49,11 @@ class HostCheck:
         self._by_key: dict[str, list[doctor.Finding]] = {}
         self._lib: LibNftables | None = None
         self._lib_tried = False
+        #: other tools' changes noted, and how many the last reading had seen; our
+        #: own filter chains' writes the last reading had seen
+        self._foreign = 0
+        self._read_foreign = -1
+        self._writes_seen = -1
 
     # ---- reading and checking -----------------------------------------------------------
     def _nft_list(self, command: str) -> str | None:
@@ -106,16 +109,39 @@ class HostCheck:
         self._by_key = by_key
         return self.findings
 
+    def note_foreign(self) -> None:
+        """Another tool changed a table: the last reading is stale until the next."""
+        self._foreign += 1
+
+    @property
+    def stale(self) -> bool:
+        filters = self.firewall.filters
+        writes = filters.writes if filters is not None else 0
+        return (
+            self.view is None or self._foreign != self._read_foreign or writes != self._writes_seen
+        )
+
     async def refresh(self, read: bool) -> list[str]:
-        """The reconciler's step: read the host (``read``, or never read yet), then
-        check. Says nothing in the pass's actions: findings are not changes."""
-        if read or self.view is None:
+        """The reconciler's step: read the host (``read``, or when the last reading is
+        stale: another tool changed a table since, or netagent wrote its own filter
+        chains), else only its sysctls (a file each: netagent itself turns forwarding
+        on, in the pass before), then check. Says nothing in the pass's actions:
+        findings are not changes."""
+        if read or self.stale:
+            filters = self.firewall.filters
+            foreign, writes = self._foreign, filters.writes if filters is not None else 0
             try:
                 self.view = await self.read()
+                self._read_foreign, self._writes_seen = foreign, writes
             except (OSError, TimeoutError) as exc:
                 log.warning("reading the host's firewalls failed", error=str(exc))
                 if self.view is None:
                     return []
+        else:
+            assert self.view is not None
+            bridges: list[Any] = self.ctx.state.of_kind("bridge")
+            paths = doctor.sysctl_paths([br.name for br in bridges])
+            self.view.sysctls = await anyio.to_thread.run_sync(hostview.read_sysctls, paths)
         before = {f.line() for f in self.findings}
         self.compute()
         new = [f for f in self.findings if f.line() not in before and f.severity == doctor.PROBLEM]
@@ -138,7 +164,10 @@ class HostCheck:
 
     async def forward_warnings(self, fwd: Forward) -> list[str]:
         """Who else has this forward's host port: a DNAT of another tool (the last
-        reading of the firewalls) or a process listening on it (read now)."""
+        reading of the firewalls, read again first when another tool changed a table
+        since) or a process listening on it (read now)."""
+        if self.stale:
+            await self.refresh(read=True)
         ports = set(_few(fwd.host_ports))
         with anyio.fail_after(READ_TIMEOUT):
             listeners = await anyio.to_thread.run_sync(hostview.read_listeners)

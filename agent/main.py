@@ -189,7 +189,7 @@ async def run_daemon(config: Config) -> None:
                 if host is None:
                     host = NftMonitorWatcher(())
                     tg.start_soon(host.run, lambda what: None)
-                watch_others(host, rec, fw)
+                watch_others(host, rec, fw, checker)
                 tg.start_soon(server.serve, listener)
                 gc.freeze()  # what start-up made lives forever: keep it out of GC passes
                 sdnotify.notify(f"READY=1\nSTATUS={sdnotify.one_line(api.summary())}")
@@ -225,7 +225,9 @@ async def run_daemon(config: Config) -> None:
         os.close(lock_fd)
 
 
-def watch_others(watcher: NftMonitorWatcher, rec: Reconciler, fw: FirewallSync) -> None:
+def watch_others(
+    watcher: NftMonitorWatcher, rec: Reconciler, fw: FirewallSync, checker: HostCheck
+) -> None:
     """Tell the watcher our filter chains' restores are ours, and what to do when
     another tool changes a table: a filter table (Docker starting, ufw reloading) is
     looked at again at once, so netagent's accepts follow within the pass."""
@@ -241,6 +243,7 @@ def watch_others(watcher: NftMonitorWatcher, rec: Reconciler, fw: FirewallSync) 
     def other(tables: frozenset[str], who: str) -> None:
         from .reconcile import FIREWALL, READ_HOST
 
+        checker.note_foreign()
         if tables & {"ip filter", "ip6 filter"}:
             fw.look()
             rec.mark([FIREWALL], "foreign")

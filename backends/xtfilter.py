@@ -237,6 +237,8 @@ class FilterChains:
         self.state = FilterState()
         #: per target, what was last wanted and found in place
         self._synced: dict[Target, Chains] = {}
+        #: how many restores ran (a reading of the host older than one is stale)
+        self.writes = 0
 
     def targets(self, guard: bool) -> list[Target]:
         """The frameworks and families with a filter table now (and the guard's, which
@@ -296,6 +298,7 @@ class FilterChains:
     async def _restore(self, target: Target, lines: Iterable[str]) -> None:
         restore = _resolve(PROGRAMS[target.flavour][target.family][1]) or "iptables-restore"
         text = "\n".join(["*filter", *lines, "COMMIT", ""])
+        self.writes += 1
         await self.programs.run([restore, "--noflush", "-w"], stdin=text.encode())
 
     async def purge(self) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -84,6 +85,13 @@ def test_doctor_finds_what_breaks_netagent_and_exits_accordingly(daemon: Daemon)
         "DNAT",
         "--to-destination",
         "10.9.9.9:80",
+    )
+    # the daemon reads the host again after another tool's change (within 0.5 s): wait
+    # for that reading, which is what `forward` consults for other tools' DNATs
+    changed = time.time()
+    wait_for(
+        "the findings read after the DNAT was added",
+        lambda: (d.status()["findings"]["checked"] or 0) > changed,
     )
     warned = d.ctl("forward", "8091", "192.168.15.2:80")
     assert warned.returncode == 0
