@@ -92,6 +92,17 @@ class HostCheck:
                 self.reader, doctor.sysctl_paths(bridges), ports, self._nft_list
             )
 
+    def _sysctls(self) -> dict[str, str]:
+        """The sysctls the checks read, through the netlink protocol (the daemon's own
+        namespace; a file each)."""
+        bridges: list[Any] = self.ctx.state.of_kind("bridge")
+        out: dict[str, str] = {}
+        for path in doctor.sysctl_paths([br.name for br in bridges]):
+            value = self.ctx.net.sysctl(path)
+            if value is not None:
+                out[path] = value
+        return out
+
     def compute(self) -> list[doctor.Finding]:
         if self.view is None:
             return []
@@ -137,11 +148,8 @@ class HostCheck:
                 log.warning("reading the host's firewalls failed", error=str(exc))
                 if self.view is None:
                     return []
-        else:
-            assert self.view is not None
-            bridges: list[Any] = self.ctx.state.of_kind("bridge")
-            paths = doctor.sysctl_paths([br.name for br in bridges])
-            self.view.sysctls = await anyio.to_thread.run_sync(hostview.read_sysctls, paths)
+        assert self.view is not None
+        self.view.sysctls = self._sysctls()
         before = {f.line() for f in self.findings}
         self.compute()
         new = [f for f in self.findings if f.line() not in before and f.severity == doctor.PROBLEM]
