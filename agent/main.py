@@ -18,6 +18,7 @@ import gc
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -181,15 +182,20 @@ async def run_daemon(config: Config) -> None:
                 tg.start_soon(events.watch_namespaces)
                 tg.start_soon(measure_lag, counters)
                 watcher = backend.drift_watcher()
-                if watcher is not None:
-                    tg.start_soon(watcher.run, lambda what: on_drift(rec, fw, bus, what))
                 # other tools' changes (their filter and nat tables): one nf_tables
                 # watcher serves both when the backend's is ours
                 host = watcher if isinstance(watcher, NftMonitorWatcher) else None
                 if host is None:
                     host = NftMonitorWatcher(())
                     tg.start_soon(host.run, lambda what: None)
-                watch_others(host, rec, fw, checker)
+                seen = watch_others(host, rec, fw, checker)
+                if watcher is not None:
+
+                    def drifted(what: str) -> None:
+                        on_drift(rec, fw, bus, what)
+                        seen(frozenset(), what)  # the findings read again too
+
+                    tg.start_soon(watcher.run, drifted)
                 tg.start_soon(server.serve, listener)
                 gc.freeze()  # what start-up made lives forever: keep it out of GC passes
                 sdnotify.notify(f"READY=1\nSTATUS={sdnotify.one_line(api.summary())}")
@@ -227,7 +233,7 @@ async def run_daemon(config: Config) -> None:
 
 def watch_others(
     watcher: NftMonitorWatcher, rec: Reconciler, fw: FirewallSync, checker: HostCheck
-) -> None:
+) -> Callable[[frozenset[str], str], None]:
     """Tell the watcher our filter chains' restores are ours, and what to do when
     another tool changes a table: a filter table (Docker starting, ufw reloading) is
     looked at again at once, so netagent's accepts follow within the pass."""
@@ -267,6 +273,7 @@ def watch_others(
 
     watcher.own_pids = own
     watcher.on_foreign = other
+    return other
 
 
 def on_drift(rec: Reconciler, fw: FirewallSync, bus: EventBus, what: str) -> None:
