@@ -2,7 +2,7 @@
 
 ``doctor``: at 600 namespaces (each plugged) and 1,000 forwards, ``show``, ``status``
 and ``forwards`` over the socket and through the CLI (beside ``python -c pass``),
-``doctor`` and ``explain``; the findings' recompute after a request; removing a forward
+``doctor`` and ``explain``; removing a forward
 that never carried a connection (no conntrack walk) beside one that did.
 ``bigflush``: ``nft flush ruleset`` with each backend holding 65,535 forwarded ports,
 until a connection goes through a forward again.
@@ -95,25 +95,6 @@ def doctor(b: Bench) -> None:
     print(f"{'forward add (socket)':<24}{fmt(add)}")
     print(f"{'idle forward del':<24}{fmt(rm)}   ({skipped} of 30 without a conntrack walk)")
     print(f"event-loop lag meanwhile: p99 {lag['p99']} ms, max {lag['max']} ms")
-    quiet = [
-        float(e["duration_ms"])
-        for e in _log_events(b)
-        if e.get("event") == "reconcile pass" and e.get("keys") == 0
-    ]
-    if quiet:
-        print(f"findings recomputed after a request (its own pass): {fmt(quiet[-30:])}")
-
-
-def _log_events(b: Bench) -> list[dict[str, Any]]:
-    import json
-
-    out = []
-    for line in (b.work / "daemon.log").read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
 
 
 def bigflush(b: Bench) -> None:
