@@ -19,15 +19,17 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import structlog
 
-from . import clusterapi, ops, quarantine
+from . import clusterapi, doctor_api, ops, quarantine
 from .errors import BackendFailed, InvalidArgument, NetagentError, NotFound, ReadOnly, UnknownOp
 from .reconcile import FIREWALL, IN_PLACE, PENDING, PURGE_ORPHANS, Reconciler
 from .schema import Request, prefix_error
+from .traffic import Traffic
 
 if TYPE_CHECKING:
     from .bus import EventBus
     from .cluster import Cluster
     from .fwsync import FirewallSync
+    from .hostcheck import HostCheck
     from .kinds import Registry
     from .kinds.base import Context, Intent
     from .state import Change, DesiredState
@@ -99,6 +101,7 @@ class Service:
         counters: Counters,
         about: Mapping[str, Any],
         cluster: Cluster | None = None,
+        checker: HostCheck | None = None,
     ) -> None:
         self.state = state
         self.kinds: Registry = state.kinds
@@ -113,6 +116,9 @@ class Service:
         self.started = time.time()
         self._commit = anyio.Lock()
         self._static_memo: dict[str, tuple[Intent, dict[str, Any]]] = {}
+        self.traffic = Traffic(state, firewall, ctx.net)
+        #: the doctor's findings about other tools (``agent/hostcheck.py``)
+        self.checker = checker
         self._handlers: dict[type[Request], Handler] = {
             ops.Status: self._status,
             ops.Show: self._show,
@@ -123,6 +129,8 @@ class Service:
             ops.Routes: self._kernel_view,
             ops.Forget: lambda req: quarantine.forget(self, req),
             ops.Peers: self._peers,
+            ops.Doctor: lambda req: doctor_api.doctor(self, req),
+            ops.Explain: lambda req: doctor_api.explain_op(self, req),
         }
         from .cni import handlers as cni_handlers
 
@@ -148,7 +156,21 @@ class Service:
         if req.verb == "list":
             kind = self.kinds.get(req.kind or "")
             assert kind is not None, req.kind
-            return kind.rows(self.ctx)
+            rows = kind.rows(self.ctx)
+            return await self.traffic.rows(rows) if kind.name == "forward" else rows
+        if isinstance(req, ops.ForwardAdd):
+            # who else has the port, said at once (a DNAT of another tool, a listener)
+            try:
+                reply = await self.mutate(kind_change(self.kinds, req))
+            except BackendFailed as exc:
+                warnings = await doctor_api.forward_warnings(self, req)
+                if warnings:
+                    exc.message += "; " + "; ".join(warnings)
+                    exc.args = (exc.message,)
+                raise
+            if reply["changed"]:
+                reply["warnings"] = await doctor_api.forward_warnings(self, req)
+            return reply
         return await self.mutate(kind_change(self.kinds, req))
 
     # ---- changes --------------------------------------------------------------------
@@ -320,6 +342,8 @@ class Service:
             "quarantined": {q.key: q.reason for q in self.store.quarantine.entries()},
             "state_notes": list(self.store.notes),
             "event_resyncs": c.event_resyncs,
+            "conntrack_walks_skipped": self.firewall.walks_skipped,
+            "findings": self.checker.summary() if self.checker is not None else None,
             "clients": c.clients,
             "refused": c.refused,
             "timeouts": c.timeouts,
@@ -357,17 +381,18 @@ class Service:
             if condition is not None and state == IN_PLACE:
                 state = "stale"
                 missing.append(condition)
-            items.append(
-                {
-                    **self._static(intent),
-                    "in_place": state == IN_PLACE,
-                    "state": state,
-                    "missing": missing,
-                    "error": st.error if st is not None else None,
-                    "checked": st.checked if st is not None else None,
-                    **kind.details(self.ctx, intent),
-                }
-            )
+            item = {
+                **self._static(intent),
+                "in_place": state == IN_PLACE,
+                "state": state,
+                "missing": missing,
+                "error": st.error if st is not None else None,
+                "checked": st.checked if st is not None else None,
+                **kind.details(self.ctx, intent),
+            }
+            doctor_api.annotate(self.checker, item)
+            items.append(item)
+        await self.traffic.show(items)
         return {
             "intents": items,
             "orphans": [o.to_wire() for o in rec.orphans],
@@ -380,6 +405,8 @@ class Service:
                 "pending": self.firewall.pending[:50],
                 "error": fw.error if fw is not None else None,
             },
+            "findings": self.checker.summary() if self.checker is not None else None,
+            "counters_at": self.traffic.read_at(),
         }
 
     def _static(self, intent: Intent) -> dict[str, Any]:

@@ -6,7 +6,8 @@ Forwards added or removed since the last good sync go to the backend as one smal
 (a bridge changed, someone changed the rules, a failed sync, the periodic check) is a
 full one: observe, plan, apply. Planning is pure and, for big states, runs in a worker
 thread, so it never holds up the event loop. Connections of removed or retargeted
-forwards are cleared right after the rules change, in the same sync.
+forwards are cleared right after the rules change, in the same sync; a removed forward
+whose counter says it never carried a connection needs no walk of the conntrack table.
 """
 
 from __future__ import annotations
@@ -15,17 +16,19 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import structlog
 
-from netagent.backends.firewall import AnyBackend, Batch, FirewallSpec, VxlanGuard
+from netagent.backends.firewall import AnyBackend, Batch, Counts, FirewallSpec, VxlanGuard
 
 from .errors import NetagentError
 
 if TYPE_CHECKING:
     from netagent.backends.conntrack import Conntrack
+    from netagent.backends.xtfilter import FilterChains
 
     from .bus import EventBus
     from .kinds.forward import Forward
@@ -39,14 +42,27 @@ THREAD_PLAN = 500
 ISOLATE_CHUNK = 1024
 #: seconds one conntrack run may take
 CONNTRACK_TIMEOUT = 10.0
+#: seconds reading the forwards' counters may take
+COUNTERS_TIMEOUT = 5.0
 _DELETED = re.compile(r"(\d+) flow entr(?:y|ies) ha(?:s|ve) been deleted")
 
 
 class FirewallSync:
-    def __init__(self, backend: AnyBackend, bus: EventBus, conntrack: bool = True) -> None:
+    def __init__(
+        self,
+        backend: AnyBackend,
+        bus: EventBus,
+        conntrack: bool = True,
+        filters: FilterChains | None = None,
+    ) -> None:
         self.backend = backend
         self.bus = bus
         self.conntrack = conntrack
+        #: netagent's chains in the iptables filter tables (``backends/xtfilter.py``):
+        #: accepts where another tool filters, and the guard for backends without one
+        self.filters = filters
+        #: the next sync reads the filter tables whatever changed (periodic, foreign)
+        self._look_filters = True
         #: the conntrack tool, once the kernel turned out not to filter dumps ("": none)
         self._tool_only: str | None = None
         self._added: list[Forward] = []
@@ -63,6 +79,12 @@ class FirewallSync:
         self._client: Conntrack | None = None
         #: the bridges the last good sync installed rules for: others need a full sync
         self._synced_bridges: frozenset[object] | None = None
+        #: forwards whose counter has seen every connection they ever carried: their
+        #: rule or element was made by an update of this run and nothing rewrote it
+        #: since (a rebuild starts counters at zero while older flows stay tracked)
+        self._counted: set[str] = set()
+        #: removals whose conntrack walk the counters spared (``status`` shows it)
+        self.walks_skipped = 0
 
     @property
     def name(self) -> str:
@@ -107,6 +129,12 @@ class FirewallSync:
 
     def drifted(self, why: str) -> None:
         self._full = True
+        self._look_filters = True
+
+    def look(self) -> None:
+        """The periodic pass, or someone else changed a filter table: the next sync
+        reads the filter tables (the NAT rules only on drift: their watcher says)."""
+        self._look_filters = True
 
     async def _plan(self, spec: FirewallSpec, observed: object) -> Batch[object]:
         if len(spec.forwards) > THREAD_PLAN:
@@ -123,16 +151,23 @@ class FirewallSync:
         bridges = frozenset(spec.bridges)
         full = full or bridges != self._synced_bridges
         steps: list[str] = []
+        # before the rules go: which removed forwards never carried a connection
+        idle = await self._idle(removed) if removed and self.conntrack else set()
         if spec.empty:
             # nothing desired: the firewall holds nothing of netagent's (an empty table
             # or empty chains would be something left behind)
             steps = await self.backend.purge()
+            if self.filters is not None:
+                steps += await self.filters.purge()
+            self._counted.clear()
         else:
             if not full and (added or removed):
                 batch = self.backend.plan_update(spec, added, removed)
                 try:
                     await self.backend.apply(batch)
                     steps = batch.steps
+                    self._counted.difference_update(f.key for f in removed)
+                    self._counted.update(f.key for f in added)
                 except NetagentError as exc:
                     # the rules drifted under us: observe and converge the whole of it
                     log.info("firewall update failed; planning it whole", error=exc.message)
@@ -142,11 +177,19 @@ class FirewallSync:
                 full = self._full_guard
             if full:
                 steps = await self._full_sync(spec)
+            if self.filters is not None:
+                look, self._look_filters = self._look_filters or full, False
+                steps = [*steps, *await self.filters.sync(spec, look)]
         self._full = False
         self._synced_bridges = bridges
         self.pending = []
         if removed and self.conntrack:
-            steps = [*steps, *await self.clear_connections(removed)]
+            walk = [f for f in removed if f.key not in idle]
+            self.walks_skipped += len(removed) - len(walk)
+            if len(walk) < len(removed):
+                log.debug("no conntrack walk for idle forwards", idle=len(removed) - len(walk))
+            if walk:
+                steps = [*steps, *await self.clear_connections(walk)]
         return steps
 
     async def _guard_update(
@@ -168,10 +211,37 @@ class FirewallSync:
             return []
         return batch.steps
 
+    async def _idle(self, removed: list[Forward]) -> set[str]:
+        """The keys of removed forwards that never carried a connection: counted since
+        their rule was made (``_counted``), and their counter still at zero. Their
+        tracked connections need no walk of the conntrack table (~12 ms a dump). The
+        counters are read before the rules go; when they cannot be, every one walks."""
+        candidates = [f for f in removed if f.key in self._counted]
+        if not candidates:
+            return set()
+        counts = await self.counters(candidates)
+        if counts is None:
+            return set()
+        return {f.key for f in candidates if counts.get(f.key, (1, 0))[0] == 0}
+
+    async def counters(self, forwards: Sequence[Forward]) -> dict[str, Counts] | None:
+        """The backend's counters, or None (not counted, or the read failed: the
+        counters are a help, never a reason for a request to fail)."""
+        try:
+            with anyio.fail_after(COUNTERS_TIMEOUT):
+                return await self.backend.counters(forwards)
+        except (NetagentError, OSError, TimeoutError) as exc:
+            log.info("reading the forwards' counters failed", error=str(exc))
+            return None
+
     async def _full_sync(self, spec: FirewallSpec) -> list[str]:
         observed = await self.backend.observe()
         batch = await self._plan(spec, observed)
         self.pending = batch.steps
+        if batch.rebuild:
+            self._counted.clear()
+        else:
+            self._counted.difference_update(batch.touched)
         try:
             await self.backend.apply(batch)
         except NetagentError as exc:
@@ -180,6 +250,7 @@ class FirewallSync:
             # one transaction is all or nothing: a forward the backend cannot take must
             # not keep every other one out; find it, refuse it, install the rest
             log.warning("a full firewall sync failed; isolating what it refuses", error=exc.message)
+            self._counted.clear()
             return await self._isolate(spec)
         self.quarantined.clear()
         return batch.steps

@@ -21,13 +21,16 @@ import gc
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
 import structlog
 
 from netagent.backends import firewall as fwreg
+from netagent.backends.nftmonitor import NftMonitorWatcher
 from netagent.backends.pyroute import PyrouteNetlink
+from netagent.backends.xtfilter import FilterChains
 
 from . import clusterapi, sdnotify
 from .access import Policy
@@ -39,6 +42,7 @@ from .config import Config
 from .errors import NetagentError
 from .events import EventSource
 from .fwsync import FirewallSync
+from .hostcheck import HostCheck
 from .kinds import default_kinds
 from .kinds.base import Context
 from .kinds.namespace import Claims
@@ -54,6 +58,8 @@ from .subnets import Settings, node_id, open_store
 from .transport import Server
 
 log = structlog.get_logger("netagent")
+#: another tool's changes make the findings be read again at most this often (seconds)
+READ_EVERY = 0.5
 
 
 MARKER = "firewall-backend"
@@ -171,7 +177,8 @@ async def run_daemon(config: Config, recover: bool = False) -> None:
         bus = EventBus(listeners=[probe.event] if exporter is not None else [])
         counters = Counters()
         await retire_other_firewall(state_dir, cls.name, bus)
-        fw = FirewallSync(backend, bus)
+        guard_in = None if backend.guards_localhost else backend.xt_flavour
+        fw = FirewallSync(backend, bus, filters=FilterChains(guard_in))
         ctx = Context(
             net=net,
             state=state,
@@ -191,6 +198,8 @@ async def run_daemon(config: Config, recover: bool = False) -> None:
             remove_orphans_at_start=store.seq > 0 and not store.recovered,
             probe=probe,
         )
+        checker = HostCheck(ctx, fw)
+        rec.checker = checker
         events = EventSource(state, rec, net, links, bus, counters)
         cluster = None
         if config.cluster_endpoints:
@@ -214,6 +223,7 @@ async def run_daemon(config: Config, recover: bool = False) -> None:
             counters=counters,
             about={"socket": config.socket, "state_dir": config.state_dir},
             cluster=cluster,
+            checker=checker,
         )
         server = Server(
             api,
@@ -243,8 +253,20 @@ async def run_daemon(config: Config, recover: bool = False) -> None:
                 if exporter is not None:
                     tg.start_soon(exporter.serve, api)
                 watcher = backend.drift_watcher()
+                # other tools' changes (their filter and nat tables): one nf_tables
+                # watcher serves both when the backend's is ours
+                host = watcher if isinstance(watcher, NftMonitorWatcher) else None
+                if host is None:
+                    host = NftMonitorWatcher(())
+                    tg.start_soon(host.run, lambda what: None)
+                seen = watch_others(host, rec, fw, checker)
                 if watcher is not None:
-                    tg.start_soon(watcher.run, lambda what: on_drift(rec, fw, bus, what))
+
+                    def drifted(what: str) -> None:
+                        on_drift(rec, fw, bus, what)
+                        seen(frozenset(), what)  # the findings read again too
+
+                    tg.start_soon(watcher.run, drifted)
                 tg.start_soon(server.serve, listener)
                 if cluster is not None:
                     # after the start-up pass: the data plane the journal holds is back
@@ -284,6 +306,51 @@ async def run_daemon(config: Config, recover: bool = False) -> None:
         if exporter is not None:
             exporter.close()
         os.close(lock_fd)
+
+
+def watch_others(
+    watcher: NftMonitorWatcher, rec: Reconciler, fw: FirewallSync, checker: HostCheck
+) -> Callable[[frozenset[str], str], None]:
+    """Tell the watcher our filter chains' restores are ours, and what to do when
+    another tool changes a table: a filter table (Docker starting, ufw reloading) is
+    looked at again at once, so netagent's accepts follow within the pass."""
+    backend_pids = watcher.own_pids
+    filters = fw.filters
+
+    def own() -> set[int]:
+        mine = set(backend_pids())
+        if filters is not None:
+            mine |= filters.programs.own_pids()
+        return mine
+
+    def other(tables: frozenset[str], who: str) -> None:
+        from .reconcile import FIREWALL, READ_HOST
+
+        checker.note_foreign()
+        if tables & {"ip filter", "ip6 filter"}:
+            fw.look()
+            rec.mark([FIREWALL], "foreign")
+        # the findings: read again, at most every READ_EVERY seconds (Docker starting
+        # commits dozens of transactions in a row)
+        now = time.monotonic()
+        if now - last[0] >= READ_EVERY:
+            last[0] = now
+            rec.mark([READ_HOST], "foreign")
+        elif not pending[0]:
+            pending[0] = True
+
+            def later() -> None:
+                pending[0] = False
+                last[0] = time.monotonic()
+                rec.mark([READ_HOST], "foreign")
+
+            asyncio.get_running_loop().call_later(READ_EVERY, later)
+
+    last, pending = [0.0], [False]
+
+    watcher.own_pids = own
+    watcher.on_foreign = other
+    return other
 
 
 def on_drift(rec: Reconciler, fw: FirewallSync, bus: EventBus, what: str) -> None:

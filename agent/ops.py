@@ -419,6 +419,38 @@ class Cni(Request):
 
 CNI_REQUESTS: tuple[type[Request], ...] = (AttachmentList, Cni)
 
+# ---- the host around netagent: doctor, explain ---------------------------------------
+SOURCE: Value[IPAddress] = Value("host_ip", "ADDR")
+
+
+class Doctor(Request):
+    """Check the host for what breaks netagent's bridges or forwards (exit 1 if any)."""
+
+    op = "doctor"
+    cli = ("doctor",)
+
+
+class Explain(Request):
+    """The path a packet to a host port takes, step by step, as the kernel would."""
+
+    op = "explain"
+    cli = ("explain",)
+    port = arg(PORTS, "host port", "The host port the packet is sent to.", metavar="PORT")
+    proto = opt(PROTO, "--proto", "protocol", "tcp", _PROTO_HELP)
+    source = maybe(
+        SOURCE,
+        "--from",
+        "--from",
+        "Where it comes from: an outside address, a namespace's, or 127.0.0.1 (the host).",
+    )
+    host_ip = maybe(HOST_IP, "--host-ip", "--host-ip", "The host address it is sent to.")
+    trace = flag(
+        "--trace",
+        "trace",
+        "Send one real probe along the path with nftables tracing and list the rules it hit.",
+    )
+
+
 REQUESTS: tuple[type[Request], ...] = (
     Status,
     Show,
@@ -446,6 +478,8 @@ REQUESTS: tuple[type[Request], ...] = (
     Purge,
     Forget,
     *CNI_REQUESTS,
+    Doctor,
+    Explain,
 )
 
 

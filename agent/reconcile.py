@@ -35,6 +35,7 @@ from . import orphans
 from .bus import EventBus
 from .errors import NetagentError
 from .fwsync import FirewallSync
+from .hostcheck import HostCheck
 from .kinds.attach import attach_links
 from .kinds.base import Context, Intent
 from .orphans import Orphan
@@ -49,7 +50,11 @@ HOST = "host"
 #: look for orphans (marked as netagent's, desired by nothing); and remove them
 ORPHANS = "orphans"
 PURGE_ORPHANS = "orphans/remove"
-PSEUDO = frozenset({FIREWALL, HOST, ORPHANS, PURGE_ORPHANS})
+#: the doctor's findings: recompute them from the last reading of the host; and read
+#: the host's firewalls again first (``agent/hostcheck.py``)
+FINDINGS = "findings"
+READ_HOST = "findings/read"
+PSEUDO = frozenset({FIREWALL, HOST, ORPHANS, PURGE_ORPHANS, FINDINGS, READ_HOST})
 BACKOFF_MIN = 0.5
 BACKOFF_MAX = 60.0
 #: keys of a periodic pass handled per pass (requests and events go between chunks)
@@ -160,6 +165,8 @@ class Reconciler:
         self.orphans_checked: float | None = None
         #: the next look for orphans also looks inside namespaces (costly: not periodic)
         self._look_inside = True
+        #: keeps the doctor's findings (``agent/hostcheck.py``); None: no findings
+        self.checker: HostCheck | None = None
         self._next_full = time.monotonic() + resync_interval
         self._in_pass = False
 
@@ -236,9 +243,13 @@ class Reconciler:
         self._pending.setdefault(FIREWALL, why)
         self._pending.setdefault(HOST, why)
         self._pending.setdefault(ORPHANS, why)
+        if self.checker is not None:
+            self._pending.setdefault(READ_HOST, why)
         if why != "periodic":
             self._look_inside = True
             self.firewall.drifted(why)
+        else:
+            self.firewall.look()
         self._kick()
 
     def condition(self, key: str, reason: str | None) -> None:
@@ -333,7 +344,11 @@ class Reconciler:
                 "request"
                 if tickets
                 else next(
-                    (w for w in ("event", "retry", "resync", "start", "periodic") if w in whys),
+                    (
+                        w
+                        for w in ("event", "retry", "resync", "start", "periodic", "foreign")
+                        if w in whys
+                    ),
                     "event" if links else "periodic",
                 )
             )
@@ -370,6 +385,8 @@ class Reconciler:
                 await self._step(HOST, self._host(), result)
             if batch.keys & {ORPHANS, PURGE_ORPHANS}:
                 await self._step(ORPHANS, self._orphans(PURGE_ORPHANS in batch.keys), result)
+            if batch.keys & {FINDINGS, READ_HOST} and self.checker is not None:
+                await self._step(FINDINGS, self.checker.refresh(READ_HOST in batch.keys), result)
             if batch.links:
                 links = [lk for i in batch.links if (lk := self.ctx.links.get(i)) is not None]
                 try:
@@ -381,6 +398,10 @@ class Reconciler:
             for ticket in batch.tickets:
                 ticket.result = result.only(ticket.keys)
                 ticket.done.set()
+        if batch.tickets and self.checker is not None and batch.keys - PSEUDO:
+            # the findings follow the desired state in a pass of their own: nobody's
+            # request waits for them
+            self._pending.setdefault(FINDINGS, "findings")
         if batch.trigger != "request":
             self._publish_repairs(batch.trigger, result)
         self._log_pass(batch, t0, result)
@@ -563,7 +584,7 @@ class Reconciler:
         # 1,000 veths is hundreds of them), and so is a slice of the sweep that found
         # everything in place (a sweep over 1,000 containers is many slices)
         quiet = not result.errors and (
-            not batch.keys or (batch.trigger == "periodic" and not changed)
+            batch.keys <= {FINDINGS} or (batch.trigger == "periodic" and not changed)
         )
         (log.debug if quiet else log.info)(
             "reconcile pass",

@@ -99,6 +99,7 @@ class Server:
     async def serve_connection(self, stream: SocketStream) -> None:
         self.counters.clients += 1
         try:
+            _big_send_buffer(stream)
             pid, uid, gid, groups = peer_credentials(stream)
             with structlog.contextvars.bound_contextvars(peer_uid=uid, peer_pid=pid):
                 try:
@@ -300,3 +301,24 @@ class Server:
                         await self._send(stream, {"v": protocol.VERSION, "event": event})
         finally:
             bus.unsubscribe(watcher)
+
+
+#: a connection's send buffer: a ``show`` of 2,200 intents (~600 KB) goes out in one
+#: write instead of a write per ~200 KB (the default), each waiting for the loop
+SEND_BUFFER = 4 << 20
+SO_SNDBUFFORCE = 32
+
+
+def _big_send_buffer(stream: SocketStream) -> None:
+    import socket as _socket
+
+    from anyio.abc import SocketAttribute
+
+    sock = stream.extra(SocketAttribute.raw_socket, None)  # noqa: S610  (anyio, not Django)
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(_socket.SOL_SOCKET, SO_SNDBUFFORCE, SEND_BUFFER)
+    except OSError:  # without CAP_NET_ADMIN: as large as net.core.wmem_max allows
+        with contextlib.suppress(OSError):
+            sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF, SEND_BUFFER)

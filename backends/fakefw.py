@@ -23,7 +23,7 @@ makes the next call of ``observe``, ``apply``, ``purge`` or ``present`` raise, a
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -32,7 +32,7 @@ import anyio
 from netagent.agent import intents as I
 from netagent.agent.errors import BackendFailed
 
-from .firewall import Batch, FirewallBackend, FirewallSpec, VxlanGuard
+from .firewall import Batch, Counts, FirewallBackend, FirewallSpec, VxlanGuard
 
 Verb = Literal["create", "add", "delete", "add-rule", "delete-rule"]
 
@@ -101,6 +101,9 @@ class FakeFirewall(FirewallBackend[FakeRuleset, FakePayload]):
         #: to see the firewall's calls and the links' in one order
         self.calls = calls if calls is not None else []
         self._faults: dict[str, list[BaseException | None]] = {}
+        #: what each forward's rule has counted, as a test sets it (``carry``); a
+        #: forward installed anew starts at nothing, as a new map element does
+        self.hits: dict[str, tuple[int, int]] = {}
 
     # ---- test controls --------------------------------------------------------------
     def fail(self, op: str, exc: BaseException) -> None:
@@ -124,12 +127,19 @@ class FakeFirewall(FirewallBackend[FakeRuleset, FakePayload]):
     def drop_forward(self, key: str) -> None:
         """Someone else deleted a forward's rule (an ``nft delete element``)."""
         del self.forwards[key]
+        self.hits.pop(key, None)
+
+    def carry(self, key: str, packets: int = 1, octets: int = 60) -> None:
+        """Traffic went through an installed forward (its counter moves)."""
+        p, b = self.hits.get(key, (0, 0))
+        self.hits[key] = (p + packets, b + octets)
 
     def drop_table(self) -> None:
         """Someone else deleted the whole table (``nft flush ruleset``)."""
         self.table = False
         self.forwards.clear()
         self.rules.clear()
+        self.hits.clear()
 
     def dump(self) -> str:
         """What is installed, one line each, sorted."""
@@ -209,6 +219,8 @@ class FakeFirewall(FirewallBackend[FakeRuleset, FakePayload]):
                         f"fake firewall: {op.what} exists as {have.describe()}; "
                         f"cannot add {op.forward.describe()}"
                     )
+                if forwards.get(op.what) != op.forward:
+                    self.hits.pop(op.what, None)
                 forwards[op.what] = op.forward
             elif op.verb == "delete":
                 have = forwards.get(op.what)
@@ -225,6 +237,12 @@ class FakeFirewall(FirewallBackend[FakeRuleset, FakePayload]):
                     raise BackendFailed(f"fake firewall: no rule {op.what!r} to delete")
                 rules.discard(op.what)
         self.table, self.forwards, self.rules = table, forwards, rules
+
+    async def counters(self, forwards: Sequence[I.Forward]) -> dict[str, Counts] | None:
+        await self._fault("counters")
+        return {
+            f.key: self.hits.get(f.key, (0, 0)) for f in forwards if self.forwards.get(f.key) == f
+        }
 
     async def purge(self) -> list[str]:
         await self._fault("purge")

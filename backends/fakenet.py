@@ -41,6 +41,8 @@ class FakeNetlink:
         self.host = _Ns()
         self.named: dict[str, _Ns] = {}
         self.sysctls: dict[str, str] = {}
+        #: host interface name -> (rx packets, rx bytes, tx packets, tx bytes), as a test sets it
+        self.traffic: dict[str, tuple[int, int, int, int]] = {}
         #: veth index -> its peer's index
         self._peers: dict[int, int] = {}
         #: interface name -> the MTU it was created with (when one was given)
@@ -474,6 +476,10 @@ class FakeNetlink:
     async def del_fdb(self, index: int, mac: str) -> None:
         self.fdb.get(index, {}).pop(mac, None)
         self.calls.append(("del_fdb", mac))
+
+    async def link_counters(self) -> dict[str, tuple[int, int, int, int]]:
+        """Host links by name with what a test set in ``traffic`` (else zeros)."""
+        return {lk.name: self.traffic.get(lk.name, (0, 0, 0, 0)) for lk in self.host.links.values()}
 
     # ---- sysctls --------------------------------------------------------------------
     def sysctl(self, path: str) -> str | None:

@@ -23,6 +23,8 @@ never looks inside either. The reconciler calls, in this order:
 ``drift_watcher()``
     what tells the reconciler that someone changed the backend's rules (or None: the
     periodic pass finds it).
+``counters(forwards)``
+    optional: packets and bytes per forward (None: not counted).
 
 Third-party backends register under the entry point group ``netagent.firewall_backends``
 (``name = "package.module:Class"``) and are then selectable with ``--firewall name``.
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, ClassVar, Generic, Protocol, TypeVar
@@ -51,6 +53,8 @@ BUILTIN: dict[str, str] = {
 AUTO_ORDER = ("nftables", "iptables")
 
 ObservedT = TypeVar("ObservedT")
+#: (packets, bytes)
+Counts = tuple[int, int]
 PayloadT = TypeVar("PayloadT")
 
 
@@ -118,6 +122,11 @@ class DriftWatcher(Protocol):
 
 class FirewallBackend(ABC, Generic[ObservedT, PayloadT]):
     name: ClassVar[str]
+    #: the backend's own rules hold the localhost guard (CVE-2020-8558, see
+    #: ``docs/backends.md``); when False the daemon writes it in the iptables filter
+    #: table (``backends/xtfilter.py``), in the flavour ``xt_flavour`` names
+    guards_localhost: ClassVar[bool] = False
+    xt_flavour: str = "nft"
 
     @classmethod
     @abstractmethod
@@ -150,6 +159,14 @@ class FirewallBackend(ABC, Generic[ObservedT, PayloadT]):
 
     def drift_watcher(self) -> DriftWatcher | None:
         """None: drift is found by the periodic pass only."""
+        return None
+
+    async def counters(self, forwards: Sequence[I.Forward]) -> dict[str, Counts] | None:
+        """Optional: (packets, bytes) each forward's DNAT has counted, by key; None when
+        the backend cannot tell (then every removal clears conntrack, and the counters
+        are not shown). A forward that is not installed has no entry. A NAT rule sees
+        the first packet of each connection only (established flows skip NAT), so these
+        count connections' first packets, at no cost beyond the lookup."""
         return None
 
     async def close(self) -> None:

@@ -275,6 +275,11 @@ class Netlink(Protocol):
 
     async def del_fdb(self, index: int, mac: str) -> None: ...
 
+    async def link_counters(self) -> dict[str, tuple[int, int, int, int]]:
+        """Interfaces of the daemon's own namespace by name: (rx packets, rx bytes,
+        tx packets, tx bytes). One dump, off the event loop."""
+        ...
+
     # ---- sysctls (the daemon's own namespace) ---------------------------------------
     def sysctl(self, path: str) -> str | None: ...
 

@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +42,7 @@ import anyio
 from netagent.agent import intents as I
 from netagent.agent.errors import BackendFailed
 
-from .firewall import Batch, DriftWatcher, FirewallBackend, FirewallSpec, VxlanGuard
+from .firewall import Batch, Counts, DriftWatcher, FirewallBackend, FirewallSpec, VxlanGuard
 from .nftmonitor import NftMonitorWatcher
 
 TABLE = "netagent"
@@ -73,8 +74,6 @@ def _dnat_rule(proto: str, version: int, bound: bool) -> str:
 
 #: the set of the cluster's peers' underlay addresses
 PEERS_SET = "vxlan_peers"
-#: chains of the filter type (the others are nat chains)
-FILTER_CHAINS = (("input", "input", -100),)
 
 Rules = dict[str, tuple[str, str]]  # comment -> (chain, rule text)
 
@@ -99,7 +98,7 @@ def _bridge_rules(br: I.Bridge) -> dict[str, str]:
     comment alone (``parse_table`` keeps no expressions), so the comment names all the
     rule depends on: the bridge and its subnet (a bridge readdressed to another subnet
     gets new rules instead of keeping the old ones)."""
-    rules = {}
+    rules: dict[str, str] = {}
     for addr in br.addresses:
         l3 = _L3[addr.version]
         net = addr.network
@@ -114,31 +113,60 @@ def _bridge_rules(br: I.Bridge) -> dict[str, str]:
 
 
 LOCALHOST_RULE = 'ct status dnat ip saddr 127.0.0.0/8 masquerade comment "localhost"'
+#: CVE-2020-8558, as kube-proxy closed it: the bridges have ``route_localnet`` (for the
+#: 127.0.0.1 forward path), so a namespace could reach host services bound to 127.0.0.1
+#: only. Packets to 127.0.0.0/8 that did not come from the host itself (``lo``) are
+#: dropped, unless they belong to a connection that is established (the host's own,
+#: answered) or was DNATed (netagent's forwards, and the replies of the host's own
+#: 127.0.0.1:PORT connections to a forward). The input hook: after routing has found
+#: the packet local. Checked by interface, not by source address (a namespace's root
+#: can send from 127.0.0.1 too, as route_localnet lets the bridge accept)
+GUARD = "localhost-guard"
+GUARD_RULE = (
+    'iifname != "lo" ip daddr 127.0.0.0/8 ct state != { established, related } '
+    f'ct status & dnat != dnat counter drop comment "{GUARD}"'
+)
+#: (chain, hook, priority, type)
 CHAINS = (
-    ("prerouting", "prerouting", -100),
-    ("output", "output", -100),
-    ("postrouting", "postrouting", 100),
+    ("prerouting", "prerouting", -100, "nat"),
+    ("output", "output", -100, "nat"),
+    ("postrouting", "postrouting", 100, "nat"),
+    ("input", "input", 0, "filter"),
 )
 
 
-def _table_text(rules: Rules) -> str:
+def _extra_rules(spec: FirewallSpec) -> Rules:
+    """comment -> (chain, rule text): the rules that depend on the bridges, the
+    localhost guard (wanted while a bridge has an IPv4 address: that is when
+    route_localnet is set), and the VXLAN guard and masquerade of a cluster host."""
+    rules: Rules = {}
+    for br in spec.bridges:
+        rules.update((c, ("postrouting", r)) for c, r in _bridge_rules(br).items())
+    if any(a.version == 4 for br in spec.bridges for a in br.addresses):
+        rules[GUARD] = ("input", GUARD_RULE)
+    rules.update(_vxlan_rules(spec.vxlan))
+    return rules
+
+
+def _table_text(extra: Rules) -> str:
     lines = [f"table {FAMILY} {TABLE} {{"]
     for proto, version, bound in MAPS:
         key_type = f"{_ADDR_TYPE[version]} . inet_service" if bound else "inet_service"
+        # ``counter``: each element counts what its lookup matched (the first packet of
+        # each connection; established flows skip nat), at no cost beyond the lookup
         lines.append(
             f"  map {map_name(proto, version, bound)} "
-            f"{{ type {key_type} : {_ADDR_TYPE[version]} . inet_service; }}"
+            f"{{ type {key_type} : {_ADDR_TYPE[version]} . inet_service; counter; }}"
         )
     lines.append(f"  set {PEERS_SET} {{ type ipv4_addr; }}")
-    for chain, hook, prio in (*CHAINS, *FILTER_CHAINS):
+    for chain, hook, prio, kind in CHAINS:
         lines.append(f"  chain {chain} {{")
-        kind = "filter" if (chain, hook, prio) in FILTER_CHAINS else "nat"
         lines.append(f"    type {kind} hook {hook} priority {prio}; policy accept;")
         if chain in ("prerouting", "output"):
             lines.extend(f"    {_dnat_rule(*m)}" for m in MAPS)
-        elif chain == "postrouting":
+        if chain == "postrouting":
             lines.append(f"    {LOCALHOST_RULE}")
-        lines.extend(f"    {r}" for c, r in rules.values() if c == chain)
+        lines.extend(f"    {r}" for c, r in extra.values() if c == chain)
         lines.append("  }")
     lines.append("}")
     return "\n".join(lines)
@@ -167,6 +195,8 @@ def _elem_lines(verb: str, elems: list[Elem], keys_only: bool = False) -> list[s
 def _norm(value: Any) -> str:
     if isinstance(value, dict) and "concat" in value:
         return " . ".join(_norm(v) for v in value["concat"])
+    if isinstance(value, dict) and "elem" in value:  # an element with its counter
+        return _norm(value["elem"].get("val"))
     if isinstance(value, str):
         try:
             return str(ipaddress.ip_address(value))
@@ -187,6 +217,18 @@ class Observed:
     sets: set[str] = field(default_factory=set)
     #: (set name, element)
     set_elems: set[tuple[str, str]] = field(default_factory=set)
+    #: the maps declared with ``counter`` (a table written before counters has none)
+    counted: set[str] = field(default_factory=set)
+    #: (map, key) -> the element's counter, when it has one
+    counts: dict[tuple[str, str], Counts] = field(default_factory=dict)
+
+
+def _counter(key: Any) -> Counts | None:
+    if isinstance(key, dict) and "elem" in key:
+        c = key["elem"].get("counter")
+        if isinstance(c, dict):
+            return int(c.get("packets", 0)), int(c.get("bytes", 0))
+    return None
 
 
 def parse_table(doc: dict[str, Any]) -> Observed:
@@ -194,9 +236,16 @@ def parse_table(doc: dict[str, Any]) -> Observed:
     for item in doc.get("nftables", []):
         if "map" in item:
             m = item["map"]
-            obs.maps.add(m["name"])
+            name = m["name"]
+            obs.maps.add(name)
+            if any(isinstance(st, dict) and "counter" in st for st in m.get("stmt", ())):
+                obs.counted.add(name)
             for k, v in m.get("elem", []):
-                obs.elems.add((m["name"], _norm(k), _norm(v)))
+                key = _norm(k)
+                obs.elems.add((name, key, _norm(v)))
+                counts = _counter(k)
+                if counts is not None:
+                    obs.counts[(name, key)] = counts
         elif "set" in item:
             st = item["set"]
             obs.sets.add(st["name"])
@@ -208,6 +257,28 @@ def parse_table(doc: dict[str, Any]) -> Observed:
             r = item["rule"]
             obs.rules.setdefault(r.get("comment", ""), []).append((r["chain"], r["handle"]))
     return obs
+
+
+#: up to this many forwards, counters are read element by element
+SINGLE_READS = 64
+
+
+def forward_counts(observed: Observed, forwards: Sequence[I.Forward]) -> dict[str, Counts]:
+    """key -> (packets, bytes) summed over each forward's elements, from a listing."""
+    out: dict[str, Counts] = {}
+    counts = observed.counts
+    for fwd in forwards:
+        p = b = 0
+        found = False
+        for name, key, _value in forward_elems(fwd):
+            c = counts.get((name, key))
+            if c is not None:
+                found = True
+                p += c[0]
+                b += c[1]
+        if found:
+            out[fwd.key] = (p, b)
+    return out
 
 
 def _element_steps(gone: list[Elem], new: list[Elem], detail: int = 50) -> list[str]:
@@ -296,6 +367,7 @@ def _open_lib() -> LibNftables | None:
 
 class NftablesBackend(FirewallBackend[Observed, list[str]]):
     name = "nftables"
+    guards_localhost = True
 
     def __init__(self) -> None:
         self.nft = shutil.which("nft") or "nft"
@@ -355,16 +427,16 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
 
     def plan(self, spec: FirewallSpec, observed: Observed) -> Batch[list[str]]:
         want_elems = {e for f in spec.forwards for e in forward_elems(f)}
-        rules: Rules = {}
-        for br in spec.bridges:
-            rules.update((c, ("postrouting", r)) for c, r in _bridge_rules(br).items())
-        rules.update(_vxlan_rules(spec.vxlan))
+        extra = _extra_rules(spec)
         want_peers = {(PEERS_SET, p) for p in (spec.vxlan.peers if spec.vxlan else ())}
+        names = {map_name(*m) for m in MAPS}
         intact = (
             observed.present
-            and {map_name(*m) for m in MAPS} <= observed.maps
+            and names <= observed.maps
+            # maps without counters (a table from before counters): written anew once
+            and names <= observed.counted
             and PEERS_SET in observed.sets
-            and {c for c, _h, _p in (*CHAINS, *FILTER_CHAINS)} <= observed.chains
+            and {c for c, _h, _p, _t in CHAINS} <= observed.chains
             and all(
                 sorted(c for c, _h in observed.rules.get(map_name(*m), []))
                 == ["output", "prerouting"]
@@ -373,27 +445,28 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
             and [c for c, _h in observed.rules.get("localhost", [])] == ["postrouting"]
         )
         if not intact:
-            return self._full(rules, want_elems, want_peers, observed.present)
+            return self._full(extra, want_elems, want_peers, observed.present)
         lines: list[str] = []
         steps: list[str] = []
         static = {map_name(*m) for m in MAPS} | {"localhost"}
-        # per-bridge and VXLAN rules: delete the ones no longer wanted, add the missing
+        # per-bridge rules, the guards and the VXLAN masquerade: delete the ones no longer
+        # wanted (or in the wrong chain, or twice), add the missing ones
         for comment, handles in sorted(observed.rules.items()):
             if comment in static:
                 continue
-            if comment in rules and [c for c, _h in handles] == [rules[comment][0]]:
+            if comment in extra and [c for c, _h in handles] == [extra[comment][0]]:
                 continue
             for chain, h in handles:
                 lines.append(f"delete rule {FAMILY} {TABLE} {chain} handle {h}")
             steps.append(f"delete rule {comment or '(no comment)'}")
-        for comment, (chain, rule) in rules.items():
+        for comment, (chain, rule) in extra.items():
             if [c for c, _h in observed.rules.get(comment, [])] != [chain]:
                 lines.append(f"add rule {FAMILY} {TABLE} {chain} {rule}")
                 steps.append(f"add rule {comment}")
-        extra = sorted(observed.elems - want_elems)
+        surplus = sorted(observed.elems - want_elems)
         missing = sorted(want_elems - observed.elems)
-        lines += _elem_lines("delete", extra, keys_only=True) + _elem_lines("add", missing)
-        steps += _element_steps(extra, missing)
+        lines += _elem_lines("delete", surplus, keys_only=True) + _elem_lines("add", missing)
+        steps += _element_steps(surplus, missing)
         gone_peers = sorted(observed.set_elems - want_peers)
         new_peers = sorted(want_peers - observed.set_elems)
         lines += _set_lines("delete", gone_peers) + _set_lines("add", new_peers)
@@ -408,18 +481,18 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
 
     def _full(
         self,
-        rules: Rules,
+        extra: Rules,
         elems: set[Elem],
         peers: set[tuple[str, str]],
         present: bool,
     ) -> Batch[list[str]]:
         # add + delete + create: atomic whether or not the table exists now
         lines = [f"add table {FAMILY} {TABLE}", f"delete table {FAMILY} {TABLE}"]
-        lines.append(_table_text(rules))
+        lines.append(_table_text(extra))
         lines += _elem_lines("add", sorted(elems))
         lines += _set_lines("add", sorted(peers))
         what = "rebuild" if present else "create"
-        count = 2 * len(MAPS) + 1 + len(rules)
+        count = 2 * len(MAPS) + 1 + len(extra)
         peers_text = f", {len(peers)} VXLAN peers" if peers else ""
         steps = [
             f"{what} table {FAMILY} {TABLE} ({count} rules, {len(elems)} map elements{peers_text})"
@@ -455,6 +528,52 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
             return
         script = "\n".join(batch.payload) + "\n"
         await self._nft("-f", "-", stdin=script.encode())
+
+    async def counters(self, forwards: Sequence[I.Forward]) -> dict[str, Counts] | None:
+        """Packets and bytes each forward's map elements counted (its DNAT: the first
+        packet of each connection), by key. A few forwards are read element by element
+        over nfnetlink (``backends/nftcount.py``: ~30 us each, where ``nft get element``
+        costs 30-40 ms at 10,000 elements, refetching its cache); many, with one dump of
+        each map they are in, in a worker thread. A forward not installed has no entry."""
+        if not forwards:
+            return {}
+        if len(forwards) <= SINGLE_READS:
+            from . import nftcount
+
+            wanted = [(f.key, e) for f in forwards for e in forward_elems(f)]
+            try:
+                got = await anyio.to_thread.run_sync(
+                    nftcount.element_counters, FAMILY, TABLE, [e for _k, e in wanted]
+                )
+            except OSError:
+                return None
+            out: dict[str, Counts] = {}
+            for (key, _e), counts in zip(wanted, got, strict=True):
+                if counts is not None:
+                    p, b = out.get(key, (0, 0))
+                    out[key] = (p + counts[0], b + counts[1])
+            return out
+        from . import nftcount
+
+        def read() -> dict[str, Counts]:
+            wanted: dict[str, list[tuple[str, bytes]]] = {}
+            for f in forwards:
+                for name, key, _value in forward_elems(f):
+                    wanted.setdefault(name, []).append((f.key, nftcount.key_bytes(key)))
+            out: dict[str, Counts] = {}
+            for name, keys in wanted.items():
+                got = nftcount.dump_counters(FAMILY, TABLE, name)
+                for fkey, kb in keys:
+                    c = got.get(kb)
+                    if c is not None:
+                        p, b = out.get(fkey, (0, 0))
+                        out[fkey] = (p + c[0], b + c[1])
+            return out
+
+        try:
+            return await anyio.to_thread.run_sync(read)
+        except OSError:
+            return None
 
     async def purge(self) -> list[str]:
         if not (await self.observe()).present:

@@ -624,6 +624,13 @@ class PyrouteNetlink:
         await self._raw(f"removing the FDB entry of {mac}", self._overlay().delete_fdb(index, mac))
 
     # ---- sysctls --------------------------------------------------------------------
+    async def link_counters(self) -> dict[str, tuple[int, int, int, int]]:
+        try:
+            with anyio.fail_after(TIMEOUT):
+                return await anyio.to_thread.run_sync(rtnl.link_counters)
+        except TimeoutError:
+            raise HostTimeout("the kernel did not answer a dump of interfaces") from None
+
     def sysctl(self, path: str) -> str | None:
         try:
             return Path("/proc/sys", path).read_text().strip()

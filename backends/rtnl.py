@@ -466,3 +466,67 @@ def socket_in_netns(path: str) -> socket.socket:
             socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE
         ),
     )
+
+
+IFLA_STATS64 = 23
+#: (rx packets, rx bytes, tx packets, tx bytes) of an interface
+LinkCounters = tuple[int, int, int, int]
+
+
+def link_counters(timeout: float = TIMEOUT) -> dict[str, LinkCounters]:
+    """Every interface of the calling thread's network namespace by name, with its
+    counters (``IFLA_STATS64``): one RTM_GETLINK dump on a socket of its own, reading
+    two attributes of each message. Blocking (run it in a worker thread): a dump of
+    1,200 interfaces is a few milliseconds of parsing."""
+    out: dict[str, LinkCounters] = {}
+    stats_hdr: bytes | None = None  # IFLA_STATS64's header, learnt from the first link
+    family = socket.NETLINK_ROUTE
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, family) as sock:
+        sock.settimeout(timeout)
+        sock.bind((0, 0))
+        body = _IFINFOMSG.pack(0, 0, 0, 0, 0)
+        sock.sendall(
+            _NLMSGHDR.pack(16 + len(body), RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + body
+        )
+        while True:
+            data = sock.recv(1 << 16)
+            off = 0
+            while off + 16 <= len(data):
+                length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, off)
+                if length < 16:
+                    return out
+                if kind == NLMSG_DONE:
+                    return out
+                if kind == NLMSG_ERROR:
+                    code = -struct.unpack_from("i", data, off + 16)[0]
+                    raise OSError(code, os.strerror(code))
+                if kind == RTM_NEWLINK:
+                    name: str | None = None
+                    stats: LinkCounters | None = None
+                    at, end = off + 16 + _IFINFOMSG.size, off + length
+                    # fast path: the kernel puts IFLA_IFNAME first, and IFLA_STATS64
+                    # always has the same size: found with bytes.find, not a walk of
+                    # the ~40 attributes of each message (18 ms -> a few ms for 1,200)
+                    alen, atype = _RTATTR.unpack_from(data, at)
+                    if atype == IFLA_IFNAME and stats_hdr is not None:
+                        pos = data.find(stats_hdr, at, end)
+                        if pos > 0 and (pos - at) % 4 == 0:
+                            name = data[at + 4 : at + alen].split(b"\0", 1)[0].decode()
+                            rxp, txp, rxb, txb = struct.unpack_from("QQQQ", data, pos + 4)
+                            out[name] = (rxp, rxb, txp, txb)
+                            off += (length + 3) & ~3
+                            continue
+                    while at + 4 <= end:
+                        alen, atype = _RTATTR.unpack_from(data, at)
+                        if alen < 4:
+                            break
+                        if atype == IFLA_IFNAME:
+                            name = data[at + 4 : at + alen].split(b"\0", 1)[0].decode()
+                        elif atype == IFLA_STATS64 and alen >= 36:
+                            rxp, txp, rxb, txb = struct.unpack_from("QQQQ", data, at + 4)
+                            stats = (rxp, rxb, txp, txb)
+                            stats_hdr = _RTATTR.pack(alen, IFLA_STATS64)
+                        at += (alen + 3) & ~3
+                    if name is not None and stats is not None:
+                        out[name] = stats
+                off += (length + 3) & ~3

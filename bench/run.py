@@ -429,6 +429,8 @@ SECTIONS = (
     "iptables",
     "cluster",
     "cni",
+    "doctor",
+    "bigflush",
 )
 
 
@@ -458,6 +460,10 @@ def main() -> None:
 
                 b.start()
                 floor(b)
+            elif name in ("doctor", "bigflush"):
+                import doctor as section  # bench/doctor.py
+
+                getattr(section, name)(b)
             else:
                 b.start()
                 getattr(b, name)()

@@ -60,6 +60,7 @@ def run_op(
         print(dumps_pretty(reply))
         if not reply.get("ok"):
             raise SystemExit(exit_status(reply))
+        _doctor_status(op, reply.get("result"))
         return
     if not reply.get("ok"):
         err = reply.get("error") or {}
@@ -70,6 +71,13 @@ def run_op(
     from .render import render
 
     render(op, reply.get("result"))
+    _doctor_status(op, reply.get("result"))
+
+
+def _doctor_status(op: str, result: Any) -> None:
+    """``doctor`` exits 1 when it found a problem (0 only when nothing is wrong)."""
+    if op == "doctor" and isinstance(result, dict) and result.get("problems"):
+        raise SystemExit(1)
 
 
 def check(reply: dict[str, Any]) -> Any:

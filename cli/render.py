@@ -6,6 +6,8 @@ the interpreter has not loaded already (``docs/cli.md``).
 
 from __future__ import annotations
 
+import sys
+
 #: not typing.TYPE_CHECKING: importing typing costs ~1-3 ms (mypy reads this name alike)
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -49,6 +51,8 @@ def _render_change(result: dict[str, Any]) -> None:
             print(f"  {key}: {a}")
     for key, err in sorted((result.get("errors") or {}).items()):
         print(f"  {key}: FAILED: {err}")
+    for warning in result.get("warnings") or ():
+        print(f"netagent: warning: {warning}", file=sys.stderr)
 
 
 def _status(r: dict[str, Any]) -> None:
@@ -81,6 +85,15 @@ def _status(r: dict[str, Any]) -> None:
         print(f"QUARANTINED {key}: {why} (`netagent ctl forget {key}` drops it)")
     for note in r.get("state_notes") or []:
         print(f"NOTE      {note}")
+    _findings(r.get("findings"))
+
+
+def _findings(f: dict[str, Any] | None) -> None:
+    if not f or f.get("checked") is None:
+        return
+    print(f"doctor    {f['problems']} problems, {f['notes']} notes (`netagent ctl doctor`)")
+    for line in f.get("lines") or ():
+        print(f"          {line}")
 
 
 def _ns_list(rows: list[dict[str, Any]]) -> None:
@@ -116,6 +129,16 @@ def _bridge_list(rows: list[dict[str, Any]]) -> None:
     )
 
 
+def _count(value: object) -> str:
+    """A counter, short: 1234567 -> 1.2M; None (not counted) -> -."""
+    if not isinstance(value, int):
+        return "-"
+    for unit, size in (("G", 10**9), ("M", 10**6), ("k", 10**3)):
+        if value >= size:
+            return f"{value / size:.1f}{unit}"
+    return str(value)
+
+
 def _forwards(rows: list[dict[str, Any]]) -> None:
     if not rows:
         print("no forwards")
@@ -126,11 +149,13 @@ def _forwards(rows: list[dict[str, Any]]) -> None:
                 r.get("host_ip") or "*",
                 r["host_ports"],
                 r["destination"],
+                _count(r.get("packets")),
+                _count(r.get("bytes")),
                 r.get("owner") or "-",
             ]
             for r in rows
         ],
-        ["PROTO", "HOST IP", "HOST PORT", "DESTINATION", "OWNER"],
+        ["PROTO", "HOST IP", "HOST PORT", "DESTINATION", "PACKETS", "BYTES", "OWNER"],
     )
 
 
@@ -223,11 +248,18 @@ def _show(r: dict[str, Any]) -> None:
         print("nothing desired yet")
     for item in r["intents"]:
         mark = "ok " if item["in_place"] else "!! "
-        print(f"{mark} {item['key']:<28} {item['describe']}")
+        traffic = ""
+        if item.get("packets") is not None:
+            traffic = f"  [{_count(item['packets'])} pkts {_count(item.get('bytes'))}B]"
+        print(f"{mark} {item['key']:<28} {item['describe']}{traffic}")
         for m in item["missing"]:
             print(f"      missing: {m}")
         if item.get("error"):
             print(f"      error: {item['error']}")
+        for line in item.get("doctor") or ():
+            print(f"      doctor: {line}")
+        for line in item.get("warnings") or ():
+            print(f"      warning: {line}")
         if item.get("attached"):
             print(f"      attached: {', '.join(item['attached'])}")
         for left in item.get("left_alone") or []:
@@ -243,6 +275,30 @@ def _show(r: dict[str, Any]) -> None:
         print(f"      pending: {p}")
     if fw.get("error"):
         print(f"      error: {fw['error']}")
+    f = r.get("findings")
+    if f and f.get("checked") is not None:
+        print(f"doctor: {f['problems']} problems, {f['notes']} notes (`netagent ctl doctor`)")
+
+
+def _doctor(r: dict[str, Any]) -> None:
+    for f in r["findings"]:
+        print(f["line"])
+    if not r["problems"]:
+        print("ok: nothing found that breaks netagent's bridges or forwards")
+    print(
+        f"{r['problems']} problems, {r['notes']} notes; checked: {', '.join(r['checked'])}"
+        + (f" (read in {r['read_ms']} ms)" if r.get("read_ms") is not None else "")
+    )
+
+
+def _explain(r: dict[str, Any]) -> None:
+    for n, s in enumerate(r["steps"], 1):
+        print(f"{n:>2}. {s['where']:<12} {s['what']}")
+    print(f"=> {r['verdict']}" + (f" ({r['forward']})" if r.get("forward") else ""))
+    if r.get("trace"):
+        print("trace:")
+        for line in r["trace"]:
+            print(f"    {line}")
 
 
 _RENDERERS: dict[str, Callable[[Any], None]] = {
@@ -257,4 +313,6 @@ _RENDERERS: dict[str, Callable[[Any], None]] = {
     "routes": _routes,
     "show": _show,
     "peers": _peers,
+    "doctor": _doctor,
+    "explain": _explain,
 }

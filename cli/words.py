@@ -41,6 +41,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, Shape]] = {
     ('purge',): ('purge', ((), {'--orphans': ('orphans', 0, None)}, (), (), ())),
     ('forget',): ('forget', (('key',), {}, ('key',), (), ())),
     ('attachments',): ('attachment.list', ((), {}, (), (), ())),
+    ('doctor',): ('doctor', ((), {}, (), (), ())),
+    ('explain',): ('explain', (('port',), {'--proto': ('proto', 1, None), '--from': ('source', 1, None), '--host-ip': ('host_ip', 1, None), '--trace': ('trace', 0, None)}, ('port',), (), ())),
     ('peers',): ('peers', ((), {}, (), (), ())),
 }
 

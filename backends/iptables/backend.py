@@ -6,13 +6,17 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import anyio
 
 from netagent.agent import intents as I
 from netagent.agent.errors import BackendUnavailable
 
-from ..firewall import Batch, DriftWatcher, FirewallBackend, FirewallSpec
+from ..firewall import Batch, Counts, DriftWatcher, FirewallBackend, FirewallSpec
 from ..nftmonitor import NftMonitorWatcher
+from . import counters
 from . import plan as planner
 from .cache import ObservationCache
 from .genid import nf_genid, nft_flavour
@@ -21,10 +25,13 @@ from .restore import RestorePayload, restore_text, rule_line
 from .rules import CHAIN_DNAT, CHAIN_OUT, CHAIN_POST, CHAIN_PRE, jump_rule, jump_text, plural
 from .save import FamilyObserved, Observed, parse_filter, parse_save
 
+if TYPE_CHECKING:
+    from ..nftables import LibNftables
+
 #: per family: (the save program, the restore program); the same argv works for both
 TOOLS = {4: ("iptables-save", "iptables-restore"), 6: ("ip6tables-save", "ip6tables-restore")}
-#: what ``nft monitor`` prints for a change in iptables-nft's nat tables, and in the
-#: IPv4 filter table's INPUT chain and ours (the VXLAN guard)
+#: how the drift watcher sees a change in iptables-nft's nat tables, and in the IPv4
+#: filter table's INPUT chain and ours there (the VXLAN guard)
 MONITOR_MARKERS = (" ip nat", " ip6 nat", " ip filter INPUT", " ip filter NETAGENT-")
 
 
@@ -48,7 +55,7 @@ def purge_steps(have: FamilyObserved, version: int) -> list[str]:
     def text(chain: str, rules: int) -> str:
         return f"deleted chain {chain} (ipv{version}, {plural(rules, 'rule')})"
 
-    names = sorted(have.chains)
+    names = sorted(name for name in have.chains if name not in have.referenced)
     if len(names) <= 8:
         return [text(name, len(have.chains[name])) for name in names]
     fixed = [name for name in names if name in (CHAIN_PRE, CHAIN_OUT, CHAIN_POST, CHAIN_DNAT)]
@@ -84,14 +91,19 @@ class IptablesBackend(FirewallBackend[Observed, RestorePayload]):
         self.tools = {v: tuple(_resolve(p) or p for p in TOOLS[v]) for v in self.families}
         #: every program is iptables-nft: its changes are nf_tables commits
         self.nft_flavour = all(nft_flavour(p) for v in self.families for p in self.tools[v])
+        #: where the daemon writes the localhost guard for this backend (the filter
+        #: table of the same iptables flavour, ``backends/xtfilter.py``)
+        self.xt_flavour = "nft" if self.nft_flavour else "legacy"
         if generation is None:
             generation = nf_genid if self.nft_flavour else _no_generation
         self.cache = ObservationCache(generation)
         self.programs = Programs()
+        #: in-process libnftables, opened on the first read of counters
+        self._lib: LibNftables | None = None
 
     def drift_watcher(self) -> DriftWatcher | None:
         """iptables-nft keeps its chains in nf_tables' ``ip nat`` / ``ip6 nat`` tables,
-        so ``nft monitor`` sees every change; the backend's own ``iptables-restore``
+        so nf_tables' notifications show every change; the backend's own ``iptables-restore``
         processes are named to it as ours. Legacy iptables changes never reach nf_tables:
         None, and the reconciler's periodic pass finds them."""
         if not self.nft_flavour:
@@ -174,6 +186,34 @@ class IptablesBackend(FirewallBackend[Observed, RestorePayload]):
             await self._restore(4, payload.filter_text)
         self.cache.commit(pending, payload)
 
+    async def counters(self, forwards: Sequence[I.Forward]) -> dict[str, Counts] | None:
+        """The DNAT rules' counters (``counters.py``), iptables-nft only, through
+        in-process libnftables in a worker thread; None for legacy iptables or when
+        libnftables is missing."""
+        if not self.nft_flavour or not forwards:
+            return None if not self.nft_flavour else {}
+        if self._lib is None:
+            from ..nftables import LibNftables
+
+            try:
+                self._lib = LibNftables()
+            except OSError:
+                return None
+        lib = self._lib
+        ports: dict[int, counters.PortCounts] = {}
+        for family, commands in counters.listing(forwards).items():
+            rc, raw, _err = await anyio.to_thread.run_sync(lib.run, commands, True)
+            if rc != 0:  # a block chain is gone: the whole table, then
+                table = "ip nat" if family == 4 else "ip6 nat"
+                rc, raw, _err = await anyio.to_thread.run_sync(
+                    lib.run, f"list table {table}".encode(), True
+                )
+                if rc != 0:
+                    ports[family] = {}
+                    continue
+            ports[family] = counters.parse_rules(raw)
+        return counters.forward_counts(ports, forwards)
+
     async def purge(self) -> list[str]:
         """Remove our jumps (by their exact rule), then flush and delete our chains: one
         restore per family, so a failure (say, someone else's rule jumping into one of our
@@ -189,8 +229,16 @@ class IptablesBackend(FirewallBackend[Observed, RestorePayload]):
                 lines += [rule_line("-D", builtin, jump_rule(target))] * count
                 removed += [f"deleted {jump_text(builtin, target, version)}"] * count
             lines += [f":{chain} - [0:0]" for chain in sorted(have.chains)]
-            lines += [f"-X {chain}" for chain in sorted(have.chains)]
+            # a chain someone else's rule jumps to is emptied and left: deleting it would
+            # fail the whole purge ("CHAIN_DEL ... busy"); that rule is not ours to touch
+            lines += [
+                f"-X {chain}" for chain in sorted(have.chains) if chain not in have.referenced
+            ]
             removed += purge_steps(have, version)
+            removed += [
+                f"left chain {chain} (ipv{version}) empty: {by[0]} jumps to it"
+                for chain, by in sorted(have.referenced.items())
+            ]
             await self._restore(version, restore_text(lines))
         filt = observed.filter
         if filt is not None and filt.present:

@@ -15,14 +15,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from netagent.agent import intents as I
-from netagent.agent.errors import BackendUnavailable
+from netagent.agent.errors import BackendFailed, BackendUnavailable
 
 from ..firewall import Batch, FirewallSpec, VxlanGuard
 from .effects import Effect
 from .restore import RestorePayload, chain_lines, restore_text, rule_line
 from .rules import (
-    CHAIN_INPUT,
     CHAIN_POST,
+    CHAIN_VXLAN,
     ENTRY_CHAINS,
     ENTRY_RULES,
     HOOKS,
@@ -63,6 +63,18 @@ def check_families(spec: FirewallSpec, families: Iterable[int]) -> None:
             f"({RESTORE_PROGRAMS.get(min(missing), 'the restore program')} is missing or "
             "the kernel lacks that family); remove those forwards/addresses or use "
             "--firewall nftables"
+        )
+
+
+def check_names(version: int, want: Chains, have: FamilyObserved) -> None:
+    """A chain netagent needs whose name someone else's chain has (its rules carry no
+    netagent mark) is never flushed or taken over: the plan is refused, naming it."""
+    taken = sorted(set(want) & set(have.foreign))
+    if taken:
+        raise BackendFailed(
+            f"chain {taken[0]} (ipv{version}) exists and is not netagent's (its "
+            f"{plural(have.foreign[taken[0]], 'rule')} carry no netagent mark); netagent "
+            "needs that name: rename or remove that chain"
         )
 
 
@@ -112,9 +124,19 @@ def plan_family(version: int, want: Chains, have: FamilyObserved) -> FamilyPlan:
             out.effect.jumps[(builtin, target)] -= extra
             what = "duplicate " if (builtin, target) in wanted_jumps else ""
             out.steps.append(f"delete {what}{jump_text(builtin, target, version)}")
+    check_names(version, want, have)
     for chain in sorted(set(have.chains) - set(want)):
         # an owned chain this version no longer uses: flush (declare) it, then delete it
-        # (the chain that jumped to it is rewritten below, without the jump)
+        # (the chain that jumped to it is rewritten below, without the jump). One that a
+        # rule not of ours jumps to is only emptied: ``-X`` would fail the whole file
+        # ("CHAIN_DEL ... busy") and with it every other change
+        if chain in have.referenced:
+            if have.chains[chain]:
+                decls.append(f":{chain} - [0:0]")
+                out.steps.append(f"empty chain {chain} (ipv{version}; someone else jumps to it)")
+                out.effect.chains[chain] = []
+                dels += have.chains[chain]
+            continue
         decls.append(f":{chain} - [0:0]")
         tail.append(f"-X {chain}")
         out.steps.append(f"delete chain {chain} (ipv{version})")
@@ -195,16 +217,16 @@ def plan_full(
     return Batch(steps=steps, payload=payload, rebuild=rebuild, touched=frozenset(touched))
 
 
-GUARD_JUMP = ("INPUT", CHAIN_INPUT)
+GUARD_JUMP = ("INPUT", CHAIN_VXLAN)
 
 
 def plan_filter(
     guard: VxlanGuard | None, have: FamilyObserved
 ) -> tuple[list[str], list[str], FamilyObserved]:
-    """The IPv4 filter table's part: NETAGENT-INPUT (the VXLAN guard) and the jump to it
+    """The IPv4 filter table's part: NETAGENT-VXLAN (the VXLAN guard) and the jump to it
     first in INPUT, or neither without a VXLAN device. (restore lines, steps, what of
     ours the table holds after them); no lines when it is as wanted."""
-    want = {CHAIN_INPUT: guard_rules(guard)} if guard is not None else {}
+    want = {CHAIN_VXLAN: guard_rules(guard)} if guard is not None else {}
     after = FamilyObserved(want, Counter({GUARD_JUMP: 1}) if guard is not None else Counter())
     decls: list[str] = []
     jumps: list[str] = []
@@ -228,8 +250,8 @@ def plan_filter(
         verb = "create" if chain not in have.chains else "rewrite"
         steps.append(f"{verb} chain {chain} (ipv4 filter, {plural(len(rules) - 1, 'VXLAN peer')})")
     if guard is not None and not have.jumps.get(GUARD_JUMP):
-        tail.append(rule_line("-I", "INPUT", jump_rule(CHAIN_INPUT), position=1))
-        steps.append(f"add {jump_text('INPUT', CHAIN_INPUT, 4)}")
+        tail.append(rule_line("-I", "INPUT", jump_rule(CHAIN_VXLAN), position=1))
+        steps.append(f"add {jump_text('INPUT', CHAIN_VXLAN, 4)}")
     return decls + jumps + body + tail, steps, after
 
 

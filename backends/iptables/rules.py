@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -30,10 +31,19 @@ HOOKS = (("PREROUTING", CHAIN_PRE), ("OUTPUT", CHAIN_OUT), ("POSTROUTING", CHAIN
 ENTRY_CHAINS = (CHAIN_PRE, CHAIN_OUT)
 #: the chains every forward's path runs through: rewriting one is a ``Batch.rebuild``
 PATH_CHAINS = frozenset({*ENTRY_CHAINS, CHAIN_DNAT})
-BUILTIN_CHAINS = frozenset({"PREROUTING", "INPUT", "OUTPUT", "POSTROUTING", "FORWARD"})
-#: the filter table's chain (IPv4): the VXLAN port open to the cluster's peers only
+BUILTIN_CHAINS = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
+#: the chains of the filter table netagent writes (``backends/xtfilter.py``): accepts for
+#: its traffic where another tool filters FORWARD, and the localhost guard on INPUT
+CHAIN_FORWARD = "NETAGENT-FORWARD"
 CHAIN_INPUT = "NETAGENT-INPUT"
-FILTER_HOOKS = (("INPUT", CHAIN_INPUT),)
+#: the filter table's chain (IPv4) this backend writes: the VXLAN port open to the
+#: cluster's peers only
+CHAIN_VXLAN = "NETAGENT-VXLAN"
+FILTER_HOOKS = (("INPUT", CHAIN_VXLAN),)
+FIXED_CHAINS = frozenset(
+    {CHAIN_PRE, CHAIN_OUT, CHAIN_POST, CHAIN_DNAT, CHAIN_FORWARD, CHAIN_INPUT, CHAIN_VXLAN}
+)
+_BLOCK_NAME = re.compile(r"NETAGENT-(?:TCP|UDP)-\d{1,5}-\d{1,5}")
 COMMENT_PREFIX = "netagent:"
 JUMP_COMMENT = COMMENT_PREFIX + "jump"
 #: the widths of the port blocks, one level of chains each, from NETAGENT-DNAT down; the
@@ -45,6 +55,11 @@ MAX_DETAIL = 50
 
 Rule = tuple[str, ...]  # a rule as iptables-save prints it, after "-A CHAIN", as tokens
 Chains = dict[str, list[Rule]]  # our chains of one family and their rules, in order
+
+
+def our_name(chain: str) -> bool:
+    """Is this a name netagent gives its chains (a fixed one, or a port block's)?"""
+    return chain in FIXED_CHAINS or _BLOCK_NAME.fullmatch(chain) is not None
 
 
 def jump_rule(target: str) -> Rule:
@@ -145,7 +160,7 @@ def vxlan_masquerade(guard: VxlanGuard | None) -> list[Rule]:
 
 
 def guard_rules(guard: VxlanGuard) -> list[Rule]:
-    """NETAGENT-INPUT: a peer's VXLAN packets go back to INPUT (RETURN: the host's own
+    """NETAGENT-VXLAN: a peer's VXLAN packets go back to INPUT (RETURN: the host's own
     rules still apply), anyone else's are dropped. One rule per peer, sorted: iptables
     has no sets without ipset, so a VXLAN packet walks up to one rule per peer."""
     port = str(guard.port)

@@ -129,6 +129,10 @@ async def test_every_op_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         with pytest.raises(NotFound, match="not in a cluster"):
             await w.call("peers")
         assert (await w.call("status"))["cluster"] is None
+        doctor = await w.call("doctor")
+        assert doctor["problems"] == 0 and "drops" in doctor["checked"]
+        explained = await w.call("explain", port="80")
+        assert explained["forward"] == "fwd/tcp/80" and explained["verdict"] == "delivered"
         assert show["firewall"]["in_place"] is True and show["firewall"]["backend"] == "fake"
 
         await w.call("forward.del", host_ports="80")
@@ -437,3 +441,43 @@ async def test_a_forward_is_not_in_place_while_the_firewall_fails(
     assert set(shown(show).values()) == {("in place", ())}
     assert show["firewall"]["pending"] == []
     assert "forward fwd/tcp/81: 81/tcp -> 192.168.15.1:81" in lines(w.fw.dump())
+
+
+async def test_another_tools_dnat_is_warned_of_and_shown_as_not_in_place(
+    tmp_path: Path,
+) -> None:
+    """Issue 11, the truth in show: a port Docker also DNATs is warned of when the
+    forward is added, marked not in place in show (with the doctor's line), and
+    counted in status; doctor exits with problems."""
+    from netagent.backends import hostfw
+
+    docker = (Path(__file__).parent / "samples" / "docker.iptables-save").read_text()
+    docker = docker[docker.index("*nat") :]  # its DNAT (its FORWARD DROP: test_doctor.py)
+    w = make_world(tmp_path)
+    w.host.firewall.chains = hostfw.parse_xt_save(docker, "iptables-nft", 4)
+    async with w.running():
+        await w.call("ns.add", name="red")
+        await w.call("bridge.add", **BR)
+        await w.call("plug.add", **PLUG)
+        assert (await w.call("doctor"))["problems"] == 0
+        reply = await w.call("forward.add", host_ports="8083", destination="192.168.15.1:80")
+        [warning] = reply["warnings"]
+        assert "8083/tcp of fwd/tcp/8083 is also DNATed by chain DOCKER" in warning
+        assert "(by Docker)" in warning
+        await until(
+            lambda: w.api.checker is not None and w.api.checker.of("fwd/tcp/8083"),
+            "the findings recomputed after the request",
+        )
+        show = await w.call("show")
+        item = next(i for i in show["intents"] if i["key"] == "fwd/tcp/8083")
+        assert (item["in_place"], item["state"]) == (False, "blocked")
+        assert item["doctor"][0].startswith("problem: host port 8083/tcp")
+        assert show["findings"]["problems"] == 1
+        assert (await w.call("status"))["findings"]["problems"] == 1
+        others = [i for i in show["intents"] if i["key"] != "fwd/tcp/8083"]
+        assert all(i["in_place"] for i in others)
+        # gone once Docker's rule is
+        w.host.firewall.chains = []
+        assert (await w.call("doctor"))["problems"] == 0
+        item = next(i for i in (await w.call("show"))["intents"] if i["key"] == "fwd/tcp/8083")
+        assert item["in_place"]

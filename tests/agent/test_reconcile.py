@@ -154,7 +154,7 @@ async def test_purge_removes_the_firewall_first_then_links_in_reverse_kind_order
     assert w.fw.dump() == "" and not w.fw.table
     assert lines(w.net.dump()) == ["lo - DOWN - - -"]
     assert w.net.ns_names() == []
-    assert len(w.state) == 0 and set(w.rec.status) == {FIREWALL, "host", "orphans"}
+    assert len(w.state) == 0 and set(w.rec.status) == {FIREWALL, "host", "orphans", "findings"}
 
 
 async def test_a_pruning_apply_stops_the_forward_before_its_target_goes(tmp_path: Path) -> None:

@@ -263,15 +263,18 @@ async def test_a_watcher_that_stops_reading_is_dropped_quietly(tmp_path: Path) -
                     await c.send(request("events", n))
                     assert (await c.reply())["result"] == {"streaming": True}
                     assert (await c.reply())["event"]["type"] == "watching"
-                # enough to fill the silent one's socket buffers, then its send waits
-                pad = "x" * 4096
-                for n in range(400):
+                # until the silent one's socket buffers are full (they are large: a
+                # reply of a megabyte goes in one write), then its send waits and is cut
+                pad = "x" * 16384
+                n = 0
+                while srv.counters.timeouts == 0:
+                    assert n < 20_000, "the silent watcher was never cut"
                     srv.bus.publish("attached", f"event {n}", pad=pad)
-                    if n % 50 == 0:
-                        await anyio.sleep(0)
                     while (await reading.reply())["event"]["message"] != f"event {n}":
                         pass
-                await until(lambda: srv.counters.timeouts == 1, "the silent one cut")
+                    n += 1
+                    if n % 64 == 0:
+                        await anyio.sleep(0.01)
                 await until(lambda: len(srv.bus.watchers) == 1, "its watcher gone")
                 srv.bus.publish("error", "still streaming")
                 assert (await reading.reply())["event"]["message"] == "still streaming"

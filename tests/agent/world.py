@@ -25,6 +25,8 @@ from netagent.agent.api import Counters, Peer, Service
 from netagent.agent.bus import EventBus
 from netagent.agent.events import EventSource
 from netagent.agent.fwsync import FirewallSync
+from netagent.agent.hostcheck import HostCheck
+from netagent.agent.hostview import HostView
 from netagent.agent.kinds import default_kinds
 from netagent.agent.kinds.base import Context
 from netagent.agent.kinds.namespace import Claims
@@ -37,6 +39,7 @@ from netagent.backends import rtnl
 from netagent.backends.fakefw import FakeFirewall
 from netagent.backends.fakenet import FakeNetlink
 from netagent.backends.firewall import AnyBackend
+from netagent.backends.hostfw import HostFirewall
 from netagent.backends.netlink import Link
 
 #: seconds any one wait in these tests may take
@@ -59,6 +62,8 @@ class World:
     counters: Counters
     api: Service
     events: EventSource
+    #: what the doctor reads as the host (change it, then refresh the checker)
+    host: HostView
 
     async def call(self, op: str, peer: Peer = RW, **args: Any) -> Any:
         """One request through the API (the reconciler must be running)."""
@@ -119,6 +124,9 @@ def make_world(
         quarantined=store.quarantine,
     )
     rec = Reconciler(state, ctx, sync, bus, resync_interval, probe=probe)
+    host = HostView(HostFirewall())
+    checker = HostCheck(ctx, sync, reader=lambda *_args: host)
+    rec.checker = checker
     events = EventSource(state, rec, net, links, bus, counters)
     api = Service(
         state=state,
@@ -129,6 +137,7 @@ def make_world(
         bus=bus,
         counters=counters,
         about={"socket": str(tmp_path / "sock"), "state_dir": str(tmp_path / "state")},
+        checker=checker,
     )
     if feed == "events":
 
@@ -145,7 +154,7 @@ def make_world(
                 links.update(link)
 
         net.on_link = update
-    return World(net, fw, state, store, links, bus, ctx, sync, rec, counters, api, events)
+    return World(net, fw, state, store, links, bus, ctx, sync, rec, counters, api, events, host)
 
 
 async def until(cond: Callable[[], object], what: str, timeout: float = LIMIT) -> None:

@@ -5,6 +5,7 @@ its drift watcher, probing. No program runs: ``process.exec_program`` is faked (
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 
 from netagent.agent import intents as I
 from netagent.agent.errors import BackendFailed
-from netagent.backends import firewall
+from netagent.backends import firewall, nftmonitor
 from netagent.backends.firewall import Batch, FirewallSpec
 from netagent.backends.iptables import IptablesBackend
 from netagent.backends.iptables import backend as backend_mod
@@ -230,3 +231,50 @@ async def test_own_restores_are_not_drift_and_others_are(
     assert tx.feed(change) is None
     drift = tx.feed("# new generation 8 by process 999999 (iptables)")
     assert drift is not None and "pid 999999" in drift
+
+
+def test_lost_monitor_events_count_as_drift() -> None:
+    """``nft flush ruleset`` with 65,535 iptables rules overflows the monitor's socket:
+    nft prints that it lost events, and the transaction's generation line never comes.
+    The loss is drift (today's code reported nothing, and only the periodic pass came)."""
+    tx = Transactions((" ip nat",), lambda pid: False)
+    assert tx.feed("delete rule ip nat NETAGENT-TCP-64-127 handle 9") is None
+    drift = tx.feed("# ERROR: We lost some netlink events!")
+    assert drift is not None and "lost events" in drift
+    assert tx.pending == []
+    # what follows is read as before
+    assert tx.feed("delete table ip nat") is None
+    assert tx.feed("# new generation 9 by process 12 (nft)") is not None
+
+
+def _nfmsg(msg: int, family: int, attrs: list[tuple[int, bytes]]) -> bytes:
+    body = struct.pack("=BBH", family, 0, 0)
+    for kind, value in attrs:
+        n = 4 + len(value)
+        body += struct.pack("=HH", n, kind) + value + b"\0" * ((4 - n % 4) % 4)
+    return struct.pack("=IHHII", 16 + len(body), 10 << 8 | msg, 0, 0, 0) + body
+
+
+def test_raw_notifications_read_as_monitor_lines() -> None:
+    """The watcher reads nf_tables' notifications itself: each object message's type
+    and table (attribute 1), and the generation message's pid and process name."""
+    data = (
+        _nfmsg(8, 2, [(1, b"nat\0"), (2, b"NETAGENT-DNAT\0")])
+        + _nfmsg(2, 1, [(1, b"netagent\0")])
+        + _nfmsg(15, 0, [(1, struct.pack(">I", 42)), (2, struct.pack(">I", 777)), (3, b"nft\0")])
+    )
+    lines = nftmonitor.parse(data)
+    assert lines == [
+        "delete rule ip nat",
+        "delete table inet netagent",
+        "# new generation 42 by process 777 (nft)",
+    ]
+    tx = Transactions((" inet netagent",), lambda pid: pid == 1)
+    assert [tx.feed(line) for line in lines[:2]] == [None, None]
+    drift = tx.feed(lines[2])
+    assert drift == "nft (pid 777) changed netagent's rules: delete table inet netagent"
+    # a foreign transaction of other tables only is told apart
+    for line in nftmonitor.parse(data[:40]):
+        assert tx.feed(line) is None
+    assert tx.feed("# new generation 43 by process 778 (iptables)") is None
+    assert tx.foreign == (frozenset({"ip nat"}), "iptables (pid 778)")

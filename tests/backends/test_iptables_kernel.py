@@ -249,6 +249,42 @@ def test_apply_is_idempotent_and_purge_leaves_the_rest(sandbox: Sandbox) -> None
     assert drive(sandbox, "purge")["removed"] == []
 
 
+def test_foreign_netagent_chains_survive_sync_rebuild_and_purge(sandbox: Sandbox) -> None:
+    """Issue 9, item 5: a user's NETAGENT-MINE with its rule, and a NETAGENT-FOO that the
+    user's own rule jumps to, are someone else's: a sync, a rebuild after a flush and a
+    purge leave both exactly as they were, and none of them fails. A user's rule jumping
+    into one of our chains does not make the purge fail either: that chain is emptied."""
+
+    def iptables(*args: str) -> None:
+        sandbox.run(["iptables", "-t", "nat", *args])
+
+    iptables("-N", "NETAGENT-MINE")
+    iptables("-A", "NETAGENT-MINE", "-p", "tcp", "--dport", "22", "-j", "RETURN")
+    iptables("-N", "NETAGENT-FOO")
+    iptables("-A", "NETAGENT-FOO", "-j", "NETAGENT-MINE")
+    iptables("-A", "PREROUTING", "-p", "udp", "-j", "NETAGENT-FOO")
+    theirs = [line for line in save(sandbox) if "MINE" in line or "FOO" in line]
+    assert len(theirs) == 5, theirs
+
+    first = drive(sandbox, "sync")
+    assert first["ok"], first
+    assert "-A NETAGENT-TCP-64-127" in " ".join(save(sandbox))
+    iptables("-F", "NETAGENT-PREROUTING")  # drift: a rebuild of the entry chain
+    assert drive(sandbox, "sync")["ok"]
+    assert [line for line in save(sandbox) if "MINE" in line or "FOO" in line] == theirs
+
+    # someone else's rule jumps into a chain of ours
+    iptables("-A", "OUTPUT", "-p", "tcp", "--dport", "99", "-j", "NETAGENT-DNAT")
+    purged = drive(sandbox, "purge")
+    assert purged["ok"], purged
+    assert any(r.startswith("left chain NETAGENT-DNAT (ipv4) empty") for r in purged["removed"])
+    left = save(sandbox)
+    assert [line for line in left if "MINE" in line or "FOO" in line] == theirs
+    assert ":NETAGENT-DNAT - [0:0]" in left
+    assert not [line for line in left if line.startswith("-A NETAGENT-DNAT")]
+    assert not any("netagent:" in line for line in left)
+
+
 def test_drift_is_repaired(sandbox: Sandbox) -> None:
     add_user_rules(sandbox)
     assert drive(sandbox, "sync")["ok"]

@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 from netagent.agent import intents as I
-from netagent.agent.errors import BackendUnavailable
+from netagent.agent.errors import BackendFailed, BackendUnavailable
 from netagent.backends.firewall import Batch, FirewallSpec
 from netagent.backends.iptables import IptablesBackend
 from netagent.backends.iptables.cache import ObservationCache
@@ -624,3 +624,54 @@ def test_an_update_of_ipv6_without_ip6tables_is_refused_before_anything() -> Non
         IptablesBackend(families=(4,), generation=no_generation).plan_update(
             FirewallSpec(forwards=(FWD6,)), [FWD6], []
         )
+
+
+FOREIGN = (
+    ":NETAGENT-MINE - [0:0]\n:NETAGENT-FOO - [0:0]\n"
+    "-A PREROUTING -j NETAGENT-FOO\n"
+    "-A NETAGENT-FOO -j NETAGENT-MINE\n"
+    "-A NETAGENT-MINE -p tcp -m tcp --dport 22 -j ACCEPT\n"
+)
+
+
+def with_foreign(text: str, extra: str = FOREIGN) -> str:
+    return text.replace(":USER-CHAIN - [0:0]\n", ":USER-CHAIN - [0:0]\n" + extra)
+
+
+def none_of_ours(text: str, name: str = "NETAGENT") -> str:
+    return "".join(line for line in text.splitlines(keepends=True) if name not in line)
+
+
+def test_foreign_netagent_chains_are_never_in_a_plan() -> None:
+    """Issue 9, item 5: a rebuild leaves a user's NETAGENT-MINE (and the NETAGENT-FOO
+    their own rule jumps to) alone: not deleted, not flushed, not in any step."""
+    obs = Observed({4: parse_save(with_foreign(SAVE4)), 6: parse_save(SAVE6)})
+    assert backend().plan(SPEC, obs).empty
+    # the whole table planned from nothing of ours, beside them: still not a word of them
+    obs = Observed({4: parse_save(with_foreign(none_of_ours(SAVE4)))})
+    batch = backend().plan(FirewallSpec(forwards=(FWD80,)), obs)
+    text = batch.payload["4"] if batch.payload else ""
+    assert "NETAGENT-MINE" not in text and "NETAGENT-FOO" not in text
+    assert not any("MINE" in s or "FOO" in s for s in batch.steps)
+
+
+def test_a_chain_of_ours_someone_jumps_to_is_emptied_not_deleted() -> None:
+    """No forward wants the UDP blocks any more, but the user's rule jumps into one:
+    ``-X`` would fail the whole file, so that chain is only emptied."""
+    extra = "-A PREROUTING -p udp -j NETAGENT-UDP-8000-8063\n"
+    obs = Observed({4: parse_save(with_foreign(SAVE4, extra)), 6: parse_save(SAVE6)})
+    spec = FirewallSpec(forwards=(FWD80, FWD_BOUND, FWD6), bridges=SPEC.bridges)
+    batch = backend().plan(spec, obs)
+    text = batch.payload["4"] if batch.payload else ""
+    assert "-X NETAGENT-UDP-4096-8191" in text
+    assert "-X NETAGENT-UDP-8000-8063" not in text
+    assert ":NETAGENT-UDP-8000-8063 - [0:0]" in text
+    assert "empty chain NETAGENT-UDP-8000-8063 (ipv4; someone else jumps to it)" in batch.steps
+
+
+def test_a_name_we_need_held_by_someone_else_is_refused() -> None:
+    mine = ":NETAGENT-DNAT - [0:0]\n-A NETAGENT-DNAT -j ACCEPT\n"
+    taken = with_foreign(none_of_ours(SAVE4, "NETAGENT-DNAT"), mine)
+    obs = Observed({4: parse_save(taken), 6: parse_save(SAVE6)})
+    with pytest.raises(BackendFailed, match=r"NETAGENT-DNAT .* not netagent's"):
+        backend().plan(SPEC, obs)

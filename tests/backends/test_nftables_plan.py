@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from netagent.agent import intents as I
+from netagent.backends import nftables
 from netagent.backends.firewall import FirewallSpec, VxlanGuard
 from netagent.backends.nftables import NftablesBackend, Observed, parse_table
 
@@ -89,7 +90,7 @@ def test_the_table_as_nft_lists_it_needs_nothing(nft: NftablesBackend) -> None:
 def test_nothing_there_is_a_full_create(nft: NftablesBackend) -> None:
     batch = nft.plan(SPEC, Observed(present=False))
     assert batch.rebuild and batch.touches("fwd/tcp/80")
-    assert batch.steps == ["create table inet netagent (24 rules, 6 map elements, 2 VXLAN peers)"]
+    assert batch.steps == ["create table inet netagent (25 rules, 6 map elements, 2 VXLAN peers)"]
     assert batch.payload is not None
     head, table, elements = batch.payload[:2], batch.payload[2], batch.payload[3:]
     # add + delete + create: one transaction whether or not a table is there
@@ -106,7 +107,7 @@ def test_nothing_there_is_a_full_create(nft: NftablesBackend) -> None:
         f"add element {T} vxlan_peers {{ 198.51.100.2, 198.51.100.3 }}",
     ]
     assert "set vxlan_peers { type ipv4_addr; }" in table
-    assert "type filter hook input priority -100; policy accept;" in table
+    assert "type filter hook input priority 0; policy accept;" in table
 
 
 DAMAGE: dict[str, Callable[[list[dict[str, Any]]], None]] = {
@@ -131,7 +132,7 @@ def test_a_damaged_table_is_rebuilt_whole(
 ) -> None:
     batch = nft.plan(SPEC, observed(damage))
     assert batch.rebuild
-    assert batch.steps == ["rebuild table inet netagent (24 rules, 6 map elements, 2 VXLAN peers)"]
+    assert batch.steps == ["rebuild table inet netagent (25 rules, 6 map elements, 2 VXLAN peers)"]
 
 
 # ---- elements -----------------------------------------------------------------------
@@ -333,3 +334,46 @@ def test_the_same_inputs_give_the_same_batch_and_change_nothing(
     assert obs == before
     update = nft.plan_update(SPEC, [FWD80], [FWD6])
     assert nft.plan_update(SPEC, [FWD80], [FWD6]) == update
+
+
+# ---- counters and the localhost guard -------------------------------------------------
+def test_maps_without_counters_are_written_anew_once(nft: NftablesBackend) -> None:
+    """A table written before counters: its maps have no ``counter`` flag, so the table
+    is rebuilt once (with them), the elements counting from then on."""
+
+    def uncounted(items: list[dict[str, Any]]) -> None:
+        for item in items:
+            if "map" in item:
+                item["map"].pop("stmt", None)
+
+    batch = nft.plan(SPEC, observed(uncounted))
+    assert batch.rebuild
+    assert batch.payload is not None
+    assert batch.payload[2].count("counter; }") == 8
+
+
+def test_element_counters_are_read_per_forward() -> None:
+    def counted(items: list[dict[str, Any]]) -> None:
+        elems = the_map(items, "dnat_udp4")["elem"]
+        elems[0][0]["elem"]["counter"] = {"packets": 3, "bytes": 180}
+        elems[1][0]["elem"]["counter"] = {"packets": 2, "bytes": 120}
+
+    obs = observed(counted)
+    assert obs.counted >= {"dnat_tcp4", "dnat_udp6h"}
+    counts = nftables.forward_counts(obs, [FWD_RANGE, FWD80, I.make_forward("1", "10.0.0.2:1")])
+    # a range sums its ports' elements; a forward that is not there has no entry
+    assert counts == {FWD_RANGE.key: (5, 300), FWD80.key: (0, 0)}
+
+
+def test_the_localhost_guard_follows_the_ipv4_bridges(nft: NftablesBackend) -> None:
+    """CVE-2020-8558: wanted while a bridge has an IPv4 address (route_localnet is set
+    on it then); a missing guard is added alone; without IPv4 bridges it goes."""
+    assert 'comment "localhost-guard"' in nft.plan(SPEC, Observed()).payload[2]  # type: ignore[index]
+    batch = nft.plan(SPEC, observed(without_rule("localhost-guard")))
+    assert batch.payload == [f"add rule {T} input {nftables.GUARD_RULE}"]
+    assert not batch.rebuild and not batch.touched
+    v6_only = I.Bridge("v6", (ipaddress.ip_interface("fd00:16::1/64"),))
+    spec = FirewallSpec(forwards=SPEC.forwards, bridges=(v6_only,))
+    batch = nft.plan(spec, observed())
+    handle = rules(DOC["nftables"], "localhost-guard")[0]["rule"]["handle"]
+    assert f"delete rule {T} input handle {handle}" in (batch.payload or [])

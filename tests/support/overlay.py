@@ -141,7 +141,7 @@ def send_udp(host: Host, dst: str, port: int, payload: bytes) -> None:
 def guard_drops(d: Daemon) -> int:
     """Packets the VXLAN guard rule dropped (its nft counter, or iptables' own)."""
     if d.firewall == "iptables":
-        out = d.sh("iptables", "-w", "-L", "NETAGENT-INPUT", "-v", "-x", "-n").stdout
+        out = d.sh("iptables", "-w", "-L", "NETAGENT-VXLAN", "-v", "-x", "-n").stdout
         for line in out.splitlines():
             if "DROP" in line and "netagent:vxlan-guard" in line:
                 return int(line.split()[0])

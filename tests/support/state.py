@@ -53,6 +53,8 @@ def nft_forwards(d: Daemon) -> Counter[tuple[str, int, str]]:
         proto = m["name"][len("dnat_") : -1]
         for key, value in m.get("elem", []):
             ip, port = value["concat"]
+            if isinstance(key, dict) and "elem" in key:  # an element with its counter
+                key = key["elem"]["val"]
             keys = range(key["range"][0], key["range"][1] + 1) if isinstance(key, dict) else [key]
             for offset, k in enumerate(keys):
                 found[(proto, int(k), f"{ip}:{int(port) + offset}")] += 1

@@ -1,0 +1,216 @@
+"""Reading the counters of single map elements over raw nfnetlink.
+
+``nft get element`` refetches its cache of the map's elements whenever the ruleset
+changed since its last call: 30-40 ms with 10,000 elements, more than the conntrack walk
+the counter is read to avoid (``agent/fwsync.py``). The kernel looks one element up by
+its key instead: one ``NFT_MSG_GETSETELEM`` request per element (not a dump), answered
+with the element and its stateful expressions, ~30 us each.
+
+Keys are encoded as nf_tables stores them: an ``inet_service`` is 2 bytes in network
+order; in a concatenation every field takes a multiple of 4 bytes (``ipv4_addr .
+inet_service`` is 4 + 2 + 2 padding).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+import struct
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_GETSETELEM, NFT_MSG_NEWSETELEM = 13, 12
+NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
+NLMSG_ERROR = 2
+NLA_F_NESTED = 0x8000
+NFPROTO = {"inet": 1, "ip": 2, "ip6": 10}
+LIST_TABLE, LIST_SET, LIST_ELEMENTS = 1, 2, 3
+NFTA_LIST_ELEM = 1
+ELEM_KEY, ELEM_EXPR, ELEM_EXPRESSIONS = 1, 7, 11
+NFTA_DATA_VALUE = 1
+EXPR_NAME, EXPR_DATA = 1, 2
+COUNTER_BYTES, COUNTER_PACKETS = 1, 2
+#: seconds the kernel may take to answer all of one call's requests
+TIMEOUT = 1.0
+
+_HDR = struct.Struct("=IHHII")
+Elem = tuple[str, str, str]  # (map name, key text, value text), as backends/nftables.py
+
+
+def _attr(kind: int, payload: bytes, nested: bool = False) -> bytes:
+    n = 4 + len(payload)
+    return (
+        struct.pack("=HH", n, kind | (NLA_F_NESTED if nested else 0))
+        + payload
+        + (b"\0" * ((4 - n % 4) % 4))
+    )
+
+
+def _attrs(data: bytes, start: int, end: int) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    while start + 4 <= end:
+        n, kind = struct.unpack_from("=HH", data, start)
+        if n < 4:
+            break
+        out.setdefault(kind & 0x3FFF, data[start + 4 : start + n])
+        start += (n + 3) & ~3
+    return out
+
+
+def key_bytes(key: str) -> bytes:
+    """``80`` -> 2 bytes; ``10.0.0.1 . 80`` -> 8 bytes; ``fd00::1 . 80`` -> 20 bytes."""
+    parts = [p.strip() for p in key.split(" . ")]
+    if len(parts) == 1:
+        return struct.pack("!H", int(parts[0]))
+    addr, port = ipaddress.ip_address(parts[0]), int(parts[1])
+    return addr.packed + struct.pack("!H", port) + b"\0\0"
+
+
+def request(family: str, table: str, elem: Elem, seq: int) -> bytes:
+    name, key, _value = elem
+    inner = _attr(ELEM_KEY, _attr(NFTA_DATA_VALUE, key_bytes(key)), nested=True)
+    body = (
+        struct.pack("=BBH", NFPROTO[family], 0, 0)
+        + _attr(LIST_TABLE, table.encode() + b"\0")
+        + _attr(LIST_SET, name.encode() + b"\0")
+        + _attr(LIST_ELEMENTS, _attr(NFTA_LIST_ELEM, inner, nested=True), nested=True)
+    )
+    kind = NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETSETELEM
+    return _HDR.pack(_HDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
+
+
+def _counter_of(expr: bytes) -> tuple[int, int] | None:
+    attrs = _attrs(expr, 0, len(expr))
+    if attrs.get(EXPR_NAME, b"").rstrip(b"\0") != b"counter" or EXPR_DATA not in attrs:
+        return None
+    data = attrs[EXPR_DATA]
+    inner = _attrs(data, 0, len(data))
+    if COUNTER_PACKETS not in inner or COUNTER_BYTES not in inner:
+        return None
+    packets = struct.unpack(">Q", inner[COUNTER_PACKETS][:8])[0]
+    octets = struct.unpack(">Q", inner[COUNTER_BYTES][:8])[0]
+    return int(packets), int(octets)
+
+
+def counter_in_reply(message: bytes) -> tuple[int, int] | None:
+    """The counter of the (one) element in an NFT_MSG_NEWSETELEM message body (after
+    the nlmsghdr)."""
+    top = _attrs(message, 4, len(message))
+    elements = top.get(LIST_ELEMENTS)
+    if elements is None:
+        return None
+    for elem in _attrs(elements, 0, len(elements)).values():
+        attrs = _attrs(elem, 0, len(elem))
+        if ELEM_EXPR in attrs:
+            return _counter_of(attrs[ELEM_EXPR])
+        if ELEM_EXPRESSIONS in attrs:
+            listed = attrs[ELEM_EXPRESSIONS]
+            for expr in _attrs(listed, 0, len(listed)).values():
+                found = _counter_of(expr)
+                if found is not None:
+                    return found
+    return None
+
+
+def element_counters(family: str, table: str, elems: list[Elem]) -> list[tuple[int, int] | None]:
+    """(packets, bytes) of each element, None for one that is not there (or has no
+    counter). Blocking: one socket, all requests sent, then the answers read; an
+    OSError (or a timeout) when the kernel does not answer them all in time."""
+    out: list[tuple[int, int] | None] = [None] * len(elems)
+    if not elems:
+        return out
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
+        sock.settimeout(TIMEOUT)
+        sock.bind((0, 0))
+        sock.sendall(b"".join(request(family, table, e, i + 1) for i, e in enumerate(elems)))
+        left = set(range(1, len(elems) + 1))
+        while left:
+            data = sock.recv(1 << 16)
+            off = 0
+            while off + _HDR.size <= len(data):
+                length, kind, _flags, seq, _pid = _HDR.unpack_from(data, off)
+                if length < _HDR.size:
+                    break
+                body = data[off + _HDR.size : off + length]
+                if kind == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", body)[0]
+                    if code not in (0, errno.ENOENT):
+                        raise OSError(code, f"reading a map element's counter: {os.strerror(code)}")
+                    left.discard(seq)
+                elif kind == NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWSETELEM and 1 <= seq <= len(
+                    elems
+                ):
+                    out[seq - 1] = counter_in_reply(body)
+                off += (length + 3) & ~3
+    return out
+
+
+NLM_F_DUMP = 0x300
+NLMSG_DONE = 3
+
+
+def dump_counters(family: str, table: str, name: str) -> dict[bytes, tuple[int, int]]:
+    """Every element of a map with its counter: key bytes -> (packets, bytes). One
+    NFT_MSG_GETSETELEM dump, reading the key and the counter of each element and
+    nothing else (the listing of nft would also build and print the whole table:
+    ~12 ms at 1,000 elements, then the JSON to parse). Blocking."""
+    out: dict[bytes, tuple[int, int]] = {}
+    body = (
+        struct.pack("=BBH", NFPROTO[family], 0, 0)
+        + _attr(LIST_TABLE, table.encode() + b"\0")
+        + _attr(LIST_SET, name.encode() + b"\0")
+    )
+    kind = NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETSETELEM
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
+        sock.settimeout(TIMEOUT)
+        sock.bind((0, 0))
+        sock.sendall(
+            _HDR.pack(_HDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + body
+        )
+        while True:
+            data = sock.recv(1 << 17)
+            off = 0
+            while off + _HDR.size <= len(data):
+                length, mtype, _flags, _seq, _pid = _HDR.unpack_from(data, off)
+                if length < _HDR.size or mtype == NLMSG_DONE:
+                    return out
+                if mtype == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", data, off + _HDR.size)[0]
+                    if code:
+                        raise OSError(code, f"dumping map {name}: {os.strerror(code)}")
+                    return out
+                _elements(data, off + _HDR.size + 4, off + length, out)
+                off += (length + 3) & ~3
+
+
+def _elements(data: bytes, start: int, end: int, out: dict[bytes, tuple[int, int]]) -> None:
+    """The elements of one NEWSETELEM message into ``out``."""
+    at = start
+    while at + 4 <= end:
+        n, kind = struct.unpack_from("=HH", data, at)
+        if n < 4:
+            return
+        if kind & 0x3FFF == LIST_ELEMENTS:
+            e = at + 4
+            stop = at + n
+            while e + 4 <= stop:
+                en, _k = struct.unpack_from("=HH", data, e)
+                if en < 4:
+                    break
+                attrs = _attrs(data, e + 4, e + en)
+                keyattr = attrs.get(ELEM_KEY)
+                counts = None
+                if ELEM_EXPR in attrs:
+                    counts = _counter_of(attrs[ELEM_EXPR])
+                elif ELEM_EXPRESSIONS in attrs:
+                    listed = attrs[ELEM_EXPRESSIONS]
+                    for expr in _attrs(listed, 0, len(listed)).values():
+                        counts = counts or _counter_of(expr)
+                if keyattr is not None and counts is not None:
+                    value = _attrs(keyattr, 0, len(keyattr)).get(NFTA_DATA_VALUE)
+                    if value is not None:
+                        out[value] = counts
+                e += (en + 3) & ~3
+        at += (n + 3) & ~3

@@ -1,0 +1,85 @@
+"""``FirewallSync`` over the fake firewall: the counters spare the conntrack walk for a
+removed forward that never carried a connection, and only when they can say so.
+
+The conntrack client is a recording stand-in (the real one is a netlink socket: its own
+tests are privileged); the number of walks is what the counters should cut.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from netagent.agent.errors import BackendFailed
+
+from .world import World, make_world
+
+F80: dict[str, Any] = {"host_ports": "80", "destination": "192.168.15.1:80"}
+F81: dict[str, Any] = {"host_ports": "81", "destination": "192.168.15.1:81"}
+F82: dict[str, Any] = {"host_ports": "82", "destination": "192.168.15.1:82"}
+
+
+class Walks:
+    """Stands in for ``backends.conntrack.Conntrack``: counts the dumps asked for."""
+
+    def __init__(self) -> None:
+        self.flows: list[set[tuple[int, int, bytes, int]]] = []
+
+    async def clear_flows(self, family: int, flows: set[tuple[int, int, bytes, int]]) -> dict:  # type: ignore[type-arg]
+        self.flows.append(set(flows))
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+def with_walks(tmp_path: Path) -> tuple[World, Walks]:
+    w = make_world(tmp_path)
+    walks = Walks()
+    w.sync.conntrack = True
+    w.sync._client = walks  # type: ignore[assignment]
+    return w, walks
+
+
+def ports(walks: Walks) -> list[list[int]]:
+    return [sorted(f[1] for f in flows) for flows in walks.flows]
+
+
+async def test_an_idle_forward_is_removed_without_a_walk(tmp_path: Path) -> None:
+    w, walks = with_walks(tmp_path)
+    async with w.running():
+        await w.call("forward.add", **F80)  # the first sync is a full one: not counted
+        await w.call("forward.add", **F81)  # an update: counted from its first packet
+        await w.call("forward.add", **F82)
+        w.fw.carry("fwd/tcp/82")  # a connection went through 82
+        await w.call("forward.del", host_ports="81")
+        assert walks.flows == []  # 81 never carried one: no walk
+        assert w.sync.walks_skipped == 1
+        await w.call("forward.del", host_ports="82")
+        await w.call("forward.del", host_ports="80")  # its counter is older than this run
+        assert ports(walks) == [[82], [80]]
+
+
+async def test_a_rebuild_makes_counters_start_over_so_every_removal_walks(
+    tmp_path: Path,
+) -> None:
+    w, walks = with_walks(tmp_path)
+    async with w.running():
+        await w.call("forward.add", **F80)
+        await w.call("forward.add", **F81)
+        w.fw.drop_table()  # someone flushed the ruleset: flows of 81 may still be tracked
+        w.sync.drifted("flush")
+        w.rec.drift("firewall", "flush")
+        await w.call("forward.add", **F82)  # this pass rebuilds the table
+        await w.call("forward.del", host_ports="81")
+        assert ports(walks) == [[81]]
+
+
+async def test_counters_that_cannot_be_read_mean_a_walk(tmp_path: Path) -> None:
+    w, walks = with_walks(tmp_path)
+    async with w.running():
+        await w.call("forward.add", **F80)
+        await w.call("forward.add", **F81)
+        w.fw.fail("counters", BackendFailed("no counters today"))
+        await w.call("forward.del", host_ports="81")
+        assert ports(walks) == [[81]]
