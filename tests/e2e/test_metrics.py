@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from netagent.cli.sandbox import Sandbox
 from tests.support.daemon import Daemon
-from tests.support.net import http_get, serve_http
+from tests.support.net import http_get, ping, serve_http
 from tests.support.topology import build_seed
 from tests.support.wait import wait_for
 
@@ -73,8 +73,20 @@ def test_requests_repairs_attaches_lag_and_what_is(metered: Daemon) -> None:
     assert got[("netagent_failing", ())] == 0
     assert got[("netagent_event_loop_lag_seconds_count", ())] > 0
     assert got[("netagent_info", (("firewall", "nftables"), ("version", "0.1.0")))] == 1
-    # counters per part are show's to report: until it does, the families are absent
-    assert not [k for k in got if k[0].startswith(("netagent_packets", "netagent_bytes"))]
+    # what show counts per part: every plug, the bridge and the forward, by key
+    counted = {dict(k[1]).get("key") for k in got if k[0] == "netagent_packets_total"}
+    assert {"plug/red/v-net-0", "plug/blue/v-net-0", "br/v-net-0", "fwd/tcp/80"} <= counted
+    before = got[("netagent_packets_total", (("key", "plug/red/v-net-0"), ("kind", "plug")))]
+    assert ping(d, "red", "192.168.15.2")
+    # show's counters may be up to 2 s old (counters_at): wait for the pings to count
+    wait_for(
+        "red's pings counted on its plug",
+        lambda: samples(d)[
+            ("netagent_packets_total", (("key", "plug/red/v-net-0"), ("kind", "plug")))
+        ]
+        > before,
+        timeout=10,
+    )
 
     # a repair, counted by kind, and how long the event waited
     d.sh("ip", "link", "del", "veth-red-br")
