@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from . import ops
+from .doctor import Finding
 from .errors import InvalidPort
 from .explain import explain
 from .reconcile import IN_PLACE
@@ -23,18 +24,59 @@ async def doctor(service: Service, req: Request) -> dict[str, Any]:
     """Read the host now and check it (what the cache holds is refreshed with it)."""
     checker = service.checker
     if checker is None:
-        return {"findings": [], "problems": 0, "notes": 0, "checked": []}
+        extra = cluster_findings(service)
+        return {
+            "findings": [f.to_wire() for f in extra],
+            "problems": sum(1 for f in extra if f.severity == "problem"),
+            "notes": 0,
+            "checked": ["cluster"] if service.cluster is not None else [],
+        }
     await checker.refresh(read=True)
-    found = checker.findings
+    found = [*checker.findings, *cluster_findings(service)]
     view = checker.view
     return {
         "findings": [f.to_wire() for f in found],
         "problems": sum(1 for f in found if f.severity == "problem"),
         "notes": sum(1 for f in found if f.severity == "note"),
-        "checked": checker.checked,
+        "checked": [*checker.checked, *(["cluster"] if service.cluster is not None else [])],
         "read_ms": view.ms if view is not None else None,
         "firewall": service.firewall.name,
     }
+
+
+def cluster_findings(service: Service) -> list[Finding]:
+    """The cluster's part of the doctor: etcd out of reach (the data plane stays as it
+    is, but no peer is added, changed or removed meanwhile), and peers whose route,
+    neighbour or FDB entry is not in place."""
+    cluster = service.cluster
+    if cluster is None:
+        return []
+    st = cluster.status()
+    out: list[Finding] = []
+    if st["etcd"] != "reachable":
+        endpoints = ",".join(st["endpoints"])
+        out.append(
+            Finding(
+                "etcd-unreachable",
+                "problem",
+                f"etcd is {st['etcd']} ({st['error'] or 'no answer yet'}): the peers stay as "
+                "they are, none is added, changed or removed until it answers",
+                who=f"etcd at {endpoints}",
+                fix=f"ETCDCTL_API=3 etcdctl --endpoints={endpoints} endpoint health",
+            )
+        )
+    for peer in cluster.peers():
+        if not peer["in_place"]:
+            out.append(
+                Finding(
+                    "peer-not-in-place",
+                    "problem",
+                    f"peer {peer['host'] or '?'} {peer['subnet']} at {peer['underlay']}: "
+                    f"{peer.get('error') or peer['state']}",
+                    fix="`netagent ctl peers` and `netagent ctl show`",
+                )
+            )
+    return out
 
 
 async def explain_op(service: Service, req: Request) -> dict[str, Any]:

@@ -134,6 +134,8 @@ def test_three_hosts_over_vxlan_through_etcd_with_tls(
     for d in ds:
         wait_for("etcd unreachable said", functools.partial(etcd_is, d, "unreachable"))
     assert "etcd UNREACHABLE" in ds[1].ok("status")
+    doctor = ds[1].ctl("doctor")
+    assert doctor.returncode == 1 and "problem: etcd is unreachable" in doctor.stdout
     everyone_reaches_everyone(ds, ips)
     ds[1].ok("ns", "add", "y")
     assert all(p["in_place"] for p in ds[1].ctl_json("peers"))
