@@ -14,9 +14,10 @@ import pytest
 
 from netagent.cli.sandbox import Sandbox
 from tests.conftest import IN_CI
-from tests.support.cluster import Cluster, Host, pids_in_netns, wait_until
+from tests.support.cluster import Cluster, Host, pids_in_netns
 from tests.support.daemon import Daemon
 from tests.support.etcd import EtcdCluster, check_installed
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -104,7 +105,7 @@ def test_hosts_etcd_and_cleanup(sandbox: Sandbox, cluster: Cluster, etcd: EtcdCl
     assert all(not h.alive() for h in hosts)
     assert all(pids_in_netns(ns) == [] for ns in netns)
     assert not any(d.exists() for d in workdirs)
-    wait_until(lambda: links(sandbox) == ["lo"], 10, "the outer sandbox to hold only lo")
+    wait_for("the outer sandbox to hold only lo", lambda: links(sandbox) == ["lo"], timeout=10)
     root_netns_after = subprocess.run(
         ["ip", "netns", "list"], capture_output=True, text=True, timeout=10
     ).stdout
@@ -117,7 +118,7 @@ def test_remove_host_and_partition(cluster: Cluster) -> None:
     h2.cut()
     assert not ping(h1, h2.underlay_ip, wait=1)
     h2.reconnect()
-    wait_until(lambda: ping(h1, h2.underlay_ip), 10, "host2 back on the underlay")
+    wait_for("host2 back on the underlay", lambda: ping(h1, h2.underlay_ip), timeout=10)
     ns = h3.netns
     cluster.remove_host(h3)
     assert h3 not in cluster.hosts

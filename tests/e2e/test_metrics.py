@@ -81,10 +81,10 @@ def test_requests_repairs_attaches_lag_and_what_is(metered: Daemon) -> None:
     # show's counters may be up to 2 s old (counters_at): wait for the pings to count
     wait_for(
         "red's pings counted on its plug",
-        lambda: samples(d)[
-            ("netagent_packets_total", (("key", "plug/red/v-net-0"), ("kind", "plug")))
-        ]
-        > before,
+        lambda: (
+            samples(d)[("netagent_packets_total", (("key", "plug/red/v-net-0"), ("kind", "plug")))]
+            > before
+        ),
         timeout=10,
     )
 

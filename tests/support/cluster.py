@@ -27,12 +27,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from netagent.cli.sandbox import Sandbox, SandboxError, daemon_argv
+
+from .wait import wait_for
 
 UNDERLAY = "underlay0"
 UNDERLAY_NET = ipaddress.IPv4Network("198.51.100.0/24")
@@ -52,19 +53,6 @@ for argv in (["mount", "-t", "tmpfs", "tmpfs", "/run/netns"],
 print("ready", flush=True)
 sys.stdin.read()
 """
-
-
-def wait_until(
-    check: Callable[[], bool], timeout: float, what: str, interval: float = 0.05
-) -> None:
-    """Poll ``check`` until it is true; SandboxError naming ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if check():
-            return
-        if time.monotonic() >= deadline:
-            raise SandboxError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
@@ -246,15 +234,15 @@ class Cluster:
         (the kernel destroys a dead namespace's links asynchronously)."""
         host.close(graceful=graceful)
         self.hosts.remove(host)
-        wait_until(
+        wait_for(
+            f"{host.port} to vanish",
             lambda: (
                 self.box.run(
                     ["ip", "link", "show", host.port], check=False, timeout=CMD_TIMEOUT
                 ).returncode
                 != 0
             ),
-            10,
-            f"{host.port} to vanish",
+            timeout=10,
         )
 
     def __getitem__(self, i: int) -> Host:
