@@ -37,12 +37,9 @@ from ..values import IPInterface, check_families, check_name, parse_interfaces
 from .base import Actions, Context, Kind, OwnedName, Placed, want
 from .bridge import Bridge, bridge_key
 from .linkops import (
-    ensure_addresses,
-    ensure_default_route,
-    ensure_mark,
-    ensure_up,
+    BridgedPair,
+    ensure_bridged_pair,
     gather,
-    refuse_foreign,
 )
 
 if TYPE_CHECKING:
@@ -363,49 +360,19 @@ class AttachmentKind(Kind[Attachment]):
         br = ctx.state.get(bridge_key(att.bridge))
         if not isinstance(br, Bridge):
             raise NotFound(f"bridge {att.bridge} is not desired")
-        inner_where = f"{att.netns}:{att.ifname}"
-        bridge_index = net.host_index(att.bridge)
-        host = None
-        if net.host_index(att.host_ifname) is not None:
-            host = await net.link(None, att.host_ifname)
-        inner = await net.link(att.netns, att.ifname)
-        if bridge_index is None:
-            if acts.dry_run:
-                acts.add(f"create veth {att.host_ifname} <-> {inner_where}")
-                return acts.done
-            raise NotFound(f"bridge {att.bridge} does not exist")
-        if host is not None:
-            refuse_foreign(host, att.key, att.host_ifname)
-        if inner is not None:
-            refuse_foreign(inner, att.key, inner_where, "remove it, or use another CNI_IFNAME")
-        broken = (host is None) != (inner is None) or (
-            host is not None and inner is not None and host.link_netnsid is None
+        assert att.host_ifname is not None
+        pair = BridgedPair(
+            att.key,
+            att.netns,
+            att.ifname,
+            att.host_ifname,
+            br,
+            att.addresses,
+            inner_hint="remove it, or use another CNI_IFNAME",
         )
-        if broken:
-            if host is not None and acts.add(f"delete stray {att.host_ifname}"):
-                await net.del_link(None, host.index)
-            if inner is not None and acts.add(f"delete stray {inner_where}"):
-                await net.del_link(att.netns, inner.index)
-            host = inner = None
-        if host is None:
-            if not acts.add(f"create veth {att.host_ifname} <-> {inner_where}"):
-                acts.add(f"address {inner_where}")
-                return acts.done
-            await self._create(ctx, att, br, bridge_index, acts)
-            return acts.done
-        assert inner is not None
-        await ensure_mark(net, None, host, att.key, acts)
-        await ensure_mark(net, att.netns, inner, att.key, acts)
-        if host.master != bridge_index and acts.add(f"enslave {att.host_ifname} to {att.bridge}"):
-            await net.set_link(None, host.index, master=bridge_index)
-        await ensure_up(net, None, host, att.host_ifname, acts)
-        await ensure_addresses(net, att.netns, inner, att.addresses, inner_where, acts)
-        await ensure_up(net, att.netns, inner, inner_where, acts)
-        for addr in att.addresses:
-            gw = br.gateway(addr.version)
-            if gw is not None:
-                await ensure_default_route(net, att.netns, inner, gw, att.netns, acts)
-        return acts.done
+        return await ensure_bridged_pair(
+            net, pair, acts, lambda index: self._create(ctx, att, br, index, acts)
+        )
 
     async def _create(
         self, ctx: Context, att: Attachment, br: Bridge, bridge_index: int, acts: Actions

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from netagent.backends.netlink import RTPROT_NETAGENT, Link, Netlink, NsRef, alias_for
 
-from ..errors import NameTaken
+from ..errors import NameTaken, NotFound
 from ..values import IPInterface
 from .base import Actions
+
+if TYPE_CHECKING:
+    from .bridge import Bridge
 
 
 def refuse_foreign(link: Link, key: str, where: str, hint: str = "remove it first") -> None:
@@ -98,3 +102,81 @@ async def ensure_lo_up(net: Netlink, ns: str, acts: Actions) -> None:
     lo = await net.link(ns, "lo")
     if lo is not None and not lo.up and acts.add(f"set lo up in {ns}"):
         await net.set_link(ns, lo.index, up=True)
+
+
+@dataclass(frozen=True)
+class BridgedPair:
+    """A veth pair from a bridge into a namespace, as a plug and a CNI attachment both
+    have it: ``host_ifname`` on ``bridge`` in the host, ``ifname`` in ``ns`` (a name
+    under /run/netns, or a path), with ``addresses`` and a default route per IP version
+    via the bridge's gateway."""
+
+    key: str
+    ns: str
+    ifname: str
+    host_ifname: str
+    bridge: Bridge
+    addresses: tuple[IPInterface, ...]
+    #: what to do when another's interface holds the host name, and the inner one
+    host_hint: str = "remove it first"
+    inner_hint: str = "remove it first"
+    #: bring the namespace's ``lo`` up too (a namespace of netagent's or named by people)
+    lo_up: bool = False
+
+
+async def ensure_bridged_pair(
+    net: Netlink, pair: BridgedPair, acts: Actions, create: Callable[[int], Awaitable[None]]
+) -> list[str]:
+    """Observe the pair and make it as wanted: a half pair (or a pair not joining the two)
+    is rebuilt whole; none is made by ``create(bridge_index)`` (the fresh path, which
+    knows everything about the new pair); an existing one is marked, enslaved, set up,
+    addressed and routed. Another's interface of either name is never touched."""
+    inner_where = f"{pair.ns}:{pair.ifname}"
+    # the daemon lives in the host namespace: an index lookup is one cheap ioctl; full
+    # link info is read only when the pair exists and has to be checked
+    bridge_index = net.host_index(pair.bridge.name)
+    host = None
+    if net.host_index(pair.host_ifname) is not None:
+        host = await net.link(None, pair.host_ifname)
+    inner = await net.link(pair.ns, pair.ifname)
+    if bridge_index is None:
+        if acts.dry_run:
+            acts.add(f"create veth {pair.host_ifname} <-> {inner_where}")
+            return acts.done
+        raise NotFound(f"bridge {pair.bridge.name} does not exist")
+    if host is not None:
+        refuse_foreign(host, pair.key, pair.host_ifname, pair.host_hint)
+    if inner is not None:
+        refuse_foreign(inner, pair.key, inner_where, pair.inner_hint)
+    broken = (host is None) != (inner is None) or (
+        host is not None and inner is not None and host.link_netnsid is None
+    )
+    if broken:
+        if host is not None and acts.add(f"delete stray {pair.host_ifname}"):
+            await net.del_link(None, host.index)
+        if inner is not None and acts.add(f"delete stray {inner_where}"):
+            await net.del_link(pair.ns, inner.index)
+        host = inner = None
+    if host is None:
+        if not acts.add(f"create veth {pair.host_ifname} <-> {inner_where}"):
+            acts.add(f"address {inner_where}")
+            return acts.done
+        await create(bridge_index)
+        return acts.done
+    assert inner is not None
+    await ensure_mark(net, None, host, pair.key, acts)
+    await ensure_mark(net, pair.ns, inner, pair.key, acts)
+    if host.master != bridge_index and acts.add(
+        f"enslave {pair.host_ifname} to {pair.bridge.name}"
+    ):
+        await net.set_link(None, host.index, master=bridge_index)
+    await ensure_up(net, None, host, pair.host_ifname, acts)
+    await ensure_addresses(net, pair.ns, inner, pair.addresses, inner_where, acts)
+    await ensure_up(net, pair.ns, inner, inner_where, acts)
+    if pair.lo_up:
+        await ensure_lo_up(net, pair.ns, acts)
+    for addr in pair.addresses:
+        gw = pair.bridge.gateway(addr.version)
+        if gw is not None:
+            await ensure_default_route(net, pair.ns, inner, gw, pair.ns, acts)
+    return acts.done

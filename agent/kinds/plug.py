@@ -31,13 +31,9 @@ from .base import Actions, Context, Kind, OwnedName, Placed, want
 from .bridge import Bridge, bridge_key
 from .leases import lease
 from .linkops import (
-    ensure_addresses,
-    ensure_default_route,
-    ensure_lo_up,
-    ensure_mark,
-    ensure_up,
+    BridgedPair,
+    ensure_bridged_pair,
     gather,
-    refuse_foreign,
 )
 from .namespace import ns_key
 
@@ -223,55 +219,20 @@ class PlugKind(Kind[Plug]):
             raise NotFound(f"bridge {plug.bridge} is not desired")
         if not net.ns_exists(plug.ns):
             raise NotFound(f"namespace {plug.ns} does not exist")
-        inner_where = f"{plug.ns}:{plug.ifname}"
-        # the daemon lives in the host namespace: an index lookup is one cheap ioctl; full
-        # link info is read only when the pair exists and has to be checked
-        bridge_index = net.host_index(plug.bridge)
-        host = None
-        if net.host_index(plug.host_ifname) is not None:
-            host = await net.link(None, plug.host_ifname)
-        inner = await net.link(plug.ns, plug.ifname)
-        if bridge_index is None:
-            if acts.dry_run:
-                acts.add(f"create veth {plug.host_ifname} <-> {inner_where}")
-                return acts.done
-            raise NotFound(f"bridge {plug.bridge} does not exist")
-        if host is not None:
-            refuse_foreign(
-                host, plug.key, plug.host_ifname, "remove it, or plug with another --ifname"
-            )
-        if inner is not None:
-            refuse_foreign(inner, plug.key, inner_where, "remove it, or plug with another --ifname")
-        broken = (host is None) != (inner is None) or (
-            host is not None and inner is not None and host.link_netnsid is None
+        pair = BridgedPair(
+            plug.key,
+            plug.ns,
+            plug.ifname,
+            plug.host_ifname,
+            br,
+            plug.addresses,
+            host_hint="remove it, or plug with another --ifname",
+            inner_hint="remove it, or plug with another --ifname",
+            lo_up=True,
         )
-        if broken:
-            # half a pair (or a pair not joining the two): rebuild it whole
-            if host is not None and acts.add(f"delete stray {plug.host_ifname}"):
-                await net.del_link(None, host.index)
-            if inner is not None and acts.add(f"delete stray {inner_where}"):
-                await net.del_link(plug.ns, inner.index)
-            host = inner = None
-        if host is None:
-            if not acts.add(f"create veth {plug.host_ifname} <-> {inner_where}"):
-                acts.add(f"address {inner_where}")
-                return acts.done
-            await self._create(ctx, plug, br, bridge_index, acts)
-            return acts.done
-        assert inner is not None
-        await ensure_mark(net, None, host, plug.key, acts)
-        await ensure_mark(net, plug.ns, inner, plug.key, acts)
-        if host.master != bridge_index and acts.add(f"enslave {plug.host_ifname} to {plug.bridge}"):
-            await net.set_link(None, host.index, master=bridge_index)
-        await ensure_up(net, None, host, plug.host_ifname, acts)
-        await ensure_addresses(net, plug.ns, inner, plug.addresses, inner_where, acts)
-        await ensure_up(net, plug.ns, inner, inner_where, acts)
-        await ensure_lo_up(net, plug.ns, acts)
-        for addr in plug.addresses:
-            gw = br.gateway(addr.version)
-            if gw is not None:
-                await ensure_default_route(net, plug.ns, inner, gw, plug.ns, acts)
-        return acts.done
+        return await ensure_bridged_pair(
+            net, pair, acts, lambda index: self._create(ctx, plug, br, index, acts)
+        )
 
     async def _create(
         self, ctx: Context, plug: Plug, br: Bridge, bridge_index: int, acts: Actions
