@@ -27,11 +27,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import anyio
-
 from netagent.agent import intents as I
 from netagent.agent.errors import BackendFailed
 
+from .faults import Faults
 from .firewall import Batch, Counts, FirewallBackend, FirewallSpec, VxlanGuard
 
 Verb = Literal["create", "add", "delete", "add-rule", "delete-rule"]
@@ -89,10 +88,11 @@ def _forward_line(fwd: I.Forward) -> str:
     return f"forward {fwd.key}: {fwd.describe()}"
 
 
-class FakeFirewall(FirewallBackend[FakeRuleset, FakePayload]):
+class FakeFirewall(Faults, FirewallBackend[FakeRuleset, FakePayload]):
     name = "fake"
 
     def __init__(self, calls: list[tuple[Any, ...]] | None = None) -> None:
+        Faults.__init__(self)
         #: whether the table exists (a real backend's ``inet netagent``)
         self.table = False
         self.forwards: dict[str, I.Forward] = {}
@@ -100,30 +100,11 @@ class FakeFirewall(FirewallBackend[FakeRuleset, FakePayload]):
         #: every call that reads or changes the rules, in order; pass ``FakeNetlink.calls``
         #: to see the firewall's calls and the links' in one order
         self.calls = calls if calls is not None else []
-        self._faults: dict[str, list[BaseException | None]] = {}
         #: what each forward's rule has counted, as a test sets it (``carry``); a
         #: forward installed anew starts at nothing, as a new map element does
         self.hits: dict[str, tuple[int, int]] = {}
 
     # ---- test controls --------------------------------------------------------------
-    def fail(self, op: str, exc: BaseException) -> None:
-        """The next call of ``op`` (observe, apply, purge, present) raises ``exc``."""
-        self._faults.setdefault(op, []).append(exc)
-
-    def hang(self, op: str) -> None:
-        """The next call of ``op`` never answers (until cancelled)."""
-        self._faults.setdefault(op, []).append(None)
-
-    async def _fault(self, op: str) -> None:
-        queue = self._faults.get(op)
-        if not queue:
-            return
-        exc = queue.pop(0)
-        if exc is None:
-            await anyio.sleep_forever()
-        else:
-            raise exc
-
     def drop_forward(self, key: str) -> None:
         """Someone else deleted a forward's rule (an ``nft delete element``)."""
         del self.forwards[key]

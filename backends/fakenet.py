@@ -18,10 +18,9 @@ from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
-import anyio
-
 from netagent.agent.values import IPAddress, IPInterface
 
+from .faults import Faults
 from .netlink import NETAGENT_GROUP, RTPROT_NETAGENT, Link, NsRef, PeerEntries, Route, Vxlan
 
 
@@ -33,8 +32,9 @@ class _Ns:
     ident: tuple[int, int] = (0, 0)
 
 
-class FakeNetlink:
+class FakeNetlink(Faults):
     def __init__(self, netns_dir: Path = Path("/run/netns")) -> None:
+        Faults.__init__(self)
         self.netns_dir = netns_dir
         self._next_index = 100
         self._next_inode = 1
@@ -49,7 +49,6 @@ class FakeNetlink:
         self.mtus: dict[str, int] = {}
         #: every mutating call, in order: ("op", args...)
         self.calls: list[tuple[Any, ...]] = []
-        self._faults: dict[str, list[BaseException | None]] = {}
         #: host VXLAN devices: index -> (vni, port, local, dev, learning)
         self.vxlans: dict[int, tuple[int, int, str, int, bool]] = {}
         #: per VXLAN device index: routes (subnet -> via), neighbours (ip -> mac) and FDB
@@ -62,24 +61,6 @@ class FakeNetlink:
         self._add_lo(self.host)
 
     # ---- test controls --------------------------------------------------------------
-    def fail(self, op: str, exc: BaseException) -> None:
-        """The next call of ``op`` raises ``exc``."""
-        self._faults.setdefault(op, []).append(exc)
-
-    def hang(self, op: str) -> None:
-        """The next call of ``op`` never answers (until cancelled)."""
-        self._faults.setdefault(op, []).append(None)
-
-    async def _fault(self, op: str) -> None:
-        queue = self._faults.get(op)
-        if not queue:
-            return
-        exc = queue.pop(0)
-        if exc is None:
-            await anyio.sleep_forever()
-        else:
-            raise exc
-
     def make_foreign_ns(self, name: str) -> None:
         """A namespace someone else made (no netagent mark); ``name`` may be a path (a
         container's ``/proc/PID/ns/net``). Made again, it is another namespace."""

@@ -18,7 +18,7 @@ from ..ops import BridgeAdd, BridgeDel
 from ..schema import Request
 from ..values import IPInterface, check_families, check_name, parse_interfaces
 from .base import Actions, Context, Kind, OwnedName, Placed, want
-from .linkops import ensure_addresses, ensure_mark, remove_addresses
+from .linkops import ensure_addresses, ensure_mark, remove_addresses, remove_owned_link
 
 if TYPE_CHECKING:
     from netagent.backends.netlink import Link
@@ -192,10 +192,4 @@ class BridgeKind(Kind[Bridge]):
         return await self._ensure(ctx, intent, None, Actions(dry_run=True))
 
     async def remove(self, ctx: Context, intent: Bridge) -> list[str]:
-        link = await ctx.net.link(None, intent.name)
-        if link is None:
-            return []
-        if not link.belongs_to(intent.key):
-            return [f"left {intent.name} in place: netagent did not make it"]
-        await ctx.net.del_link(None, link.index)
-        return [f"deleted bridge {intent.name}"]
+        return await remove_owned_link(ctx.net, intent.name, intent.key, f"bridge {intent.name}")

@@ -28,6 +28,18 @@ def refuse_foreign(link: Link, key: str, where: str, hint: str = "remove it firs
         )
 
 
+async def remove_owned_link(net: Netlink, name: str, key: str, what: str) -> list[str]:
+    """Delete the host interface ``name`` if netagent made it for ``key``; one that
+    someone else made under that name is left as it is, and said so."""
+    link = await net.link(None, name)
+    if link is None:
+        return []
+    if not link.belongs_to(key):
+        return [f"left {name} in place: netagent did not make it"]
+    await net.del_link(None, link.index)
+    return [f"deleted {what}"]
+
+
 async def ensure_mark(net: Netlink, ns: NsRef, link: Link, key: str, acts: Actions) -> None:
     if link.alias != alias_for(key) and acts.add(f"mark {link.name}"):
         await net.set_link(ns, link.index, alias=alias_for(key))

@@ -23,7 +23,7 @@ from ..errors import InvalidArgument, NameTaken, NotFound
 from ..schema import Request
 from ..values import check_name
 from .base import Actions, Context, Kind, OwnedName, want
-from .linkops import ensure_mark, ensure_up
+from .linkops import ensure_mark, ensure_up, remove_owned_link
 
 if TYPE_CHECKING:
     from netagent.backends.netlink import Link
@@ -218,10 +218,9 @@ class VxlanKind(Kind[Vxlan]):
         return await self._ensure(ctx, intent, None, Actions(dry_run=True))
 
     async def remove(self, ctx: Context, intent: Vxlan) -> list[str]:
-        link = await ctx.net.link(None, intent.name)
-        if link is None:
-            return []
-        if not link.belongs_to(intent.key):
-            return [f"left {intent.name} in place: netagent did not make it"]
-        await ctx.net.del_link(None, link.index)
-        return [f"deleted VXLAN {intent.name} (and every peer's entries on it)"]
+        return await remove_owned_link(
+            ctx.net,
+            intent.name,
+            intent.key,
+            f"VXLAN {intent.name} (and every peer's entries on it)",
+        )
