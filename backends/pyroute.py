@@ -19,13 +19,11 @@ Quirks worked around here (pyroute2 0.9.7, see ``docs/kernel-facts.md``):
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import ipaddress
 import os
 import socket
-import time
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,56 +37,26 @@ from netagent.agent.values import IPAddress, IPInterface
 
 from . import netns, rtnl
 from .netlink import NETAGENT_GROUP, RTPROT_NETAGENT, Link, NsRef, PeerEntries, Route, Vxlan
+from .nssockets import NsSockets, ip_tool
 from .overlay import Overlay
+from .pyroute_msgs import (
+    drain,
+    family,
+    link_from_msg,
+    link_rows,
+    neigh_rows,
+    random_mac,
+    route_rows,
+    vxlan_from_msg,
+)
 
 T = TypeVar("T")
-IFF_UP = 0x1
 IFA_F_NODAD = 0x02
 #: seconds any one netlink request (or dump) may take
 TIMEOUT = 5.0
-#: seconds ``ip netns add/del`` may take
-TOOL_TIMEOUT = 15.0
 NETNS_DIR = Path(os.environ.get("NETAGENT_NETNS_DIR", "/run/netns"))
 #: errors of making a namespace in the daemon that the ``ip`` program may not meet
 _FALL_BACK = frozenset({errno.EPERM, errno.EACCES, errno.ENOSYS, errno.EOPNOTSUPP})
-
-
-def link_from_msg(msg: Any) -> Link:
-    kind = None
-    info = msg.get_attr("IFLA_LINKINFO")
-    if info is not None:
-        kind = info.get_attr("IFLA_INFO_KIND")
-    netnsid = msg.get_attr("IFLA_LINK_NETNSID")
-    return Link(
-        index=msg["index"],
-        name=msg.get_attr("IFLA_IFNAME"),
-        kind=kind,
-        up=bool(msg["flags"] & IFF_UP),
-        master=msg.get_attr("IFLA_MASTER"),
-        alias=msg.get_attr("IFLA_IFALIAS"),
-        group=msg.get_attr("IFLA_GROUP") or 0,
-        peer=(msg.get_attr("IFLA_LINK") or None) if kind == "veth" and netnsid is None else None,
-        link_netnsid=netnsid,
-        mac=msg.get_attr("IFLA_ADDRESS"),
-    )
-
-
-def random_mac() -> str:
-    """A random unicast, locally administered MAC address."""
-    first = (os.urandom(1)[0] & 0xFC) | 0x02
-    return ":".join(f"{b:02x}" for b in (first, *os.urandom(5)))
-
-
-def _drain(sock: Any) -> None:
-    """Drop stray ACKs that pyroute2 leaves in the root queue after "get" requests."""
-    queue = sock.msg_queue.root
-    while not queue.empty():
-        queue.get_nowait()
-        queue.task_done()
-
-
-def _family(version: int) -> int:
-    return socket.AF_INET if version == 4 else socket.AF_INET6
 
 
 class PyrouteNetlink:
@@ -99,10 +67,7 @@ class PyrouteNetlink:
         self.ipr: Any = None
         self.raw: rtnl.Requests | None = None
         self.overlay: Overlay | None = None
-        self._ns: dict[str, tuple[tuple[int, int], Any]] = {}
-        #: sockets let go of, closed once no request can still be using them
-        self._retired: list[tuple[float, Any]] = []
-        self._ns_lock = anyio.Lock()
+        self._ns = NsSockets(linger=TIMEOUT + 1)
 
     # ---- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
@@ -112,12 +77,7 @@ class PyrouteNetlink:
         self.overlay = Overlay(self.raw)
 
     async def close(self) -> None:
-        for name in list(self._ns):
-            await self.forget(name)
-        for _when, sock in self._retired:
-            with contextlib.suppress(Exception):
-                sock.close()
-        self._retired.clear()
+        self._ns.close()
         if self.ipr is not None:
             self.ipr.close()
             self.ipr = None
@@ -166,19 +126,6 @@ class PyrouteNetlink:
         except FileNotFoundError:
             return []
 
-    async def _tool(self, argv: list[str]) -> None:
-        env = {"LANG": "C", "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
-        try:
-            with anyio.fail_after(TOOL_TIMEOUT):
-                result = await anyio.run_process(argv, check=False, env=env)
-        except TimeoutError:
-            raise BackendFailed(f"{' '.join(argv)} did not finish in {TOOL_TIMEOUT:g} s") from None
-        if result.returncode != 0:
-            msg = result.stderr.decode(errors="replace").strip() or f"exit {result.returncode}"
-            if "File exists" in msg:
-                raise FileExistsError(errno.EEXIST, msg)
-            raise BackendFailed(f"{' '.join(argv)}: {msg}")
-
     async def ns_add(self, name: str) -> None:
         """``ip netns add``, in the daemon (``backends/netns.py``: a child process is
         most of a namespace's cost); the namespace's socket comes with it. The ``ip``
@@ -193,17 +140,12 @@ class PyrouteNetlink:
         except OSError as exc:
             if exc.errno not in _FALL_BACK:
                 raise BackendFailed(f"creating namespace {name}: {exc.strerror or exc}") from None
-            await self._tool(["ip", "netns", "add", name])
+            await ip_tool(["ip", "netns", "add", name])
             return
-        async with self._ns_lock:
-            await self.forget(name)
+        async with self._ns.lock:
             sock = AsyncIPRoute(fileno=raw.detach())
             await self._timed(None, "opening a socket", sock.setup_endpoint())
-            ident = self.ns_identity(name)
-            if ident is not None:
-                self._ns[name] = (ident, sock)
-            else:  # gone already: nothing to keep a socket in
-                self._retire(sock)
+            self._ns.keep(name, self.ns_identity(name), sock)
 
     async def ns_del(self, name: str) -> None:
         """``ip netns del``, in the daemon (``backends/netns.py``)."""
@@ -216,20 +158,19 @@ class PyrouteNetlink:
         except OSError as exc:
             if exc.errno not in _FALL_BACK:
                 raise BackendFailed(f"removing namespace {name}: {exc.strerror or exc}") from None
-            await self._tool(["ip", "netns", "del", name])
+            await ip_tool(["ip", "netns", "del", name])
 
     async def _ns_socket(self, ns: str) -> Any:
         """A request socket inside ``ns``, kept with the namespace's identity."""
-        ident = self.ns_identity(ns)
-        cached = self._ns.get(ns)
-        if cached is not None and cached[0] == ident:
-            return cached[1]
-        async with self._ns_lock:
+        sock = self._ns.get(ns, self.ns_identity(ns))
+        if sock is not None:
+            return sock
+        async with self._ns.lock:
             ident = self.ns_identity(ns)
-            cached = self._ns.get(ns)
-            if cached is not None and cached[0] == ident:
-                return cached[1]
-            await self.forget(ns)
+            sock = self._ns.get(ns, ident)
+            if sock is not None:
+                return sock
+            self._ns.forget(ns)
             if ident is None:
                 raise FileNotFoundError(f"namespace {ns} does not exist")
             raw = await self._timed(
@@ -239,33 +180,13 @@ class PyrouteNetlink:
             )
             sock = AsyncIPRoute(fileno=raw.detach())
             await self._timed(None, "opening a socket", sock.setup_endpoint())
-            self._ns[ns] = (ident, sock)
+            self._ns.keep(ns, ident, sock)
         return sock
 
     async def forget(self, ns: str) -> None:
-        """Let go of the socket kept in ``ns``. Not closed at once: a request of another
-        task may be waiting on it (a socket closed under a pending request leaves it
-        unanswered until its time limit, holding up whoever waits for that request);
-        it is closed once no request can still be using it."""
-        cached = self._ns.pop(ns, None)
-        if cached is not None:
-            self._retire(cached[1])
-        self._close_due()
-
-    def _retire(self, sock: Any) -> None:
-        """Close ``sock`` once no request can still be waiting on it. On a timer: a
-        socket kept open holds its namespace alive (a deleted namespace, its veths and
-        what they reach would live on until something else came by)."""
-        self._retired.append((time.monotonic() + TIMEOUT + 1, sock))
-        with contextlib.suppress(RuntimeError):  # no event loop: the next forget closes it
-            asyncio.get_running_loop().call_later(TIMEOUT + 1.05, self._close_due)
-
-    def _close_due(self) -> None:
-        now = time.monotonic()
-        while self._retired and self._retired[0][0] <= now:
-            _when, sock = self._retired.pop(0)
-            with contextlib.suppress(Exception):
-                sock.close()
+        """Let go of the socket kept in ``ns`` (``nssockets``: closed once no request
+        can still be using it)."""
+        self._ns.forget(ns)
 
     async def _sock(self, ns: NsRef) -> Any:
         return self.ipr if ns is None else await self._ns_socket(ns)
@@ -282,7 +203,7 @@ class PyrouteNetlink:
                 return None
             raise
         finally:
-            _drain(sock)
+            drain(sock)
         return link_from_msg(msgs[0]) if msgs else None
 
     async def links(self, ns: NsRef) -> list[Link]:
@@ -459,7 +380,7 @@ class PyrouteNetlink:
                     index=index,
                     address=str(addr.ip),
                     prefixlen=addr.network.prefixlen,
-                    family=_family(addr.version),
+                    family=family(addr.version),
                     flags=IFA_F_NODAD if addr.version == 6 else 0,
                 ),
             )
@@ -478,14 +399,14 @@ class PyrouteNetlink:
                     index=index,
                     address=str(addr.ip),
                     prefixlen=addr.network.prefixlen,
-                    family=_family(addr.version),
+                    family=family(addr.version),
                 ),
             )
 
     async def default_routes(self, ns: NsRef, version: int) -> list[Route]:
         sock = await self._sock(ns)
         routes = []
-        dump = sock.route("dump", family=_family(version))
+        dump = sock.route("dump", family=family(version))
         for m in await self._dump(ns, "a route dump", dump):
             table = m.get_attr("RTA_TABLE") or m["table"]
             if m["dst_len"] != 0 or table != 254:
@@ -504,7 +425,7 @@ class PyrouteNetlink:
                     dst="default" if gateway.version == 4 else "::/0",
                     gateway=str(gateway),
                     oif=index,
-                    family=_family(gateway.version),
+                    family=family(gateway.version),
                     proto=RTPROT_NETAGENT,
                 ),
             )
@@ -524,7 +445,7 @@ class PyrouteNetlink:
                 dst="default" if gateway.version == 4 else "::/0",
                 gateway=str(gateway),
                 oif=index,
-                family=_family(gateway.version),
+                family=family(gateway.version),
                 proto=RTPROT_NETAGENT,
             ),
         )
@@ -559,22 +480,10 @@ class PyrouteNetlink:
                 return None
             raise
         finally:
-            _drain(self.ipr)
+            drain(self.ipr)
         if not msgs:
             return None
-        link = link_from_msg(msgs[0])
-        info = msgs[0].get_attr("IFLA_LINKINFO")
-        data = info.get_attr("IFLA_INFO_DATA") if info is not None else None
-        if link.kind != "vxlan" or data is None:
-            return None
-        return Vxlan(
-            link=link,
-            vni=data.get_attr("IFLA_VXLAN_ID") or 0,
-            port=data.get_attr("IFLA_VXLAN_PORT") or 0,
-            local=data.get_attr("IFLA_VXLAN_LOCAL"),
-            dev=data.get_attr("IFLA_VXLAN_LINK") or None,
-            learning=bool(data.get_attr("IFLA_VXLAN_LEARNING")),
-        )
+        return vxlan_from_msg(msgs[0])
 
     async def address_owner(self, ip: str) -> int | None:
         for m in await self._dump(None, "an address dump", self.ipr.addr("dump")):
@@ -666,72 +575,17 @@ class PyrouteNetlink:
     async def show_links(self, ns: NsRef) -> list[dict[str, Any]]:
         sock = await self._sock(ns)
         links = await self.links(ns)
-        names = {lk.index: lk.name for lk in links}
-        addrs: dict[int, list[str]] = {}
-        for m in await self._dump(ns, "an address dump", sock.addr("dump")):
-            addr = m.get_attr("IFA_ADDRESS")
-            if addr:
-                addrs.setdefault(m["index"], []).append(f"{addr}/{m['prefixlen']}")
-        return [
-            {
-                "index": lk.index,
-                "name": lk.name,
-                "kind": lk.kind,
-                "state": "up" if lk.up else "down",
-                "master": names.get(lk.master) if lk.master else None,
-                "addresses": addrs.get(lk.index, []),
-                "owner": lk.owner_key,
-            }
-            for lk in links
-        ]
+        return link_rows(links, await self._dump(ns, "an address dump", sock.addr("dump")))
 
     async def show_neigh(self, ns: NsRef) -> list[dict[str, Any]]:
         sock = await self._sock(ns)
         names = await self._names(ns)
-        result = []
-        for m in await self._dump(ns, "a neighbour dump", sock.neigh("dump")):
-            dst = m.get_attr("NDA_DST")
-            if dst is None:
-                continue
-            result.append(
-                {
-                    "address": dst,
-                    "lladdr": m.get_attr("NDA_LLADDR"),
-                    "dev": names.get(m["ifindex"], str(m["ifindex"])),
-                    "state": _NUD.get(m["state"], str(m["state"])),
-                }
-            )
-        return result
+        return neigh_rows(await self._dump(ns, "a neighbour dump", sock.neigh("dump")), names)
 
     async def show_routes(self, ns: NsRef) -> list[dict[str, Any]]:
         sock = await self._sock(ns)
         names = await self._names(ns)
-        result = []
-        for family in (socket.AF_INET, socket.AF_INET6):
-            for m in await self._dump(ns, "a route dump", sock.route("dump", family=family)):
-                table = m.get_attr("RTA_TABLE") or m["table"]
-                if table != 254:
-                    continue
-                dst = m.get_attr("RTA_DST")
-                result.append(
-                    {
-                        "destination": f"{dst}/{m['dst_len']}" if dst else "default",
-                        "gateway": m.get_attr("RTA_GATEWAY"),
-                        "dev": names.get(m.get_attr("RTA_OIF")),
-                        "source": m.get_attr("RTA_PREFSRC"),
-                        "proto": m["proto"],
-                    }
-                )
-        return result
-
-
-_NUD = {
-    0x01: "INCOMPLETE",
-    0x02: "REACHABLE",
-    0x04: "STALE",
-    0x08: "DELAY",
-    0x10: "PROBE",
-    0x20: "FAILED",
-    0x40: "NOARP",
-    0x80: "PERMANENT",
-}
+        msgs = []
+        for fam in (socket.AF_INET, socket.AF_INET6):
+            msgs += await self._dump(ns, "a route dump", sock.route("dump", family=fam))
+        return route_rows(msgs, names)
