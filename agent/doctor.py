@@ -26,6 +26,7 @@ BRIDGE_PORTS = 1023
 #: warn from this share of it on
 PORTS_NEAR = 0.9
 BR_NF = "net/bridge/bridge-nf-call-iptables"
+NEW_DNAT = frozenset({"NEW", "DNAT"})
 #: chain (or nft table) name prefixes -> the tool that makes them
 TOOLS = (
     ("DOCKER", "Docker"),
@@ -132,6 +133,48 @@ def _fix_drop(outcome: T.Outcome, bridge: str | None, tool: str | None) -> str:
     )
 
 
+Fwd = tuple[str, str, int, range, Any, int]
+#: what one forward's checks found: findings, and the DROP policies its accepts pass
+PerForward = tuple[list[Finding], set[str]]
+
+
+class ForwardMemo:
+    """The per-forward checks' results, kept while the snapshot and the bridges' networks
+    they were computed against stay the same: with 10,000 forwards, checking them all
+    again after each request would cost ~100 ms; a new forward costs its own checks.
+    Kept by forward key and check, with the forward's fields to see that it is the same
+    (the intent's own objects: compared by identity first, never hashed)."""
+
+    def __init__(self) -> None:
+        self._against: tuple[int, tuple[Any, ...]] | None = None
+        self._results: dict[tuple[str, str], tuple[Fwd, PerForward]] = {}
+        self._desired: Desired | None = None
+
+    def begin(self, view: HostView, desired: Desired) -> None:
+        nets = tuple((n, tuple(b[1]), tuple(b[2])) for n, b in sorted(desired.bridges.items()))
+        against = (id(view), nets)
+        if against != self._against:
+            self._against, self._results = against, {}
+        self._desired = desired
+
+    def get(self, check: str, fwd: Fwd, compute: Any) -> PerForward:
+        key = (check, fwd[0])
+        got = self._results.get(key)
+        if got is not None and got[0] == fwd:
+            return got[1]
+        result: PerForward = compute()
+        self._results[key] = (fwd, result)
+        return result
+
+    def end(self) -> None:
+        """Forget the results of forwards no longer desired."""
+        d = self._desired
+        if d is not None and len(self._results) > 3 * len(d.forwards):
+            keys = {f[0] for f in d.forwards}
+            self._results = {k: v for k, v in self._results.items() if k[1] in keys}
+        self._desired = None
+
+
 class Doctor:
     """Runs the checks over one snapshot."""
 
@@ -141,12 +184,14 @@ class Doctor:
         desired: Desired,
         failed_filters: dict[str, str] | None = None,
         backend: str = "nftables",
+        memo: ForwardMemo | None = None,
     ) -> None:
         self.view = view
         self.fw = view.firewall
         self.d = desired
         self.failed = failed_filters or {}
         self.backend = backend
+        self.memo = memo
         self.found: list[Finding] = []
         #: the checks that ran (named in ``doctor``'s summary)
         self.checked: list[str] = []
@@ -155,6 +200,8 @@ class Doctor:
         self.found.append(Finding(code, severity, what, **kw))
 
     def run(self) -> list[Finding]:
+        if self.memo is not None:
+            self.memo.begin(self.view, self.d)
         for check in (
             self.forwarding,
             self.drops,
@@ -170,7 +217,16 @@ class Doctor:
         ):
             self.checked.append(check.__name__.replace("_", " "))
             check()
+        if self.memo is not None:
+            self.memo.end()
         return self.found
+
+    def _per_forward(self, check: str, fwd: Fwd, compute: Any) -> set[str]:
+        """One forward's part of a check: from the memo when it holds it; its findings
+        added, the DROP policies its traffic passes returned."""
+        found, passed = self.memo.get(check, fwd, compute) if self.memo else compute()
+        self.found += found
+        return passed
 
     # ---- the checks -------------------------------------------------------------------
     def forwarding(self) -> None:
@@ -193,8 +249,8 @@ class Doctor:
                 )
 
     def _packets(self) -> list[tuple[str, str, tuple[str, ...], T.Packet]]:
-        """(what, bridge, keys, packet): the traffic netagent's intents need through
-        the forward hook."""
+        """(what, bridge, keys, packet): the traffic netagent's bridges need through the
+        forward hook (each forward's: ``_forward_packet``)."""
         up = self.view.uplink
         out: list[tuple[str, str, tuple[str, ...], T.Packet]] = []
         bridged = self.view.sysctls.get(BR_NF) == "1"
@@ -240,21 +296,39 @@ class Doctor:
                             ),
                         )
                     )
-        for key, proto, family, _ports, dest, dport in self.d.forwards:
-            bridge = next(
-                (n for n, b in self.d.bridges.items() if any(dest in net for net in b[1] + b[2])),
-                None,
-            )
-            pkt = T.Packet(
-                family, proto, dport, up, bridge, None, str(dest), frozenset({"NEW", "DNAT"})
-            )
-            out.append((f"the forwarded traffic of {key}", bridge or "", (key,), pkt))
         return out
 
+    def _forward_packet(self, fwd: Fwd) -> tuple[str, str, tuple[str, ...], T.Packet]:
+        key, proto, family, _ports, dest, dport = fwd
+        bridge = next(
+            (n for n, b in self.d.bridges.items() if any(dest in net for net in b[1] + b[2])),
+            None,
+        )
+        pkt = T.Packet(family, proto, dport, self.view.uplink, bridge, None, str(dest), NEW_DNAT)
+        return (f"the forwarded traffic of {key}", bridge or "", (key,), pkt)
+
     def drops(self) -> None:
-        seen: dict[tuple[str, int], Finding] = {}
+        found, overridden = self._drops_of(self._packets())
+        self.found += found
+        for fwd in self.d.forwards:
+            overridden |= self._per_forward(
+                "drops", fwd, lambda f=fwd: self._drops_of([self._forward_packet(f)])
+            )
+        for item in sorted(overridden):
+            where, tool = item.split("|")
+            self.add(
+                "drop-passed",
+                NOTE,
+                f"the policy of {where} is DROP; netagent's traffic passes it through its "
+                "accepts in NETAGENT-FORWARD (first in that chain)",
+                who=tool or None,
+            )
+
+    def _drops_of(self, packets: list[tuple[str, str, tuple[str, ...], T.Packet]]) -> PerForward:
+        found: list[Finding] = []
+        seen: set[tuple[str, int]] = set()
         overridden: set[str] = set()
-        for what, bridge, keys, pkt in self._packets():
+        for what, bridge, keys, pkt in packets:
             outcomes = T.at_hook(self.fw, "forward", pkt)
             for o in outcomes:
                 if o.rule is not None and o.rule.ours and o.chain.policy in T.DROPS:
@@ -275,26 +349,19 @@ class Doctor:
             ident = (drop.where.where + (drop.rule.text if drop.rule else ""), id(keys))
             if ident in seen:
                 continue
-            finding = Finding(
-                "forward-drop",
-                PROBLEM,
-                text,
-                tool,
-                _fix_drop(drop, bridge, tool),
-                keys,
-                blocks=drop.certain,
+            seen.add(ident)
+            found.append(
+                Finding(
+                    "forward-drop",
+                    PROBLEM,
+                    text,
+                    tool,
+                    _fix_drop(drop, bridge, tool),
+                    keys,
+                    blocks=drop.certain,
+                )
             )
-            seen[ident] = finding
-            self.found.append(finding)
-        for item in sorted(overridden):
-            where, tool = item.split("|")
-            self.add(
-                "drop-passed",
-                NOTE,
-                f"the policy of {where} is DROP; netagent's traffic passes it through its "
-                "accepts in NETAGENT-FORWARD (first in that chain)",
-                who=tool or None,
-            )
+        return found, overridden
 
     def legacy_beside_nft(self) -> None:
         rules = [
@@ -332,44 +399,65 @@ class Doctor:
             )
 
     def competing_dnat(self) -> None:
-        for chain in self.fw.chains:
-            for rule in chain.rules:
-                if rule.ours or rule.verdict != "DNAT" or not rule.dports:
-                    continue
-                for key, proto, family, ports, _dest, _dport in self.d.forwards:
-                    if chain.family not in (None, family) or rule.proto not in (None, proto):
-                        continue
-                    hit = [
-                        p
-                        for p in (ports.start, ports.stop - 1)
-                        if any(lo <= p <= hi for lo, hi in rule.dports)
-                    ]
-                    hit += [lo for lo, _hi in rule.dports if lo in ports]
-                    if not hit:
-                        continue
-                    tool = tool_of(chain.table if chain.framework == "nftables" else chain.name)
-                    port = min(hit)
-                    self.add(
-                        "dnat-conflict",
-                        PROBLEM,
-                        f"host port {port}/{proto} of {key} is also DNATed by {chain.where} "
-                        f"(`{rule.text}`): which one a packet takes depends on the order of "
-                        "the chains",
-                        who=tool,
-                        fix=_fix_dnat(tool, port, key),
-                        keys=(key,),
-                        blocks=True,
-                    )
+        rules = [
+            (chain, rule)
+            for chain in self.fw.chains
+            for rule in chain.rules
+            if not rule.ours and rule.verdict == "DNAT" and rule.dports
+        ]
+        if not rules:
+            return
+        for fwd in self.d.forwards:
+            self._per_forward("dnat", fwd, lambda f=fwd: (self._dnat_of(f, rules), set()))
+
+    def _dnat_of(self, fwd: Fwd, rules: list[tuple[Chain, Any]]) -> list[Finding]:
+        key, proto, family, ports, _dest, _dport = fwd
+        found = []
+        for chain, rule in rules:
+            if chain.family not in (None, family) or rule.proto not in (None, proto):
+                continue
+            hit = [
+                p
+                for p in (ports.start, ports.stop - 1)
+                if any(lo <= p <= hi for lo, hi in rule.dports)
+            ]
+            hit += [lo for lo, _hi in rule.dports if lo in ports]
+            if not hit:
+                continue
+            tool = tool_of(chain.table if chain.framework == "nftables" else chain.name)
+            port = min(hit)
+            found.append(
+                Finding(
+                    "dnat-conflict",
+                    PROBLEM,
+                    f"host port {port}/{proto} of {key} is also DNATed by {chain.where} "
+                    f"(`{rule.text}`): which one a packet takes depends on the order of "
+                    "the chains",
+                    who=tool,
+                    fix=_fix_dnat(tool, port, key),
+                    keys=(key,),
+                    blocks=True,
+                )
+            )
+        return found
 
     def listeners(self) -> None:
-        for key, proto, family, ports, _dest, _dport in self.d.forwards:
-            for lst in self.view.listeners:
-                if lst.proto != proto or lst.port not in ports or lst.family != family:
-                    continue
-                owner = self.view.owners.get(lst.inode)
-                name = f"{owner[1]} (pid {owner[0]})" if owner else "a process"
-                addr = f"[{lst.address}]" if family == 6 else lst.address
-                self.add(
+        if not self.view.listeners:
+            return
+        for fwd in self.d.forwards:
+            self._per_forward("listeners", fwd, lambda f=fwd: (self._listeners_of(f), set()))
+
+    def _listeners_of(self, fwd: Fwd) -> list[Finding]:
+        key, proto, family, ports, _dest, _dport = fwd
+        found = []
+        for lst in self.view.listeners:
+            if lst.proto != proto or lst.port not in ports or lst.family != family:
+                continue
+            owner = self.view.owners.get(lst.inode)
+            name = f"{owner[1]} (pid {owner[0]})" if owner else "a process"
+            addr = f"[{lst.address}]" if family == 6 else lst.address
+            found.append(
+                Finding(
                     "listener",
                     PROBLEM,
                     f"{name} listens on {addr}:{lst.port}/{proto}, a port {key} forwards: "
@@ -379,6 +467,8 @@ class Doctor:
                     f"{lst.port} --proto {proto}`",
                     keys=(key,),
                 )
+            )
+        return found
 
     def managers(self) -> None:
         names = {c.table for c in self.fw.chains if c.framework == "nftables"}

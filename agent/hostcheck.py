@@ -47,6 +47,11 @@ class HostCheck:
         #: when the findings were last computed (time.time())
         self.at: float | None = None
         self._by_key: dict[str, list[doctor.Finding]] = {}
+        #: each forward's checks, kept while the reading stays (``doctor.ForwardMemo``)
+        self._memo = doctor.ForwardMemo()
+        #: seconds the last ``refresh`` took, reading included (the reconciler spaces
+        #: the findings' passes by it)
+        self.cost = 0.0
         self._lib: LibNftables | None = None
         self._lib_tried = False
         #: other tools' changes noted, and how many the last reading had seen; our
@@ -109,7 +114,7 @@ class HostCheck:
         filters = self.firewall.filters
         failed = {t.name: why for t, why in filters.state.failed.items()} if filters else {}
         desired = doctor.desired_of(self.ctx.state, self._bridge_ports())
-        doc = doctor.Doctor(self.view, desired, failed, self.firewall.name)
+        doc = doctor.Doctor(self.view, desired, failed, self.firewall.name, self._memo)
         self.findings = doc.run()
         self.checked = doc.checked
         self.at = time.time()
@@ -138,6 +143,13 @@ class HostCheck:
         chains), else only its sysctls (a file each: netagent itself turns forwarding
         on, in the pass before), then check. Says nothing in the pass's actions:
         findings are not changes."""
+        t0 = time.perf_counter()
+        try:
+            return await self._refresh(read)
+        finally:
+            self.cost = time.perf_counter() - t0
+
+    async def _refresh(self, read: bool) -> list[str]:
         if read or self.stale:
             filters = self.firewall.filters
             foreign, writes = self._foreign, filters.writes if filters is not None else 0

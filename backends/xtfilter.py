@@ -35,6 +35,7 @@ import os
 import shutil
 import socket
 import struct
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -174,9 +175,21 @@ def plan_target(want: Chains, have: FamilyObserved) -> tuple[list[str], list[str
     return lines + tail, steps
 
 
+#: program -> (its path or None, when that was looked up)
+_found: dict[str, tuple[str | None, float]] = {}
+#: seconds a lookup is kept: every sync asks for every program, a PATH walk each
+FOUND_TTL = 30.0
+
+
 def _resolve(program: str) -> str | None:
+    now = time.monotonic()
+    got = _found.get(program)
+    if got is not None and now - got[1] < FOUND_TTL:
+        return got[0]
     search = os.environ.get("PATH", "")
-    return shutil.which(program, path=f"{search}:{SBIN}" if search else SBIN)
+    path = shutil.which(program, path=f"{search}:{SBIN}" if search else SBIN)
+    _found[program] = (path, now)
+    return path
 
 
 def nf_tables() -> set[str]:
@@ -238,6 +251,8 @@ class FilterChains:
         self.state = FilterState()
         #: per target, what was last wanted and found in place
         self._synced: dict[Target, Chains] = {}
+        #: the frameworks that filtered when last looked (``targets``)
+        self._targets: set[Target] | None = None
         #: how many restores ran (a reading of the host older than one is stale)
         self.writes = 0
 
@@ -271,7 +286,11 @@ class FilterChains:
         wanted chains are what it was last synced to is not read at all."""
         guard = self.guard_in is not None
         steps: list[str] = []
-        now = set(self.targets(guard))
+        if look or self._targets is None:
+            # which frameworks filter changes when a tool makes or drops a filter table:
+            # the periodic pass and a foreign change of a table look (``look``)
+            self._targets = set(self.targets(guard))
+        now = self._targets
         for target in sorted(now):
             want = wanted(spec, target.family, guard and target.flavour == self.guard_in)
             if not look and self._synced.get(target) == want:
@@ -321,5 +340,6 @@ class FilterChains:
             await self._restore(target, lines)
             removed += [f"deleted chain {c} ({target.name})" for c in sorted(have.chains)]
         self._synced.clear()
+        self._targets = None
         self.state = FilterState()
         return removed

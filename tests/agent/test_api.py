@@ -481,3 +481,40 @@ async def test_another_tools_dnat_is_warned_of_and_shown_as_not_in_place(
         assert (await w.call("doctor"))["problems"] == 0
         item = next(i for i in (await w.call("show"))["intents"] if i["key"] == "fwd/tcp/8083")
         assert item["in_place"]
+
+
+async def test_a_burst_of_requests_gets_one_check_of_the_findings_at_its_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The findings follow the requests spaced by what checking them costs (10,000
+    forwards: ~10 ms a check), so a burst is not slowed by one check per request; they
+    do follow, once, after it."""
+    w = make_world(tmp_path)
+    async with w.running():
+        checker = w.api.checker
+        assert checker is not None
+        await w.call("ns.add", name="red")
+        await w.call("bridge.add", **BR)
+        await w.call("plug.add", **PLUG)
+        await until(
+            lambda: checker.at is not None and w.rec._findings_at is None,
+            "the first findings, and none scheduled",
+        )
+        refreshes: list[float] = []
+        refresh = checker.refresh
+
+        async def counted(read: bool) -> list[str]:
+            refreshes.append(checker.cost)
+            out = await refresh(read)
+            checker.cost = 0.03  # as if checking took 30 ms: the next waits 0.3 s
+            return out
+
+        monkeypatch.setattr(checker, "refresh", counted)
+        checker.cost = 0.03
+        before = checker.at
+        for port in range(8000, 8010):
+            await w.call("forward.add", host_ports=str(port), destination="192.168.15.2:80")
+        assert refreshes == []  # none yet: the burst took less than the spacing
+        await until(lambda: len(refreshes) == 1, "one check after the burst")
+        await until(lambda: checker.at != before, "the findings computed again")
+        assert len(refreshes) == 1

@@ -209,3 +209,50 @@ def test_the_walk_follows_jumps_returns_and_policies() -> None:
     unknown = T.Packet(4, "tcp", 80, None, None, None, "192.168.15.2")
     [out] = T.at_hook(fw, "forward", unknown)
     assert out.verdict == "DROP" and not out.certain
+
+
+def _lines(found: list[doctor.Finding]) -> list[str]:
+    return sorted(f.line() for f in found)
+
+
+def test_the_forward_memo_gives_what_a_full_check_gives_and_checks_only_whats_new(
+    monkeypatch: Any,
+) -> None:
+    v = view(DOCKER)
+    v.listeners = [Listener("tcp", 4, "0.0.0.0", 8083, 4242)]
+    d = desired(("tcp", 80, "192.168.15.2", 80), ("tcp", 8083, "192.168.15.2", 80))
+    memo = doctor.ForwardMemo()
+    assert _lines(doctor.Doctor(v, d, memo=memo).run()) == _lines(run(v, d))
+    walked: list[int | None] = []
+    at_hook = T.at_hook
+
+    def counting(fw: Any, hook: str, pkt: T.Packet) -> Any:
+        walked.append(pkt.dport)
+        return at_hook(fw, hook, pkt)
+
+    monkeypatch.setattr(T, "at_hook", counting)
+    # one forward more: only its packet is walked (and the bridge's own, always)
+    d.forwards.append(
+        ("fwd/udp/53", "udp", 4, range(53, 54), ipaddress.ip_address("192.168.15.3"), 53)
+    )
+    with_memo = doctor.Doctor(v, d, memo=memo).run()
+    assert [p for p in walked if p is not None] == [53]
+    walked.clear()
+    assert _lines(with_memo) == _lines(run(v, d))
+    assert sorted(p for p in walked if p is not None) == [53, 80, 80]  # no memo: all three
+    # a new reading of the host: everything is checked again
+    walked.clear()
+    doctor.Doctor(view(DOCKER), d, memo=memo).run()
+    assert sorted(p for p in walked if p is not None) == [53, 80, 80]
+    # a forward retargeted under the same key is checked again, not taken from the memo
+    walked.clear()
+    d.forwards[0] = (
+        "fwd/tcp/80",
+        "tcp",
+        4,
+        range(80, 81),
+        ipaddress.ip_address("192.168.15.9"),
+        81,
+    )
+    doctor.Doctor(v, d, memo=memo).run()
+    assert 81 in walked
