@@ -75,6 +75,12 @@ def read_listeners() -> list[Listener]:
         return _proc_listeners()
 
 
+def listeners_now() -> list[Listener]:
+    """:func:`read_listeners` by sock_diag alone, with a short time limit, for the event
+    loop itself; OSError when sock_diag cannot answer (read them in a thread then)."""
+    return [Listener(*b) for b in sockdiag.bound_sockets(timeout=0.2)]
+
+
 def _proc_listeners() -> list[Listener]:
     out: list[Listener] = []
     for proto, family, path, state in SOCKET_FILES:

@@ -49,6 +49,8 @@ class FakeNetlink(Faults):
         self.mtus: dict[str, int] = {}
         #: every mutating call, in order: ("op", args...)
         self.calls: list[tuple[Any, ...]] = []
+        #: identities of the namespaces made by ``ns_add`` (their interfaces announce)
+        self.announcing_ns: set[tuple[int, int]] = set()
         #: host VXLAN devices: index -> (vni, port, local, dev, learning)
         self.vxlans: dict[int, tuple[int, int, str, int, bool]] = {}
         #: per VXLAN device index: routes (subnet -> via), neighbours (ip -> mac) and FDB
@@ -195,7 +197,12 @@ class FakeNetlink(Faults):
         if name in self.named:
             raise FileExistsError(errno.EEXIST, f'Cannot create namespace file "{name}"')
         self.named[name] = self._new_ns()
+        self.announcing_ns.add(self.named[name].ident)
         self.calls.append(("ns_add", name))
+
+    def announcing(self, ns: str) -> bool:
+        space = self.named.get(self._name(ns))
+        return space is not None and space.ident in self.announcing_ns
 
     async def ns_del(self, name: str) -> None:
         await self._fault("ns_del")

@@ -142,6 +142,12 @@ class Netlink(Protocol):
 
     async def ns_del(self, name: str) -> None: ...
 
+    def announcing(self, ns: str) -> bool:
+        """Whether interfaces made in ``ns`` announce their addresses by default
+        (``netns.ANNOUNCE_DEFAULTS``: a namespace this daemon made, the same one still):
+        then they need no ``arp_notify``/``ndisc_notify`` of their own."""
+        ...
+
     async def forget(self, ns: str) -> None:
         """Close what is kept open in a namespace (an open socket keeps a deleted
         namespace alive in the kernel)."""

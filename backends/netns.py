@@ -66,9 +66,32 @@ def share_dir(directory: str) -> None:
     _check(_mount("", directory, MS_SHARED | MS_REC), f"making {directory} a shared mount")
 
 
+#: the defaults every interface made in a namespace of netagent's takes: coming up, it
+#: announces its addresses (a gratuitous ARP, an unsolicited neighbour advertisement),
+#: so a re-created veth is reachable at once and no per-interface sysctl is needed
+ANNOUNCE_DEFAULTS = {
+    "net/ipv4/conf/default/arp_notify": "1",
+    "net/ipv6/conf/default/ndisc_notify": "1",
+}
+
+
+def announce_by_default() -> bool:
+    """Set :data:`ANNOUNCE_DEFAULTS` in the calling thread's network namespace (its
+    /proc/sys/net); False when one cannot be (IPv6 disabled, say)."""
+    ok = True
+    for key, value in ANNOUNCE_DEFAULTS.items():
+        try:
+            with open(f"/proc/sys/{key}", "w") as f:
+                f.write(value)
+        except OSError:
+            ok = False
+    return ok
+
+
 def add(path: str) -> socket.socket:
-    """A new network namespace bound at ``path``, and a rtnetlink socket inside it.
-    FileExistsError when the name is taken (by anyone, at any moment)."""
+    """A new network namespace bound at ``path``, and a rtnetlink socket inside it; its
+    interfaces announce themselves (:data:`ANNOUNCE_DEFAULTS`). FileExistsError when the
+    name is taken (by anyone, at any moment)."""
     share_dir(os.path.dirname(path))
     fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0)
     os.close(fd)
@@ -79,6 +102,7 @@ def add(path: str) -> socket.socket:
             _check(_c().unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
             own = f"/proc/self/task/{threading.get_native_id()}/ns/net"
             _check(_mount(own, path, MS_BIND), f"binding the new namespace to {path}")
+            announce_by_default()
             # SOCK_DGRAM (netlink takes it as SOCK_RAW): pyroute2 takes fileno= only so
             result.append(
                 socket.socket(

@@ -68,6 +68,8 @@ class PyrouteNetlink:
         self.raw: rtnl.Requests | None = None
         self.overlay: Overlay | None = None
         self._ns = NsSockets(linger=TIMEOUT + 1)
+        #: identities of the namespaces made here with ``netns.ANNOUNCE_DEFAULTS``
+        self._announcing: set[tuple[int, int]] = set()
 
     # ---- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
@@ -145,7 +147,14 @@ class PyrouteNetlink:
         async with self._ns.lock:
             sock = AsyncIPRoute(fileno=raw.detach())
             await self._timed(None, "opening a socket", sock.setup_endpoint())
-            self._ns.keep(name, self.ns_identity(name), sock)
+            ident = self.ns_identity(name)
+            self._ns.keep(name, ident, sock)
+            if ident is not None:
+                self._announcing.add(ident)
+
+    def announcing(self, ns: str) -> bool:
+        ident = self.ns_identity(ns)
+        return ident is not None and ident in self._announcing
 
     async def ns_del(self, name: str) -> None:
         """``ip netns del``, in the daemon (``backends/netns.py``)."""

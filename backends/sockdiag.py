@@ -72,11 +72,12 @@ def _dump(sock: socket.socket, family: int, proto: int, state: int) -> list[Boun
             off += (length + 3) & ~3
 
 
-def bound_sockets() -> list[Bound]:
-    """TCP sockets in LISTEN and UDP sockets bound and unconnected, IPv4 and IPv6."""
+def bound_sockets(timeout: float = TIMEOUT) -> list[Bound]:
+    """TCP sockets in LISTEN and UDP sockets bound and unconnected, IPv4 and IPv6;
+    OSError (a timeout included) when the kernel does not answer within ``timeout``."""
     out: list[Bound] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as sock:
-        sock.settimeout(TIMEOUT)
+        sock.settimeout(timeout)
         for proto, state in ((socket.IPPROTO_TCP, TCP_LISTEN), (socket.IPPROTO_UDP, UDP_BOUND)):
             for family in (socket.AF_INET, socket.AF_INET6):
                 out += _dump(sock, family, proto, state)

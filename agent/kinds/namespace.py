@@ -174,14 +174,16 @@ class NamespaceKind(Kind[Namespace]):
         lo = await net.link(ns.name, "lo")
         if lo is None:
             return acts.done
-        if lo.owner_key != ns.key:
-            if not created and not ctx.claims.claimed(ns.name):
-                raise foreign(ns.name)
-            if acts.add(f"mark {ns.name} as netagent's"):
-                await net.set_link(ns.name, lo.index, alias=f"netagent:{ns.key}")
+        mark = lo.owner_key != ns.key
+        if mark and not created and not ctx.claims.claimed(ns.name):
+            raise foreign(ns.name)
+        marked = mark and acts.add(f"mark {ns.name} as netagent's")
+        up = not lo.up and acts.add(f"set lo up in {ns.name}")
+        if marked or up:  # one request for both (a new namespace needs both)
+            alias = f"netagent:{ns.key}" if marked else None
+            await net.set_link(ns.name, lo.index, alias=alias, up=True if up else None)
+            if marked:
                 ctx.claims.release(ns.name)
-        if not lo.up and acts.add(f"set lo up in {ns.name}"):
-            await net.set_link(ns.name, lo.index, up=True)
         return acts.done
 
     async def ensure(self, ctx: Context, intent: Namespace, old: Namespace | None) -> list[str]:

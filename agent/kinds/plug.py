@@ -256,16 +256,19 @@ class PlugKind(Kind[Plug]):
         if host_index is None or inner is None:
             raise BackendFailed(f"veth {plug.host_ifname} vanished right after creation")
         # addressed while still down, so that coming up announces it: a gratuitous ARP
-        # (arp_notify) and an unsolicited neighbour advertisement (ndisc_notify)
-        await net.set_ns_sysctls(plug.ns, announce(plug.ifname))
+        # (arp_notify) and an unsolicited neighbour advertisement (ndisc_notify); in a
+        # namespace netagent made, every interface does so by default
+        own = net.announcing(plug.ns)
+        if not own:
+            await net.set_ns_sysctls(plug.ns, announce(plug.ifname))
         for addr in plug.addresses:
             acts.add(f"add {addr} to {where}")
             await net.add_address(plug.ns, inner.index, addr)
         await gather(
             net.set_link(None, host_index, alias=alias_for(plug.key)),
             net.set_link(plug.ns, inner.index, alias=alias_for(plug.key), up=True),
-            # lo is index 1 in every namespace; setting it up again is a no-op
-            net.set_link(plug.ns, 1, up=True),
+            # lo is index 1 in every namespace (the namespace kind keeps its own up)
+            *([] if own else [net.set_link(plug.ns, 1, up=True)]),
         )
         acts.add(f"mark {plug.host_ifname} and {where}, set {where} up")
         for addr in plug.addresses:

@@ -194,7 +194,8 @@ class WireKind(Kind[Wire]):
                 peer_mac=mac_for(wire.key, wire.ns_b),
             )
             for ns, name in ((wire.ns_a, wire.ifname_a), (wire.ns_b, wire.ifname_b)):
-                await net.set_ns_sysctls(ns, announce(name))
+                if not net.announcing(ns):
+                    await net.set_ns_sysctls(ns, announce(name))
             a = await net.link(wire.ns_a, wire.ifname_a)
             b = await net.link(wire.ns_b, wire.ifname_b)
             if a is None or b is None:

@@ -518,3 +518,25 @@ async def test_a_burst_of_requests_gets_one_check_of_the_findings_at_its_end(
         await until(lambda: len(refreshes) == 1, "one check after the burst")
         await until(lambda: checker.at != before, "the findings computed again")
         assert len(refreshes) == 1
+
+
+async def test_a_plug_announces_itself_by_its_namespaces_defaults_or_its_own_sysctls(
+    tmp_path: Path,
+) -> None:
+    """In a namespace netagent made, every interface announces its addresses by default
+    (``netns.ANNOUNCE_DEFAULTS``): a plug sets no sysctl of its own there. In someone
+    else's namespace it sets its interface's ``arp_notify`` and ``ndisc_notify``."""
+    w = make_world(tmp_path)
+    w.net.make_foreign_ns("green")
+    async with w.running():
+        await w.call("ns.add", name="red")
+        await w.call("bridge.add", **BR)
+        await w.call("plug.add", **PLUG)
+        await w.call("plug.add", ns="green", bridge="v-net-0", addresses=["192.168.15.3/24"])
+    assert w.net.announcing("red") and not w.net.announcing("green")
+    assert not any(k.startswith("red:") for k in w.net.sysctls)
+    green = {k: v for k, v in w.net.sysctls.items() if k.startswith("green:")}
+    assert green == {
+        "green:net/ipv4/conf/veth-green/arp_notify": "1",
+        "green:net/ipv6/conf/veth-green/ndisc_notify": "1",
+    }
