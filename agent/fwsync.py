@@ -17,7 +17,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import structlog
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
     from .bus import EventBus
     from .kinds.forward import Forward
+    from .kinds.peer import Peer
     from .state import Change, DesiredState
 
 log = structlog.get_logger("netagent.firewall")
@@ -103,24 +104,23 @@ class FirewallSync:
         return FirewallSpec(forwards=forwards, bridges=bridges, vxlan=vxlan_guard(state))
 
     def note(self, change: Change) -> None:
-        """A committed change of a firewall kind."""
-        from .kinds.forward import Forward
-        from .kinds.peer import Peer
-
+        """A committed change of a firewall kind (told apart by their kind's name: an
+        ``apply`` of 10,000 forwards notes each, and imports here cost a tenth of it)."""
         old, new = change.old, change.new
         item = new if new is not None else old
-        if isinstance(old, Forward) or isinstance(new, Forward):
-            if isinstance(old, Forward):
-                self._removed.append(old)
-            if isinstance(new, Forward):
-                self._added.append(new)
-        elif isinstance(old, Peer) or isinstance(new, Peer):
+        kind = item.kind if item is not None else None
+        if kind == "forward":
+            if old is not None:
+                self._removed.append(cast("Forward", old))
+            if new is not None:
+                self._added.append(cast("Forward", new))
+        elif kind == "peer":
             # a peer's underlay address: one element of the VXLAN guard
-            if isinstance(old, Peer):
-                self._peers_removed.add(old.underlay)
-            if isinstance(new, Peer):
-                self._peers_added.add(new.underlay)
-        elif item is not None and item.kind == "attachment":
+            if old is not None:
+                self._peers_removed.add(cast("Peer", old).underlay)
+            if new is not None:
+                self._peers_added.add(cast("Peer", new).underlay)
+        elif kind == "attachment":
             # ``sync`` compares the bridges the spec needs with the last synced (a
             # chained one's bridge needs hairpin NAT), and changes nothing otherwise
             pass

@@ -67,9 +67,16 @@ LINK_CHUNK = 128
 #: a burst of kernel events lands before the pass that handles them starts
 COALESCE = 0.002
 #: the findings after requests wait this many times what computing them last took
-#: (a millisecond's: 10 ms; 10,000 forwards' ~10 ms: 0.1 s), at most FINDINGS_DELAY_MAX s
-FINDINGS_SPACING = 10.0
-FINDINGS_DELAY_MAX = 1.0
+#: (a millisecond's: 25 ms; 1,000 containers' ~6 ms: 0.15 s), at most FINDINGS_DELAY_MAX
+#: s after the first request they follow
+FINDINGS_SPACING = 25.0
+FINDINGS_DELAY_MAX = 2.0
+#: after a slice of the sweep, the next waits this many times what the slice took: the
+#: sweep (a safety net; kernel events repair at once) takes at most ~5% of the loop.
+#: With 1,000 containers a sweep costs ~5 s of work: it is spread over ~100 s (longer
+#: than the resync interval, which then means "as often as that allows"), and a
+#: request seldom meets a slice (it would wait for the key being checked)
+SWEEP_REST = 19.0
 #: seconds one key's ensure or removal may take in all: every call it makes has a time
 #: limit of its own, this is the net under them (a pass never waits forever)
 STEP_TIMEOUT = 60.0
@@ -164,6 +171,8 @@ class Reconciler:
         self._retry: dict[str, float] = {}
         #: when the findings follow the requests' changes (time.monotonic())
         self._findings_at: float | None = None
+        #: the latest the pending findings may wait till, however many requests come
+        self._findings_by: float | None = None
         self.passes = 0
         self.last_pass: dict[str, Any] = {}
         #: the orphans the last look found, and when it looked (time.time())
@@ -175,6 +184,8 @@ class Reconciler:
         self.checker: HostCheck | None = None
         self._next_full = time.monotonic() + resync_interval
         self._in_pass = False
+        #: no slice of the sweep before this (``SWEEP_REST``)
+        self._sweep_at = 0.0
 
     # ---- marking --------------------------------------------------------------------
     def _kick(self) -> None:
@@ -304,7 +315,7 @@ class Reconciler:
                 self._next_full = now + self.resync_interval
                 self.mark_all("periodic")
             if self._findings_at is not None and self._findings_at <= now:
-                self._findings_at = None
+                self._findings_at = self._findings_by = None
                 self._pending.setdefault(FINDINGS, "findings")
             due = [k for k, at in self._retry.items() if at <= now]
             for key in due:
@@ -312,7 +323,14 @@ class Reconciler:
             if self._tickets or self._links:
                 return
             if self._pending:
-                if all(w in ("event", "periodic", "retry") for w in self._pending.values()):
+                whys = set(self._pending.values())
+                if whys == {"periodic"} and now < self._sweep_at:
+                    # only the sweep is left, and its slices keep their spacing
+                    with anyio.move_on_after(self._sweep_at - now):
+                        await self._wake.wait()
+                    self._wake = anyio.Event()
+                    continue
+                if whys <= {"event", "periodic", "retry"}:
                     await anyio.sleep(COALESCE)  # let a burst land
                 return
             timeout = self._next_full - now
@@ -328,11 +346,14 @@ class Reconciler:
         """What the next pass covers: every requested, event and retry key, at most a
         chunk of the periodic ones, and what those need that is marked too."""
         urgent = [k for k, w in self._pending.items() if w != "periodic"]
-        background = [k for k, w in self._pending.items() if w == "periodic"]
-        order = self.state.kinds.order_of_key
-        background.sort(key=lambda k: (order(k), k))
-        # a chunk of the sweep only when no request waits: a request's pass is its own
-        chunk = set() if self._tickets else set(background[:CHUNK])
+        # a chunk of the sweep only when no request waits (a request's pass is its own)
+        # and its spacing allows (``SWEEP_REST``)
+        chunk: set[str] = set()
+        if not self._tickets and time.monotonic() >= self._sweep_at:
+            background = [k for k, w in self._pending.items() if w == "periodic"]
+            order = self.state.kinds.order_of_key
+            background.sort(key=lambda k: (order(k), k))
+            chunk = set(background[:CHUNK])
         keys = set(urgent) | chunk
         for key in list(keys):
             intent = self.state.get(key)
@@ -409,19 +430,20 @@ class Reconciler:
             for ticket in batch.tickets:
                 ticket.result = result.only(ticket.keys)
                 ticket.done.set()
-        if (
-            batch.tickets
-            and self.checker is not None
-            and batch.keys - PSEUDO
-            and self._findings_at is None
-        ):
+        if batch.tickets and self.checker is not None and batch.keys - PSEUDO:
             # the findings follow the desired state in a pass of their own, nobody's
-            # request waits for them, and they take at most about a tenth of the loop:
-            # with 10,000 forwards a burst of requests gets one check at its end
+            # request waits for them; each request moves them on (a burst of requests
+            # gets one check at its end, a steady stream one at least every
+            # FINDINGS_DELAY_MAX s), so they take a few percent of the loop at most
+            now = time.monotonic()
+            if self._findings_by is None:
+                self._findings_by = now + FINDINGS_DELAY_MAX
             delay = min(FINDINGS_SPACING * self.checker.cost, FINDINGS_DELAY_MAX)
-            self._findings_at = time.monotonic() + delay
+            self._findings_at = min(now + delay, self._findings_by)
         if batch.trigger != "request":
             self._publish_repairs(batch.trigger, result)
+        if batch.periodic:
+            self._sweep_at = time.monotonic() + SWEEP_REST * (time.perf_counter() - t0)
         self._log_pass(batch, t0, result)
         return result
 

@@ -15,7 +15,7 @@ Standard library only, and nothing heavy: every ``netagent ctl`` command imports
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Generic, TypeVar, overload
 
 from .argv import FLAG, MANY, ONE, Shape
@@ -23,6 +23,9 @@ from .errors import BadRequest, NetagentError
 
 T = TypeVar("T")
 R = TypeVar("R", bound="Request")
+#: one field as ``Request.parse`` reads it: name, aliases, parser, label, required,
+#: repeatable, default
+_Step = tuple[str, tuple[str, ...], Callable[[object, str], Any], str, bool, bool, Any]
 
 
 class Value(Generic[T]):
@@ -210,6 +213,8 @@ class Request:
     local_fields: ClassVar[tuple[Field[Any], ...]] = ()
     #: argument name or alias -> its field
     _known: ClassVar[dict[str, Field[Any]]] = {}
+    #: how ``parse`` reads the fields (made on first use, per class)
+    _plan: ClassVar[tuple[_Step, ...]] = ()
 
     __slots__ = ("_values",)
 
@@ -245,30 +250,42 @@ class Request:
     def parse(cls: type[R], args: Mapping[str, object]) -> R:
         """Parse the arguments of this op, once. Unknown arguments are refused (a typo
         would otherwise be silently ignored)."""
-        from .values import PARSERS
-
         known = cls._known
-        unknown = [k for k in args if k not in known]
-        if unknown:
-            raise BadRequest(
-                f"{cls.op}: unknown argument {unknown[0]!r}; "
-                f"known: {', '.join(f.name for f in cls.fields) or 'none'}"
-            )
+        for k in args:
+            if k not in known:
+                raise BadRequest(
+                    f"{cls.op}: unknown argument {k!r}; "
+                    f"known: {', '.join(f.name for f in cls.fields) or 'none'}"
+                )
+        plan = cls.__dict__.get("_plan") or cls._make_plan()
         values: dict[str, Any] = {}
-        for f in cls.fields:
-            raw = args.get(f.name)
-            for alias in f.aliases:
+        for name, aliases, parse, label, required, many, default in plan:
+            raw = args.get(name)
+            for alias in aliases:
                 if raw is None:
                     raw = args.get(alias)
-            if raw is None or (f.many and raw == []):
-                if f.required:
-                    raise BadRequest(f"{cls.op}: missing argument {f.name!r} ({f.label})")
+            if raw is None or (many and raw == []):
+                if required:
+                    raise BadRequest(f"{cls.op}: missing argument {name!r} ({label})")
                 # a repeatable option left out is its parser's empty value; any other
                 # default is already a typed value
-                values[f.name] = PARSERS[f.value.parser](None, f.label) if f.many else f.default
+                values[name] = parse(None, label) if many else default
                 continue
-            values[f.name] = PARSERS[f.value.parser](raw, f.label)
+            values[name] = parse(raw, label)
         return cls(**values)
+
+    @classmethod
+    def _make_plan(cls) -> tuple[_Step, ...]:
+        """Each field's parser looked up once per class (``apply`` parses 10,000 requests
+        in one go: the lookups were a tenth of its time)."""
+        from .values import PARSERS
+
+        plan = tuple(
+            (f.name, f.aliases, PARSERS[f.value.parser], f.label, f.required, f.many, f.default)
+            for f in cls.fields
+        )
+        cls._plan = plan
+        return plan
 
     # ---- the CLI's side: a command line -> the arguments to send ----------------------
     @classmethod
