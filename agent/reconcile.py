@@ -325,7 +325,9 @@ class Reconciler:
             if self._pending:
                 whys = set(self._pending.values())
                 if whys == {"periodic"} and now < self._sweep_at:
-                    # only the sweep is left, and its slices keep their spacing
+                    # only the sweep is left, and its slices keep their spacing (a retry
+                    # or the findings falling due meanwhile wait for it too: at most
+                    # SWEEP_REST times one slice's PERIODIC_BUDGET, ~1 s)
                     with anyio.move_on_after(self._sweep_at - now):
                         await self._wake.wait()
                     self._wake = anyio.Event()

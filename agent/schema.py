@@ -257,7 +257,7 @@ class Request:
                     f"{cls.op}: unknown argument {k!r}; "
                     f"known: {', '.join(f.name for f in cls.fields) or 'none'}"
                 )
-        plan = cls.__dict__.get("_plan") or cls._make_plan()
+        plan = cls.__dict__["_plan"] if "_plan" in cls.__dict__ else cls._make_plan()
         values: dict[str, Any] = {}
         for name, aliases, parse, label, required, many, default in plan:
             raw = args.get(name)
