@@ -380,7 +380,15 @@ class Reconciler:
                 else next(
                     (
                         w
-                        for w in ("event", "retry", "resync", "start", "periodic", "foreign")
+                        for w in (
+                            "event",
+                            "retry",
+                            "resync",
+                            "start",
+                            "periodic",
+                            "foreign",
+                            "findings",
+                        )
                         if w in whys
                     ),
                     "event" if links else "periodic",
