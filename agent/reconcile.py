@@ -22,6 +22,7 @@ safety net under the events. One log line per pass.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Awaitable, Iterable
@@ -155,8 +156,12 @@ class Reconciler:
         self.firewall = firewall
         self.bus = bus
         self.resync_interval = resync_interval
-        #: key -> why it is marked ("request", "event", "retry", "periodic", ...)
+        #: key -> why it is marked ("request", "event", "retry", ...): the next pass's
         self._pending: dict[str, str] = {}
+        #: the keys the periodic sweep has still to look at, in the order it looks (a key
+        #: marked for anything sooner leaves it): apart, so that a pass never walks the
+        #: sweep's thousands of keys to find the few a request or an event marked
+        self._sweep: dict[str, None] = {}
         self._links: set[int] = set()
         self._tickets: list[Ticket] = []
         #: removed intents whose kernel side is still to go (retried until it is)
@@ -216,6 +221,7 @@ class Reconciler:
                 keys.update((FIREWALL, HOST))
         for key in keys:
             self._pending[key] = "request"
+            self._sweep.pop(key, None)
         ticket = Ticket(keys)
         self._tickets.append(ticket)
         self._kick()
@@ -232,7 +238,7 @@ class Reconciler:
         for key in keys:
             if key not in self.state and key not in self._removals and key not in PSEUDO:
                 continue
-            self._pending.setdefault(key, why)
+            self._mark(key, why)
             st = self.status.get(key)
             if st is not None and st.state == IN_PLACE and why == "event":
                 st.state, st.reason = DRIFTED, why
@@ -252,20 +258,31 @@ class Reconciler:
         self._links.update(indexes)
         self._kick()
 
-    def mark_all(self, why: str) -> None:
-        for key in self.state.intents:
-            self._pending.setdefault(key, why)
-        for key in self._removals:
-            self._pending.setdefault(key, why)
-        self._pending.setdefault(FIREWALL, why)
-        self._pending.setdefault(HOST, why)
-        self._pending.setdefault(ORPHANS, why)
-        if self.checker is not None:
-            self._pending.setdefault(READ_HOST, why)
+    def _mark(self, key: str, why: str) -> None:
         if why != "periodic":
+            self._pending.setdefault(key, why)
+            self._sweep.pop(key, None)  # served sooner than the sweep would
+        elif key not in self._pending:
+            self._sweep[key] = None
+
+    def mark_all(self, why: str) -> None:
+        keys = [*self.state.intents, *self._removals, FIREWALL, HOST, ORPHANS]
+        if self.checker is not None:
+            keys.append(READ_HOST)
+        if why != "periodic":
+            for key in keys:
+                self._pending.setdefault(key, why)
+            self._sweep.clear()
             self._look_inside = True
             self.firewall.drifted(why)
         else:
+            # the sweep's order, made once per sweep: what others need comes first
+            fresh = [k for k in keys if k not in self._pending and k not in self._sweep]
+            if fresh:
+                order = self.state.kinds.order_of_key
+                self._sweep = dict.fromkeys(
+                    sorted([*self._sweep, *fresh], key=lambda k: (order(k), k))
+                )
             self.firewall.look()
         self._kick()
 
@@ -284,13 +301,13 @@ class Reconciler:
 
     def busy(self) -> bool:
         """Something is marked, waits, or a pass is running."""
-        return bool(self._pending or self._links or self._tickets or self._in_pass)
+        return bool(self._pending or self._sweep or self._links or self._tickets or self._in_pass)
 
     # ---- the loop -------------------------------------------------------------------
     async def run_until_idle(self, trigger: str) -> PassResult:
         """Run passes until nothing is marked (start-up, before the socket serves)."""
         total = PassResult()
-        while self._pending or self._links:
+        while self._pending or self._sweep or self._links:
             result = await self._pass(self._take(trigger))
             total.actions.update(result.actions)
             total.errors.update(result.errors)
@@ -316,25 +333,28 @@ class Reconciler:
                 self.mark_all("periodic")
             if self._findings_at is not None and self._findings_at <= now:
                 self._findings_at = self._findings_by = None
-                self._pending.setdefault(FINDINGS, "findings")
+                self._mark(FINDINGS, "findings")
             due = [k for k, at in self._retry.items() if at <= now]
             for key in due:
-                self._pending.setdefault(key, "retry")
+                self._mark(key, "retry")
             if self._tickets or self._links:
                 return
             if self._pending:
-                whys = set(self._pending.values())
-                if whys == {"periodic"} and now < self._sweep_at:
-                    # only the sweep is left, and its slices keep their spacing (a retry
-                    # or the findings falling due meanwhile wait for it too: at most
-                    # SWEEP_REST times one slice's PERIODIC_BUDGET, ~1 s)
-                    with anyio.move_on_after(self._sweep_at - now):
-                        await self._wake.wait()
-                    self._wake = anyio.Event()
-                    continue
-                if whys <= {"event", "periodic", "retry"}:
+                if set(self._pending.values()) <= {"event", "retry"}:
                     await anyio.sleep(COALESCE)  # let a burst land
                 return
+            if self._sweep:
+                if now >= self._sweep_at:
+                    return
+                # only the sweep is left, and its slices keep their spacing; a retry
+                # or the findings falling due meanwhile do not wait for it
+                wake_at = min(self._sweep_at, self._next_full, *self._retry.values())
+                if self._findings_at is not None:
+                    wake_at = min(wake_at, self._findings_at)
+                with anyio.move_on_after(max(wake_at - now, 0.0)):
+                    await self._wake.wait()
+                self._wake = anyio.Event()
+                continue
             timeout = self._next_full - now
             if self._retry:
                 timeout = min(timeout, min(self._retry.values()) - now)
@@ -347,22 +367,24 @@ class Reconciler:
     def _take(self, trigger: str | None = None) -> _Batch:
         """What the next pass covers: every requested, event and retry key, at most a
         chunk of the periodic ones, and what those need that is marked too."""
-        urgent = [k for k, w in self._pending.items() if w != "periodic"]
+        urgent = set(self._pending)
         # a chunk of the sweep only when no request waits (a request's pass is its own)
         # and its spacing allows (``SWEEP_REST``)
         chunk: set[str] = set()
-        if not self._tickets and time.monotonic() >= self._sweep_at:
-            background = [k for k, w in self._pending.items() if w == "periodic"]
-            order = self.state.kinds.order_of_key
-            background.sort(key=lambda k: (order(k), k))
-            chunk = set(background[:CHUNK])
-        keys = set(urgent) | chunk
+        if self._sweep and not self._tickets and time.monotonic() >= self._sweep_at:
+            chunk = set(itertools.islice(self._sweep, CHUNK))
+        keys = urgent | chunk
         for key in list(keys):
             intent = self.state.get(key)
             if intent is not None:
                 needs = self.state.kinds.of(intent).needs(intent)
-                keys.update(k for k in needs if k in self._pending)
+                keys.update(k for k in needs if k in self._pending or k in self._sweep)
         whys = {self._pending.pop(k) for k in keys if k in self._pending}
+        swept = [k for k in keys if k in self._sweep]
+        for key in swept:
+            del self._sweep[key]
+        if swept:
+            whys.add("periodic")
         if len(self._links) <= LINK_CHUNK:
             links, self._links = self._links, set()
         else:  # a burst: a slice per pass, so nothing waits long behind it
@@ -400,7 +422,7 @@ class Reconciler:
             tickets,
             trigger,
             since if "event" in whys or links else None,
-            frozenset(chunk - set(urgent)),
+            frozenset(chunk - urgent),
         )
 
     # ---- a pass ---------------------------------------------------------------------
@@ -475,8 +497,11 @@ class Reconciler:
             if key in periodic and (self._tickets or (swept and time.perf_counter() > deadline)):
                 for left in (key, *queue):
                     if left in periodic and left not in done:
-                        self._pending.setdefault(left, "periodic")
                         deferred.add(left)
+                # what is left goes back to the sweep's front, in order (unless marked
+                # for something sooner meanwhile)
+                back = [k for k in (key, *queue) if k in deferred and k not in self._pending]
+                self._sweep = {**dict.fromkeys(back), **self._sweep}
                 queue = [k for k in queue if k not in periodic]
                 self._kick()
                 continue

@@ -3,6 +3,7 @@ durably (it is part of the intent), never twice, and released with the plug."""
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +78,28 @@ def test_leases_survive_a_restart(tmp_path: Path, state: DesiredState) -> None:
     again = DesiredState(kinds, external_namespace=lambda n: False)
     again.load(StateStore(tmp_path, kinds).load())
     assert again.get("plug/a/br0") == state.get("plug/a/br0")
+
+
+def test_the_addresses_in_use_follow_every_change_a_refused_one_included(
+    state: DesiredState,
+) -> None:
+    """The lease's scan reads ``used_on`` (kept with the index): what a refused
+    proposal tried, and what a deleted plug held (readdressing is a delete and an add), are not
+    in it afterwards."""
+    do(state, "plug.add", ns="a", bridge="br0")
+    do(state, "plug.add", ns="b", bridge="br0", addresses=["10.9.0.5/29"])
+
+    def as_ints(*ips: str) -> set[int]:
+        return {int(ipaddress.ip_address(ip)) for ip in ("10.9.0.1", *ips)}  # .1: br0's
+
+    used = as_ints("10.9.0.2", "10.9.0.5")
+    assert state.used_on("br/br0", 4) == used
+    with pytest.raises(E.AddressInUse):  # .5 is b's: the whole proposal is refused
+        do(state, "plug.add", ns="c", bridge="br0", addresses=["10.9.0.5/29"])
+    assert state.used_on("br/br0", 4) == used
+    do(state, "plug.del", ns="a", bridge="br0")
+    do(state, "plug.del", ns="b", bridge="br0")
+    do(state, "plug.add", ns="b", bridge="br0", addresses=["10.9.0.6/29"])
+    assert state.used_on("br/br0", 4) == as_ints("10.9.0.6")
+    do(state, "plug.add", ns="c", bridge="br0")
+    assert addresses(state, "c") == ["10.9.0.2/29", "fd00:9::2/64"]

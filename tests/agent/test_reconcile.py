@@ -463,6 +463,30 @@ async def test_a_sweep_stops_within_its_budget_and_at_once_for_a_request(
     assert len(passes) >= len(names) + 1  # the sweep went on after it
 
 
+async def test_an_event_for_a_key_the_sweep_has_yet_to_reach_is_served_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key waiting in the periodic sweep (spread over minutes at scale) that a kernel
+    event marks leaves the sweep: its repair does not wait for the sweep's turn."""
+    monkeypatch.setattr(reconcile, "CHUNK", 1)
+    monkeypatch.setattr(reconcile, "SWEEP_REST", 1e6)  # after one slice, none for ages
+    w = make_world(tmp_path)
+    names = [f"n{i}" for i in range(6)]
+    note(w, *[("ns.add", {"name": n}) for n in names])
+    with anyio.fail_after(LIMIT):
+        await w.rec.run_until_idle("start")
+    passes = record_passes(w, monkeypatch)
+    w.rec.mark_all("periodic")
+    async with w.running():
+        await until(lambda: passes == [("periodic", 1)], "the sweep's first slice")
+        await w.net.ns_del("n5")  # the sweep's last: it would wait for ages
+        w.rec.mark(["ns/n5"], "event")
+        await until(lambda: w.net.ns_exists("n5"), "n5 made again on the event")
+        assert passes[-1] == ("event", 1)
+        assert w.rec.busy()  # the rest of the sweep still waits its turn
+    assert w.rec.status["ns/n5"].state == IN_PLACE
+
+
 # ---- attach rules -------------------------------------------------------------------
 async def test_link_hints_attach_what_a_rule_takes_and_leave_alone_what_it_must_not(
     tmp_path: Path,
