@@ -23,6 +23,7 @@ an attachment has no interface of its own: it records the container's addresses 
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
@@ -164,7 +165,7 @@ class Attachment:
         if (self.pid is None) != (self.pid_start is None):
             raise InvalidArgument("a --pid attachment records the process and its start")
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         return attachment_key(self.container_id, self.ifname)
 

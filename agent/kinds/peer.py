@@ -16,6 +16,7 @@ costs the same at 1,000 peers as at one.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
@@ -54,8 +55,8 @@ class Peer:
         if not isinstance(self.host, str) or len(self.host) > 253:
             raise InvalidArgument("peer host name must be a string of at most 253 characters")
 
-    @property
-    def key(self) -> str:
+    @functools.cached_property
+    def key(self) -> str:  # asked of 1,000 peers per status: a network's str is costly
         return peer_key(self.subnet)
 
     @property
