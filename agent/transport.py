@@ -9,6 +9,7 @@ request means is the API's business (``agent/api.py``); one log line per request
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from typing import Any
@@ -39,8 +40,13 @@ log = structlog.get_logger("netagent")
 def encode(msg: dict[str, Any]) -> bytes:
     """One reply line. orjson: ``show`` of 2,000 intents is ~600 KB of JSON, 16 ms with
     the standard library, ~1.5 ms with orjson (the CLI decodes it with the standard
-    library: it is JSON, newlines in strings escaped)."""
-    return orjson.dumps(msg) + b"\n"
+    library: it is JSON, newlines in strings escaped). What orjson refuses and JSON
+    allows (an integer id beyond 64 bits, a lone surrogate echoed from a request) goes
+    through the standard library: every reply is sent, never the connection dropped."""
+    try:
+        return orjson.dumps(msg) + b"\n"
+    except TypeError:
+        return json.dumps(msg, separators=(",", ":"), default=str).encode() + b"\n"
 
 
 class Server:

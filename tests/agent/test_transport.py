@@ -153,6 +153,21 @@ async def test_one_reply_per_line_in_order(tmp_path: Path) -> None:
     assert srv.counters.requests == 6  # the two lines that are no request are not counted
 
 
+async def test_what_the_fast_encoder_refuses_is_answered_all_the_same(tmp_path: Path) -> None:
+    """JSON allows an integer id of any size and a lone surrogate escaped in a string;
+    orjson refuses both. The reply goes out (through the standard library) and the
+    connection stays (found by the socket fuzzer: the daemon hung up mid-batch)."""
+    async with serving(tmp_path) as srv, srv.client() as c:
+        big = -1006612061296566206464
+        await c.send(b'{"v": 1, "id": %d, "op": "echo", "args": {}}\n' % big)
+        assert (await c.reply())["id"] == big
+        await c.send(b'{"v": 1, "id": 2, "op": "echo", "args": {"s": "\\ud800"}}\n')
+        echoed = await c.reply()
+        assert (echoed["id"], echoed["result"]) == (2, {"args": {"s": "\ud800"}})
+        await c.send(request("echo", 3))
+        assert (await c.reply())["id"] == 3
+
+
 async def test_a_request_over_the_limit_is_answered_and_disconnected(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
