@@ -343,24 +343,18 @@ class Reconciler:
                 if set(self._pending.values()) <= {"event", "retry"}:
                     await anyio.sleep(COALESCE)  # let a burst land
                 return
-            if self._sweep:
-                if now >= self._sweep_at:
-                    return
-                # only the sweep is left, and its slices keep their spacing; a retry
-                # or the findings falling due meanwhile do not wait for it
-                wake_at = min(self._sweep_at, self._next_full, *self._retry.values())
-                if self._findings_at is not None:
-                    wake_at = min(wake_at, self._findings_at)
-                with anyio.move_on_after(max(wake_at - now, 0.0)):
-                    await self._wake.wait()
-                self._wake = anyio.Event()
-                continue
-            timeout = self._next_full - now
+            if self._sweep and now >= self._sweep_at:
+                return
+            # nothing to do now: sleep till the next timer (the sweep's next slice keeps
+            # its spacing; a retry or the findings falling due do not wait for it)
+            wake_at = self._next_full
             if self._retry:
-                timeout = min(timeout, min(self._retry.values()) - now)
+                wake_at = min(wake_at, *self._retry.values())
             if self._findings_at is not None:
-                timeout = min(timeout, self._findings_at - now)
-            with anyio.move_on_after(max(timeout, 0.0)):
+                wake_at = min(wake_at, self._findings_at)
+            if self._sweep:
+                wake_at = min(wake_at, self._sweep_at)
+            with anyio.move_on_after(max(wake_at - now, 0.0)):
                 await self._wake.wait()
             self._wake = anyio.Event()
 
@@ -495,13 +489,12 @@ class Reconciler:
             if key in done:
                 continue
             if key in periodic and (self._tickets or (swept and time.perf_counter() > deadline)):
-                for left in (key, *queue):
-                    if left in periodic and left not in done:
-                        deferred.add(left)
+                left = [k for k in (key, *queue) if k in periodic and k not in done]
+                deferred.update(left)
                 # what is left goes back to the sweep's front, in order (unless marked
                 # for something sooner meanwhile)
-                back = [k for k in (key, *queue) if k in deferred and k not in self._pending]
-                self._sweep = {**dict.fromkeys(back), **self._sweep}
+                back = dict.fromkeys(k for k in left if k not in self._pending)
+                self._sweep = {**back, **self._sweep}
                 queue = [k for k in queue if k not in periodic]
                 self._kick()
                 continue
