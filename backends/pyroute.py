@@ -12,6 +12,10 @@ Quirks worked around here (pyroute2 0.9.7, see ``docs/kernel-facts.md``):
   it so a daemon that runs for months does not grow without bound.
 * ``IFLA_IFALIAS`` cannot be given at creation; it is set right after (the creation-time
   link group marks the link meanwhile).
+* a netlink socket runs one dump at a time: the kernel refuses a second one started
+  while the first is still being read (``EBUSY``). The daemon's requests, passes and
+  event source share a socket per namespace, so dumps on one socket take turns
+  (``_dump``); gets and changes are answered at once and need no turn.
 * every request has a time limit (:data:`TIMEOUT`): a socket whose namespace was deleted
   meanwhile can leave a request unanswered, which once wedged every later change. On
   timeout the socket is dropped and the request fails with ``HostTimeout``.
@@ -24,7 +28,8 @@ import errno
 import ipaddress
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable
+import weakref
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -68,6 +73,8 @@ class PyrouteNetlink:
         self.raw: rtnl.Requests | None = None
         self.overlay: Overlay | None = None
         self._ns = NsSockets(linger=TIMEOUT + 1)
+        #: one dump at a time per socket (the kernel refuses a second with EBUSY)
+        self._dumping: weakref.WeakKeyDictionary[Any, anyio.Lock] = weakref.WeakKeyDictionary()
         #: identities of the namespaces made here with ``netns.ANNOUNCE_DEFAULTS``
         self._announcing: set[tuple[int, int]] = set()
 
@@ -100,9 +107,24 @@ class PyrouteNetlink:
                 f"the kernel did not answer {what}{where} within {TIMEOUT:g} s"
             ) from None
 
-    async def _dump(self, ns: NsRef, what: str, it: Awaitable[AsyncIterator[Any]]) -> list[Any]:
+    async def _dump(
+        self,
+        ns: NsRef,
+        what: str,
+        sock: Any,
+        table: str,
+        **filters: Any,
+    ) -> list[Any]:
+        """All the messages of ``sock.<table>("dump", **filters)`` (``addr``, ``route``,
+        ``neigh``), after any other dump on that socket is done (the wait counts toward
+        the time limit)."""
+        lock = self._dumping.get(sock)
+        if lock is None:
+            lock = self._dumping[sock] = anyio.Lock()
+
         async def collect() -> list[Any]:
-            return [m async for m in await it]
+            async with lock:
+                return [m async for m in await getattr(sock, table)("dump", **filters)]
 
         return await self._timed(ns, what, collect())
 
@@ -353,7 +375,7 @@ class PyrouteNetlink:
     async def addresses(self, ns: NsRef, index: int) -> set[IPInterface]:
         sock = await self._sock(ns)
         result: set[IPInterface] = set()
-        for m in await self._dump(ns, "an address dump", sock.addr("dump", index=index)):
+        for m in await self._dump(ns, "an address dump", sock, "addr", index=index):
             if m["index"] != index:
                 continue
             addr = (
@@ -367,7 +389,7 @@ class PyrouteNetlink:
 
     async def host_addressed(self) -> dict[int, set[bytes]]:
         out: dict[int, set[bytes]] = {}
-        for m in await self._dump(None, "an address dump", self.ipr.addr("dump")):
+        for m in await self._dump(None, "an address dump", self.ipr, "addr"):
             if m["scope"] >= rtnl.RT_SCOPE_LINK:
                 continue
             addr = m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS")
@@ -415,8 +437,8 @@ class PyrouteNetlink:
     async def default_routes(self, ns: NsRef, version: int) -> list[Route]:
         sock = await self._sock(ns)
         routes = []
-        dump = sock.route("dump", family=family(version))
-        for m in await self._dump(ns, "a route dump", dump):
+        dump = await self._dump(ns, "a route dump", sock, "route", family=family(version))
+        for m in dump:
             table = m.get_attr("RTA_TABLE") or m["table"]
             if m["dst_len"] != 0 or table != 254:
                 continue
@@ -495,7 +517,7 @@ class PyrouteNetlink:
         return vxlan_from_msg(msgs[0])
 
     async def address_owner(self, ip: str) -> int | None:
-        for m in await self._dump(None, "an address dump", self.ipr.addr("dump")):
+        for m in await self._dump(None, "an address dump", self.ipr, "addr"):
             if (m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS")) == ip:
                 return int(m["index"])
         return None
@@ -584,17 +606,17 @@ class PyrouteNetlink:
     async def show_links(self, ns: NsRef) -> list[dict[str, Any]]:
         sock = await self._sock(ns)
         links = await self.links(ns)
-        return link_rows(links, await self._dump(ns, "an address dump", sock.addr("dump")))
+        return link_rows(links, await self._dump(ns, "an address dump", sock, "addr"))
 
     async def show_neigh(self, ns: NsRef) -> list[dict[str, Any]]:
         sock = await self._sock(ns)
         names = await self._names(ns)
-        return neigh_rows(await self._dump(ns, "a neighbour dump", sock.neigh("dump")), names)
+        return neigh_rows(await self._dump(ns, "a neighbour dump", sock, "neigh"), names)
 
     async def show_routes(self, ns: NsRef) -> list[dict[str, Any]]:
         sock = await self._sock(ns)
         names = await self._names(ns)
         msgs = []
         for fam in (socket.AF_INET, socket.AF_INET6):
-            msgs += await self._dump(ns, "a route dump", sock.route("dump", family=fam))
+            msgs += await self._dump(ns, "a route dump", sock, "route", family=fam)
         return route_rows(msgs, names)
