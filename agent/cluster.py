@@ -33,7 +33,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import structlog
@@ -55,7 +55,15 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("netagent.cluster")
 
-Mutate = Callable[[Callable[["DesiredState"], object]], Awaitable[dict[str, Any]]]
+
+class Mutate(Protocol):
+    """``Service.mutate``: the peers' changes are ``mirror`` ones (etcd keeps them)."""
+
+    def __call__(
+        self, fn: Callable[[DesiredState], object], *, mirror: bool = False
+    ) -> Awaitable[dict[str, Any]]: ...
+
+
 #: seconds between tries while etcd does not answer, or refuses to let this host join
 RETRY = 1.0
 CONFLICT_RETRY = 10.0
@@ -481,7 +489,7 @@ class Cluster:
             added = len(want.keys() - have.keys())
             removed = len(have.keys() - want.keys())
             try:
-                await self._mutate(change)
+                await self._mutate(change, mirror=True)
             except BackendFailed as exc:  # recorded, not in place yet: the reconciler retries
                 log.warning("peers not all in place yet", error=exc.message)
             except NetagentError as exc:  # refused: compare everything next time

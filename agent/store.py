@@ -99,6 +99,9 @@ class StateStore:
         #: the last load started from the last good sequence of damaged files
         self.recovered = False
         self._journal_lines = 0
+        #: a mirrored change was committed but its journal line not written: the next
+        #: write is followed by a whole snapshot (``Service.mutate``)
+        self.behind = False
         self._fd: int | None = None
         self._d: TrustedDir | None = None
 
@@ -424,8 +427,11 @@ class StateStore:
                 self._fd = self._dir().open(JOURNAL, os.O_WRONLY | os.O_APPEND, FILE)
         return self._fd
 
-    def append(self, changes: list[Change]) -> None:
-        """Make changes durable. Returns only when they are on disk."""
+    def append(self, changes: list[Change], sync: bool = True) -> None:
+        """Make changes durable. Returns only when they are on disk; without ``sync``,
+        when the kernel has them (a change mirrored from etcd: a few hundred bytes into
+        the page cache, done on the event loop; the next synced line takes them to disk
+        with it)."""
         if not changes:
             return
         line = entry_line(self.seq + 1, _encode_changes(changes))
@@ -436,7 +442,8 @@ class StateStore:
             while view:
                 n = os.write(fd, view)
                 view = view[n:]
-            os.fdatasync(fd)
+            if sync:
+                os.fdatasync(fd)
         except OSError:
             # disk full or an I/O error: take back the part that was written, so later
             # lines do not follow a broken one; the caller undoes the change in memory
@@ -450,7 +457,8 @@ class StateStore:
             log.info("quarantined intents superseded", keys=[q.key for q in superseded])
 
     def needs_compaction(self) -> bool:
-        return self._journal_lines >= COMPACT_EVERY
+        """The journal is long, or behind the state (a mirrored change it missed)."""
+        return self.behind or self._journal_lines >= COMPACT_EVERY
 
     def compact(self, intents: list[dict[str, Any]]) -> None:
         """Write a new snapshot of the whole state (the quarantined intents with it),
@@ -467,6 +475,7 @@ class StateStore:
             d.replace(tmp, PREV)
         d.write_atomic(SNAPSHOT, doc, FILE)
         self._new_journal(self.seq)
+        self.behind = False
 
     def close(self) -> None:
         if self._fd is not None:

@@ -84,6 +84,9 @@ class PeerKind(Kind[Peer]):
     order = 7
     #: the VXLAN port accepts the peers' underlay addresses (the firewall's guard)
     firewall = True
+    #: a new peer's underlay is let in after its route and entries are there; a peer
+    #: that goes is shut out first (removals follow the firewall)
+    opens_only = True
     plural = "peers"
 
     def from_dict(self, d: Mapping[str, Any]) -> Peer:

@@ -228,6 +228,94 @@ async def test_a_peer_whose_underlay_changes_is_updated(tmp_path: Path) -> None:
         assert "rule vxlan-peer 198.51.100.78" in h1.w.fw.dump()
 
 
+def _order(h: Host, subnet: str, ip: str) -> list[str]:
+    """The host's kernel and firewall calls about one peer, in order."""
+    out = []
+    for call in h.w.net.calls:
+        if call[0] in ("set_peer_entries", "del_peer_entries") and call[1] == subnet:
+            out.append(call[0])
+        elif call[0] == "fw.apply" and any(ip in str(step) for step in call[2]):
+            out.append("fw")
+    return out
+
+
+async def test_a_new_peer_is_let_in_after_its_entries_one_that_goes_shut_out_first(
+    tmp_path: Path,
+) -> None:
+    """The VXLAN guard opens for a new peer once its route and entries are there (the
+    route is there ~1 ms sooner); a peer that leaves or moves is shut out before its
+    entries change, never after."""
+    store = FakeStore()
+    h1 = make_host(tmp_path, store, 1)
+    async with running(h1):
+        await joined(h1)
+        other = "10.244.77.0/24"
+        lease = await store.grant(10)
+        rec = Record(
+            "n77", "host77", "198.51.100.77", vtep_mac(ipaddress.IPv4Network(other)), 1, 4789
+        )
+        store.put(PREFIX + "10.244.77.0-24", rec.encode(), lease)
+        await until(lambda: "rule vxlan-peer 198.51.100.77" in h1.w.fw.dump(), "host77 let in")
+        assert _order(h1, other, "198.51.100.77") == ["set_peer_entries", "fw"]
+        h1.w.net.calls.clear()
+        moved = Record("n77", "host77", "198.51.100.78", rec.vtep_mac, 1, 4789)
+        store.put(PREFIX + "10.244.77.0-24", moved.encode(), lease)
+        await until(lambda: "rule vxlan-peer 198.51.100.78" in h1.w.fw.dump(), "host77 moved")
+        assert _order(h1, other, "198.51.100.7") == ["fw", "set_peer_entries"]
+        h1.w.net.calls.clear()
+        store.delete(PREFIX + "10.244.77.0-24")
+        await until(lambda: other not in h1.routes(), "host77 removed")
+        assert _order(h1, other, "198.51.100.78") == ["fw", "del_peer_entries"]
+        assert "vxlan-peer 198.51.100.78" not in h1.w.fw.dump()
+
+
+async def test_a_peer_is_journaled_without_a_disk_flush_and_a_failed_write_holds_it_not_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Peers mirror etcd: their journal lines skip fdatasync (etcd keeps them durable),
+    a restart still finds them, and a write the disk refuses leaves the peer programmed
+    and has the next change write a whole snapshot."""
+    import os
+
+    store = FakeStore()
+    h1 = make_host(tmp_path / "h1", store, 1)
+    async with running(h1):
+        await joined(h1)
+        await until(lambda: bool(h1.w.state.of_kind("vxlan")), "its own bridge and device")
+        syncs: list[int] = []
+        real_sync = os.fdatasync
+
+        def counted(fd: int) -> None:
+            syncs.append(fd)
+            real_sync(fd)
+
+        monkeypatch.setattr(os, "fdatasync", counted)
+        lease = await store.grant(10)
+        for n, fail in ((77, False), (78, True)):
+            net = ipaddress.IPv4Network(f"10.244.{n}.0/24")
+            rec = Record(f"n{n}", f"host{n}", f"198.51.100.{n}", vtep_mac(net), 1, 4789)
+            if fail:  # the disk is full: neither a line nor a snapshot can be written
+
+                def refuse(*args: Any, **kw: Any) -> None:
+                    raise OSError(28, "No space left on device")
+
+                monkeypatch.setattr(h1.w.store, "append", refuse)
+                monkeypatch.setattr(h1.w.store, "compact", refuse)
+            store.put(PREFIX + f"10.244.{n}.0-24", rec.encode(), lease)
+            await until(lambda net=net: str(net) in h1.routes(), f"host{n} programmed")  # type: ignore[misc]
+            if not fail:
+                assert syncs == [], "the peer's line was not flushed"
+        assert h1.w.store.behind, "the refused line is owed to the journal"
+        monkeypatch.undo()
+        await h1.w.call("bridge.add", name="br-after", addresses=["10.99.0.1/24"])
+        assert not h1.w.store.behind, "the next change wrote a whole snapshot"
+    again = make_host(tmp_path / "h1", store, 1)  # the same state dir
+    assert {str(p.subnet) for p in again.w.state.of_kind("peer")} == {
+        "10.244.77.0/24",
+        "10.244.78.0/24",
+    }
+
+
 async def test_records_that_cannot_be_used_are_shown_not_programmed(tmp_path: Path) -> None:
     store = FakeStore()
     h1 = make_host(tmp_path, store, 1)
