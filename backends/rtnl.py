@@ -198,6 +198,11 @@ class EventSocket:
 TIMEOUT = 5.0
 #: raw requests in flight at once
 WINDOW = 128
+#: at most this many requests, while nothing else is in flight, are sent on the event
+#: loop itself (a lone attach; a peer's three point lookups or writes): the hop to the
+#: sender thread and back costs ~0.1 ms, and up to the interpreter's switch interval
+#: (5 ms) when the loop is busy as the thread wakes
+INLINE_MAX = 3
 
 
 def _expire(fut: asyncio.Future[int | bytes]) -> None:
@@ -287,10 +292,10 @@ class Requests:
         tasks). Each result is the errno of the ACK (0: done), the reply's bytes, or the
         OSError (lost answers, the time limit)."""
         results: list[int | bytes | OSError] = []
-        # one request while nothing else is in flight: sent right here (the hop to the
-        # sender thread costs ~0.1 ms, a lone attach's whole budget); a batch goes to
-        # the thread, where the kernel's work under its lock cannot hold the loop
-        inline = len(requests) == 1 and not self._waiting
+        # a few requests while nothing else is in flight: sent right here (the hop to
+        # the sender thread costs ~0.1 ms, a lone attach's whole budget); a batch goes
+        # to the thread, where the kernel's work under its lock cannot hold the loop
+        inline = len(requests) <= INLINE_MAX and not self._waiting
         for start in range(0, len(requests), WINDOW):
             futs: list[asyncio.Future[int | bytes]] = []
             timers = []
@@ -308,7 +313,7 @@ class Requests:
                         self.sock.send(msg)
                         continue
                     except BlockingIOError:
-                        pass
+                        inline = False  # the rest after it, in order, from the thread
                 self._outbox.put((seq, msg))
             try:
                 await asyncio.wait(futs)

@@ -1,0 +1,113 @@
+"""The daemon's netlink sockets against the sandbox's kernel.
+
+* ``backends/pyroute.py``: dumps asked for at once on one socket take turns. The kernel
+  runs one dump per netlink socket and refuses a second started meanwhile with EBUSY; the
+  daemon's event source dumped the host's addresses while a request's pass dumped a
+  bridge's, and ``bridge add`` failed.
+* ``backends/rtnl.py``'s ``Requests``: which requests go out on the event loop and which
+  from the sender thread, and in what order."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from netagent.cli.sandbox import Sandbox
+
+pytestmark = pytest.mark.privileged
+
+_CONCURRENT_DUMPS = """
+import asyncio, ipaddress, json, socket
+from netagent.backends.pyroute import PyrouteNetlink
+
+async def main():
+    net = PyrouteNetlink()
+    await net.start()
+    try:
+        await net.ipr.link("add", ifname="dumps0", kind="bridge", state="up")
+        index = socket.if_nametoindex("dumps0")
+        want = set()
+        for n in range(1, 201):  # enough that a dump takes more than one datagram
+            addr = ipaddress.ip_interface(f"10.77.0.{n}/16")
+            await net.add_address(None, index, addr)
+            want.add(addr)
+        calls = []
+        for _ in range(8):
+            calls += [net.addresses(None, index), net.host_addressed(),
+                      net.show_links(None), net.show_routes(None)]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        errors = [repr(r) for r in results if isinstance(r, BaseException)]
+        # (the kernel gives the bridge an IPv6 link-local address of its own too)
+        same = all({a for a in r if a.version == 4} == want for r in results[0::4])
+        print(json.dumps({"errors": errors, "same": same, "n": len(results)}))
+    finally:
+        await net.close()
+
+asyncio.run(main())
+"""
+
+
+def test_dumps_at_once_on_one_socket_take_turns(sandbox: Sandbox) -> None:
+    out = sandbox.run([sys.executable, "-c", _CONCURRENT_DUMPS], timeout=60).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["errors"] == []
+    assert got["n"] == 32
+    assert got["same"], "every address dump saw the link's 200 addresses"
+
+
+_FEW_INLINE = """
+import asyncio, json, socket, threading
+from netagent.backends import rtnl
+
+class Sock:
+    '''The raw socket, its second send refused as a full buffer would.'''
+    def __init__(self, real):
+        self.real, self.sends, self.threads = real, 0, []
+    def send(self, msg):
+        self.sends += 1
+        self.threads.append(threading.current_thread().name)
+        if self.sends == 2:
+            raise BlockingIOError
+        return self.real.send(msg)
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+async def main():
+    req = rtnl.Requests()
+    try:
+        lo = socket.if_nametoindex("lo")
+        sock = Sock(req.sock)
+        req.sock = sock
+        few = await req.get_links([lo, lo, lo])  # the 2nd refused: it and the 3rd by thread
+        inline_then_thread = list(sock.threads)
+        sock.sends = 99
+        many = await req.get_links([lo] * 10)
+        print(json.dumps({
+            "few": [l.name if l else None for l in few],
+            "threads": inline_then_thread,
+            "many": [l.name if l else None for l in many],
+            "many_inline": sock.sends - 99,
+        }))
+    finally:
+        req.close()
+
+asyncio.run(main())
+"""
+
+
+def test_a_few_requests_go_out_on_the_loop_in_order_and_many_from_the_thread(
+    sandbox: Sandbox,
+) -> None:
+    """A peer's three point requests are sent on the event loop (no hop to the sender
+    thread, which waits up to the switch interval when the loop is busy); a send the
+    socket refuses sends it and the rest from the thread, in order; a batch of more
+    goes to the thread."""
+    out = sandbox.run([sys.executable, "-c", _FEW_INLINE], timeout=60).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["few"] == ["lo", "lo", "lo"]
+    # the 1st sent, the 2nd refused, the 3rd not tried on the loop (it would overtake)
+    assert got["threads"] == ["MainThread", "MainThread"]
+    assert got["many"] == ["lo"] * 10
+    assert got["many_inline"] == 0  # (the thread sends through the real socket)
