@@ -21,7 +21,16 @@ from typing import Any
 from netagent.agent.values import IPAddress, IPInterface
 
 from .faults import Faults
-from .netlink import NETAGENT_GROUP, RTPROT_NETAGENT, Link, NsRef, PeerEntries, Route, Vxlan
+from .netlink import (
+    NETAGENT_GROUP,
+    PORT_IPV6,
+    RTPROT_NETAGENT,
+    Link,
+    NsRef,
+    PeerEntries,
+    Route,
+    Vxlan,
+)
 
 
 @dataclasses.dataclass
@@ -298,6 +307,8 @@ class FakeNetlink(Faults):
             peer_ns,
         )
         self.calls.append(("add_veth", name, ns, peer, peer_ns))
+        if master is not None and ns is None:
+            self.sysctls[PORT_IPV6.format(name)] = "1"
 
     async def set_link(
         self,
@@ -472,6 +483,15 @@ class FakeNetlink(Faults):
     # ---- sysctls --------------------------------------------------------------------
     def sysctl(self, path: str) -> str | None:
         return self.sysctls.get(path)
+
+    def port_ipv6(self, name: str) -> bool | None:
+        if self._by_name(self.host, name) is None:
+            return None
+        return self.sysctls.get(PORT_IPV6.format(name), "0") == "0"
+
+    def port_ipv6_off(self, name: str) -> None:
+        self.sysctls[PORT_IPV6.format(name)] = "1"
+        self.calls.append(("port_ipv6_off", name))
 
     def set_sysctl(self, path: str, value: str) -> None:
         self.sysctls[path] = value

@@ -30,6 +30,13 @@ NETAGENT_GROUP = 0x4E41
 #: route protocol number marking routes netagent installs (rtnetlink leaves values above
 #: RTPROT_STATIC to userspace; 201 is not taken in iproute2's rt_protos table)
 RTPROT_NETAGENT = 201
+#: netagent's bridge ports (the host ends of its veth pairs) carry frames, not addresses:
+#: IPv6 is off on them. Each interface with IPv6 on puts three routes into the
+#: namespace's IPv6 FIB (fe80::/64, its link-local address, ff00::/8), and the kernel
+#: walks that whole FIB on every change of any interface (``rt6_sync_up``/``down``):
+#: with 1,000 ports, setting an alias cost 2.2 ms instead of 0.7, a carrier change 1.9
+#: (docs/kernel-facts.md). The namespaces' ends and the bridges keep IPv6.
+PORT_IPV6 = "net/ipv6/conf/{}/disable_ipv6"
 
 NsRef = str | None
 
@@ -192,7 +199,18 @@ class Netlink(Protocol):
         costs a grace period), both with netagent's group and ``mtu``. With
         ``peer_ns_id`` the peer is created only if ``peer_ns`` still names the namespace
         of that identity (``ns_identity``); else FileNotFoundError: a namespace deleted
-        and made again under the same path is never plugged by mistake."""
+        and made again under the same path is never plugged by mistake. With ``master``
+        (a bridge port in the daemon's namespace) IPv6 is turned off on ``name`` before
+        its carrier comes up (:data:`PORT_IPV6`)."""
+        ...
+
+    def port_ipv6(self, name: str) -> bool | None:
+        """Whether IPv6 is on on a bridge port of the daemon's namespace (None: no such
+        interface, or no IPv6 in this kernel)."""
+        ...
+
+    def port_ipv6_off(self, name: str) -> None:
+        """Turn IPv6 off on a bridge port of the daemon's namespace (:data:`PORT_IPV6`)."""
         ...
 
     async def set_link(

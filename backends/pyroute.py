@@ -41,7 +41,16 @@ from netagent.agent.errors import BackendFailed, HostTimeout
 from netagent.agent.values import IPAddress, IPInterface
 
 from . import netns, rtnl
-from .netlink import NETAGENT_GROUP, RTPROT_NETAGENT, Link, NsRef, PeerEntries, Route, Vxlan
+from .netlink import (
+    NETAGENT_GROUP,
+    PORT_IPV6,
+    RTPROT_NETAGENT,
+    Link,
+    NsRef,
+    PeerEntries,
+    Route,
+    Vxlan,
+)
 from .nssockets import NsSockets, ip_tool
 from .overlay import Overlay
 from .pyroute_msgs import (
@@ -328,6 +337,9 @@ class PyrouteNetlink:
         finally:
             if fd is not None:
                 os.close(fd)
+        if master is not None and ns is None:
+            # before the peer is up: the port's carrier, and IPv6 with it, never came up
+            self.port_ipv6_off(name)
 
     def _open_ns(self, ns: str, ident: tuple[int, int]) -> int:
         fd = os.open(self._path(ns), os.O_RDONLY | os.O_CLOEXEC)
@@ -576,6 +588,18 @@ class PyrouteNetlink:
             return Path("/proc/sys", path).read_text().strip()
         except OSError:
             return None
+
+    def port_ipv6(self, name: str) -> bool | None:
+        value = self.sysctl(PORT_IPV6.format(name))
+        return None if value is None else value == "0"
+
+    def port_ipv6_off(self, name: str) -> None:
+        try:
+            Path("/proc/sys", PORT_IPV6.format(name)).write_text("1")
+        except FileNotFoundError:
+            pass  # no IPv6 in this kernel (or the port is gone: the next step says so)
+        except OSError as exc:
+            raise BackendFailed(f"cannot turn IPv6 off on {name}: {exc}") from None
 
     def set_sysctl(self, path: str, value: str) -> None:
         """/proc/sys/net belongs to the writer's network namespace: the daemon in a

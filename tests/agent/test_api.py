@@ -540,3 +540,21 @@ async def test_a_plug_announces_itself_by_its_namespaces_defaults_or_its_own_sys
         "green:net/ipv4/conf/veth-green/arp_notify": "1",
         "green:net/ipv6/conf/veth-green/ndisc_notify": "1",
     }
+
+
+async def test_a_bridge_port_has_ipv6_off_and_one_made_before_gets_it_off(tmp_path: Path) -> None:
+    """A plug's host end is a bridge port: IPv6 goes off on it as it is made (each port
+    with IPv6 grows the IPv6 FIB the kernel walks on every interface change), and a port
+    found with IPv6 on (made by an older netagent) gets it off in the next pass. The
+    namespace's end keeps IPv6."""
+    w = make_world(tmp_path)
+    async with w.running():
+        await w.call("ns.add", name="red")
+        await w.call("bridge.add", **BR)
+        await w.call("plug.add", **PLUG)
+        assert w.net.port_ipv6("veth-red-br") is False
+        assert not any("red:" in k and "disable_ipv6" in k for k in w.net.sysctls)
+        w.net.sysctls["net/ipv6/conf/veth-red-br/disable_ipv6"] = "0"  # as before
+        w.rec.mark(["plug/red/v-net-0"], "periodic")
+        await until(lambda: w.net.port_ipv6("veth-red-br") is False, "IPv6 off again")
+        assert ("port_ipv6_off", "veth-red-br") in w.net.calls

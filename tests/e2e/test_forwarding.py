@@ -96,6 +96,19 @@ def test_ipv6(daemon: Daemon) -> None:
     daemon.sh("ip", "-n", "client", "route", "add", "default", "via", "fd00:99::1")
     serve_http(daemon, "blue", "::", 80, "blue6")
     assert "default via fd00:15::5" in daemon.sh("ip", "-6", "-n", "blue", "route").stdout
+    # the bridge's ports carry IPv6 frames with IPv6 off on themselves (PORT_IPV6)
+    daemon.ok("ns", "add", "red")
+    daemon.ok("plug", "red", "v-net-0", "--address", "fd00:15::3/64")
+    ports = [
+        lk["ifname"]
+        for lk in json.loads(daemon.sh("ip", "-j", "link", "show", "master", "v-net-0").stdout)
+    ]
+    assert len(ports) == 2
+    for port in ports:
+        assert (
+            daemon.sh("cat", f"/proc/sys/net/ipv6/conf/{port}/disable_ipv6").stdout.strip() == "1"
+        )
+    daemon.sh("ip", "netns", "exec", "red", "ping", "-6", "-c", "1", "-W", "5", "fd00:15::2")
     daemon.ok("forward", "80", "[fd00:15::2]:80")
     assert http_get(daemon, "client", "http://[fd00:99::1]:80/") == "blue6"
     # the IPv4 forward of the same port lives beside it
