@@ -40,7 +40,7 @@ from typing import Any
 import anyio
 
 from netagent.agent import intents as I
-from netagent.agent.errors import BackendFailed
+from netagent.agent.errors import BackendFailed, HostTimeout
 
 from .firewall import Batch, Counts, DriftWatcher, FirewallBackend, FirewallSpec, VxlanGuard
 from .nftmonitor import NftMonitorWatcher
@@ -259,6 +259,8 @@ def parse_table(doc: dict[str, Any]) -> Observed:
     return obs
 
 
+#: seconds one libnftables call may take (a full rebuild of 10,000 forwards: ~1 s)
+LIB_TIMEOUT = 30.0
 #: up to this many forwards, counters are read element by element
 SINGLE_READS = 64
 
@@ -395,11 +397,17 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
             script = (
                 stdin if words == ("-f", "-") and stdin is not None else " ".join(words).encode()
             )
-            if len(script) > 64 << 10:
-                # big transactions (a full rebuild with 10,000 elements) off the loop
-                rc, out, err = await anyio.to_thread.run_sync(self.lib.run, script, json_output)
-            else:
-                rc, out, err = self.lib.run(script, json_output)
+            # every transaction off the loop, even one element: a commit right after one
+            # that deleted elements waits out the kernel's grace period (up to ~15 ms,
+            # docs/kernel-facts.md), and a big one (10,000 elements) takes ~1 s
+            try:
+                with anyio.fail_after(LIB_TIMEOUT):
+                    rc, out, err = await anyio.to_thread.run_sync(self.lib.run, script, json_output)
+            except TimeoutError:
+                raise HostTimeout(
+                    f"nftables did not answer within {LIB_TIMEOUT:g} s (its call goes on in "
+                    "a worker thread; the next one waits for it)"
+                ) from None
             if rc != 0:
                 raise BackendFailed(f"nft: {err.decode(errors='replace').strip()}")
             return out
