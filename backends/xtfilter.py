@@ -39,6 +39,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import anyio
 import structlog
 
 from netagent.agent import intents as I
@@ -190,6 +191,8 @@ def plan_target(want: Chains, have: FamilyObserved) -> tuple[list[str], list[str
 _found: dict[str, tuple[str | None, float]] = {}
 #: seconds a lookup is kept: every sync asks for every program, a PATH walk each
 FOUND_TTL = 30.0
+#: seconds the look for the filtering frameworks may take (two table reads, 1 s each)
+TARGETS_TIMEOUT = 5.0
 
 
 def _resolve(program: str) -> str | None:
@@ -300,7 +303,10 @@ class FilterChains:
         if look or self._targets is None:
             # which frameworks filter changes when a tool makes or drops a filter table:
             # the periodic pass and a foreign change of a table look (``look``)
-            self._targets = set(self.targets(guard))
+            # off the loop: its nf_tables dump, sent right after a commit that deleted
+            # map elements, waits out the kernel's grace period (docs/kernel-facts.md)
+            with anyio.fail_after(TARGETS_TIMEOUT):
+                self._targets = set(await anyio.to_thread.run_sync(self.targets, guard))
         now = self._targets
         for target in sorted(now):
             want = wanted(spec, target.family, guard and target.flavour == self.guard_in)
