@@ -25,6 +25,7 @@ from netagent.backends import rtnl
 
 from .kinds.attach import AttachRule, rule_for
 from .reconcile import IN_PLACE
+from .turns import Turns
 
 if TYPE_CHECKING:
     from netagent.backends.netlink import Netlink
@@ -44,8 +45,6 @@ NS_GROUPS = (
     | rtnl.RTMGRP_IPV4_ROUTE
     | rtnl.RTMGRP_IPV6_ROUTE
 )
-#: datagrams handled between two turns of the event loop
-YIELD_EVERY = 32
 #: namespace polls between two looks at which namespaces still hold a process
 LIVENESS_EVERY = 20
 #: seconds between looks at the namespace directory
@@ -116,10 +115,11 @@ class EventSource:
                     started = True
                     task_status.started()
                 while True:
-                    for handled, datagram in enumerate(await sock.receive(), 1):
+                    turns = Turns()
+                    for datagram in await sock.receive():
                         for event in rtnl.parse(datagram):
                             self._handle(event)
-                        if handled % YIELD_EVERY == 0:
+                        if turns.due():
                             # a burst of datagrams must not hold the loop for long: let
                             # requests and passes run between slices of it
                             await anyio.sleep(0)

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from netagent.agent.turns import Turns
+
 from .netlink import Link
 
 T = TypeVar("T")
@@ -359,8 +361,9 @@ class Requests:
         """Links as the kernel has them now (None: gone), pipelined."""
         requests = [(RTM_GETLINK, NLM_F_REQUEST, _IFINFOMSG.pack(0, 0, i, 0, 0)) for i in indexes]
         out: list[Link | None] = []
-        for n, r in enumerate(await self._many(requests), 1):
-            if n % 32 == 0:
+        turns = Turns()
+        for r in await self._many(requests):
+            if turns.due():
                 await asyncio.sleep(0)  # parsing 128 full link messages takes milliseconds
             if isinstance(r, OSError):
                 raise r

@@ -25,6 +25,7 @@ from ..errors import Conflict, NotFound
 from ..glob import check_pattern, glob_match, is_exact, patterns_overlap
 from ..ops import AttachAdd, AttachDel
 from ..schema import Request
+from ..turns import Turns
 from ..values import check_name
 from .base import Context, Kind, want
 from .bridge import bridge_key
@@ -80,8 +81,6 @@ class Verdict:
 
 
 NOTHING = Verdict()
-#: interfaces looked at between two turns of the event loop
-YIELD_EVERY = 32
 
 
 def rule_for(rules: Iterable[AttachRule], ifname: str) -> AttachRule | None:
@@ -179,10 +178,11 @@ async def attach_links(
         rules = [r for r in ctx.state.of_kind("attach") if isinstance(r, AttachRule)]
     if not rules:
         return []
+    turns = Turns()
     done: list[str] = []
     candidates = []
-    for n, link in enumerate(links, 1):
-        if n % YIELD_EVERY == 0:
+    for link in links:
+        if turns.due():
             await anyio.sleep(0)  # a rule ensured over thousands of links: let others run
         verdict = decide(rules, link, ctx.links)
         if verdict.attach:
@@ -197,8 +197,8 @@ async def attach_links(
     fresh = await ctx.net.host_links([lk.index for lk in candidates])
     joining: set[int] = set()
     todo: list[tuple[Link, Verdict]] = []
-    for n, now in enumerate(fresh, 1):
-        if n % YIELD_EVERY == 0:
+    for now in fresh:
+        if turns.due():
             await anyio.sleep(0)
         if now is None:
             continue  # gone meanwhile
@@ -216,8 +216,8 @@ async def attach_links(
         results = await ctx.net.enslave(pairs)
     except OSError as lost:  # the whole batch went unanswered (a time limit)
         results = [lost] * len(pairs)
-    for n, ((link, verdict), exc) in enumerate(zip(todo, results, strict=True), 1):
-        if n % YIELD_EVERY == 0:
+    for (link, verdict), exc in zip(todo, results, strict=True):
+        if turns.due():
             await anyio.sleep(0)
         assert verdict.rule is not None
         if exc is not None and exc.errno == errno.ENODEV:
