@@ -147,42 +147,47 @@ class FirewallSync:
         self._added, self._removed = [], []
         peers_added, peers_removed = self._peers_added, self._peers_removed
         self._peers_added, self._peers_removed = set(), set()
-        full, self._full = self._full, True  # until this sync succeeds
-        bridges = frozenset(spec.bridges)
-        full = full or bridges != self._synced_bridges
-        steps: list[str] = []
-        # before the rules go: which removed forwards never carried a connection
-        idle = await self._idle(removed) if removed and self.conntrack else set()
-        if spec.empty:
-            # nothing desired: the firewall holds nothing of netagent's (an empty table
-            # or empty chains would be something left behind)
-            steps = await self.backend.purge()
-            if self.filters is not None:
-                steps += await self.filters.purge()
-            self._counted.clear()
-        else:
-            if not full and (added or removed):
-                batch = self.backend.plan_update(spec, added, removed)
-                try:
-                    await self.backend.apply(batch)
-                    steps = batch.steps
-                    self._counted.difference_update(f.key for f in removed)
-                    self._counted.update(f.key for f in added)
-                except NetagentError as exc:
-                    # the rules drifted under us: observe and converge the whole of it
-                    log.info("firewall update failed; planning it whole", error=exc.message)
-                    full = True
-            if not full and (peers_added or peers_removed):
-                steps = [*steps, *await self._guard_update(spec, peers_added, peers_removed)]
-                full = self._full_guard
-            if full:
-                steps = await self._full_sync(spec)
-            if self.filters is not None:
-                look, self._look_filters = self._look_filters or full, False
-                steps = [*steps, *await self.filters.sync(spec, look)]
-        self._full = False
-        self._synced_bridges = bridges
-        self.pending = []
+        # taken now, not cleared at the end: a drift or a change noted while this sync
+        # runs (another tool flushing the rules again) asks for the next one whole
+        full, self._full = self._full, False
+        try:
+            bridges = frozenset(spec.bridges)
+            full = full or bridges != self._synced_bridges
+            steps: list[str] = []
+            # before the rules go: which removed forwards never carried a connection
+            idle = await self._idle(removed) if removed and self.conntrack else set()
+            if spec.empty:
+                # nothing desired: the firewall holds nothing of netagent's (an empty table
+                # or empty chains would be something left behind)
+                steps = await self.backend.purge()
+                if self.filters is not None:
+                    steps += await self.filters.purge()
+                self._counted.clear()
+            else:
+                if not full and (added or removed):
+                    batch = self.backend.plan_update(spec, added, removed)
+                    try:
+                        await self.backend.apply(batch)
+                        steps = batch.steps
+                        self._counted.difference_update(f.key for f in removed)
+                        self._counted.update(f.key for f in added)
+                    except NetagentError as exc:
+                        # the rules drifted under us: observe and converge the whole of it
+                        log.info("firewall update failed; planning it whole", error=exc.message)
+                        full = True
+                if not full and (peers_added or peers_removed):
+                    steps = [*steps, *await self._guard_update(spec, peers_added, peers_removed)]
+                    full = self._full_guard
+                if full:
+                    steps = await self._full_sync(spec)
+                if self.filters is not None:
+                    look, self._look_filters = self._look_filters or full, False
+                    steps = [*steps, *await self.filters.sync(spec, look)]
+            self._synced_bridges = bridges
+            self.pending = []
+        except BaseException:
+            self._full = True  # until a sync succeeds
+            raise
         if removed and self.conntrack:
             walk = [f for f in removed if f.key not in idle]
             self.walks_skipped += len(removed) - len(walk)

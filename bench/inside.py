@@ -217,13 +217,13 @@ def accept_forever(addr: str, port: int) -> None:
         c.close()
 
 
-def drift(host: str, port: int, breaker: list[str]) -> dict[str, object]:
+def drift(host: str, port: int, breaker: list[str], timeout: float = 10) -> dict[str, object]:
     """Break the firewall with ``breaker``; time until a connect through the forward
-    succeeds again (the daemon notices and repairs)."""
+    succeeds again (the daemon notices and repairs), within ``timeout`` seconds."""
     t0 = time.monotonic()
     subprocess.run(breaker, check=True)
     broke = time.monotonic()
-    back = until_reachable(host, port, 10, t0)
+    back = until_reachable(host, port, timeout, t0)
     return {**back, "breaker_ms": (broke - t0) * 1000}
 
 
@@ -258,8 +258,11 @@ if __name__ == "__main__":
     elif kind == "serve":
         accept_forever(args[0], int(args[1]))
         raise SystemExit(0)
-    elif kind == "drift":
-        result = drift(args[0], int(args[1]), args[2:])
+    elif kind == "drift":  # drift HOST PORT [--timeout S] BREAKER...
+        timeout = 10.0
+        if args[2] == "--timeout":
+            timeout, args = float(args[3]), [*args[:2], *args[4:]]
+        result = drift(args[0], int(args[1]), args[2:], timeout)
     else:
         raise SystemExit(f"unknown measurement {kind}")
     print(json.dumps(result))

@@ -12,7 +12,7 @@ from typing import Any
 
 from netagent.agent.errors import BackendFailed
 
-from .world import World, make_world
+from .world import World, make_world, until
 
 F80: dict[str, Any] = {"host_ports": "80", "destination": "192.168.15.1:80"}
 F81: dict[str, Any] = {"host_ports": "81", "destination": "192.168.15.1:81"}
@@ -83,3 +83,32 @@ async def test_counters_that_cannot_be_read_mean_a_walk(tmp_path: Path) -> None:
         w.fw.fail("counters", BackendFailed("no counters today"))
         await w.call("forward.del", host_ports="81")
         assert ports(walks) == [[81]]
+
+
+async def test_a_drift_while_a_sync_runs_is_repaired_by_the_next(tmp_path: Path) -> None:
+    """Another tool flushes the rules while a sync is applying (the second of two `nft
+    flush ruleset` in a row, during the repair of the first): the drift asks for a full
+    sync, and the sync that was running must not clear that request when it ends. It
+    once did: the next pass changed nothing, the rules stayed gone, `status` said all
+    was in place."""
+    from netagent.agent.main import on_drift
+
+    w = make_world(tmp_path)
+    async with w.running():
+        await w.call("forward.add", **F80)
+        real_apply = w.fw.apply
+        flushed: list[bool] = []
+
+        async def apply_then_flushed(batch: Any) -> None:
+            await real_apply(batch)
+            if not flushed:  # as this sync's apply returns, someone flushes everything
+                flushed.append(True)
+                w.fw.drop_table()
+                on_drift(w.rec, w.sync, w.bus, "the rules were flushed")
+
+        w.fw.apply = apply_then_flushed  # type: ignore[method-assign]
+        await w.call("forward.add", **F81)
+        await until(
+            lambda: {"fwd/tcp/80", "fwd/tcp/81"} <= set(w.fw.forwards), "both forwards back"
+        )
+        assert flushed and w.fw.table
