@@ -210,7 +210,8 @@ class Netlink(Protocol):
         ...
 
     def port_ipv6_off(self, name: str) -> None:
-        """Turn IPv6 off on a bridge port of the daemon's namespace (:data:`PORT_IPV6`)."""
+        """Turn IPv6 off on a bridge port of the daemon's namespace (:data:`PORT_IPV6`), as
+        far as the host lets it: best effort, no port needs it."""
         ...
 
     async def set_link(

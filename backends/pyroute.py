@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
+import structlog
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -65,6 +66,7 @@ from .pyroute_msgs import (
 )
 
 T = TypeVar("T")
+log = structlog.get_logger("netagent.netlink")
 IFA_F_NODAD = 0x02
 #: seconds any one netlink request (or dump) may take
 TIMEOUT = 5.0
@@ -86,6 +88,8 @@ class PyrouteNetlink:
         self._dumping: weakref.WeakKeyDictionary[Any, anyio.Lock] = weakref.WeakKeyDictionary()
         #: identities of the namespaces made here with ``netns.ANNOUNCE_DEFAULTS``
         self._announcing: set[tuple[int, int]] = set()
+        #: the host refused a port's disable_ipv6 (``port_ipv6_off``)
+        self._port_ipv6_refused = False
 
     # ---- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
@@ -590,16 +594,24 @@ class PyrouteNetlink:
             return None
 
     def port_ipv6(self, name: str) -> bool | None:
+        if self._port_ipv6_refused:
+            return None  # the host does not let us (below): nothing to do about it
         value = self.sysctl(PORT_IPV6.format(name))
         return None if value is None else value == "0"
 
     def port_ipv6_off(self, name: str) -> None:
+        """Best effort: it makes ports cheaper for the kernel, no port needs it. Where
+        the host refuses (a read-only /proc/sys, as in an unprivileged container) it
+        is said once and not tried again."""
+        if self._port_ipv6_refused:
+            return
         try:
             Path("/proc/sys", PORT_IPV6.format(name)).write_text("1")
         except FileNotFoundError:
             pass  # no IPv6 in this kernel (or the port is gone: the next step says so)
         except OSError as exc:
-            raise BackendFailed(f"cannot turn IPv6 off on {name}: {exc}") from None
+            self._port_ipv6_refused = True
+            log.warning("cannot turn IPv6 off on bridge ports; they keep it", error=str(exc))
 
     def set_sysctl(self, path: str, value: str) -> None:
         """/proc/sys/net belongs to the writer's network namespace: the daemon in a
