@@ -419,21 +419,16 @@ class Reconciler:
             frozenset(chunk - urgent),
         )
 
-    def _only_opens(self, keys: set[str]) -> bool:
-        """Whether every key of a firewall kind among ``keys`` is a new intent of a kind
-        whose firewall part only lets traffic in (a peer joining): its firewall change
-        may then follow its kernel steps (one peer's route is there ~1 ms sooner)."""
+    def _firewall_follows(self, keys: set[str]) -> bool:
+        """Whether every key of a firewall kind among ``keys`` is of a kind whose
+        firewall part follows its kernel steps (peers coming, moving or going: their
+        route is there, or gone, ~1-2 ms sooner)."""
         found = False
         for key in keys:
             kind = self.state.kinds.of_key(key)
             if kind is None or not kind.firewall:
                 continue
-            if (
-                not kind.opens_only
-                or key not in self.state
-                or key in self._previous
-                or key in self._removals
-            ):
+            if not kind.firewall_follows:
                 return False
             found = True
         return found
@@ -445,9 +440,9 @@ class Reconciler:
         order = self.state.kinds.order_of_key
         self._in_pass = True
         try:
-            # the firewall first (a forward's DNAT, a bridge's rules, a removal shut
-            # out before its parts go), unless the pass only lets new peers in
-            firewall_last = FIREWALL in batch.keys and self._only_opens(batch.keys)
+            # the firewall first (a forward's DNAT, a bridge's rules, a removal's rules
+            # gone before its parts), unless the pass is peers' alone (the guard follows)
+            firewall_last = FIREWALL in batch.keys and self._firewall_follows(batch.keys)
             if FIREWALL in batch.keys and not firewall_last:
                 await self._step(FIREWALL, self.firewall.sync(self.state), result)
             removing = sorted(

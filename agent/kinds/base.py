@@ -91,9 +91,9 @@ class Kind(ABC, Generic[IntentT]):
     order: ClassVar[int]
     #: its changes reach the firewall (the spec is built from these kinds)
     firewall: ClassVar[bool] = False
-    #: its firewall part only lets traffic in (the VXLAN guard's accepted peers): a new
-    #: one's firewall change follows its kernel steps in a pass, rather than leading
-    opens_only: ClassVar[bool] = False
+    #: its firewall part is an element of a guard (the VXLAN port's accepted peers): in a
+    #: pass of such changes alone, the firewall follows their kernel steps, not leads
+    firewall_follows: ClassVar[bool] = False
     #: shown in ``status``' summary as "N <plural>" when set
     plural: ClassVar[str | None] = None
     #: False for a kind with no kernel steps of its own (the firewall realizes it): the
