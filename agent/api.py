@@ -24,6 +24,7 @@ from .errors import BackendFailed, InvalidArgument, NetagentError, NotFound, Rea
 from .reconcile import FIREWALL, IN_PLACE, PENDING, PURGE_ORPHANS, Reconciler
 from .schema import Request, prefix_error
 from .traffic import Traffic
+from .turns import Turns
 
 if TYPE_CHECKING:
     from .bus import EventBus
@@ -41,8 +42,6 @@ log = structlog.get_logger("netagent.api")
 MAX_LISTED = 200
 #: up to this many mirrored changes (a peer or a few) are journaled on the event loop
 MIRROR_INLINE = 16
-#: show builds this many items between two turns of the event loop
-SHOW_SLICE = 256
 
 
 @dataclass(frozen=True)
@@ -386,8 +385,9 @@ class Service:
         fw = rec.status.get(FIREWALL)
         fw_ok = fw is not None and fw.state == IN_PLACE
         items = []
-        for n, intent in enumerate(self.state.ordered(), 1):
-            if n % SHOW_SLICE == 0:
+        turns = Turns()
+        for intent in self.state.ordered():
+            if turns.due():
                 await anyio.sleep(0)  # thousands of items: let cheap requests go between
             kind = self.kinds.of(intent)
             st = rec.status.get(intent.key)

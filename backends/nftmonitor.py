@@ -37,6 +37,8 @@ from collections.abc import Callable, Iterable
 import anyio
 import structlog
 
+from netagent.agent.turns import Turns
+
 from .firewall import DriftCallback
 
 log = structlog.get_logger("netagent.drift")
@@ -237,7 +239,8 @@ class NftMonitorWatcher:
             while True:
                 await ready.wait()
                 ready.clear()
-                for _ in range(64):  # then yield: a burst must not hold the loop
+                turns = Turns()
+                while not turns.due():  # then yield: a burst must not hold the loop
                     try:
                         data = sock.recv(1 << 16)
                     except BlockingIOError:

@@ -221,7 +221,7 @@ def drift(host: str, port: int, breaker: list[str], timeout: float = 10) -> dict
     """Break the firewall with ``breaker``; time until a connect through the forward
     succeeds again (the daemon notices and repairs), within ``timeout`` seconds."""
     t0 = time.monotonic()
-    subprocess.run(breaker, check=True)
+    subprocess.run(breaker, check=True, timeout=60)
     broke = time.monotonic()
     back = until_reachable(host, port, timeout, t0)
     return {**back, "breaker_ms": (broke - t0) * 1000}
