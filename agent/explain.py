@@ -54,19 +54,28 @@ def _element(fwd: Forward, port: int, backend: str) -> str:
     dport = fwd.dest_port + (port - fwd.host_port)
     ip = f"[{fwd.dest_ip}]" if fwd.family == 6 else str(fwd.dest_ip)
     if backend == "nftables":
-        from netagent.backends.nftables import map_name
+        from netagent.backends.nftables import forward_elems, map_name
 
-        name = map_name(fwd.proto, fwd.family, fwd.host_ip is not None)
-        key = f"{fwd.host_ip} . {port}" if fwd.host_ip else str(port)
+        if fwd.same_ports:  # one interval: the address changes, the port stays
+            name, key, value = forward_elems(fwd)[0]
+        else:
+            name = map_name(fwd.proto, fwd.family, fwd.host_ip is not None)
+            key = f"{fwd.host_ip} . {port}" if fwd.host_ip else str(port)
+            value = f"{fwd.dest_ip} . {dport}"
         return (
             f"netagent's rule `fib daddr type local ... dnat to ... map @{name}` matches "
-            f"element {key} : {fwd.dest_ip} . {dport} ({fwd.key})"
+            f"element {key} : {value} ({fwd.key})"
         )
-    from netagent.backends.iptables.rules import WIDTHS, block
+    from netagent.backends.iptables.rules import WIDTHS, block, port_rules
 
     chains = [block(fwd.proto, port, w)[0] for w in WIDTHS]
     path = " -> ".join(["NETAGENT-PREROUTING", "NETAGENT-DNAT", *chains])
     rule = f"--dport {port} -j DNAT --to-destination {ip}:{dport}"
+    if fwd.same_ports:  # one rule per block of the range, keeping the port
+        lo = max(p for p, _r in port_rules(fwd) if p <= port)
+        hi = min(lo - lo % WIDTHS[-1] + WIDTHS[-1] - 1, fwd.host_port + fwd.count - 1)
+        ports = f"{lo}:{hi}" if hi > lo else str(lo)
+        rule = f"--dport {ports} -j DNAT --to-destination {ip}"
     return f"netagent's chains {path}: rule `{rule}` ({fwd.key})"
 
 

@@ -8,6 +8,8 @@ DNAT rule starts with ``fib daddr type local`` (CNI portmap's GHSA-jv3w-x3r3-g6r
     table inet netagent
       map dnat_{tcp,udp}{4,6}     port             : addr . port
       map dnat_{tcp,udp}{4,6}h    host addr . port : addr . port   (--host-ip)
+      map dnat_{tcp,udp}{4,6}r    port interval    : addr          (a range that keeps
+      map dnat_{tcp,udp}{4,6}hr   host addr . port interval : addr  its ports: one element)
       chain prerouting  nat/prerouting -100: fib daddr type local dnat ... map @...
       chain output      nat/output -100:     the same, for the host's own traffic
       chain postrouting nat/postrouting 100: masquerade for 127.0.0.1 -> forward,
@@ -51,11 +53,14 @@ FAMILY = "inet"
 Elem = tuple[str, str, str]  # (map name, key, value) in a normalized text form
 
 
-def map_name(proto: str, version: int, bound: bool) -> str:
-    return f"dnat_{proto}{version}{'h' if bound else ''}"
+def map_name(proto: str, version: int, bound: bool, ranged: bool = False) -> str:
+    return f"dnat_{proto}{version}{'h' if bound else ''}{'r' if ranged else ''}"
 
 
-MAPS = [(p, v, b) for p in I.PROTOS for v in (4, 6) for b in (False, True)]
+#: (protocol, IP version, bound to a host address, ranged): a map and its two rules each
+MAPS = [
+    (p, v, b, r) for p in I.PROTOS for v in (4, 6) for b in (False, True) for r in (False, True)
+]
 _ADDR_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
 _L3 = {4: "ip", 6: "ip6"}
 
@@ -63,8 +68,10 @@ _L3 = {4: "ip", 6: "ip6"}
 _L4 = {"tcp": "tcp", "udp": "udp"}
 
 
-def _dnat_rule(proto: str, version: int, bound: bool) -> str:
-    name = map_name(proto, version, bound)
+def _dnat_rule(proto: str, version: int, bound: bool, ranged: bool) -> str:
+    # the same words for both kinds of map: nft takes ``addr . port`` or the address
+    # alone (the packet keeps its port) from the map's value type
+    name = map_name(proto, version, bound, ranged)
     key = f"{_L3[version]} daddr . {proto} dport" if bound else f"{proto} dport"
     return (
         f"fib daddr type local meta nfproto ipv{version} meta l4proto {proto} "
@@ -150,13 +157,16 @@ def _extra_rules(spec: FirewallSpec) -> Rules:
 
 def _table_text(extra: Rules) -> str:
     lines = [f"table {FAMILY} {TABLE} {{"]
-    for proto, version, bound in MAPS:
+    for proto, version, bound, ranged in MAPS:
         key_type = f"{_ADDR_TYPE[version]} . inet_service" if bound else "inet_service"
+        addr = _ADDR_TYPE[version]
         # ``counter``: each element counts what its lookup matched (the first packet of
-        # each connection; established flows skip nat), at no cost beyond the lookup
+        # each connection; established flows skip nat), at no cost beyond the lookup.
+        # A ranged map holds port intervals and gives the address alone
+        value = f"{addr}; flags interval" if ranged else f"{addr} . inet_service"
         lines.append(
-            f"  map {map_name(proto, version, bound)} "
-            f"{{ type {key_type} : {_ADDR_TYPE[version]} . inet_service; counter; }}"
+            f"  map {map_name(proto, version, bound, ranged)} "
+            f"{{ type {key_type} : {value}; counter; }}"
         )
     lines.append(f"  set {PEERS_SET} {{ type ipv4_addr; }}")
     for chain, hook, prio, kind in CHAINS:
@@ -173,7 +183,14 @@ def _table_text(extra: Rules) -> str:
 
 
 def forward_elems(fwd: I.Forward) -> list[Elem]:
-    name = map_name(fwd.proto, fwd.family, fwd.host_ip is not None)
+    """A forward's map elements: one interval when every port keeps its number
+    (``1-32767`` to ``IP:1-32767``: one element, not 32,767), else one per port."""
+    bound = fwd.host_ip is not None
+    if fwd.same_ports:
+        ports = f"{fwd.host_port}-{fwd.host_port + fwd.count - 1}"
+        key = f"{fwd.host_ip} . {ports}" if bound else ports
+        return [(map_name(fwd.proto, fwd.family, bound, True), key, str(fwd.dest_ip))]
+    name = map_name(fwd.proto, fwd.family, bound)
     out = []
     for hport, dport in fwd.pairs():
         key = f"{fwd.host_ip} . {hport}" if fwd.host_ip is not None else str(hport)
@@ -197,6 +214,9 @@ def _norm(value: Any) -> str:
         return " . ".join(_norm(v) for v in value["concat"])
     if isinstance(value, dict) and "elem" in value:  # an element with its counter
         return _norm(value["elem"].get("val"))
+    if isinstance(value, dict) and "range" in value:  # an interval of a ranged map
+        lo, hi = value["range"]
+        return f"{_norm(lo)}-{_norm(hi)}"
     if isinstance(value, str):
         try:
             return str(ipaddress.ip_address(value))

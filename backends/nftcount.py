@@ -60,8 +60,10 @@ def _attrs(data: bytes, start: int, end: int) -> dict[int, bytes]:
 
 
 def key_bytes(key: str) -> bytes:
-    """``80`` -> 2 bytes; ``10.0.0.1 . 80`` -> 8 bytes; ``fd00::1 . 80`` -> 20 bytes."""
-    parts = [p.strip() for p in key.split(" . ")]
+    """``80`` -> 2 bytes; ``10.0.0.1 . 80`` -> 8 bytes; ``fd00::1 . 80`` -> 20 bytes. An
+    interval (``1000-1999``) is found by its first port: the kernel keys the element,
+    and its counter, by where it starts."""
+    parts = [p.strip().split("-", 1)[0] for p in key.split(" . ")]
     if len(parts) == 1:
         return struct.pack("!H", int(parts[0]))
     addr, port = ipaddress.ip_address(parts[0]), int(parts[1])

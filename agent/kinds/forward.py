@@ -71,6 +71,13 @@ class Forward:
     def key(self) -> str:
         return forward_key(self.proto, self.host_port, self.count, self.host_ip, self.family)
 
+    @property
+    def same_ports(self) -> bool:
+        """A range whose every port goes to the same port at the destination
+        (``1000-1999`` to ``IP:1000-1999``): the firewall maps it as one interval,
+        translating the address and keeping the port, not one entry per port."""
+        return self.count > 1 and self.host_port == self.dest_port
+
     def pairs(self) -> list[tuple[int, int]]:
         """(host port, destination port) for each port of the range."""
         return [(self.host_port + i, self.dest_port + i) for i in range(self.count)]

@@ -45,7 +45,8 @@ def _documents(raw: bytes) -> Iterable[dict[str, Any]]:
 
 def parse_rules(raw: bytes) -> PortCounts:
     """(protocol, port, host address) -> counter, for every DNAT rule of a port block
-    in the listing (the chain name says the protocol)."""
+    in the listing (the chain name says the protocol; a ``--dport A:B`` rule counts at
+    A)."""
     out: PortCounts = {}
     for doc in _documents(raw):
         for item in doc.get("nftables", ()):
@@ -68,8 +69,11 @@ def parse_rules(raw: bytes) -> PortCounts:
                     left = match.get("left", {})
                     payload = left.get("payload", {}) if isinstance(left, dict) else {}
                     field = payload.get("field")
-                    if field == "dport" and isinstance(match.get("right"), int):
-                        port = match["right"]
+                    right = match.get("right")
+                    if field == "dport" and isinstance(right, int):
+                        port = right
+                    elif field == "dport" and isinstance(right, dict) and "range" in right:
+                        port = int(right["range"][0])  # a range's rule, by its first port
                     elif field == "daddr" and isinstance(match.get("right"), str):
                         host = str(ipaddress.ip_address(match["right"]))
                 counter = expr.get("counter")

@@ -79,17 +79,33 @@ def _host(ip: I.IPAddress) -> str:
 def port_rules(fwd: I.Forward) -> list[tuple[int, Rule]]:
     """(host port, its DNAT rule), one per port of the forward. No address-type match:
     the entry chains let only traffic addressed to the host get this far. One rule per
-    port, not one ``--dport A:B``: a DNAT to ``IP:C-D`` is a pool (any port of C-D for
-    each connection), not the port-to-port mapping a forward means."""
+    port, not one ``--dport A:B``, when the ports move: a DNAT to ``IP:C-D`` is a pool
+    (any port of C-D for each connection), not the port-to-port mapping a forward means.
+    A range whose ports keep their numbers is a DNAT to the address alone (the packet
+    keeps its port): one ``--dport A:B`` rule per last-level block it covers, keyed by
+    its first port (``1-32767``: 512 rules, not 32,767)."""
     proto, first, to = fwd.proto, fwd.host_port, fwd.dest_port
-    dest = str(fwd.dest_ip) if fwd.dest_ip.version == 4 else f"[{fwd.dest_ip}]"
     comment = COMMENT_PREFIX + fwd.key
     if fwd.host_ip is None and fwd.count == 1:  # the common case, 10,000 times over
+        dest = str(fwd.dest_ip) if fwd.dest_ip.version == 4 else f"[{fwd.dest_ip}]"
         rule = ("-p", proto, "-m", proto, "--dport", str(first), "-m", "comment", "--comment")
         return [(first, (*rule, comment, "-j", "DNAT", "--to-destination", f"{dest}:{to}"))]
     bound: Rule = ("-d", _host(fwd.host_ip)) if fwd.host_ip is not None else ()
     head = (*bound, "-p", proto, "-m", proto, "--dport")
     tail = ("-m", "comment", "--comment", comment, "-j", "DNAT", "--to-destination")
+    if fwd.same_ports:
+        width = WIDTHS[-1]
+        last = first + fwd.count - 1
+        out = []
+        lo = first
+        while lo <= last:
+            hi = min(lo - lo % width + width - 1, last)
+            # iptables-save prints ``--dport 64`` for 64:64, and an IPv6 address bare
+            ports = f"{lo}:{hi}" if hi > lo else str(lo)
+            out.append((lo, (*head, ports, *tail, str(fwd.dest_ip))))
+            lo = hi + 1
+        return out
+    dest = str(fwd.dest_ip) if fwd.dest_ip.version == 4 else f"[{fwd.dest_ip}]"
     return [
         (first + i, (*head, str(first + i), *tail, f"{dest}:{to + i}")) for i in range(fwd.count)
     ]

@@ -60,6 +60,26 @@ def test_a_range_across_blocks_lands_in_each() -> None:
     assert "NETAGENT-TCP-65472-65535" in rules.desired_chains(FirewallSpec(forwards=(top,)), 4)
 
 
+def test_a_range_that_keeps_its_ports_is_one_rule_per_block() -> None:
+    """``60-200`` to ``IP:60-200``: a DNAT to the address alone (the packet keeps its
+    port), one ``--dport A:B`` rule per last-level block, written as iptables-save
+    prints them (``--dport 192:200``, a lone port bare, an IPv6 address without
+    brackets)."""
+    fwd = I.make_forward("60-192", "192.168.15.3:60-192")
+    chains = rules.desired_chains(FirewallSpec(forwards=(fwd,)), 4)
+    dnat = {c: r for c, r in chains.items() if c.startswith("NETAGENT-TCP-") and "-" in c[13:]}
+    got = {c: [(x[x.index("--dport") + 1], x[-1]) for x in r] for c, r in dnat.items()}
+    assert got["NETAGENT-TCP-0-63"] == [("60:63", "192.168.15.3")]
+    assert got["NETAGENT-TCP-64-127"] == [("64:127", "192.168.15.3")]
+    assert got["NETAGENT-TCP-128-191"] == [("128:191", "192.168.15.3")]
+    assert got["NETAGENT-TCP-192-255"] == [("192", "192.168.15.3")]
+    big = I.make_forward("1-32767", "192.168.15.2:1-32767")
+    assert len(rules.dnat_rules(big)) == 512
+    assert rules.forwards_below(chains, ["NETAGENT-TCP-128-191"]) == {fwd.key}
+    six = I.make_forward("100-110", "[fd00:15::2]:100-110")
+    assert rules.dnat_rules(six)[0][-3:] == ("DNAT", "--to-destination", "fd00:15::2")
+
+
 def test_host_ip_and_ipv6_syntax() -> None:
     bound6 = I.make_forward("82", "[fd00:15::3]:82", host_ip="fd00::1")
     spec = FirewallSpec(forwards=(FWD_BOUND, FWD6, bound6))

@@ -33,11 +33,14 @@ BR1 = I.Bridge("br1", (ipaddress.ip_interface("10.1.0.1/16"),))
 FWD80 = I.make_forward("80", "192.168.15.2:80")
 FWD_RANGE = I.make_forward("8000-8001", "192.168.15.3:9000-9001", "udp")
 FWD_BOUND = I.make_forward("81", "10.0.0.9:81", host_ip="10.0.0.1")
+#: ranges whose ports keep their numbers: one interval element each
+FWD_SAME = I.make_forward("7000-7099", "192.168.15.3:7000-7099")
+FWD_SAME_BOUND = I.make_forward("5000-5009", "10.0.0.9:5000-5009", "udp", host_ip="10.0.0.1")
 FWD6 = I.make_forward("80", "[fd00:15::2]:8080")
 FWD6_BOUND = I.make_forward("443", "[fd00:15::3]:443", host_ip="fd00::1")
 GUARD = VxlanGuard("netagent.1", 4789, frozenset({"198.51.100.2", "198.51.100.3"}))
 SPEC = FirewallSpec(
-    forwards=(FWD80, FWD_RANGE, FWD_BOUND, FWD6, FWD6_BOUND),
+    forwards=(FWD80, FWD_RANGE, FWD_BOUND, FWD6, FWD6_BOUND, FWD_SAME, FWD_SAME_BOUND),
     bridges=(V_NET_0, BR1),
     vxlan=GUARD,
 )
@@ -90,20 +93,22 @@ def test_the_table_as_nft_lists_it_needs_nothing(nft: NftablesBackend) -> None:
 def test_nothing_there_is_a_full_create(nft: NftablesBackend) -> None:
     batch = nft.plan(SPEC, Observed(present=False))
     assert batch.rebuild and batch.touches("fwd/tcp/80")
-    assert batch.steps == ["create table inet netagent (25 rules, 6 map elements, 2 VXLAN peers)"]
+    assert batch.steps == ["create table inet netagent (41 rules, 8 map elements, 2 VXLAN peers)"]
     assert batch.payload is not None
     head, table, elements = batch.payload[:2], batch.payload[2], batch.payload[3:]
     # add + delete + create: one transaction whether or not a table is there
     assert head == [f"add table {T}", f"delete table {T}"]
     assert table.startswith(f"table {T} {{\n") and table.endswith("\n}")
-    assert table.count(" map @dnat_") == 16  # 8 maps, each read in prerouting and output
+    assert table.count(" map @dnat_") == 32  # 16 maps, each read in prerouting and output
     assert 'comment "localhost"' in table
     assert elements == [
         f"add element {T} dnat_tcp4 {{ 80 : 192.168.15.2 . 80 }}",
         f"add element {T} dnat_tcp4h {{ 10.0.0.1 . 81 : 10.0.0.9 . 81 }}",
+        f"add element {T} dnat_tcp4r {{ 7000-7099 : 192.168.15.3 }}",
         f"add element {T} dnat_tcp6 {{ 80 : fd00:15::2 . 8080 }}",
         f"add element {T} dnat_tcp6h {{ fd00::1 . 443 : fd00:15::3 . 443 }}",
         f"add element {T} dnat_udp4 {{ 8000 : 192.168.15.3 . 9000, 8001 : 192.168.15.3 . 9001 }}",
+        f"add element {T} dnat_udp4hr {{ 10.0.0.1 . 5000-5009 : 10.0.0.9 }}",
         f"add element {T} vxlan_peers {{ 198.51.100.2, 198.51.100.3 }}",
     ]
     assert "set vxlan_peers { type ipv4_addr; }" in table
@@ -132,7 +137,7 @@ def test_a_damaged_table_is_rebuilt_whole(
 ) -> None:
     batch = nft.plan(SPEC, observed(damage))
     assert batch.rebuild
-    assert batch.steps == ["rebuild table inet netagent (25 rules, 6 map elements, 2 VXLAN peers)"]
+    assert batch.steps == ["rebuild table inet netagent (41 rules, 8 map elements, 2 VXLAN peers)"]
 
 
 # ---- elements -----------------------------------------------------------------------
@@ -349,7 +354,7 @@ def test_maps_without_counters_are_written_anew_once(nft: NftablesBackend) -> No
     batch = nft.plan(SPEC, observed(uncounted))
     assert batch.rebuild
     assert batch.payload is not None
-    assert batch.payload[2].count("counter; }") == 8
+    assert batch.payload[2].count("counter; }") == 16
 
 
 def test_element_counters_are_read_per_forward() -> None:
@@ -377,3 +382,53 @@ def test_the_localhost_guard_follows_the_ipv4_bridges(nft: NftablesBackend) -> N
     batch = nft.plan(spec, observed())
     handle = rules(DOC["nftables"], "localhost-guard")[0]["rule"]["handle"]
     assert f"delete rule {T} input handle {handle}" in (batch.payload or [])
+
+
+# ---- ranges whose ports keep their numbers ----------------------------------------------
+def test_a_range_that_keeps_its_ports_is_one_interval() -> None:
+    """``1-32767`` to ``IP:1-32767`` is one element of a ranged map (the packet keeps its
+    port, the map gives the address), as nft lists it back; a range that moves its ports
+    stays one element per port."""
+    obs = observed()
+    assert nftables.forward_elems(FWD_SAME) == [("dnat_tcp4r", "7000-7099", "192.168.15.3")]
+    assert nftables.forward_elems(FWD_SAME_BOUND) == [
+        ("dnat_udp4hr", "10.0.0.1 . 5000-5009", "10.0.0.9")
+    ]
+    assert set(nftables.forward_elems(FWD_SAME)) <= obs.elems
+    assert set(nftables.forward_elems(FWD_SAME_BOUND)) <= obs.elems
+    assert len(nftables.forward_elems(FWD_RANGE)) == 2
+    big = I.make_forward("1-65535", "192.168.15.2:1-65535")
+    assert len(nftables.forward_elems(big)) == 1
+    table = nftables._table_text({})
+    assert "map dnat_tcp4r { type inet_service : ipv4_addr; flags interval; counter; }" in table
+    assert (
+        "map dnat_udp6hr { type ipv6_addr . inet_service : ipv6_addr; flags interval; counter; }"
+        in table
+    )
+
+
+def test_a_lost_interval_is_added_and_a_stray_one_deleted(nft: NftablesBackend) -> None:
+    def change(items: list[dict[str, Any]]) -> None:
+        m = the_map(items, "dnat_tcp4r")
+        m["elem"] = [[{"elem": {"val": {"range": [9000, 9009]}}}, "192.168.15.9"]]
+
+    batch = nft.plan(SPEC, observed(change))
+    assert not batch.rebuild and batch.touched == {FWD_SAME.key}
+    assert batch.payload == [
+        f"delete element {T} dnat_tcp4r {{ 9000-9009 }}",
+        f"add element {T} dnat_tcp4r {{ 7000-7099 : 192.168.15.3 }}",
+    ]
+    update = nft.plan_update(SPEC, added=[], removed=[FWD_SAME, FWD_SAME_BOUND])
+    assert update.payload == [
+        f"delete element {T} dnat_tcp4r {{ 7000-7099 }}",
+        f"delete element {T} dnat_udp4hr {{ 10.0.0.1 . 5000-5009 }}",
+    ]
+
+
+def test_an_interval_counts_for_its_forward() -> None:
+    def counted(items: list[dict[str, Any]]) -> None:
+        elems = the_map(items, "dnat_tcp4r")["elem"]
+        elems[0][0]["elem"]["counter"] = {"packets": 7, "bytes": 420}
+
+    counts = nftables.forward_counts(observed(counted), [FWD_SAME, FWD_SAME_BOUND])
+    assert counts == {FWD_SAME.key: (7, 420), FWD_SAME_BOUND.key: (0, 0)}

@@ -48,6 +48,17 @@ def test_counters_count_real_traffic(daemon: Daemon) -> None:
     assert item(daemon, "fwd/tcp/80")["packets"] == 3
     bridge = item(daemon, "br/v-net-0")
     assert bridge["packets"] is not None and bridge["packets"] > 0
+    # a range whose ports keep their numbers counts on its interval (nftables) or its
+    # per-block rules (iptables): connections to two of its blocks
+    for port in (7001, 7070):
+        serve_http(daemon, "blue", "192.168.15.2", port, f"range-{port}")
+    daemon.ok("forward", "7000-7099", "192.168.15.2:7000-7099")
+    for port in (7001, 7070, 7070):
+        assert http_get(daemon, "client", f"http://{CLIENT_HOST}:{port}/") == f"range-{port}"
+    wait_for(
+        "the range's three connections counted",
+        lambda: forward_row(daemon, "fwd/tcp/7000-7099")["packets"] == 3,
+    )
     # the table of `ctl forwards` has the columns
     assert "PACKETS" in daemon.ok("forwards") and "BYTES" in daemon.ok("forwards")
 

@@ -35,6 +35,20 @@ def test_udp_ranges_and_host_ip(daemon: Daemon) -> None:
     daemon.ok("forward", "8000-8002", "192.168.15.2:9000-9002")
     for host_port, port in ((8000, 9000), (8002, 9002)):
         assert http_get(daemon, "client", f"http://{CLIENT_HOST}:{host_port}/") == f"range-{port}"
+    # a range whose ports keep their numbers (one interval / one rule per block): its
+    # first and last ports, both sides of a block's edge (63|64), nothing past its end
+    for port in (7000, 7039, 7040, 7099):
+        serve_http(daemon, "blue", "192.168.15.2", port, f"same-{port}")
+    serve_http(daemon, "blue", "192.168.15.2", 7100, "past-the-end")
+    daemon.ok("forward", "7000-7099", "192.168.15.2:7000-7099")
+    for port in (7000, 7039, 7040, 7099):
+        assert http_get(daemon, "client", f"http://{CLIENT_HOST}:{port}/") == f"same-{port}"
+    assert http_get(daemon, "client", f"http://{CLIENT_HOST}:7100/").startswith("ERROR")
+    # the same, bound to one host address
+    serve_http(daemon, "red", "192.168.15.1", 6005, "red-6005")
+    daemon.ok("forward", "6000-6009", "192.168.15.1:6000-6009", "--host-ip", "203.0.113.9")
+    assert http_get(daemon, "client", "http://203.0.113.9:6005/") == "red-6005"
+    assert http_get(daemon, "client", f"http://{CLIENT_HOST}:6005/").startswith("ERROR")
     serve_http(daemon, "red", "192.168.15.1", 80, "red")
     daemon.ok("forward", "8080", "192.168.15.1:80", "--host-ip", "203.0.113.9")
     assert http_get(daemon, "client", "http://203.0.113.9:8080/") == "red"
@@ -43,8 +57,13 @@ def test_udp_ranges_and_host_ip(daemon: Daemon) -> None:
     assert {r["key"] for r in rows} == {
         "fwd/udp/53",
         "fwd/tcp/8000-8002",
+        "fwd/tcp/7000-7099",
+        "fwd/tcp/6000-6009/203.0.113.9",
         "fwd/tcp/8080/203.0.113.9",
     }
+    # gone, the range's ports answer nothing
+    daemon.ok("unforward", "7000-7099")
+    assert http_get(daemon, "client", f"http://{CLIENT_HOST}:7040/").startswith("ERROR")
 
 
 def test_hairpin_and_masquerade(daemon: Daemon) -> None:
