@@ -380,6 +380,7 @@ class Cluster:
                 with anyio.CancelScope() as scope:
                     self._relist = scope
                     async for events in store.watch(prefix, rev + 1):
+                        self._answered(resync=False)  # events are etcd answering too
                         for ev in events:
                             self._take(ev.kv, deleted=ev.kind == "delete")
                         self._mark_dirty()
