@@ -51,17 +51,12 @@ def _bridge_of(state: DesiredState, ip: Any) -> Any:
 
 
 def _element(fwd: Forward, port: int, backend: str) -> str:
-    dport = fwd.dest_port + (port - fwd.host_port)
-    ip = f"[{fwd.dest_ip}]" if fwd.family == 6 else str(fwd.dest_ip)
     if backend == "nftables":
-        from netagent.backends.nftables import forward_elems, map_name
+        from netagent.backends.nftables import forward_elems
 
-        if fwd.same_ports:  # one interval: the address changes, the port stays
-            name, key, value = forward_elems(fwd)[0]
-        else:
-            name = map_name(fwd.proto, fwd.family, fwd.host_ip is not None)
-            key = f"{fwd.host_ip} . {port}" if fwd.host_ip else str(port)
-            value = f"{fwd.dest_ip} . {dport}"
+        # the element the backend writes: one interval for a range that keeps its ports
+        elems = forward_elems(fwd)
+        name, key, value = elems[0] if fwd.same_ports else elems[port - fwd.host_port]
         return (
             f"netagent's rule `fib daddr type local ... dnat to ... map @{name}` matches "
             f"element {key} : {value} ({fwd.key})"
@@ -70,12 +65,12 @@ def _element(fwd: Forward, port: int, backend: str) -> str:
 
     chains = [block(fwd.proto, port, w)[0] for w in WIDTHS]
     path = " -> ".join(["NETAGENT-PREROUTING", "NETAGENT-DNAT", *chains])
+    dport = fwd.dest_port + (port - fwd.host_port)
+    ip = f"[{fwd.dest_ip}]" if fwd.family == 6 else str(fwd.dest_ip)
     rule = f"--dport {port} -j DNAT --to-destination {ip}:{dport}"
-    if fwd.same_ports:  # one rule per block of the range, keeping the port
-        lo = max(p for p, _r in port_rules(fwd) if p <= port)
-        hi = min(lo - lo % WIDTHS[-1] + WIDTHS[-1] - 1, fwd.host_port + fwd.count - 1)
-        ports = f"{lo}:{hi}" if hi > lo else str(lo)
-        rule = f"--dport {ports} -j DNAT --to-destination {ip}"
+    if fwd.same_ports:  # the rule the backend writes for this port's block of the range
+        _lo, r = max((x for x in port_rules(fwd) if x[0] <= port), key=lambda x: x[0])
+        rule = f"--dport {r[r.index('--dport') + 1]} -j DNAT --to-destination {r[-1]}"
     return f"netagent's chains {path}: rule `{rule}` ({fwd.key})"
 
 

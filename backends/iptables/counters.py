@@ -74,8 +74,8 @@ def parse_rules(raw: bytes) -> PortCounts:
                         port = right
                     elif field == "dport" and isinstance(right, dict) and "range" in right:
                         port = int(right["range"][0])  # a range's rule, by its first port
-                    elif field == "daddr" and isinstance(match.get("right"), str):
-                        host = str(ipaddress.ip_address(match["right"]))
+                    elif field == "daddr" and isinstance(right, str):
+                        host = str(ipaddress.ip_address(right))
                 counter = expr.get("counter")
                 if isinstance(counter, dict):
                     counts = (int(counter.get("packets", 0)), int(counter.get("bytes", 0)))
