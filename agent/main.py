@@ -20,6 +20,7 @@ import contextlib
 import gc
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -60,6 +61,8 @@ from .transport import Server
 log = structlog.get_logger("netagent")
 #: another tool's changes make the findings be read again at most this often (seconds)
 READ_EVERY = 0.5
+#: seconds a thread waiting for the GIL waits before its holder is asked to let go
+SWITCH_INTERVAL = 0.001
 
 
 MARKER = "firewall-backend"
@@ -130,6 +133,11 @@ async def wait_for_stop_signal() -> int:
 async def run_daemon(config: Config, recover: bool = False) -> None:
     """``recover``: start from the last good sequence of a damaged state, keeping the
     damaged files aside (``netagent run --recover``, ``docs/state.md``)."""
+    # Worker threads (nft transactions and counters, journal lines) and the netlink
+    # sender hold the GIL now and then; a thread that wants it back waits up to the
+    # switch interval before the holder is asked to let go. The default, 5 ms, is the
+    # event loop's whole lag budget; 1 ms bounds that wait (docs/architecture.md).
+    sys.setswitchinterval(SWITCH_INTERVAL)
     sdnotify.notify("STATUS=starting: loading state")
     state_dir = Path(config.state_dir)
     try:
