@@ -100,6 +100,19 @@ def test_parse_a_veth_with_every_field_netagent_reads() -> None:
     assert event.link.owner_key == "plug/red/v-net-0"
 
 
+def test_attrs_keeps_only_the_types_asked_for_and_reads_past_the_rest() -> None:
+    blob = (
+        rta(rtnl.IFLA_IFNAME, cstr("eth0"))
+        + rta(23, bytes(200))  # IFLA_STATS64-sized: walked over, not kept
+        + rta(rtnl.IFLA_MASTER | 0x8000, u32(9))  # the nested flag is not part of the type
+        + rta(13, u32(1500))
+    )
+    every = rtnl._attrs(blob, 0, len(blob))
+    assert sorted(every) == [rtnl.IFLA_IFNAME, rtnl.IFLA_MASTER, 13, 23]
+    some = rtnl._attrs(blob, 0, len(blob), frozenset((rtnl.IFLA_MASTER, rtnl.IFLA_IFNAME)))
+    assert some == {rtnl.IFLA_IFNAME: cstr("eth0"), rtnl.IFLA_MASTER: u32(9)}
+
+
 def test_parse_a_veth_whose_peer_is_in_another_namespace() -> None:
     attrs = rta(rtnl.IFLA_LINK, u32(2)) + rta(rtnl.IFLA_LINK_NETNSID, struct.pack("i", 0))
     [event] = rtnl.parse(link_msg(41, "veth-red-br", kind="veth", attrs=attrs))
