@@ -13,8 +13,9 @@ import time
 
 #: seconds a loop holds the event loop before it lets what is ready run. The loop's lag
 #: is about two turns back to back (what is ready when a sample falls due, then the
-#: sample's own wait): 2 ms turns left the lag p99 at 3-7 ms under `make bench`'s burst,
-#: 1 ms turns 2.6-5.9 ms, for ~50 ns of clock per item and a ``sleep(0)`` per turn.
+#: sample's own wait): with 2 ms turns and the default switch interval the lag p99 under
+#: `make bench`'s burst was 3-7 ms, with 1 ms turns and a 1 ms interval (``agent/main.py``)
+#: 2.6-5.9 ms, for ~50 ns of clock per item and a ``sleep(0)`` per turn.
 SLICE = 0.001
 
 

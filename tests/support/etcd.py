@@ -244,7 +244,7 @@ class EtcdCluster:
     @staticmethod
     def _tmpfs(m: Member) -> None:
         """The member's data dir is a tmpfs in its node's own mount namespace: its WAL
-        fsyncs cost nothing (on this machine's disk each is 1-3 ms, and a put waits for
+        fsyncs cost nothing (on this machine's disk each is 1.5-4 ms, and a put waits for
         the leader's and a follower's in turn), nothing reaches the disk, and it lives
         as long as the node, so a member restarted on it finds its data again."""
         m.data_dir.mkdir(mode=0o700)
