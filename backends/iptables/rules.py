@@ -85,9 +85,9 @@ def port_rules(fwd: I.Forward) -> list[tuple[int, Rule]]:
     keeps its port): one ``--dport A:B`` rule per last-level block it covers, keyed by
     its first port (``1-32767``: 512 rules, not 32,767)."""
     proto, first, to = fwd.proto, fwd.host_port, fwd.dest_port
+    dest = str(fwd.dest_ip) if fwd.dest_ip.version == 4 else f"[{fwd.dest_ip}]"
     comment = COMMENT_PREFIX + fwd.key
     if fwd.host_ip is None and fwd.count == 1:  # the common case, 10,000 times over
-        dest = str(fwd.dest_ip) if fwd.dest_ip.version == 4 else f"[{fwd.dest_ip}]"
         rule = ("-p", proto, "-m", proto, "--dport", str(first), "-m", "comment", "--comment")
         return [(first, (*rule, comment, "-j", "DNAT", "--to-destination", f"{dest}:{to}"))]
     bound: Rule = ("-d", _host(fwd.host_ip)) if fwd.host_ip is not None else ()
@@ -105,7 +105,6 @@ def port_rules(fwd: I.Forward) -> list[tuple[int, Rule]]:
             out.append((lo, (*head, ports, *tail, str(fwd.dest_ip))))
             lo = hi + 1
         return out
-    dest = str(fwd.dest_ip) if fwd.dest_ip.version == 4 else f"[{fwd.dest_ip}]"
     return [
         (first + i, (*head, str(first + i), *tail, f"{dest}:{to + i}")) for i in range(fwd.count)
     ]

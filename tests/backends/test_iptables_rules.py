@@ -61,9 +61,9 @@ def test_a_range_across_blocks_lands_in_each() -> None:
 
 
 def test_a_range_that_keeps_its_ports_is_one_rule_per_block() -> None:
-    """``60-200`` to ``IP:60-200``: a DNAT to the address alone (the packet keeps its
+    """``60-192`` to ``IP:60-192``: a DNAT to the address alone (the packet keeps its
     port), one ``--dport A:B`` rule per last-level block, written as iptables-save
-    prints them (``--dport 192:200``, a lone port bare, an IPv6 address without
+    prints them (``--dport 60:63``, a lone port bare, an IPv6 address without
     brackets)."""
     fwd = I.make_forward("60-192", "192.168.15.3:60-192")
     chains = rules.desired_chains(FirewallSpec(forwards=(fwd,)), 4)
