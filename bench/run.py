@@ -19,6 +19,12 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+# the daemon, the CLI and the CNI plugin it starts run this checkout's code: a venv's
+# editable install points at the checkout it was made from, and a worktree of another
+# commit measured with that venv would otherwise measure that checkout's daemon
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
+)
 
 from netagent.cli.client import Client  # noqa: E402
 from netagent.cli.sandbox import (  # noqa: E402
@@ -160,6 +166,11 @@ class Bench:
             f"last attached {r['last_attached_s']:.3f} s, ratio {r['ratio']:.2f}x "
             f"({r['attached']}/{r['n']} seen attached, {r['in_kernel']} on the bridge)"
             "   target <= 1.25x"
+        )
+        print(
+            f"  each veth, appeared -> attached: p50 {r['delay_p50_ms']:.1f} ms, "
+            f"p99 {r['delay_p99_ms']:.1f} ms; attached when the batch ended: "
+            f"{r['attached_at_batch_end']}/{r['n']}"
         )
         with Client(self.socket) as c:
             resyncs = c.call("status")["event_resyncs"]
