@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -100,6 +101,12 @@ class EventSource:
         #: the receive buffer of the host's event socket; NETAGENT_EVENT_RCVBUF makes it
         #: tiny in a test, to prove that lost events (ENOBUFS) lose no interface
         self.rcvbuf = int(os.environ.get("NETAGENT_EVENT_RCVBUF", 32 << 20))
+        #: datagrams read from the host's socket and not yet handled, in the kernel's
+        #: order: the reader and :meth:`catch_up` both take from its front
+        self._backlog: deque[bytes] = deque()
+        #: the host's socket while the cache follows it (subscribed, dumped)
+        self._sock: rtnl.EventSocket | None = None
+        links.feed = self.catch_up
 
     # ---- the host -------------------------------------------------------------------
     async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
@@ -109,20 +116,19 @@ class EventSource:
             try:
                 self.links.reset(await self.net.links(None))
                 self.links.addressed = await self.net.host_addressed()
+                self._backlog.clear()
+                self._sock = sock
                 if started:
                     self.rec.mark_all("resync")
                 else:
                     started = True
                     task_status.started()
                 while True:
-                    turns = Turns()
-                    for datagram in await sock.receive():
-                        for event in rtnl.parse(datagram):
-                            self._handle(event)
-                        if turns.due():
-                            # a burst of datagrams must not hold the loop for long: let
-                            # requests and passes run between slices of it
-                            await anyio.sleep(0)
+                    if not self._backlog:
+                        self._backlog.extend(await sock.receive())
+                    # a burst of datagrams must not hold the loop for long: requests and
+                    # passes run between slices of it
+                    await self._drain()
             except Exception as exc:
                 if not started:
                     raise  # at start-up: fail loudly rather than hang
@@ -135,7 +141,39 @@ class EventSource:
                     log.exception("event source failed; resubscribing")
                     await anyio.sleep(1)
             finally:
+                self._sock = None
                 sock.close()
+
+    async def _drain(self) -> None:
+        turns = Turns()
+        while self._backlog:
+            for event in rtnl.parse(self._backlog.popleft()):
+                self._handle(event)
+            if turns.due():
+                await anyio.sleep(0)
+
+    async def catch_up(self) -> bool:
+        """Handle every host event the kernel has queued so far. True when the link
+        cache then holds what the kernel announced up to now: a change is announced
+        under the kernel's lock before it is done, so the cache is as fresh as a lookup
+        of each link would be (without the lookups, which wait for that lock, behind
+        every ``ip`` of a burst). False when it cannot be (not subscribed yet, events
+        lost): then ask the kernel."""
+        sock = self._sock
+        if sock is None:
+            return False
+        datagrams, exc = sock.pending()
+        self._backlog.extend(datagrams)
+        if exc is not None:
+            sock.fail(exc)  # the reader raises it and resyncs
+            return False
+        try:
+            await self._drain()
+        except Exception:
+            log.exception("handling an event failed; resubscribing")
+            sock.fail(OSError(errno.EIO, "handling an event failed"))
+            return False
+        return self._sock is sock
 
     def _rules(self) -> list[AttachRule]:
         return [r for r in self.state.of_kind("attach") if isinstance(r, AttachRule)]

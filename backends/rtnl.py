@@ -194,21 +194,39 @@ class EventSocket:
         self._readable = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self.sock.fileno(), self._readable.set)
+        #: set by :meth:`fail`: what :meth:`receive` raises from then on
+        self._error: OSError | None = None
+
+    def pending(self) -> tuple[list[bytes], OSError | None]:
+        """Every datagram queued right now, without waiting, and the error that ended
+        the reading (ENOBUFS: events were lost; None: the queue is empty)."""
+        datagrams = []
+        while True:
+            try:
+                datagrams.append(self.sock.recv(1 << 20))
+            except BlockingIOError:
+                return datagrams, None
+            except OSError as exc:
+                return datagrams, exc
+
+    def fail(self, exc: OSError) -> None:
+        """Make :meth:`receive` raise ``exc`` (the kernel reports an overflow once: who
+        read it hands it on to the reader that must resync)."""
+        self._error = exc
+        self._readable.set()
 
     async def receive(self) -> list[bytes]:
         """Every datagram waiting (at least one). ENOBUFS raises ``OSError``: events
         were lost and the caller must resync."""
         while True:
-            datagrams = []
-            while True:
-                try:
-                    datagrams.append(self.sock.recv(1 << 20))
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    if exc.errno == errno.ENOBUFS and datagrams:
-                        break  # hand over what arrived; the next call raises again
-                    raise
+            if self._error is not None:
+                raise self._error
+            datagrams, exc = self.pending()
+            if exc is not None:
+                if exc.errno == errno.ENOBUFS and datagrams:
+                    self._error = exc  # hand over what arrived; the next call raises
+                    return datagrams
+                raise exc
             if datagrams:
                 return datagrams
             self._readable.clear()

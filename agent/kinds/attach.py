@@ -193,8 +193,18 @@ async def attach_links(
         return done
     # the cache may be older than the kernel (an event queued before someone gave the
     # interface to another bridge, or before our own attach): decide on what the kernel
-    # says right now, so netagent never takes what was taken meanwhile
-    fresh = await ctx.net.host_links([lk.index for lk in candidates])
+    # says right now, so netagent never takes what was taken meanwhile. Handling the
+    # events queued so far tells it; asking for each link is the fallback (those
+    # lookups wait for the kernel's lock behind every `ip` of a burst: netagent then
+    # attached 1,000 veths at ~40% of the pace they appeared)
+    fresh: list[Link | None]
+    if await ctx.links.catch_up():
+        fresh = [ctx.links.get(lk.index) for lk in candidates]
+    else:
+        fresh = await ctx.net.host_links([lk.index for lk in candidates])
+        for now in fresh:
+            if now is not None:
+                ctx.links.update(now)
     joining: set[int] = set()
     todo: list[tuple[Link, Verdict]] = []
     for now in fresh:
@@ -202,7 +212,6 @@ async def attach_links(
             await anyio.sleep(0)
         if now is None:
             continue  # gone meanwhile
-        ctx.links.update(now)
         verdict = decide(rules, now, ctx.links, joining)
         if verdict.why is not None:
             _left_alone(ctx, now, verdict)

@@ -72,3 +72,23 @@ def test_one_enslaved_elsewhere_is_left_alone_and_one_detached_is_taken_again() 
     assert "already enslaved to docker0" in (why(held, c, "tap*") or "")
     detached = Link(41, "tap8", "tun", up=True, master=None)
     assert why(detached, cache(detached), "tap*") is None
+
+
+def test_the_cache_learns_a_veths_peer_the_kernel_announced_before_its_pair() -> None:
+    """``ip link add in-theirs type veth peer name out-theirs`` announces out-theirs
+    first, peerless (``out-theirs@NONE``), and never again: the cache pairs it from
+    in-theirs' announcement, so the loop check sees the pair as a lookup would."""
+    c = cache()
+    c.update(Link(20, "out-theirs", "veth"))
+    c.update(Link(21, "in-theirs", "veth", peer=20))
+    assert c.get(20).peer == 21  # type: ignore[union-attr]
+    c.update(Link(21, "in-theirs", "veth", peer=20, master=THEIRS))
+    verdict = why(c.get(20), c)  # type: ignore[arg-type]
+    assert verdict is not None and "would join docker0 to v-net-0" in verdict
+    # one end moved to another namespace: the other stays, without a peer here
+    c.remove(21)
+    assert c.get(20).peer is None  # type: ignore[union-attr]
+    # a veth whose peer is in another namespace is not paired with a local index
+    c.update(Link(30, "host-end", "veth", link_netnsid=1))
+    c.update(Link(31, "x", "veth", peer=30))
+    assert c.get(30).peer is None  # type: ignore[union-attr]

@@ -9,11 +9,12 @@ The bytes are built with ``struct`` in the kernel's layout (``linux/netlink.h``,
 from __future__ import annotations
 
 import dataclasses
+import errno
 import socket
 import struct
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import pytest
@@ -327,3 +328,126 @@ async def test_only_committed_state_is_read(
             event.set()
     # eth0 was in the link cache when the rule was ensured: it was attached then
     assert w.link("eth0").master == bridge
+
+
+# ---- catching up before an attach ---------------------------------------------------
+class QueuedSocket:
+    """Stands in for the host's event socket: ``pending`` hands over what a test queued
+    (and an error after it, as the kernel reports an overflow), ``fail`` is recorded."""
+
+    def __init__(self) -> None:
+        self.queued: list[bytes] = []
+        self.error: OSError | None = None
+        self.failed: list[OSError] = []
+
+    def pending(self) -> tuple[list[bytes], OSError | None]:
+        out, self.queued = self.queued, []
+        return out, self.error
+
+    def fail(self, exc: OSError) -> None:
+        self.failed.append(exc)
+
+
+def follow(w: World) -> QueuedSocket:
+    """The event source as it is once subscribed and dumped."""
+    sock = QueuedSocket()
+    w.events._sock = cast(rtnl.EventSocket, sock)
+    return sock
+
+
+def no_lookups(w: World, monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    asked: list[list[int]] = []
+    host_links = w.net.host_links
+
+    async def counted(indexes: list[int]) -> list[Link | None]:
+        asked.append(indexes)
+        return await host_links(indexes)
+
+    monkeypatch.setattr(w.net, "host_links", counted)
+    return asked
+
+
+async def test_an_attach_decides_on_the_events_queued_before_it_not_on_lookups(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tap0 appears free, then (announced, still unread) someone gives it to another
+    bridge: the attach handles the queued events first and leaves it alone, and asks
+    the kernel about no link (those lookups wait for the kernel's lock)."""
+    w = await world(tmp_path)
+    sock = follow(w)
+    asked = no_lookups(w, monkeypatch)
+    other = w.net.make_foreign_link("br-other", kind="bridge")
+    tap = w.net.make_foreign_link("tap0")
+    w.events._handle(rtnl.LinkEvent(False, tap))
+    await w.net.enslave([(tap.index, other.index)])
+    sock.queued.append(link_msg(tap.index, "tap0", kind="veth", attrs=rta(10, u32(other.index))))
+    tap1 = w.net.make_foreign_link("tap1")
+    w.events._handle(rtnl.LinkEvent(False, tap1))
+    with anyio.fail_after(LIMIT):
+        result = await w.rec.run_until_idle("event")
+    assert result.actions == {"attach": ["attached tap1 to v-net-0"]}
+    cached = w.links.get(tap.index)
+    assert cached is not None and cached.master == other.index
+    assert w.link("tap0").master == other.index
+    assert [e["ifname"] for e in w.published("left-alone")] == ["tap0"]
+    assert asked == [] and sock.failed == [] and not w.events._backlog
+
+
+async def test_events_lost_while_catching_up_fall_back_to_lookups_and_a_resync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An overflow read while catching up: the cache cannot be trusted, so the attach
+    asks the kernel, and the error goes to the reader (which resubscribes and resyncs);
+    what was read before it waits for the reader, in order."""
+    w = await world(tmp_path)
+    sock = follow(w)
+    asked = no_lookups(w, monkeypatch)
+    sock.queued.append(link_msg(9999, "eth9"))
+    sock.error = OSError(errno.ENOBUFS, "No buffer space available")
+    tap = w.net.make_foreign_link("tap0")
+    w.events._handle(rtnl.LinkEvent(False, tap))
+    with anyio.fail_after(LIMIT):
+        result = await w.rec.run_until_idle("event")
+    assert result.actions == {"attach": ["attached tap0 to v-net-0"]}
+    assert asked == [[tap.index]]
+    assert [e.errno for e in sock.failed] == [errno.ENOBUFS]
+    assert len(w.events._backlog) == 1
+
+
+async def test_a_cache_nothing_feeds_is_never_called_up_to_date(tmp_path: Path) -> None:
+    w = await world(tmp_path)
+    assert await w.events.catch_up() is False  # not subscribed
+    w.links.feed = None
+    assert await w.links.catch_up() is False
+
+
+async def test_an_error_handed_to_the_event_socket_is_raised_by_its_reader() -> None:
+    """The kernel reports an overflow once: whoever reads it hands it to the reader."""
+    sock = rtnl.EventSocket(groups=0)  # subscribed to nothing: no event arrives
+    try:
+        assert sock.pending() == ([], None)
+        sock.fail(OSError(errno.ENOBUFS, "No buffer space available"))
+        with anyio.fail_after(LIMIT), pytest.raises(OSError, match="No buffer space") as raised:
+            await sock.receive()
+        assert raised.value.errno == errno.ENOBUFS
+    finally:
+        sock.close()
+
+
+async def test_an_overflow_read_with_events_is_raised_by_the_next_receive(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The kernel reports ENOBUFS once, on the recv after the last datagram that fit:
+    what arrived is handed over, and the next receive raises (it used to read on, and
+    the lost events were never resynced)."""
+    sock = rtnl.EventSocket(groups=0)
+    try:
+        reads = [([b"one", b"two"], OSError(errno.ENOBUFS, "No buffer space available"))]
+        monkeypatch.setattr(sock, "pending", lambda: reads.pop(0) if reads else ([], None))
+        with anyio.fail_after(LIMIT):
+            assert await sock.receive() == [b"one", b"two"]
+            with pytest.raises(OSError, match="No buffer space") as raised:
+                await sock.receive()
+        assert raised.value.errno == errno.ENOBUFS
+    finally:
+        sock.close()
