@@ -241,6 +241,9 @@ class EventSocket:
 TIMEOUT = 5.0
 #: raw requests in flight at once
 WINDOW = 128
+#: at most this many requests in one send (an enslave is 40 bytes, a lookup 32: far
+#: below the socket's send buffer, whose size a send may not pass)
+SEND_MAX = 256
 #: at most this many requests, while nothing else is in flight, are sent on the event
 #: loop itself (a lone attach; a peer's three point lookups or writes): the hop to the
 #: sender thread and back costs ~0.1 ms, and up to the interpreter's switch interval
@@ -282,20 +285,35 @@ class Requests:
         self._window = asyncio.Semaphore(WINDOW)
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self.sock.fileno(), self._on_readable)
-        self._outbox: queue.SimpleQueue[tuple[int, bytes] | None] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[list[tuple[int, bytes]] | None] = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_loop, name="netagent-rtnl", daemon=True)
         self._sender.start()
 
     def _send_loop(self) -> None:
         while True:
-            item = self._outbox.get()
-            if item is None:
+            batch = self._outbox.get()
+            if batch is None:
                 return
-            seq, msg = item
-            try:
-                self.sock.sendall(msg)
-            except OSError as exc:
-                self._loop.call_soon_threadsafe(self._failed, seq, exc)
+            # every request queued goes out in one send (the kernel carries them out one
+            # after the other, each under its lock, each with its own answer): the
+            # thread needs the interpreter's lock once per send, not once per request,
+            # and the loop holds that lock up to the switch interval at a time
+            while True:
+                try:
+                    more = self._outbox.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._outbox.put(None)
+                    break
+                batch.extend(more)
+            for start in range(0, len(batch), SEND_MAX):
+                part = batch[start : start + SEND_MAX]
+                try:
+                    self.sock.sendall(b"".join(msg for _seq, msg in part))
+                except OSError as exc:
+                    for seq, _msg in part:
+                        self._loop.call_soon_threadsafe(self._failed, seq, exc)
 
     def _failed(self, seq: int, exc: BaseException) -> None:
         fut = self._waiting.pop(seq, None)
@@ -342,6 +360,7 @@ class Requests:
         for start in range(0, len(requests), WINDOW):
             futs: list[asyncio.Future[int | bytes]] = []
             timers = []
+            queued: list[tuple[int, bytes]] = []
             for mtype, flags, body in requests[start : start + WINDOW]:
                 self._seq = (self._seq + 1) & 0xFFFFFFFF
                 seq = self._seq
@@ -357,7 +376,9 @@ class Requests:
                         continue
                     except BlockingIOError:
                         inline = False  # the rest after it, in order, from the thread
-                self._outbox.put((seq, msg))
+                queued.append((seq, msg))
+            if queued:
+                self._outbox.put(queued)
             try:
                 await asyncio.wait(futs)
             finally:
