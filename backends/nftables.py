@@ -392,8 +392,12 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
     guards_localhost = True
 
     def __init__(self) -> None:
+        from .nftcount import Reader
+
         self.nft = shutil.which("nft") or "nft"
         self.lib = _open_lib()
+        #: the counters' one nfnetlink socket (``backends/nftcount.py``)
+        self._counters = Reader()
 
     @classmethod
     def probe(cls) -> tuple[bool, str]:
@@ -566,12 +570,10 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
         if not forwards:
             return {}
         if len(forwards) <= SINGLE_READS:
-            from . import nftcount
-
             wanted = [(f.key, e) for f in forwards for e in forward_elems(f)]
             try:
                 got = await anyio.to_thread.run_sync(
-                    nftcount.element_counters, FAMILY, TABLE, [e for _k, e in wanted]
+                    self._counters.element_counters, FAMILY, TABLE, [e for _k, e in wanted]
                 )
             except OSError:
                 return None
@@ -590,7 +592,7 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
                     wanted.setdefault(name, []).append((f.key, nftcount.key_bytes(key)))
             out: dict[str, Counts] = {}
             for name, keys in wanted.items():
-                got = nftcount.dump_counters(FAMILY, TABLE, name)
+                got = self._counters.dump_counters(FAMILY, TABLE, name)
                 for fkey, kb in keys:
                     c = got.get(kb)
                     if c is not None:
@@ -602,6 +604,9 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
             return await anyio.to_thread.run_sync(read)
         except OSError:
             return None
+
+    async def close(self) -> None:
+        self._counters.close()
 
     async def purge(self) -> list[str]:
         if not (await self.observe()).present:
