@@ -16,7 +16,8 @@ import socket
 import struct
 import threading
 
-NETLINK_NETFILTER = 12
+from .netfilter import open_socket
+
 NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = 1, 2
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
@@ -237,10 +238,5 @@ class Conntrack:
 
     def _socket(self) -> socket.socket:
         if self._sock is None:
-            sock = socket.socket(
-                socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER
-            )
-            sock.settimeout(TIMEOUT)
-            sock.bind((0, 0))
-            self._sock = sock
+            self._sock = open_socket(TIMEOUT)
         return self._sock

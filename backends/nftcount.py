@@ -20,7 +20,8 @@ import socket
 import struct
 import threading
 
-NETLINK_NETFILTER = 12
+from .netfilter import open_socket
+
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_GETSETELEM, NFT_MSG_NEWSETELEM = 13, 12
 NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
@@ -132,12 +133,7 @@ class Reader:
 
     def _socket(self) -> socket.socket:
         if self._sock is None:
-            sock = socket.socket(
-                socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER
-            )
-            sock.settimeout(TIMEOUT)
-            sock.bind((0, 0))
-            self._sock = sock
+            self._sock = open_socket(TIMEOUT)
         return self._sock
 
     def _next_seqs(self, n: int) -> int:

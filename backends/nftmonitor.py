@@ -40,10 +40,10 @@ import structlog
 from netagent.agent.turns import Turns
 
 from .firewall import DriftCallback
+from .netfilter import NETLINK_NETFILTER
 
 log = structlog.get_logger("netagent.drift")
 
-NETLINK_NETFILTER = 12
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
 SO_RCVBUFFORCE = 33
