@@ -51,8 +51,12 @@ class LinkCache:
             # exist yet (``p0@NONE``), and does not announce it again once it does: its
             # peer is learned from the first end's announcement (a lookup would say it)
             other = self._by_index.get(link.peer)
-            peerless = other is not None and other.peer is None and other.link_netnsid is None
-            if peerless and other is not None and other.kind == "veth":
+            if (
+                other is not None
+                and other.kind == "veth"
+                and other.peer is None
+                and other.link_netnsid is None
+            ):
                 self._by_index[other.index] = dataclasses.replace(other, peer=link.index)
         return old
 
