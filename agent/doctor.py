@@ -195,6 +195,8 @@ class Doctor:
         self.found: list[Finding] = []
         #: the checks that ran (named in ``doctor``'s summary)
         self.checked: list[str] = []
+        #: a forward's destination -> (its bridge, the address as text)
+        self._dests: dict[Any, tuple[str | None, str]] = {}
 
     def add(self, code: str, severity: str, what: str, **kw: Any) -> None:
         self.found.append(Finding(code, severity, what, **kw))
@@ -300,11 +302,16 @@ class Doctor:
 
     def _forward_packet(self, fwd: Fwd) -> tuple[str, str, tuple[str, ...], T.Packet]:
         key, proto, family, _ports, dest, dport = fwd
-        bridge = next(
-            (n for n, b in self.d.bridges.items() if any(dest in net for net in b[1] + b[2])),
-            None,
-        )
-        pkt = T.Packet(family, proto, dport, self.view.uplink, bridge, None, str(dest), NEW_DNAT)
+        # forwards share a few destinations: each one's bridge and text found once
+        got = self._dests.get(dest)
+        if got is None:
+            bridge = next(
+                (n for n, b in self.d.bridges.items() if any(dest in net for net in b[1] + b[2])),
+                None,
+            )
+            got = self._dests[dest] = (bridge, str(dest))
+        bridge, daddr = got
+        pkt = T.Packet(family, proto, dport, self.view.uplink, bridge, None, daddr, NEW_DNAT)
         return (f"the forwarded traffic of {key}", bridge or "", (key,), pkt)
 
     def drops(self) -> None:

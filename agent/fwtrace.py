@@ -108,14 +108,6 @@ def match(rule: Rule, pkt: Packet) -> str:
     return YES
 
 
-def _chains(fw: HostFirewall, base: Chain) -> dict[str, Chain]:
-    return {
-        c.name: c
-        for c in fw.chains
-        if (c.framework, c.family, c.table) == (base.framework, base.family, base.table)
-    }
-
-
 def _walk(
     chain: Chain, pkt: Packet, siblings: dict[str, Chain], out: Outcome, depth: int, sure: bool
 ) -> tuple[str, Rule | None, Chain] | None:
@@ -155,7 +147,7 @@ def through(fw: HostFirewall, base: Chain, pkt: Packet) -> Outcome:
     out = Outcome(base, "ACCEPT", None, base, certain=True)
     if base.family is not None and base.family != pkt.family:
         return out
-    found = _walk(base, pkt, _chains(fw, base), out, 0, True)
+    found = _walk(base, pkt, fw.table_of(base), out, 0, True)
     if found is not None:
         out.verdict, out.rule, out.where = found
         return out
@@ -165,8 +157,42 @@ def through(fw: HostFirewall, base: Chain, pkt: Packet) -> Outcome:
     return out
 
 
+def _used(fw: HostFirewall, hook: str) -> tuple[bool, ...]:
+    """Which of a packet's fields (proto, dport, iif, oif, saddr, daddr, states) some rule
+    of the tables at ``hook`` matches on: a field no rule reads cannot change a walk."""
+    used = [False] * 7
+    tables = {id(t): t for t in (fw.table_of(base) for base in fw.base(hook))}
+    for chains in tables.values():
+        for chain in chains.values():
+            for r in chain.rules:
+                used[0] |= r.proto not in (None, "all", "0")
+                used[1] |= bool(r.dports)
+                used[2] |= r.iif is not None
+                used[3] |= r.oif is not None
+                used[4] |= r.saddr is not None
+                used[5] |= r.daddr is not None
+                used[6] |= r.ctstate is not None
+    return tuple(used)
+
+
 def at_hook(fw: HostFirewall, hook: str, pkt: Packet) -> list[Outcome]:
-    """Every base chain at ``hook``, in order, until one drops the packet."""
+    """Every base chain at ``hook``, in order, until one drops the packet. Walks are
+    kept with the snapshot (:meth:`~HostFirewall.kept`), by the packet's fields that some
+    rule there reads: after a reading, 10,000 forwards to one bridge that differ only in
+    ports no rule matches on are one walk, not 10,000. The outcomes are shared: read-only."""
+    walks = fw.kept(f"walks at {hook}")
+    used = walks.get("fields")
+    if used is None:
+        used = walks["fields"] = _used(fw, hook)
+    fields = (pkt.proto, pkt.dport, pkt.iif, pkt.oif, pkt.saddr, pkt.daddr, pkt.states)
+    key = (pkt.family, *(v if u else None for v, u in zip(fields, used, strict=True)))
+    got = walks.get(key)
+    if got is None:
+        got = walks[key] = _at_hook(fw, hook, pkt)
+    return got
+
+
+def _at_hook(fw: HostFirewall, hook: str, pkt: Packet) -> list[Outcome]:
     outcomes = []
     for base in fw.base(hook):
         if base.family is not None and base.family != pkt.family:

@@ -256,3 +256,64 @@ def test_the_forward_memo_gives_what_a_full_check_gives_and_checks_only_whats_ne
     )
     doctor.Doctor(v, d, memo=memo).run()
     assert 81 in walked
+
+
+def test_walks_are_kept_by_the_fields_some_rule_reads() -> None:
+    # no rule at the forward hook reads a destination port: packets that differ only in
+    # it are one walk, and share its outcome
+    fw = hostfw.HostFirewall(chains=hostfw.parse_xt_save(OURS, "iptables-nft", 4))
+    to = [
+        T.Packet(4, "tcp", port, "eth0", "v-net-0", None, "192.168.15.2", doctor.NEW_DNAT)
+        for port in (80, 81)
+    ]
+    assert T.at_hook(fw, "forward", to[0]) is T.at_hook(fw, "forward", to[1])
+    # a rule that reads the port: the walks differ, and each is right
+    drop80 = OURS.replace(
+        "-A FORWARD -m comment",
+        "-A FORWARD -p tcp -m tcp --dport 80 -j DROP\n-A FORWARD -m comment",
+    )
+    fw = hostfw.HostFirewall(chains=hostfw.parse_xt_save(drop80, "iptables-nft", 4))
+    assert T.dropped(T.at_hook(fw, "forward", to[0])) is not None
+    assert T.dropped(T.at_hook(fw, "forward", to[1])) is None
+    # the same snapshot read further (chains appended): walked again, not from before
+    fw = hostfw.HostFirewall(chains=hostfw.parse_xt_save(OURS, "iptables-nft", 4))
+    assert T.dropped(T.at_hook(fw, "forward", to[0])) is None
+    fw.chains += hostfw.parse_xt_save(
+        "*filter\n:FORWARD DROP [0:0]\n-A FORWARD -p tcp --dport 80 -j DROP\nCOMMIT\n",
+        "iptables-legacy",
+        4,
+    )
+    assert T.dropped(T.at_hook(fw, "forward", to[0])) is not None
+    assert T.dropped(T.at_hook(fw, "forward", to[1])) is not None  # the legacy policy
+
+
+def test_a_firewalls_lookups_find_what_a_search_would() -> None:
+    fw = hostfw.HostFirewall(chains=hostfw.parse_xt_save(DOCKER, "iptables-nft", 4))
+    for chain in fw.chains:
+        assert fw.find(chain.framework, chain.family, chain.table, chain.name) is chain
+        assert fw.table_of(chain)[chain.name] is chain
+    assert fw.find("iptables-nft", 4, "filter", "NO-SUCH") is None
+    for hook in ("prerouting", "forward", "postrouting"):
+        want = sorted((c for c in fw.chains if c.hook == hook), key=lambda c: c.priority)
+        assert want and fw.base(hook) == want
+    # a list of its own: a caller sorting or extending it changes nothing kept
+    fw.base("forward").clear()
+    assert fw.base("forward")
+
+
+def test_our_own_dnats_are_kept_unparsed_and_anyone_elses_are_parsed() -> None:
+    text = (
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:NETAGENT-DNAT - [0:0]\n:NETAGENT-MINE - [0:0]\n"
+        '-A NETAGENT-DNAT -p tcp -m tcp --dport 8080 -m comment --comment "netagent:fwd/tcp/8080"'
+        " -j DNAT --to-destination 192.168.15.2:80\n"
+        "-A NETAGENT-MINE -p tcp -m tcp --dport 8081 -j DNAT --to-destination 10.0.0.2:80\n"
+        "COMMIT\n"
+    )
+    chains = {c.name: c for c in hostfw.parse_xt_save(text, "iptables-nft", 4)}
+    [own] = chains["NETAGENT-DNAT"].rules
+    assert own.ours and own.text.startswith("-p tcp -m tcp --dport 8080")
+    [theirs] = chains["NETAGENT-MINE"].rules
+    assert not theirs.ours and theirs.verdict == "DNAT" and theirs.dports == [(8081, 8081)]
+    # so a user's DNAT of a forwarded port in a chain named like ours is still found
+    found = run(view(OURS, text), desired(("tcp", 8081, "192.168.15.2", 80)))
+    assert "dnat-conflict" in codes(found)
