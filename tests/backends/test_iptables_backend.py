@@ -278,3 +278,23 @@ def test_raw_notifications_read_as_monitor_lines() -> None:
         assert tx.feed(line) is None
     assert tx.feed("# new generation 43 by process 778 (iptables)") is None
     assert tx.foreign == (frozenset({"ip nat"}), "iptables (pid 778)")
+
+
+def test_a_run_of_the_same_notification_reads_as_one_line() -> None:
+    """``iptables -t nat -F`` over 10,000 forwards is 10,000 ``delete rule ip nat``: read
+    once per run, and again after the generation (the next transaction's own)."""
+    delete = _nfmsg(8, 2, [(1, b"nat\0"), (2, b"NETAGENT-DNAT\0")])
+    other = _nfmsg(8, 2, [(1, b"filter\0"), (2, b"FORWARD\0")])
+    gen = _nfmsg(15, 0, [(1, struct.pack(">I", 42)), (2, struct.pack(">I", 777)), (3, b"ipt\0")])
+    lines = nftmonitor.parse(delete * 500 + other + delete * 2 + gen + delete)
+    assert lines == [
+        "delete rule ip nat",
+        "delete rule ip filter",
+        "delete rule ip nat",
+        "# new generation 42 by process 777 (ipt)",
+        "delete rule ip nat",
+    ]
+    tx = Transactions((" ip nat",), lambda pid: False)
+    for line in lines[:3]:
+        assert tx.feed(line) is None
+    assert tx.feed(lines[3]) == "ipt (pid 777) changed netagent's rules: delete rule ip nat"
