@@ -677,6 +677,7 @@ class Reconciler:
             "reconcile pass",
             trigger=batch.trigger,
             keys=len(batch.keys - PSEUDO),
+            steps=sorted(batch.keys & PSEUDO) or None,
             links=len(batch.links),
             changed=changed,
             errors=result.errors or None,
