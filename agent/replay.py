@@ -15,23 +15,47 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 #: the format written; the formats read are 1 and this one
 FORMAT = 2
 #: raw change: (key, the intent's persisted form or None for a removal)
 RawChange = tuple[str, dict[str, Any] | None]
 
 
+def _canonical(value: Any) -> bytes:
+    """Keys sorted, no spaces, ASCII (others as ``\\u`` escapes), numbers as Python
+    writes them: what the checksums are over (``docs/state.md``)."""
+    return json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
+
+
 def crc(value: Any) -> int:
     """A checksum over the canonical JSON of a value: a flipped bit in a key (which a
-    removal carries alone) would otherwise load as a valid, different removal."""
-    canonical = json.dumps(value, separators=(",", ":"), sort_keys=True)
-    return zlib.crc32(canonical.encode())
+    removal carries alone) would otherwise load as a valid, different removal.
+
+    orjson writes the same bytes ten times faster (a line of 10,000 forwards: 3 ms, not
+    26) when they are ASCII and no float needs an exponent (``1e-05`` is ``0.00001``
+    to orjson): the ASCII test is made here, and :func:`crc_ok` accepts either form's
+    checksum, so a float of that kind reads back all the same."""
+    try:
+        fast = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # what orjson refuses (an integer past 64 bits)
+        fast = b""
+    return zlib.crc32(fast if fast and fast.isascii() else _canonical(value))
+
+
+def crc_ok(value: Any, expected: object) -> bool:
+    return expected == crc(value) or expected == zlib.crc32(_canonical(value))
 
 
 # ---- writing ------------------------------------------------------------------------
 def entry_line(seq: int, changes: list[dict[str, Any]]) -> bytes:
+    """One journal line (orjson: any JSON reads back; the checksum is what is exact)."""
     entry = {"seq": seq, "changes": changes, "crc": crc(changes)}
-    return json.dumps(entry, separators=(",", ":")).encode() + b"\n"
+    try:
+        return orjson.dumps(entry) + b"\n"
+    except TypeError:
+        return json.dumps(entry, separators=(",", ":")).encode() + b"\n"
 
 
 def header_line(base: int) -> bytes:
@@ -84,7 +108,7 @@ def parse_snapshot(data: bytes) -> Snapshot:
             isinstance(q, dict) and isinstance(q.get("key"), str) for q in quarantined
         ):
             raise ValueError("quarantined is not a list of entries with keys")
-        if doc.get("crc") != crc({"seq": seq, "intents": intents, "quarantined": quarantined}):
+        if not crc_ok({"seq": seq, "intents": intents, "quarantined": quarantined}, doc.get("crc")):
             raise ValueError("checksum mismatch")
     return Snapshot(seq, fmt, intents, quarantined if fmt >= 2 else [])
 
@@ -124,7 +148,7 @@ def _entry(n: int, raw: bytes) -> Entry:
     seq = entry["seq"]
     if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
         raise ValueError(f"seq {seq!r} is not a sequence number")
-    if entry["crc"] != crc(entry["changes"]):
+    if not crc_ok(entry["changes"], entry["crc"]):
         raise ValueError("checksum mismatch")
     changes: list[RawChange] = []
     for c in entry["changes"]:
@@ -144,7 +168,7 @@ def _header(raw: bytes) -> int:
         raise ValueError(f"journal format {version!r} (this netagent reads 1 and {FORMAT})")
     if not isinstance(base, int) or isinstance(base, bool) or base < 0:
         raise ValueError(f"base {base!r} is not a sequence number")
-    if head["crc"] != crc({"journal": version, "base": base}):
+    if not crc_ok({"journal": version, "base": base}, head["crc"]):
         raise ValueError("header checksum mismatch")
     return base
 

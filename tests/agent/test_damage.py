@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from pathlib import Path
 
 import pytest
@@ -284,3 +285,30 @@ def test_nothing_in_a_new_state_dir_but_a_header(tmp_path: Path) -> None:
     assert load(state) == []
     assert journal_lines(state) == [R.header_line(0)]
     assert sorted(os.listdir(state)) == ["journal.jsonl"]
+
+
+def test_the_checksum_is_over_the_canonical_form_whoever_writes_it() -> None:
+    """orjson writes the checksums' canonical JSON when it can (ASCII); a journal line
+    written by the standard library (this netagent before, or a float orjson writes
+    another way) reads back, and a flipped bit in either does not."""
+    plain = [{"key": "fwd/tcp/80", "intent": {"kind": "forward", "b": [1, None], "a": "x"}}]
+    assert R.crc(plain) == zlib.crc32(
+        json.dumps(plain, separators=(",", ":"), sort_keys=True).encode()
+    )
+    wide = [{"key": "ns/blau", "intent": {"kind": "ns", "name": "Grüße"}}]
+    assert R.crc(wide) == zlib.crc32(
+        json.dumps(wide, separators=(",", ":"), sort_keys=True).encode()
+    )
+    tiny = [{"key": "a/1", "intent": {"kind": "attachment", "created": 1e-05}}]
+    for changes in (plain, wide, tiny):
+        std = json.dumps(
+            {"seq": 1, "changes": changes, "crc": zlib.crc32(R._canonical(changes))},
+            separators=(",", ":"),
+        ).encode()
+        for line in (R.entry_line(1, changes), std + b"\n"):
+            [entry] = R.parse_journal(line).entries
+            assert entry.seq == 1 and [c for _k, c in entry.changes] == [
+                c["intent"] for c in changes
+            ]
+            flipped = line.replace(b'"kind"', b'"kine"', 1)
+            assert R.parse_journal(flipped).entries == []
