@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -160,25 +160,38 @@ class Service:
             rows = kind.rows(self.ctx)
             return await self.traffic.rows(rows) if kind.name == "forward" else rows
         if isinstance(req, ops.ForwardAdd):
-            # who else has the port, said at once (a DNAT of another tool, a listener)
+            # who else has the port, said at once (a DNAT of another tool, a listener):
+            # looked at while the pass puts the forward in place, not after it
+            looked: list[list[str]] = []
+
+            async def look() -> None:
+                looked.append(await doctor_api.forward_warnings(self, req))
+
             try:
-                reply = await self.mutate(kind_change(self.kinds, req))
+                reply = await self.mutate(kind_change(self.kinds, req), meanwhile=look)
             except BackendFailed as exc:
-                warnings = await doctor_api.forward_warnings(self, req)
+                warnings = looked[0] if looked else await doctor_api.forward_warnings(self, req)
                 if warnings:
                     exc.message += "; " + "; ".join(warnings)
                     exc.args = (exc.message,)
                 raise
             if reply["changed"]:
-                reply["warnings"] = await doctor_api.forward_warnings(self, req)
+                reply["warnings"] = looked[0]
             return reply
         return await self.mutate(kind_change(self.kinds, req))
 
     # ---- changes --------------------------------------------------------------------
     async def mutate(
-        self, fn: Callable[[DesiredState], object], *, mirror: bool = False
+        self,
+        fn: Callable[[DesiredState], object],
+        *,
+        mirror: bool = False,
+        meanwhile: Callable[[], Coroutine[Any, Any, None]] | None = None,
     ) -> dict[str, Any]:
         """Validate and record a change, persist it, realize it; then answer.
+
+        ``meanwhile`` runs while the change is realized, once it is recorded (and not
+        at all when nothing changed); the answer waits for it too.
 
         ``mirror``: the change mirrors records kept durable elsewhere (the cluster's
         peers, in etcd), and nobody waits for an answer: its journal line goes into the
@@ -196,7 +209,12 @@ class Service:
                 ticket = self.reconciler.note(changes)
         if not changes:
             return {"changed": False, "changes": [], "changes_total": 0}
-        result = await self.reconciler.wait(ticket)
+        if meanwhile is None:
+            result = await self.reconciler.wait(ticket)
+        else:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(meanwhile)
+                result = await self.reconciler.wait(ticket)
         reply: dict[str, Any] = {
             "changed": True,
             "changes": [c.to_wire() for c in changes[:MAX_LISTED]],
