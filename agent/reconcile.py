@@ -497,9 +497,15 @@ class Reconciler:
     ) -> set[str]:
         """Ensure ``keys`` in order, and what hangs off a changed one. The ``periodic``
         ones (the sweep's) only within PERIODIC_BUDGET and while no request waits; those
-        left are marked again for the next pass, and returned."""
+        left are marked again for the next pass, and returned.
+
+        A key that fails while what it needs was not ensured in this pass is not failed
+        yet: its prerequisites are ensured, then it is tried once more. The kernel
+        announces a deleted bridge's ports leaving before the bridge itself goes, so a
+        pass can start with the plugs alone and find their bridge gone."""
         deferred: set[str] = set()
         done: set[str] = set()
+        second: set[str] = set()  # tried again after its prerequisites
         queue = list(keys)
         deadline = time.perf_counter() + PERIODIC_BUDGET
         swept = 0  # at least one per pass: the sweep always moves on
@@ -537,7 +543,26 @@ class Reconciler:
                     self._fail(key, why, result)
                 continue
             old = self._previous.pop(key, None)
-            changed = await self._step(key, kind.ensure(self.ctx, intent, old), result)
+            needs = [n for n in kind.needs(intent) if n not in done and n in self.state]
+            st = self.status.get(key)
+            if needs and key not in second and (st is None or st.state != FAILING):
+                actions, error, timed_out = await self._attempt(
+                    kind.ensure(self.ctx, intent, old), key
+                )
+                if actions is None and not timed_out:
+                    second.add(key)
+                    done.discard(key)
+                    if old is not None:
+                        self._previous.setdefault(key, old)
+                    queue[:0] = [*needs, key]
+                    continue
+                changed = (
+                    self._record(key, actions, result)
+                    if actions is not None
+                    else self._fail(key, error or "failed", result)
+                )
+            else:
+                changed = await self._step(key, kind.ensure(self.ctx, intent, old), result)
             if old is not None and self.status[key].state == FAILING:
                 # the retry must still know what this replaces (a stale address to remove)
                 self._previous.setdefault(key, old)
@@ -605,20 +630,31 @@ class Reconciler:
     async def _step(self, key: str, aw: Awaitable[list[str]], result: PassResult) -> bool:
         """Run one ensure/remove; record what it did or why it failed. True when it
         changed something."""
+        actions, error, _timed_out = await self._attempt(aw, key)
+        if actions is None:
+            self._fail(key, error or "failed", result)
+            return False
+        return self._record(key, actions, result)
+
+    async def _attempt(
+        self, aw: Awaitable[list[str]], key: str | None = None
+    ) -> tuple[list[str] | None, str | None, bool]:
+        """Run one ensure/remove within STEP_TIMEOUT: (its actions, None, False), or
+        (None, why it failed, whether it ran out of time). ``key``: whose step it is, for
+        the log of an unexpected error."""
         try:
             with anyio.fail_after(STEP_TIMEOUT):
-                actions = await aw
+                return await aw, None, False
         except TimeoutError:
-            self._fail(key, f"did not finish within {STEP_TIMEOUT:g} s", result)
-            return False
+            return None, f"did not finish within {STEP_TIMEOUT:g} s", True
         except NetagentError as exc:
-            self._fail(key, exc.message, result)
-            return False
+            return None, exc.message, False
         except Exception as exc:  # the kernel said no (NetlinkError, OSError), or a bug
             if not isinstance(exc, OSError) and type(exc).__name__ != "NetlinkError":
                 log.exception("unexpected failure", key=key)
-            self._fail(key, f"{type(exc).__name__}: {exc}", result)
-            return False
+            return None, f"{type(exc).__name__}: {exc}", False
+
+    def _record(self, key: str, actions: list[str], result: PassResult) -> bool:
         result.merge(key, actions)
         self._ok(key)
         return bool(actions)
@@ -630,13 +666,15 @@ class Reconciler:
         self._retry.pop(key, None)
         self.status[key] = KeyStatus(IN_PLACE, checked=time.time())
 
-    def _fail(self, key: str, message: str, result: PassResult) -> None:
+    def _fail(self, key: str, message: str, result: PassResult) -> bool:
+        """Record a failure (False: nothing changed)."""
         st = self.status.setdefault(key, KeyStatus())
         st.error = message
         self._retry_later(key)
         result.errors[key] = message
         delay = st.retry_at - time.monotonic()
         self.bus.publish("error", f"{key}: {message} (retry in {delay:.1f}s)", key=key)
+        return False
 
     def _publish_repairs(self, trigger: str, result: PassResult) -> None:
         for key, actions in result.actions.items():

@@ -208,6 +208,46 @@ async def test_a_deleted_bridge_comes_back_with_its_plugs_and_attached_ports_in_
     assert [e["key"] for e in w.published("repaired")] == [BRIDGE, "rule/v-net-0/tap*", PLUG]
 
 
+async def test_a_plug_announced_before_its_deleted_bridge_brings_the_bridge_back_first(
+    tmp_path: Path,
+) -> None:
+    """The kernel announces a deleted bridge's ports leaving before the bridge goes: a
+    pass can start with the plug alone. Its ensure finds no bridge; that is not the
+    plug's failure: the bridge is ensured, the plug tried again, nothing fails."""
+    w = await seeded(tmp_path)
+    await w.net.del_link(None, w.link("v-net-0").index)
+    w.rec.drift(PLUG, "veth-red-br left its bridge")  # the bridge's own event is late
+    with anyio.fail_after(LIMIT):
+        result = await w.rec.run_until_idle("event")
+    assert result.errors == {}
+    assert result.actions[BRIDGE][0] == "create bridge v-net-0"
+    assert result.actions[PLUG] == ["enslave veth-red-br to v-net-0"]
+    assert w.link("veth-red-br").master == w.link("v-net-0").index
+    assert w.rec.status[PLUG].state == IN_PLACE and w.published("error") == []
+    # a plug that fails for a reason of its own: tried again once its prerequisites
+    # are ensured, then failed; its retries (a failing key) are tried once each
+    attempts: list[float] = []
+    real = w.net.set_link
+
+    async def failing(*args: Any, **kw: Any) -> Any:
+        if kw.get("master") is None:
+            return await real(*args, **kw)
+        attempts.append(time.monotonic())
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    await w.net.enslave([(w.link("veth-red-br").index, 0)])
+    w.net.set_link = failing  # type: ignore[method-assign]
+    w.rec.drift(PLUG, "veth-red-br left its bridge")
+    with anyio.fail_after(LIMIT):
+        result = await w.rec.run_until_idle("event")
+        assert list(result.errors) == [PLUG] and "not permitted" in result.errors[PLUG]
+        assert len(attempts) == 2 and w.rec.status[PLUG].state == FAILING
+        w.rec.mark([PLUG], "retry")
+        result = await w.rec.run_until_idle("retry")
+    w.net.set_link = real  # type: ignore[method-assign]
+    assert list(result.errors) == [PLUG] and len(attempts) == 3
+
+
 # ---- failures -----------------------------------------------------------------------
 async def test_a_failing_ensure_fails_its_key_backs_off_and_a_later_retry_succeeds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
