@@ -43,6 +43,7 @@ from .config import Config
 from .errors import NetagentError
 from .events import EventSource
 from .fwsync import FirewallSync
+from .gcidle import collect_when_idle
 from .hostcheck import HostCheck
 from .kinds import default_kinds
 from .kinds.base import Context
@@ -281,6 +282,8 @@ async def run_daemon(config: Config, recover: bool = False) -> None:
                     # and local requests are served whether or not etcd answers
                     tg.start_soon(cluster.run, api.mutate)
                 gc.freeze()  # what start-up made lives forever: keep it out of GC passes
+                # and what lives long after it is frozen in idle moments (agent/gcidle.py)
+                tg.start_soon(collect_when_idle, lambda: (counters.requests, rec.passes))
                 sdnotify.notify(f"READY=1\nSTATUS={sdnotify.one_line(api.summary())}")
                 tg.start_soon(sdnotify.watchdog_loop, api.summary)
                 log.info(
