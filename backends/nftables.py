@@ -428,9 +428,10 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
             script = (
                 stdin if words == ("-f", "-") and stdin is not None else " ".join(words).encode()
             )
-            # every transaction off the loop, even one element: a commit right after one
-            # that deleted elements waits out the kernel's grace period (up to ~15 ms,
-            # docs/kernel-facts.md), and a big one (10,000 elements) takes ~1 s
+            # every transaction off the loop, even one element: a commit waits for any
+            # other process's nf_tables transaction to end (a big iptables-restore holds
+            # the kernel's commit mutex), and a big one of ours (10,000 elements) takes
+            # ~0.1-1 s; the hop costs a request ~0.15 ms (docs/architecture.md)
             try:
                 with anyio.fail_after(LIB_TIMEOUT):
                     rc, out, err = await anyio.to_thread.run_sync(self.lib.run, script, json_output)
