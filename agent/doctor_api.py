@@ -97,7 +97,7 @@ async def explain_op(service: Service, req: Request) -> dict[str, Any]:
 
 
 async def _trace(service: Service, req: Any, port: int) -> list[str]:
-    from netagent.backends.nftables import LibNftables
+    from netagent.backends.libnft import LibNftables
 
     from .explain import _plug_of
     from .nfttrace import trace

@@ -21,7 +21,7 @@ import structlog
 from . import doctor, hostview
 
 if TYPE_CHECKING:
-    from netagent.backends.nftables import LibNftables
+    from netagent.backends.libnft import LibNftables
 
     from .fwsync import FirewallSync
     from .kinds.base import Context
@@ -65,7 +65,7 @@ class HostCheck:
         """One nft listing through in-process libnftables (None: use the program)."""
         if not self._lib_tried:
             self._lib_tried = True
-            from netagent.backends.nftables import LibNftables
+            from netagent.backends.libnft import LibNftables
 
             try:
                 self._lib = LibNftables()

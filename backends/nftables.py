@@ -35,7 +35,6 @@ import ipaddress
 import json
 import os
 import shutil
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +45,7 @@ from netagent.agent import intents as I
 from netagent.agent.errors import BackendFailed, HostTimeout
 
 from .firewall import Batch, Counts, DriftWatcher, FirewallBackend, FirewallSpec, VxlanGuard
+from .libnft import open_lib
 from .nftmonitor import NftMonitorWatcher
 
 TABLE = "netagent"
@@ -340,60 +340,6 @@ def _peer_steps(gone: list[tuple[str, str]], new: list[tuple[str, str]]) -> list
     return [f"delete VXLAN peer {e}" for _s, e in gone] + [f"add VXLAN peer {e}" for _s, e in new]
 
 
-class LibNftables:
-    """In-process libnftables (Debian's libnftables1) through ctypes: the same language
-    and the same one-transaction-per-call semantics as ``nft -f -``, without a process
-    per change. A process per change costs 2-3 ms to add an element and 13-20 ms to
-    remove one (nft waits out an RCU grace period when its socket closes at exit); a
-    long-lived handle costs ~0.1 ms for either. It acts in the calling thread's network
-    namespace, which is the daemon's."""
-
-    NFT_CTX_OUTPUT_JSON = 1 << 4
-
-    def __init__(self) -> None:
-        import ctypes
-        import ctypes.util
-
-        path = ctypes.util.find_library("nftables") or "libnftables.so.1"
-        lib = ctypes.CDLL(path)
-        lib.nft_ctx_new.restype = ctypes.c_void_p
-        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
-        lib.nft_ctx_buffer_output.argtypes = [ctypes.c_void_p]
-        lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
-        lib.nft_ctx_output_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
-        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-        lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
-        lib.nft_ctx_get_output_buffer.argtypes = [ctypes.c_void_p]
-        lib.nft_ctx_get_output_buffer.restype = ctypes.c_char_p
-        lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
-        lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
-        self.lib = lib
-        self._lock = threading.Lock()  # one handle, used from the loop and worker threads
-        self.ctx = lib.nft_ctx_new(0)
-        if not self.ctx:
-            raise OSError("nft_ctx_new failed")
-        lib.nft_ctx_buffer_output(self.ctx)
-        lib.nft_ctx_buffer_error(self.ctx)
-
-    def run(self, script: bytes, json_output: bool = False) -> tuple[int, bytes, bytes]:
-        with self._lock:
-            flags = self.NFT_CTX_OUTPUT_JSON if json_output else 0
-            self.lib.nft_ctx_output_set_flags(self.ctx, flags)
-            rc = self.lib.nft_run_cmd_from_buffer(self.ctx, script)
-            out = self.lib.nft_ctx_get_output_buffer(self.ctx) or b""
-            err = self.lib.nft_ctx_get_error_buffer(self.ctx) or b""
-        return rc, out, err
-
-
-def _open_lib() -> LibNftables | None:
-    if os.environ.get("NETAGENT_NFT") == "process":
-        return None
-    try:
-        return LibNftables()
-    except OSError:
-        return None
-
-
 class NftablesBackend(FirewallBackend[Observed, list[str]]):
     name = "nftables"
     guards_localhost = True
@@ -402,7 +348,7 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
         from .nftcount import Reader
 
         self.nft = shutil.which("nft") or "nft"
-        self.lib = _open_lib()
+        self.lib = open_lib()
         #: the counters' one nfnetlink socket (``backends/nftcount.py``)
         self._counters = Reader()
 

@@ -26,7 +26,7 @@ from .rules import CHAIN_DNAT, CHAIN_OUT, CHAIN_POST, CHAIN_PRE, jump_rule, jump
 from .save import FamilyObserved, Observed, parse_filter, parse_save
 
 if TYPE_CHECKING:
-    from ..nftables import LibNftables
+    from ..libnft import LibNftables
 
 #: per family: (the save program, the restore program); the same argv works for both
 TOOLS = {4: ("iptables-save", "iptables-restore"), 6: ("ip6tables-save", "ip6tables-restore")}
@@ -193,7 +193,7 @@ class IptablesBackend(FirewallBackend[Observed, RestorePayload]):
         if not self.nft_flavour or not forwards:
             return None if not self.nft_flavour else {}
         if self._lib is None:
-            from ..nftables import LibNftables
+            from ..libnft import LibNftables
 
             try:
                 self._lib = LibNftables()

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.privileged
 SCRIPT = r"""
 import json, subprocess, sys
 from netagent.backends.nftcount import Reader
-from netagent.backends.nftables import LibNftables
+from netagent.backends.libnft import LibNftables
 
 def nft(cmd):
     subprocess.run(["nft", cmd], check=True)
