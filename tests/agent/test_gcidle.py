@@ -12,14 +12,17 @@ import pytest
 
 from netagent.agent import gcidle
 
+from .world import until
+
 REAL = gcidle.collect_and_freeze
 
 
 @pytest.fixture(autouse=True)
 def freezes(monkeypatch: pytest.MonkeyPatch) -> Any:
     """The idle collections asked for (each: whether thawed), none made."""
-    monkeypatch.setattr(gcidle, "QUIET", 0.05)
-    monkeypatch.setattr(gcidle, "CHECK", 0.01)
+    # binary fractions: the fake clock's sums are exact (a look is 1/64 s, quiet 4 looks)
+    monkeypatch.setattr(gcidle, "QUIET", 4 / 64)
+    monkeypatch.setattr(gcidle, "CHECK", 1 / 64)
     calls: list[bool] = []
 
     def asked(thaw: bool) -> float:
@@ -30,24 +33,60 @@ def freezes(monkeypatch: pytest.MonkeyPatch) -> Any:
     return calls
 
 
-async def _run_for(seconds: float, activity: Any) -> None:
-    with anyio.move_on_after(seconds):
-        await gcidle.collect_when_idle(activity)
+class Watcher:
+    """``activity()`` for the idle watcher, counting its looks: the tests wait on looks
+    (a condition), never on a fixed time. Its clock is the watcher's (``gcidle.time``):
+    each look is CHECK seconds later, however long the machine took."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.looks = 0
+        self.activity = 0
+        self.clock = 1024.0
+        monkeypatch.setattr(gcidle, "time", self)
+
+    def monotonic(self) -> float:
+        return self.clock
+
+    def __call__(self) -> int:
+        self.looks += 1
+        self.clock += gcidle.CHECK
+        return self.activity
+
+    async def looked(self, times: int) -> None:
+        """Until the watcher has looked ``times`` more times."""
+        target = self.looks + times
+        await until(lambda: self.looks >= target, f"{times} more looks")
+
+
+#: looks that cover QUIET several times over
+PAST_QUIET = 15
 
 
 async def test_busy_never_collects_and_idle_collects_once(
     freezes: list[bool], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    now = {"collector runs": 0, "activity": 0}
-    monkeypatch.setattr(gcidle, "_collections", lambda: (now["collector runs"], 0))
+    runs = [0]
+    monkeypatch.setattr(gcidle, "_collections", lambda: (runs[0], 0))
+    w = Watcher(monkeypatch)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(gcidle.collect_when_idle, lambda: now["activity"])
-        for _ in range(30):  # busy: something happens at every look, the collector runs
-            now["activity"] += 1
-            now["collector runs"] += 1
-            await anyio.sleep(0.01)
+        tg.start_soon(gcidle.collect_when_idle, w)
+        for _ in range(PAST_QUIET):  # busy: something happened before every look
+            w.activity += 1
+            runs[0] += 1  # and the collector at work
+            await w.looked(1)
         assert freezes == []
-        await anyio.sleep(0.3)  # then quiet
+        quiet_from = w.looks  # then quiet: collected once QUIET has passed, not before
+        collected_at: list[int] = []
+
+        def collect(thaw: bool) -> float:
+            freezes.append(thaw)
+            collected_at.append(w.looks)
+            return 0.0
+
+        monkeypatch.setattr(gcidle, "collect_and_freeze", collect)
+        await until(lambda: freezes, "an idle collection")
+        assert collected_at[0] - quiet_from == round(gcidle.QUIET / gcidle.CHECK)
+        await w.looked(PAST_QUIET)
         assert freezes == [False]  # once (the collector has not run since), not thawed
         tg.cancel_scope.cancel()
 
@@ -56,8 +95,12 @@ async def test_nothing_to_do_when_the_collector_has_not_run(
     freezes: list[bool], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(gcidle, "_collections", lambda: (7, 3))
-    await _run_for(0.3, lambda: 0)
-    assert freezes == []
+    w = Watcher(monkeypatch)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(gcidle.collect_when_idle, w)
+        await w.looked(PAST_QUIET)  # idle all along
+        assert freezes == []
+        tg.cancel_scope.cancel()
 
 
 class _Node:
