@@ -21,7 +21,8 @@ import structlog
 
 from . import clusterapi, doctor_api, ops, quarantine
 from .errors import BackendFailed, InvalidArgument, NetagentError, NotFound, ReadOnly, UnknownOp
-from .reconcile import FIREWALL, IN_PLACE, PENDING, PURGE_ORPHANS, Reconciler
+from .keystatus import IN_PLACE, PENDING
+from .reconcile import FIREWALL, PURGE_ORPHANS, Reconciler
 from .schema import Request, prefix_error
 from .traffic import Traffic
 from .turns import Turns

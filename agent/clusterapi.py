@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .errors import NotFound
-from .reconcile import FIREWALL, IN_PLACE
+from .keystatus import IN_PLACE
+from .reconcile import FIREWALL
 
 if TYPE_CHECKING:
     from .cluster import Cluster

@@ -51,6 +51,7 @@ from .errors import (
     NetagentError,
     NotFound,
 )
+from .keystatus import FAILING, IN_PLACE
 from .kinds.attachment import (
     Attachment,
     attachment_key,
@@ -60,7 +61,7 @@ from .kinds.bridge import Bridge, bridge_key
 from .kinds.forward import Forward, ForwardKind
 from .kinds.leases import free_address
 from .kinds.plug import check_in_subnet
-from .reconcile import FAILING, FIREWALL, IN_PLACE
+from .reconcile import FIREWALL
 from .schema import Request
 from .values import IPInterface, short_hash
 

@@ -10,7 +10,7 @@ from . import ops
 from .doctor import Finding
 from .errors import InvalidPort
 from .explain import explain
-from .reconcile import IN_PLACE
+from .keystatus import IN_PLACE
 
 if TYPE_CHECKING:
     from .api import Service

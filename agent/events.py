@@ -24,8 +24,8 @@ import structlog
 
 from netagent.backends import rtnl
 
+from .keystatus import IN_PLACE
 from .kinds.attach import AttachRule, rule_for
-from .reconcile import IN_PLACE
 from .turns import Turns
 
 if TYPE_CHECKING:

@@ -23,10 +23,9 @@ safety net under the events. One log line per pass.
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from collections.abc import Awaitable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -34,9 +33,9 @@ import structlog
 
 from . import orphans
 from .bus import EventBus
-from .errors import NetagentError
 from .fwsync import FirewallSync
 from .hostcheck import HostCheck
+from .keystatus import PassResult, StatusBook, attempt
 from .kinds.attach import attach_links
 from .kinds.base import Context, Intent
 from .orphans import Orphan
@@ -56,8 +55,6 @@ PURGE_ORPHANS = "orphans/remove"
 FINDINGS = "findings"
 READ_HOST = "findings/read"
 PSEUDO = frozenset({FIREWALL, HOST, ORPHANS, PURGE_ORPHANS, FINDINGS, READ_HOST})
-BACKOFF_MIN = 0.5
-BACKOFF_MAX = 60.0
 #: keys of a periodic pass handled per pass (requests and events go between chunks)
 CHUNK = 256
 #: seconds of periodic ensures one pass may spend: it stops early, the rest waits for the
@@ -78,41 +75,8 @@ FINDINGS_DELAY_MAX = 2.0
 #: than the resync interval, which then means "as often as that allows"), and a
 #: request seldom meets a slice (it would wait for the key being checked)
 SWEEP_REST = 19.0
-#: seconds one key's ensure or removal may take in all: every call it makes has a time
-#: limit of its own, this is the net under them (a pass never waits forever)
-STEP_TIMEOUT = 60.0
-
-IN_PLACE, PENDING, DRIFTED, FAILING = "in place", "pending", "drifted", "failing"
-
-
-@dataclass
-class KeyStatus:
-    state: str = PENDING
-    error: str | None = None
-    failures: int = 0
-    retry_at: float = 0.0
-    #: when it was last seen in place (time.time())
-    checked: float | None = None
-    #: what last said it changed
-    reason: str | None = None
-
-
-@dataclass
-class PassResult:
-    actions: dict[str, list[str]] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)
-
-    def merge(self, key: str, actions: Iterable[str]) -> None:
-        acts = list(actions)
-        if acts:
-            self.actions.setdefault(key, []).extend(acts)
-
-    def only(self, keys: Iterable[str]) -> PassResult:
-        wanted = set(keys)
-        return PassResult(
-            {k: v for k, v in self.actions.items() if k in wanted},
-            {k: v for k, v in self.errors.items() if k in wanted},
-        )
+#: what marked a key, in the order a pass's trigger is named after them
+WHYS = ("event", "retry", "resync", "start", "periodic", "foreign", "findings")
 
 
 class Ticket:
@@ -169,11 +133,12 @@ class Reconciler:
         #: the intent an updated key replaced, until the key is ensured
         self._previous: dict[str, Intent] = {}
         self._wake = anyio.Event()
-        self.status: dict[str, KeyStatus] = {}
-        #: key -> what keeps it from working that no ensure can fix (see ``condition``)
-        self.conditions: dict[str, str] = {}
-        #: failing keys -> when to try again (time.monotonic())
-        self._retry: dict[str, float] = {}
+        self.book = StatusBook(bus)
+        #: each key's state, and what keeps one from working that no ensure can fix
+        #: (the book's, read by the API; only the book changes them)
+        self.status = self.book.status
+        self.conditions = self.book.conditions
+        self._retry = self.book.retry
         #: when the findings follow the requests' changes (time.monotonic())
         self._findings_at: float | None = None
         #: the latest the pending findings may wait till, however many requests come
@@ -213,8 +178,7 @@ class Reconciler:
                     del self._removals[c.key]  # wanted again as it was: nothing to remove
                 if c.old is not None:
                     self._previous.setdefault(c.key, c.old)
-                self.status[c.key] = KeyStatus(PENDING, reason="requested")
-                self._retry.pop(c.key, None)
+                self.book.requested(c.key)
             keys.add(c.key)
             if kind is not None and kind.firewall:
                 self.firewall.note(c)
@@ -239,16 +203,13 @@ class Reconciler:
             if key not in self.state and key not in self._removals and key not in PSEUDO:
                 continue
             self._mark(key, why)
-            st = self.status.get(key)
-            if st is not None and st.state == IN_PLACE and why == "event":
-                st.state, st.reason = DRIFTED, why
+            if why == "event":
+                self.book.drifted(key, why)
         self._kick()
 
     def drift(self, key: str, reason: str) -> None:
         """Something the kernel said: ``key`` is not as wanted until repaired."""
-        st = self.status.get(key)
-        if st is not None and st.state == IN_PLACE:
-            st.state, st.reason = DRIFTED, reason
+        self.book.drifted(key, reason)
         self.mark([key], "event")
 
     def mark_links(self, indexes: Iterable[int]) -> None:
@@ -289,15 +250,11 @@ class Reconciler:
     def condition(self, key: str, reason: str | None) -> None:
         """Something outside the reconciler's reach keeps ``key`` from working (an empty
         namespace): not in place while it holds, whatever its ensure says."""
-        if reason is None:
-            self.conditions.pop(key, None)
-        elif self.conditions.get(key) != reason:
-            self.conditions[key] = reason
-            self.bus.publish("condition", f"{key}: {reason}", key=key)
+        self.book.condition(key, reason)
 
     # ---- status ---------------------------------------------------------------------
     def failing(self) -> dict[str, str]:
-        return {k: self.status[k].error or "failing" for k in self._retry if k in self.status}
+        return self.book.failing()
 
     def busy(self) -> bool:
         """Something is marked, waits, or a pass is running."""
@@ -390,26 +347,8 @@ class Reconciler:
         if not self._links and not any(w == "event" for w in self._pending.values()):
             self._event_since = None  # else what is left of a burst waits since then
         if trigger is None:
-            trigger = (
-                "request"
-                if tickets
-                else next(
-                    (
-                        w
-                        for w in (
-                            "event",
-                            "retry",
-                            "resync",
-                            "start",
-                            "periodic",
-                            "foreign",
-                            "findings",
-                        )
-                        if w in whys
-                    ),
-                    "event" if links else "periodic",
-                )
-            )
+            fallback = "event" if links else "periodic"
+            trigger = "request" if tickets else next((w for w in WHYS if w in whys), fallback)
         return _Batch(
             keys,
             links,
@@ -418,20 +357,6 @@ class Reconciler:
             since if "event" in whys or links else None,
             frozenset(chunk - urgent),
         )
-
-    def _firewall_follows(self, keys: set[str]) -> bool:
-        """Whether every key of a firewall kind among ``keys`` is of a kind whose
-        firewall part follows its kernel steps (peers coming, moving or going: their
-        route is there, or gone, ~1-2 ms sooner)."""
-        found = False
-        for key in keys:
-            kind = self.state.kinds.of_key(key)
-            if kind is None or not kind.firewall:
-                continue
-            if not kind.firewall_follows:
-                return False
-            found = True
-        return found
 
     # ---- a pass ---------------------------------------------------------------------
     async def _pass(self, batch: _Batch) -> PassResult:
@@ -442,7 +367,7 @@ class Reconciler:
         try:
             # the firewall first (a forward's DNAT, a bridge's rules, a removal's rules
             # gone before its parts), unless the pass is peers' alone (the guard follows)
-            firewall_last = FIREWALL in batch.keys and self._firewall_follows(batch.keys)
+            firewall_last = FIREWALL in batch.keys and self.state.kinds.firewall_follows(batch.keys)
             if FIREWALL in batch.keys and not firewall_last:
                 await self._step(FIREWALL, self.firewall.sync(self.state), result)
             removing = sorted(
@@ -486,7 +411,7 @@ class Reconciler:
             delay = min(FINDINGS_SPACING * self.checker.cost, FINDINGS_DELAY_MAX)
             self._findings_at = min(now + delay, self._findings_by)
         if batch.trigger != "request":
-            self._publish_repairs(batch.trigger, result)
+            self.book.publish_repairs(batch.trigger, result, quiet=(HOST, "attach", ORPHANS))
         if batch.periodic:
             self._sweep_at = time.monotonic() + SWEEP_REST * (time.perf_counter() - t0)
         self._log_pass(batch, t0, result)
@@ -538,17 +463,14 @@ class Reconciler:
                 # (no task, no time limit: 10,000 forwards must cost microseconds each)
                 why = kind.refused(self.ctx, intent)
                 if why is None:
-                    self._ok(key)
+                    self.book.ok(key)
                 else:
-                    self._fail(key, why, result)
+                    self.book.fail(key, why, result)
                 continue
             old = self._previous.pop(key, None)
             needs = [n for n in kind.needs(intent) if n not in done and n in self.state]
-            st = self.status.get(key)
-            if needs and key not in second and (st is None or st.state != FAILING):
-                actions, error, timed_out = await self._attempt(
-                    kind.ensure(self.ctx, intent, old), key
-                )
+            if needs and key not in second and not self.book.is_failing(key):
+                actions, error, timed_out = await attempt(kind.ensure(self.ctx, intent, old), key)
                 if actions is None and not timed_out:
                     second.add(key)
                     done.discard(key)
@@ -557,13 +479,13 @@ class Reconciler:
                     queue[:0] = [*needs, key]
                     continue
                 changed = (
-                    self._record(key, actions, result)
+                    self.book.record(key, actions, result)
                     if actions is not None
-                    else self._fail(key, error or "failed", result)
+                    else self.book.fail(key, error or "failed", result)
                 )
             else:
                 changed = await self._step(key, kind.ensure(self.ctx, intent, old), result)
-            if old is not None and self.status[key].state == FAILING:
+            if old is not None and self.book.is_failing(key):
                 # the retry must still know what this replaces (a stale address to remove)
                 self._previous.setdefault(key, old)
             if changed:
@@ -582,8 +504,7 @@ class Reconciler:
             self._removals[key] = gone  # retried with backoff until it is gone
             return
         if key not in self.state:
-            self.status.pop(key, None)
-            self._retry.pop(key, None)
+            self.book.forget(key)
         try:
             await kind.released(self.ctx, gone)
         except Exception:  # closing a socket: never worth failing a removal
@@ -607,15 +528,6 @@ class Reconciler:
         self.orphans, self.orphans_checked = found, time.time()
         return done
 
-    def _retry_later(self, key: str) -> None:
-        st = self.status.setdefault(key, KeyStatus())
-        st.failures += 1
-        st.state = FAILING
-        st.retry_at = time.monotonic() + min(
-            BACKOFF_MAX, BACKOFF_MIN * math.pow(2, st.failures - 1)
-        )
-        self._retry[key] = st.retry_at
-
     async def _host(self) -> list[str]:
         """IP forwarding on for each IP version something routed needs (kinds say so
         with the ``forwarding`` index: bridges' addresses, forwards)."""
@@ -630,63 +542,11 @@ class Reconciler:
     async def _step(self, key: str, aw: Awaitable[list[str]], result: PassResult) -> bool:
         """Run one ensure/remove; record what it did or why it failed. True when it
         changed something."""
-        actions, error, _timed_out = await self._attempt(aw, key)
+        actions, error, _timed_out = await attempt(aw, key)
         if actions is None:
-            self._fail(key, error or "failed", result)
+            self.book.fail(key, error or "failed", result)
             return False
-        return self._record(key, actions, result)
-
-    async def _attempt(
-        self, aw: Awaitable[list[str]], key: str | None = None
-    ) -> tuple[list[str] | None, str | None, bool]:
-        """Run one ensure/remove within STEP_TIMEOUT: (its actions, None, False), or
-        (None, why it failed, whether it ran out of time). ``key``: whose step it is, for
-        the log of an unexpected error."""
-        try:
-            with anyio.fail_after(STEP_TIMEOUT):
-                return await aw, None, False
-        except TimeoutError:
-            return None, f"did not finish within {STEP_TIMEOUT:g} s", True
-        except NetagentError as exc:
-            return None, exc.message, False
-        except Exception as exc:  # the kernel said no (NetlinkError, OSError), or a bug
-            if not isinstance(exc, OSError) and type(exc).__name__ != "NetlinkError":
-                log.exception("unexpected failure", key=key)
-            return None, f"{type(exc).__name__}: {exc}", False
-
-    def _record(self, key: str, actions: list[str], result: PassResult) -> bool:
-        result.merge(key, actions)
-        self._ok(key)
-        return bool(actions)
-
-    def _ok(self, key: str) -> None:
-        st = self.status.get(key)
-        if st is not None and st.state == FAILING:
-            self.bus.publish("recovered", f"{key} is in place again", key=key)
-        self._retry.pop(key, None)
-        self.status[key] = KeyStatus(IN_PLACE, checked=time.time())
-
-    def _fail(self, key: str, message: str, result: PassResult) -> bool:
-        """Record a failure (False: nothing changed)."""
-        st = self.status.setdefault(key, KeyStatus())
-        st.error = message
-        self._retry_later(key)
-        result.errors[key] = message
-        delay = st.retry_at - time.monotonic()
-        self.bus.publish("error", f"{key}: {message} (retry in {delay:.1f}s)", key=key)
-        return False
-
-    def _publish_repairs(self, trigger: str, result: PassResult) -> None:
-        for key, actions in result.actions.items():
-            if key in (HOST, "attach", ORPHANS) or not actions:
-                continue
-            self.bus.publish(
-                "repaired",
-                f"{key}: {'; '.join(actions)}",
-                key=key,
-                trigger=trigger,
-                actions=actions,
-            )
+        return self.book.record(key, actions, result)
 
     def _log_pass(self, batch: _Batch, t0: float, result: PassResult) -> None:
         self.passes += 1

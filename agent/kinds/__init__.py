@@ -41,6 +41,20 @@ class Registry:
         kind = self.of_key(key)
         return kind.order if kind is not None else len(self._kinds)
 
+    def firewall_follows(self, keys: Iterable[str]) -> bool:
+        """Whether every key of a firewall kind among ``keys`` is of a kind whose
+        firewall part follows its kernel steps (peers coming, moving or going: their
+        route is there, or gone, ~1-2 ms sooner), and there is one."""
+        found = False
+        for key in keys:
+            kind = self.of_key(key)
+            if kind is None or not kind.firewall:
+                continue
+            if not kind.firewall_follows:
+                return False
+            found = True
+        return found
+
     def sort_key(self, intent: Intent) -> tuple[int, str]:
         return self._by_name[intent.kind].order, intent.key
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from netagent.agent import errors as E
-from netagent.agent import ops, reconcile
+from netagent.agent import keystatus, ops
 from netagent.agent.errors import BackendFailed, NetagentError, NotFound
 from netagent.agent.reconcile import FIREWALL
 
@@ -410,7 +410,7 @@ async def test_show_marks_a_drifted_key_until_the_pass_puts_it_back(tmp_path: Pa
 async def test_a_forward_is_not_in_place_while_the_firewall_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(reconcile, "BACKOFF_MIN", 0.05)
+    monkeypatch.setattr(keystatus, "BACKOFF_MIN", 0.05)
     w = make_world(tmp_path)
     async with w.running():
         await seed(w)

@@ -14,8 +14,8 @@ from netagent.agent import cni as agent_cni
 from netagent.agent import foreign
 from netagent.agent.cniconf import derived_mac
 from netagent.agent.errors import NetagentError
+from netagent.agent.keystatus import FAILING, IN_PLACE
 from netagent.agent.kinds import attachment as att_mod
-from netagent.agent.reconcile import FAILING, IN_PLACE
 from netagent.agent.values import short_hash
 from netagent.cni import queue
 

@@ -19,7 +19,7 @@ from typing import Any, cast
 import anyio
 import pytest
 
-from netagent.agent.reconcile import DRIFTED, IN_PLACE
+from netagent.agent.keystatus import DRIFTED, IN_PLACE
 from netagent.agent.state import Change
 from netagent.backends import rtnl
 from netagent.backends.netlink import NETAGENT_GROUP, Link

@@ -18,11 +18,12 @@ import anyio
 import pytest
 import structlog
 
-from netagent.agent import reconcile
+from netagent.agent import keystatus, reconcile
 from netagent.agent.api import kind_change
 from netagent.agent.errors import BackendFailed
+from netagent.agent.keystatus import DRIFTED, FAILING, IN_PLACE, PassResult
 from netagent.agent.ops import BY_OP
-from netagent.agent.reconcile import DRIFTED, FAILING, FIREWALL, IN_PLACE, Ticket
+from netagent.agent.reconcile import FIREWALL, Ticket
 from netagent.agent.state import DesiredState
 from netagent.backends.netlink import Link
 
@@ -252,7 +253,7 @@ async def test_a_plug_announced_before_its_deleted_bridge_brings_the_bridge_back
 async def test_a_failing_ensure_fails_its_key_backs_off_and_a_later_retry_succeeds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(reconcile, "BACKOFF_MIN", 0.05)
+    monkeypatch.setattr(keystatus, "BACKOFF_MIN", 0.05)
     w = make_world(tmp_path)
     attempts: list[float] = []
     add_veth = w.net.add_veth
@@ -296,8 +297,8 @@ async def test_a_failing_ensure_fails_its_key_backs_off_and_a_later_retry_succee
 async def test_a_hung_call_fails_only_its_key_and_the_loop_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(reconcile, "STEP_TIMEOUT", 0.1)
-    monkeypatch.setattr(reconcile, "BACKOFF_MIN", 0.05)
+    monkeypatch.setattr(keystatus, "STEP_TIMEOUT", 0.1)
+    monkeypatch.setattr(keystatus, "BACKOFF_MIN", 0.05)
     w = make_world(tmp_path)
     w.net.hang("add_veth")
     async with w.running():
@@ -379,7 +380,7 @@ async def test_updating_a_bridges_addresses_removes_the_stale_one(tmp_path: Path
 async def test_a_stale_address_goes_even_when_the_first_try_of_the_update_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(reconcile, "BACKOFF_MIN", 0.02)
+    monkeypatch.setattr(keystatus, "BACKOFF_MIN", 0.02)
     w = make_world(tmp_path)
     async with w.running():
         await w.call("bridge.add", name="v-net-0", address=["192.168.15.5/24"])
@@ -403,7 +404,7 @@ def record_passes(w: World, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, 
     seen: list[tuple[str, int]] = []
     log_pass = w.rec._log_pass
 
-    def recorded(batch: Any, t0: float, result: reconcile.PassResult) -> None:
+    def recorded(batch: Any, t0: float, result: PassResult) -> None:
         seen.append((batch.trigger, len(batch.keys - reconcile.PSEUDO)))
         log_pass(batch, t0, result)
 
