@@ -489,7 +489,7 @@ class FakeNetlink(Faults):
             return None
         return self.sysctls.get(PORT_IPV6.format(name), "0") == "0"
 
-    def port_ipv6_off(self, name: str) -> None:
+    async def port_ipv6_off(self, name: str) -> None:
         self.sysctls[PORT_IPV6.format(name)] = "1"
         self.calls.append(("port_ipv6_off", name))
 

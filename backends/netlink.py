@@ -209,7 +209,7 @@ class Netlink(Protocol):
         interface, or no IPv6 in this kernel)."""
         ...
 
-    def port_ipv6_off(self, name: str) -> None:
+    async def port_ipv6_off(self, name: str) -> None:
         """Turn IPv6 off on a bridge port of the daemon's namespace (:data:`PORT_IPV6`), as
         far as the host lets it: best effort, no port needs it."""
         ...

@@ -3,6 +3,8 @@ rtnetlink (``rtnl``) for the attach fast path.
 
 Quirks worked around here (pyroute2 0.9.7, see ``docs/kernel-facts.md``):
 
+* link creations, changes and deletions leave from a thread (``nlsend.IPRoute``): the
+  kernel does their work inside ``send()``, milliseconds under the rtnl lock.
 * namespace sockets are made by a short-lived thread that enters the namespace
   (``rtnl.socket_in_netns``) and handed to ``AsyncIPRoute(fileno=...)``: pyroute2's own
   ``netns=`` forks (8-10 ms, unsafe in a threaded process) and, without ``flags=0``,
@@ -35,7 +37,6 @@ from typing import Any, TypeVar
 
 import anyio
 import structlog
-from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from netagent.agent.errors import BackendFailed, HostTimeout
@@ -52,6 +53,7 @@ from .netlink import (
     Route,
     Vxlan,
 )
+from .nlsend import IPRoute, SendThread
 from .nssockets import NsSockets, ip_tool
 from .overlay import Overlay
 from .pyroute_msgs import (
@@ -83,6 +85,8 @@ class PyrouteNetlink:
         self.ipr: Any = None
         self.raw: rtnl.Requests | None = None
         self.overlay: Overlay | None = None
+        #: sends the link requests of every socket here (``nlsend``: not on the loop)
+        self.sender: SendThread | None = None
         self._ns = NsSockets(linger=TIMEOUT + 1)
         #: one dump at a time per socket (the kernel refuses a second with EBUSY)
         self._dumping: weakref.WeakKeyDictionary[Any, anyio.Lock] = weakref.WeakKeyDictionary()
@@ -93,7 +97,8 @@ class PyrouteNetlink:
 
     # ---- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
-        self.ipr = AsyncIPRoute()
+        self.sender = SendThread()
+        self.ipr = IPRoute(self.sender)
         await self.ipr.setup_endpoint()
         self.raw = rtnl.Requests()
         self.overlay = Overlay(self.raw)
@@ -106,6 +111,9 @@ class PyrouteNetlink:
         if self.raw is not None:
             self.raw.close()
             self.raw = None
+        if self.sender is not None:
+            self.sender.close()
+            self.sender = None
 
     # ---- time limits ----------------------------------------------------------------
     async def _timed(self, ns: NsRef, what: str, aw: Awaitable[T]) -> T:
@@ -180,7 +188,7 @@ class PyrouteNetlink:
             await ip_tool(["ip", "netns", "add", name])
             return
         async with self._ns.lock:
-            sock = AsyncIPRoute(fileno=raw.detach())
+            sock = self._new_socket(raw)
             await self._timed(None, "opening a socket", sock.setup_endpoint())
             ident = self.ns_identity(name)
             self._ns.keep(name, ident, sock)
@@ -222,10 +230,14 @@ class PyrouteNetlink:
                 f"entering namespace {ns}",
                 anyio.to_thread.run_sync(rtnl.socket_in_netns, str(self._path(ns))),
             )
-            sock = AsyncIPRoute(fileno=raw.detach())
+            sock = self._new_socket(raw)
             await self._timed(None, "opening a socket", sock.setup_endpoint())
             self._ns.keep(ns, ident, sock)
         return sock
+
+    def _new_socket(self, raw: socket.socket) -> IPRoute:
+        assert self.sender is not None
+        return IPRoute(self.sender, fileno=raw.detach())
 
     async def forget(self, ns: str) -> None:
         """Let go of the socket kept in ``ns`` (``nssockets``: closed once no request
@@ -340,10 +352,13 @@ class PyrouteNetlink:
             )
         finally:
             if fd is not None:
-                os.close(fd)
+                # after the request has gone: its bytes name this descriptor, and a
+                # number closed and reused before the send would name another file
+                assert self.sender is not None
+                self.sender.then(os.close, fd)
         if master is not None and ns is None:
             # before the peer is up: the port's carrier, and IPv6 with it, never came up
-            self.port_ipv6_off(name)
+            await self.port_ipv6_off(name)
 
     def _open_ns(self, ns: str, ident: tuple[int, int]) -> int:
         fd = os.open(self._path(ns), os.O_RDONLY | os.O_CLOEXEC)
@@ -606,14 +621,23 @@ class PyrouteNetlink:
         value = self.sysctl(PORT_IPV6.format(name))
         return None if value is None else value == "0"
 
-    def port_ipv6_off(self, name: str) -> None:
+    async def port_ipv6_off(self, name: str) -> None:
         """Best effort: it makes ports cheaper for the kernel, no port needs it. Where
         the host refuses (a read-only /proc/sys, as in an unprivileged container) it
-        is said once and not tried again."""
+        is said once and not tried again. Written from the sender thread, after the
+        link requests before it: the kernel takes the rtnl lock for it (and retries the
+        write until it has it), so on the loop it waited for every veth being made."""
         if self._port_ipv6_refused:
             return
+        path = "/proc/sys/" + PORT_IPV6.format(name)
+
+        def write() -> None:
+            with open(path, "w") as f:
+                f.write("1")
+
+        assert self.sender is not None
         try:
-            Path("/proc/sys", PORT_IPV6.format(name)).write_text("1")
+            await self._timed(None, f"turning IPv6 off on {name}", self.sender.call(write))
         except FileNotFoundError:
             pass  # no IPv6 in this kernel (or the port is gone: the next step says so)
         except OSError as exc:

@@ -183,7 +183,7 @@ async def ensure_bridged_pair(
     ):
         await net.set_link(None, host.index, master=bridge_index)
     if net.port_ipv6(pair.host_ifname) and acts.add(f"turn IPv6 off on {pair.host_ifname}"):
-        net.port_ipv6_off(pair.host_ifname)  # a port carries frames only (PORT_IPV6)
+        await net.port_ipv6_off(pair.host_ifname)  # a port carries frames only (PORT_IPV6)
     await ensure_up(net, None, host, pair.host_ifname, acts)
     await ensure_addresses(net, pair.ns, inner, pair.addresses, inner_where, acts)
     await ensure_up(net, pair.ns, inner, inner_where, acts)

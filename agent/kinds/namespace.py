@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import anyio
+
 from ..errors import NameTaken, NotFound
 from ..ops import NsAdd, NsDel
 from ..schema import Request
@@ -159,7 +161,8 @@ class NamespaceKind(Kind[Namespace]):
                 acts.add(f"set lo up in {ns.name}")
                 return acts.done
             await net.forget(ns.name)
-            ctx.claims.claim(ns.name)
+            # the claim is on disk before the namespace exists (two fsyncs: not on the loop)
+            await anyio.to_thread.run_sync(ctx.claims.claim, ns.name)
             try:
                 await net.ns_add(ns.name)
             except FileExistsError:

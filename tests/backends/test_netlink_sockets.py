@@ -111,3 +111,90 @@ def test_a_few_requests_go_out_on_the_loop_in_order_and_many_from_the_thread(
     assert got["threads"] == ["MainThread", "MainThread"]
     assert got["many"] == ["lo"] * 10
     assert got["many_inline"] == 0  # (the thread sends through the real socket)
+
+
+_LINK_SENDS = """
+import asyncio, errno, json, threading, time
+from pyroute2.netlink.exceptions import NetlinkError
+from netagent.backends import nlsend
+from netagent.backends.pyroute import PyrouteNetlink
+
+sent = []  # (message type, the thread that sent it)
+real_send = nlsend.SendThread._send
+refuse = []
+
+class Refusing:
+    def __init__(self, code):
+        self.code = code
+    def send(self, data):
+        raise OSError(self.code, "refused")
+
+def recording(self, sock, raw, data):
+    sent.append((int.from_bytes(data[4:6], "little"), threading.current_thread().name))
+    return real_send(self, sock, Refusing(refuse.pop()) if refuse else raw, data)
+
+nlsend.SendThread._send = recording
+
+async def main():
+    net = PyrouteNetlink()
+    await net.start()
+    try:
+        await net.add_bridge("sends0")
+        index = net.host_index("sends0")
+        await net.set_link(None, index, up=False)
+        try:
+            await net.add_bridge("sends0")
+            twice = None
+        except NetlinkError as exc:
+            twice = exc.code
+        refused = []
+        t0 = time.monotonic()
+        for code in (errno.ENOBUFS, errno.EMSGSIZE):
+            refuse.append(code)
+            try:
+                await net.add_bridge("sends1")
+                refused.append(None)
+            except NetlinkError as exc:  # what pyroute2 raises for the kernel's errors
+                refused.append(["NetlinkError", exc.code])
+            except OSError as exc:  # and for ENOBUFS
+                refused.append(["OSError", exc.errno])
+        refused_s = time.monotonic() - t0
+        link = await net.link(None, "sends0")
+        await net.del_link(None, index)
+        gone = await net.link(None, "sends0")
+        print(json.dumps({
+            "sent": sent, "twice": twice, "refused": refused, "refused_s": refused_s,
+            "up": link is not None and link.up, "gone": gone is None,
+            "sends1": net.host_index("sends1"),
+        }))
+    finally:
+        await net.close()
+
+asyncio.run(main())
+"""
+
+
+def test_link_requests_leave_from_the_sender_thread_and_answer_as_the_kernel_did(
+    sandbox: Sandbox,
+) -> None:
+    """``backends/nlsend.py``: creating, changing and deleting links are sent from the
+    sender thread (the kernel does that work inside ``send()``, under its rtnl lock);
+    lookups are not; the kernel's refusal comes back as before, and a send that fails
+    is answered at once with its errno, not left to its time limit."""
+    out = sandbox.run([sys.executable, "-c", _LINK_SENDS], timeout=60).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    new, dellink = 16, 17
+    assert got["sent"] == [
+        [new, "netagent-nlsend"],  # the bridge
+        [new, "netagent-nlsend"],  # set down
+        [new, "netagent-nlsend"],  # the same bridge again
+        [new, "netagent-nlsend"],  # refused by send()
+        [new, "netagent-nlsend"],  # refused by send()
+        [dellink, "netagent-nlsend"],
+    ]
+    assert got["twice"] == 17  # EEXIST, from the kernel
+    # at once, as pyroute2 raises the kernel's own refusals
+    assert got["refused"] == [["OSError", 105], ["NetlinkError", 90]]
+    assert got["refused_s"] < 1.0
+    assert got["sends1"] is None
+    assert got["up"] is False and got["gone"] is True
