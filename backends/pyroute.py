@@ -42,7 +42,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from netagent.agent.errors import BackendFailed, HostTimeout
 from netagent.agent.values import IPAddress, IPInterface
 
-from . import netns, rtnl
+from . import procsys, rtnl
 from .netlink import (
     NETAGENT_GROUP,
     PORT_IPV6,
@@ -54,7 +54,7 @@ from .netlink import (
     Vxlan,
 )
 from .nlsend import IPRoute, SendThread
-from .nssockets import NsSockets, ip_tool
+from .nssockets import Namespaces
 from .overlay import Overlay
 from .pyroute_msgs import (
     drain,
@@ -73,8 +73,6 @@ IFA_F_NODAD = 0x02
 #: seconds any one netlink request (or dump) may take
 TIMEOUT = 5.0
 NETNS_DIR = Path(os.environ.get("NETAGENT_NETNS_DIR", "/run/netns"))
-#: errors of making a namespace in the daemon that the ``ip`` program may not meet
-_FALL_BACK = frozenset({errno.EPERM, errno.EACCES, errno.ENOSYS, errno.EOPNOTSUPP})
 
 
 class PyrouteNetlink:
@@ -87,11 +85,9 @@ class PyrouteNetlink:
         self.overlay: Overlay | None = None
         #: sends the link requests of every socket here (``nlsend``: not on the loop)
         self.sender: SendThread | None = None
-        self._ns = NsSockets(linger=TIMEOUT + 1)
+        self.namespaces = Namespaces(netns_dir, TIMEOUT, self._new_socket)
         #: one dump at a time per socket (the kernel refuses a second with EBUSY)
         self._dumping: weakref.WeakKeyDictionary[Any, anyio.Lock] = weakref.WeakKeyDictionary()
-        #: identities of the namespaces made here with ``netns.ANNOUNCE_DEFAULTS``
-        self._announcing: set[tuple[int, int]] = set()
         #: the host refused a port's disable_ipv6 (``port_ipv6_off``)
         self._port_ipv6_refused = False
 
@@ -104,7 +100,7 @@ class PyrouteNetlink:
         self.overlay = Overlay(self.raw)
 
     async def close(self) -> None:
-        self._ns.close()
+        self.namespaces.close()
         if self.ipr is not None:
             self.ipr.close()
             self.ipr = None
@@ -149,103 +145,37 @@ class PyrouteNetlink:
 
         return await self._timed(ns, what, collect())
 
-    # ---- namespaces -----------------------------------------------------------------
+    # ---- namespaces (``nssockets.Namespaces``) -------------------------------------
     def _path(self, ns: str) -> Path:
-        return Path(ns) if ns.startswith("/") else self.netns_dir / ns
+        return self.namespaces.path(ns)
 
     def ns_exists(self, ns: str) -> bool:
-        return self._path(ns).exists()
+        return self.namespaces.exists(ns)
 
     def ns_identity(self, ns: str) -> tuple[int, int] | None:
-        """A stat of the path (no ``Path`` object: the namespace watcher asks this of every
-        namespace in use four times a second)."""
-        try:
-            st = os.stat(ns if ns.startswith("/") else f"{self.netns_dir}/{ns}")
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
-            return None
-        return st.st_dev, st.st_ino
+        return self.namespaces.identity(ns)
 
     def ns_names(self) -> list[str]:
-        try:
-            return sorted(p.name for p in self.netns_dir.iterdir())
-        except FileNotFoundError:
-            return []
+        return self.namespaces.names()
 
     async def ns_add(self, name: str) -> None:
-        """``ip netns add``, in the daemon (``backends/netns.py``: a child process is
-        most of a namespace's cost); the namespace's socket comes with it. The ``ip``
-        program where the kernel refuses doing it so."""
-        path = str(self._path(name))
-        try:
-            raw = await self._timed(
-                None, f"creating namespace {name}", anyio.to_thread.run_sync(netns.add, path)
-            )
-        except FileExistsError:
-            raise
-        except OSError as exc:
-            if exc.errno not in _FALL_BACK:
-                raise BackendFailed(f"creating namespace {name}: {exc.strerror or exc}") from None
-            await ip_tool(["ip", "netns", "add", name])
-            return
-        async with self._ns.lock:
-            sock = self._new_socket(raw)
-            await self._timed(None, "opening a socket", sock.setup_endpoint())
-            ident = self.ns_identity(name)
-            self._ns.keep(name, ident, sock)
-            if ident is not None:
-                self._announcing.add(ident)
+        await self.namespaces.add(name)
 
     def announcing(self, ns: str) -> bool:
-        ident = self.ns_identity(ns)
-        return ident is not None and ident in self._announcing
+        return self.namespaces.announcing(ns)
 
     async def ns_del(self, name: str) -> None:
-        """``ip netns del``, in the daemon (``backends/netns.py``)."""
-        try:
-            await self._timed(
-                None,
-                f"removing namespace {name}",
-                anyio.to_thread.run_sync(netns.delete, str(self._path(name))),
-            )
-        except OSError as exc:
-            if exc.errno not in _FALL_BACK:
-                raise BackendFailed(f"removing namespace {name}: {exc.strerror or exc}") from None
-            await ip_tool(["ip", "netns", "del", name])
-
-    async def _ns_socket(self, ns: str) -> Any:
-        """A request socket inside ``ns``, kept with the namespace's identity."""
-        sock = self._ns.get(ns, self.ns_identity(ns))
-        if sock is not None:
-            return sock
-        async with self._ns.lock:
-            ident = self.ns_identity(ns)
-            sock = self._ns.get(ns, ident)
-            if sock is not None:
-                return sock
-            self._ns.forget(ns)
-            if ident is None:
-                raise FileNotFoundError(f"namespace {ns} does not exist")
-            raw = await self._timed(
-                None,
-                f"entering namespace {ns}",
-                anyio.to_thread.run_sync(rtnl.socket_in_netns, str(self._path(ns))),
-            )
-            sock = self._new_socket(raw)
-            await self._timed(None, "opening a socket", sock.setup_endpoint())
-            self._ns.keep(ns, ident, sock)
-        return sock
+        await self.namespaces.delete(name)
 
     def _new_socket(self, raw: socket.socket) -> IPRoute:
-        assert self.sender is not None
+        assert self.sender is not None, "start() first"
         return IPRoute(self.sender, fileno=raw.detach())
 
     async def forget(self, ns: str) -> None:
-        """Let go of the socket kept in ``ns`` (``nssockets``: closed once no request
-        can still be using it)."""
-        self._ns.forget(ns)
+        self.namespaces.forget(ns)
 
     async def _sock(self, ns: NsRef) -> Any:
-        return self.ipr if ns is None else await self._ns_socket(ns)
+        return self.ipr if ns is None else await self.namespaces.socket(ns)
 
     # ---- links ----------------------------------------------------------------------
     async def link(self, ns: NsRef, name: str) -> Link | None:
@@ -328,7 +258,7 @@ class PyrouteNetlink:
         if peer_ns is not None and peer_ns_id is not None:
             # the namespace is opened once and checked: the kernel is given that very
             # file (pyroute2 passes an int as the fd), not a path that may have changed
-            fd = self._open_ns(peer_ns, peer_ns_id)
+            fd = self.namespaces.open_checked(peer_ns, peer_ns_id)
             peer_spec["net_ns_fd"] = fd
         elif peer_ns is not None:
             peer_spec["net_ns_fd"] = str(self._path(peer_ns))
@@ -359,14 +289,6 @@ class PyrouteNetlink:
         if master is not None and ns is None:
             # before the peer is up: the port's carrier, and IPv6 with it, never came up
             await self.port_ipv6_off(name)
-
-    def _open_ns(self, ns: str, ident: tuple[int, int]) -> int:
-        fd = os.open(self._path(ns), os.O_RDONLY | os.O_CLOEXEC)
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != ident:
-            os.close(fd)
-            raise FileNotFoundError(f"{ns} names another namespace now")
-        return fd
 
     async def set_link(
         self,
@@ -603,17 +525,7 @@ class PyrouteNetlink:
             raise HostTimeout("the kernel did not answer a dump of interfaces") from None
 
     def sysctl(self, path: str) -> str | None:
-        # read on every pass that touches a forward: os calls, not pathlib (~4x)
-        try:
-            fd = os.open("/proc/sys/" + path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            return os.read(fd, 4096).decode(errors="replace").strip()
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
+        return procsys.read(path)
 
     def port_ipv6(self, name: str) -> bool | None:
         if self._port_ipv6_refused:
@@ -629,15 +541,10 @@ class PyrouteNetlink:
         write until it has it), so on the loop it waited for every veth being made."""
         if self._port_ipv6_refused:
             return
-        path = "/proc/sys/" + PORT_IPV6.format(name)
-
-        def write() -> None:
-            with open(path, "w") as f:
-                f.write("1")
-
         assert self.sender is not None
+        write = self.sender.call(procsys.write, PORT_IPV6.format(name), "1")
         try:
-            await self._timed(None, f"turning IPv6 off on {name}", self.sender.call(write))
+            await self._timed(None, f"turning IPv6 off on {name}", write)
         except FileNotFoundError:
             pass  # no IPv6 in this kernel (or the port is gone: the next step says so)
         except OSError as exc:
@@ -648,14 +555,14 @@ class PyrouteNetlink:
         """/proc/sys/net belongs to the writer's network namespace: the daemon in a
         sandbox changes only the sandbox."""
         try:
-            Path("/proc/sys", path).write_text(value)
+            procsys.write(path, value)
         except OSError as exc:
             raise BackendFailed(f"cannot set {path.replace('/', '.')}={value}: {exc}") from None
 
     async def set_ns_sysctls(self, ns: str, values: dict[str, str]) -> None:
         def write() -> None:
             for path, value in values.items():
-                Path("/proc/sys", path).write_text(value)
+                procsys.write(path, value)
 
         try:
             await self._timed(

@@ -4,11 +4,14 @@ request of another task may still wait on it), then for sure. No root."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import anyio
 import pytest
 
 from netagent.agent.errors import BackendFailed
-from netagent.backends.nssockets import NsSockets, ip_tool
+from netagent.backends.nssockets import Namespaces, NsSockets, ip_tool
 
 
 class Sock:
@@ -71,3 +74,27 @@ def test_ip_tool_failures_say_what_the_program_said() -> None:
         anyio.run(
             ip_tool, ["sh", "-c", "echo 'Cannot create namespace file: File exists' >&2; exit 1"]
         )
+
+
+def test_namespaces_are_their_files_and_a_replaced_one_is_another(tmp_path: Path) -> None:
+    """``Namespaces`` on plain files standing in for nsfs bind mounts: names, identity,
+    and the descriptor a veth's peer is moved with refused when the name now points at
+    another file than the one the plug was checked against."""
+    spaces = Namespaces(tmp_path / "netns", 1.0, lambda raw: raw)
+    assert spaces.names() == [] and not spaces.exists("red")
+    (tmp_path / "netns").mkdir()
+    (tmp_path / "netns" / "red").write_text("")
+    (tmp_path / "netns" / "blue").write_text("")
+    assert spaces.names() == ["blue", "red"] and spaces.exists("red")
+    assert spaces.path(str(tmp_path / "netns" / "red")) == tmp_path / "netns" / "red"
+    ident = spaces.identity("red")
+    assert ident is not None and spaces.identity("green") is None
+    fd = spaces.open_checked("red", ident)
+    os.close(fd)
+    # another file under the same name (the old one kept: its inode is not reused)
+    (tmp_path / "netns" / "red").rename(tmp_path / "red.old")
+    (tmp_path / "netns" / "red").write_text("")
+    assert spaces.identity("red") != ident
+    with pytest.raises(FileNotFoundError, match="another namespace"):
+        spaces.open_checked("red", ident)
+    assert not spaces.announcing("red")
