@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import structlog
 
-from netagent.backends import rtnl
+from netagent.backends import rtnl, rtnldump
 
 from .keystatus import IN_PLACE
 from .kinds.attach import AttachRule, rule_for
@@ -317,7 +317,7 @@ class EventSource:
             path = name if name.startswith("/") else str(self.net.netns_dir / name)
             try:
                 with anyio.fail_after(NS_OPEN_TIMEOUT):
-                    raw = await anyio.to_thread.run_sync(rtnl.socket_in_netns, path)
+                    raw = await anyio.to_thread.run_sync(rtnldump.socket_in_netns, path)
             except (OSError, TimeoutError):
                 continue
             sock = rtnl.EventSocket(groups=NS_GROUPS, rcvbuf=4 << 20, sock=raw)

@@ -33,7 +33,7 @@ LINGER = 0.3
 
 def _socket_in(path: str | None, family: int, kind: int) -> socket.socket:
     """A socket in the network namespace at ``path`` (None: the daemon's own), made by a
-    short-lived thread that setns()es, as ``backends/rtnl.socket_in_netns`` does."""
+    short-lived thread that setns()es, as ``backends/rtnldump.socket_in_netns`` does."""
     if path is None:
         return socket.socket(family, kind)
     import ctypes

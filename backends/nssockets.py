@@ -26,7 +26,7 @@ import anyio
 
 from netagent.agent.errors import BackendFailed, HostTimeout
 
-from . import netns, rtnl
+from . import netns, rtnldump
 
 T = TypeVar("T")
 
@@ -207,7 +207,7 @@ class Namespaces:
                 raise FileNotFoundError(f"namespace {ns} does not exist")
             raw = await self._timed(
                 f"entering namespace {ns}",
-                anyio.to_thread.run_sync(rtnl.socket_in_netns, str(self.path(ns))),
+                anyio.to_thread.run_sync(rtnldump.socket_in_netns, str(self.path(ns))),
             )
             sock = self._make_socket(raw)
             await self._timed("opening a socket", sock.setup_endpoint())

@@ -6,7 +6,7 @@ Quirks worked around here (pyroute2 0.9.7, see ``docs/kernel-facts.md``):
 * link creations, changes and deletions leave from a thread (``nlsend.IPRoute``): the
   kernel does their work inside ``send()``, milliseconds under the rtnl lock.
 * namespace sockets are made by a short-lived thread that enters the namespace
-  (``rtnl.socket_in_netns``) and handed to ``AsyncIPRoute(fileno=...)``: pyroute2's own
+  (``rtnldump.socket_in_netns``) and handed to ``AsyncIPRoute(fileno=...)``: pyroute2's own
   ``netns=`` forks (8-10 ms, unsafe in a threaded process) and, without ``flags=0``,
   silently *creates* a missing namespace. Sockets are kept per namespace identity (the
   nsfs inode): a namespace deleted and made again under the same name is another one.
@@ -42,7 +42,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from netagent.agent.errors import BackendFailed, HostTimeout
 from netagent.agent.values import IPAddress, IPInterface
 
-from . import procsys, rtnl
+from . import procsys, rtnl, rtnldump
 from .netlink import (
     NETAGENT_GROUP,
     PORT_IPV6,
@@ -193,7 +193,7 @@ class PyrouteNetlink:
         return link_from_msg(msgs[0]) if msgs else None
 
     async def links(self, ns: NsRef) -> list[Link]:
-        """A dump through netagent's own parser, in a worker thread (``rtnl.dump_links``):
+        """A dump through netagent's own parser, in a worker thread (``rtnldump.dump_links``):
         the host's links, thousands with many containers, cost milliseconds, not the
         hundreds pyroute2's parser takes on the event loop."""
         if ns is not None and not self.ns_exists(ns):
@@ -202,7 +202,7 @@ class PyrouteNetlink:
         where = "the host" if ns is None else f"namespace {ns}"
         try:
             with anyio.fail_after(TIMEOUT + 1):
-                return await anyio.to_thread.run_sync(rtnl.dump_links, path, TIMEOUT)
+                return await anyio.to_thread.run_sync(rtnldump.dump_links, path, TIMEOUT)
         except TimeoutError:
             raise HostTimeout(f"the kernel did not answer a link dump of {where}") from None
 
@@ -520,7 +520,7 @@ class PyrouteNetlink:
     async def link_counters(self) -> dict[str, tuple[int, int, int, int]]:
         try:
             with anyio.fail_after(TIMEOUT):
-                return await anyio.to_thread.run_sync(rtnl.link_counters)
+                return await anyio.to_thread.run_sync(rtnldump.link_counters)
         except TimeoutError:
             raise HostTimeout("the kernel did not answer a dump of interfaces") from None
 
@@ -568,7 +568,7 @@ class PyrouteNetlink:
             await self._timed(
                 ns,
                 "setting sysctls",
-                anyio.to_thread.run_sync(rtnl.in_netns, str(self._path(ns)), write),
+                anyio.to_thread.run_sync(rtnldump.in_netns, str(self._path(ns)), write),
             )
         except OSError as exc:
             raise BackendFailed(f"cannot set sysctls in {ns}: {exc}") from None
