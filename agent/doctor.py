@@ -12,15 +12,14 @@ The checks are listed in ``docs/doctor.md``.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 from netagent.backends.hostfw import Chain, HostFirewall
 
 from . import fwtrace as T
+from .findings import NOTE, PROBLEM, Desired, Finding, ForwardMemo, Fwd, PerForward
 from .hostview import HostView
 
-PROBLEM, NOTE = "problem", "note"
 #: a Linux bridge takes at most this many ports (BR_MAX_PORTS - 1)
 BRIDGE_PORTS = 1023
 #: warn from this share of it on
@@ -40,51 +39,6 @@ TOOLS = (
     ("f2b-", "fail2ban"),
     ("firewalld", "firewalld"),
 )
-
-
-@dataclass(frozen=True)
-class Finding:
-    code: str
-    severity: str
-    what: str
-    who: str | None = None
-    fix: str | None = None
-    #: the intents it concerns
-    keys: tuple[str, ...] = ()
-    #: those intents are not in place because of it
-    blocks: bool = False
-
-    def line(self) -> str:
-        text = f"{self.severity}: {self.what}"
-        if self.who:
-            text += f" (by {self.who})"
-        if self.fix:
-            text += f"; fix: {self.fix}"
-        return text
-
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "code": self.code,
-            "severity": self.severity,
-            "what": self.what,
-            "who": self.who,
-            "fix": self.fix,
-            "keys": list(self.keys),
-            "blocks": self.blocks,
-            "line": self.line(),
-        }
-
-
-@dataclass
-class Desired:
-    """What the checks need of the desired state, flattened."""
-
-    #: bridge name -> (key, IPv4 networks, IPv6 networks, keys of its plugs)
-    bridges: dict[str, tuple[str, list[Any], list[Any], list[str]]] = field(default_factory=dict)
-    #: (key, proto, family, host ports, destination address, destination port)
-    forwards: list[tuple[str, str, int, range, Any, int]] = field(default_factory=list)
-    #: bridge name -> how many ports it has now
-    ports: dict[str, int] = field(default_factory=dict)
 
 
 def tool_of(name: str, fw: HostFirewall | None = None, chain: Chain | None = None) -> str | None:
@@ -131,48 +85,6 @@ def _fix_drop(outcome: T.Outcome, bridge: str | None, tool: str | None) -> str:
         "netagent keeps its accepts first in NETAGENT-FORWARD; this drop comes before "
         f"them: move that rule after the jump to NETAGENT-FORWARD in {where.name}"
     )
-
-
-Fwd = tuple[str, str, int, range, Any, int]
-#: what one forward's checks found: findings, and the DROP policies its accepts pass
-PerForward = tuple[list[Finding], set[str]]
-
-
-class ForwardMemo:
-    """The per-forward checks' results, kept while the snapshot and the bridges' networks
-    they were computed against stay the same: with 10,000 forwards, checking them all
-    again after each request would cost ~100 ms; a new forward costs its own checks.
-    Kept by forward key and check, with the forward's fields to see that it is the same
-    (the intent's own objects: compared by identity first, never hashed)."""
-
-    def __init__(self) -> None:
-        self._against: tuple[int, tuple[Any, ...]] | None = None
-        self._results: dict[tuple[str, str], tuple[Fwd, PerForward]] = {}
-        self._desired: Desired | None = None
-
-    def begin(self, view: HostView, desired: Desired) -> None:
-        nets = tuple((n, tuple(b[1]), tuple(b[2])) for n, b in sorted(desired.bridges.items()))
-        against = (id(view), nets)
-        if against != self._against:
-            self._against, self._results = against, {}
-        self._desired = desired
-
-    def get(self, check: str, fwd: Fwd, compute: Any) -> PerForward:
-        key = (check, fwd[0])
-        got = self._results.get(key)
-        if got is not None and got[0] == fwd:
-            return got[1]
-        result: PerForward = compute()
-        self._results[key] = (fwd, result)
-        return result
-
-    def end(self) -> None:
-        """Forget the results of forwards no longer desired."""
-        d = self._desired
-        if d is not None and len(self._results) > 3 * len(d.forwards):
-            keys = {f[0] for f in d.forwards}
-            self._results = {k: v for k, v in self._results.items() if k[1] in keys}
-        self._desired = None
 
 
 class Doctor:
@@ -572,24 +484,6 @@ def _fix_dnat(tool: str | None, port: int, key: str) -> str:
     if tool and tool.startswith("Podman"):
         return f"podman ps --filter publish={port} (remove or republish that container)"
     return f"remove that rule, or forward another port (`netagent ctl unforward {port}`)"
-
-
-def desired_of(state: Any, ports: dict[str, int]) -> Desired:
-    """The checks' view of the desired state (bridges, their plugs, forwards)."""
-    d = Desired(ports=ports)
-    for br in state.of_kind("bridge"):
-        v4 = [a.network for a in br.addresses if a.version == 4]
-        v6 = [a.network for a in br.addresses if a.version == 6]
-        # the keys alone, unsorted by realize order (a bridge with 1,000 attachments)
-        plugs = sorted(
-            k
-            for k in state.lookup("needs", br.key)
-            if (u := state.intents.get(k)) is not None and u.kind == "plug"
-        )
-        d.bridges[br.name] = (br.key, v4, v6, plugs)
-    for f in state.of_kind("forward"):
-        d.forwards.append((f.key, f.proto, f.family, f.host_ports, f.dest_ip, f.dest_port))
-    return d
 
 
 def sysctl_paths(bridges: Iterable[str]) -> list[str]:

@@ -7,9 +7,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from . import ops
-from .doctor import Finding
 from .errors import InvalidPort
 from .explain import explain
+from .findings import Finding
 from .keystatus import IN_PLACE
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import structlog
 
-from . import doctor, hostview
+from . import doctor, findings, hostview
 
 if TYPE_CHECKING:
     from netagent.backends.libnft import LibNftables
@@ -42,13 +42,13 @@ class HostCheck:
         #: reads the host (``hostview.gather``; unit tests give a fake snapshot)
         self.reader: Reader = reader or hostview.gather
         self.view: hostview.HostView | None = None
-        self.findings: list[doctor.Finding] = []
+        self.findings: list[findings.Finding] = []
         self.checked: list[str] = []
         #: when the findings were last computed (time.time())
         self.at: float | None = None
-        self._by_key: dict[str, list[doctor.Finding]] = {}
-        #: each forward's checks, kept while the reading stays (``doctor.ForwardMemo``)
-        self._memo = doctor.ForwardMemo()
+        self._by_key: dict[str, list[findings.Finding]] = {}
+        #: each forward's checks, kept while the reading stays (``findings.ForwardMemo``)
+        self._memo = findings.ForwardMemo()
         #: seconds the last ``refresh`` took, reading included (the reconciler spaces
         #: the findings' passes by it)
         self.cost = 0.0
@@ -108,17 +108,17 @@ class HostCheck:
                 out[path] = value
         return out
 
-    def compute(self) -> list[doctor.Finding]:
+    def compute(self) -> list[findings.Finding]:
         if self.view is None:
             return []
         filters = self.firewall.filters
         failed = {t.name: why for t, why in filters.state.failed.items()} if filters else {}
-        desired = doctor.desired_of(self.ctx.state, self._bridge_ports())
+        desired = findings.desired_of(self.ctx.state, self._bridge_ports())
         doc = doctor.Doctor(self.view, desired, failed, self.firewall.name, self._memo)
         self.findings = doc.run()
         self.checked = doc.checked
         self.at = time.time()
-        by_key: dict[str, list[doctor.Finding]] = {}
+        by_key: dict[str, list[findings.Finding]] = {}
         for f in self.findings:
             for key in f.keys:
                 by_key.setdefault(key, []).append(f)
@@ -164,20 +164,22 @@ class HostCheck:
         self.view.sysctls = self._sysctls()
         before = {f.line() for f in self.findings}
         self.compute()
-        new = [f for f in self.findings if f.line() not in before and f.severity == doctor.PROBLEM]
+        new = [
+            f for f in self.findings if f.line() not in before and f.severity == findings.PROBLEM
+        ]
         for f in new:
             self.ctx.bus.publish("finding", f.line(), key=f.keys[0] if f.keys else None)
         return []
 
     # ---- what show, status and forward ask ------------------------------------------------
-    def of(self, key: str) -> list[doctor.Finding]:
+    def of(self, key: str) -> list[findings.Finding]:
         return self._by_key.get(key, [])
 
     def summary(self) -> dict[str, Any]:
-        problems = [f.line() for f in self.findings if f.severity == doctor.PROBLEM]
+        problems = [f.line() for f in self.findings if f.severity == findings.PROBLEM]
         return {
             "problems": len(problems),
-            "notes": sum(1 for f in self.findings if f.severity == doctor.NOTE),
+            "notes": sum(1 for f in self.findings if f.severity == findings.NOTE),
             "checked": self.at,
             "lines": problems[:20],
         }
@@ -209,7 +211,7 @@ class HostCheck:
             owners = {}
         base = self.view or hostview.HostView(firewall=_empty())
         view = hostview.HostView(base.firewall, hit, base.sysctls, owners, base.managers)
-        desired = doctor.Desired(
+        desired = findings.Desired(
             forwards=[(fwd.key, fwd.proto, fwd.family, fwd.host_ports, fwd.dest_ip, fwd.dest_port)]
         )
         doc = doctor.Doctor(view, desired)

@@ -12,7 +12,7 @@ import ipaddress
 from pathlib import Path
 from typing import Any
 
-from netagent.agent import doctor
+from netagent.agent import doctor, findings
 from netagent.agent import fwtrace as T
 from netagent.agent.hostview import HostView, Listener
 from netagent.backends import hostfw
@@ -35,8 +35,8 @@ OURS = (
 )
 
 
-def desired(*forwards: tuple[str, int, str, int]) -> doctor.Desired:
-    d = doctor.Desired()
+def desired(*forwards: tuple[str, int, str, int]) -> findings.Desired:
+    d = findings.Desired()
     d.bridges["v-net-0"] = ("br/v-net-0", [NET], [], ["plug/red/v-net-0", "plug/blue/v-net-0"])
     for proto, port, dest, dport in forwards:
         key = f"fwd/{proto}/{port}"
@@ -57,11 +57,11 @@ def view(*saves: str, nft: list[dict[str, Any]] | None = None, **kw: Any) -> Hos
     return v
 
 
-def run(v: HostView, d: doctor.Desired) -> list[doctor.Finding]:
+def run(v: HostView, d: findings.Desired) -> list[findings.Finding]:
     return doctor.Doctor(v, d).run()
 
 
-def codes(found: list[doctor.Finding], severity: str = doctor.PROBLEM) -> list[str]:
+def codes(found: list[findings.Finding], severity: str = findings.PROBLEM) -> list[str]:
     return sorted(f.code for f in found if f.severity == severity)
 
 
@@ -179,7 +179,9 @@ def test_the_host_checks_name_their_sysctls() -> None:
     d.ports["v-net-0"] = 1000
     found = run(v, d)
     assert codes(found) == ["bridge-ports", "ip-forwarding-off", "route-localnet"]
-    assert "rp-filter" in codes(found, doctor.NOTE) and "br-netfilter" in codes(found, doctor.NOTE)
+    assert "rp-filter" in codes(found, findings.NOTE) and "br-netfilter" in codes(
+        found, findings.NOTE
+    )
     off = next(f for f in found if f.code == "ip-forwarding-off")
     assert off.fix and off.fix.startswith("sysctl -w net.ipv4.ip_forward=1") and off.blocks
 
@@ -191,7 +193,7 @@ def test_legacy_rules_beside_nft_and_a_users_netagent_chain_are_notes() -> None:
     mine = "*nat\n:NETAGENT-MINE - [0:0]\n-A NETAGENT-MINE -p tcp --dport 22 -j RETURN\nCOMMIT\n"
     v.firewall.chains += hostfw.parse_xt_save(mine, "iptables-nft", 4)
     found = run(v, desired())
-    assert {"legacy-beside-nft", "foreign-netagent-chain"} <= set(codes(found, doctor.NOTE))
+    assert {"legacy-beside-nft", "foreign-netagent-chain"} <= set(codes(found, findings.NOTE))
     assert codes(found) == []
 
 
@@ -211,7 +213,7 @@ def test_the_walk_follows_jumps_returns_and_policies() -> None:
     assert out.verdict == "DROP" and not out.certain
 
 
-def _lines(found: list[doctor.Finding]) -> list[str]:
+def _lines(found: list[findings.Finding]) -> list[str]:
     return sorted(f.line() for f in found)
 
 
@@ -221,7 +223,7 @@ def test_the_forward_memo_gives_what_a_full_check_gives_and_checks_only_whats_ne
     v = view(DOCKER)
     v.listeners = [Listener("tcp", 4, "0.0.0.0", 8083, 4242)]
     d = desired(("tcp", 80, "192.168.15.2", 80), ("tcp", 8083, "192.168.15.2", 80))
-    memo = doctor.ForwardMemo()
+    memo = findings.ForwardMemo()
     assert _lines(doctor.Doctor(v, d, memo=memo).run()) == _lines(run(v, d))
     walked: list[int | None] = []
     at_hook = T.at_hook
