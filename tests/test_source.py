@@ -42,3 +42,20 @@ def test_no_shell_anywhere_in_the_source() -> None:
                             offenders.append(f"{path}:{node.lineno} shell=")
     assert scanned >= 20, f"only {scanned} source files found under {root}"
     assert offenders == []
+
+
+#: no module longer than this (issue 8: one place per concern; a module that grows past
+#: it holds two of them)
+MAX_LINES = 600
+
+
+def test_no_module_over_600_lines() -> None:
+    root = Path(__file__).resolve().parents[1]
+    sizes = {
+        str(path.relative_to(root)): len(path.read_text().splitlines())
+        for folder in ("agent", "backends", "cli", "cni", "bench", "tests", "scripts")
+        if (root / folder).is_dir()
+        for path in (root / folder).rglob("*.py")
+    }
+    assert len(sizes) >= 100, f"only {len(sizes)} modules found under {root}"
+    assert {p: n for p, n in sizes.items() if n > MAX_LINES} == {}
