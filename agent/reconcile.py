@@ -41,6 +41,7 @@ from .kinds.base import Context, Intent
 from .orphans import Orphan
 from .probe import NOOP, Probe
 from .state import Change, DesiredState
+from .turns import Turns
 
 log = structlog.get_logger("netagent.reconcile")
 
@@ -434,6 +435,7 @@ class Reconciler:
         queue = list(keys)
         deadline = time.perf_counter() + PERIODIC_BUDGET
         swept = 0  # at least one per pass: the sweep always moves on
+        turns = Turns()
         while queue:
             key = queue.pop(0)
             if key in done:
@@ -458,6 +460,8 @@ class Reconciler:
                 # replaced by a different intent of the same key: the old one goes first
                 await self._remove_intent(key, gone, result)
             kind = self.state.kinds.of(intent)
+            if turns.due():  # 10,000 forwards' verdicts: let events and requests in
+                await anyio.sleep(0)
             if not kind.has_steps:
                 # realized by the firewall step of this pass: only its verdict to record
                 # (no task, no time limit: 10,000 forwards must cost microseconds each)
