@@ -443,13 +443,18 @@ async def test_a_forward_is_not_in_place_while_the_firewall_fails(
     assert "forward fwd/tcp/81: 81/tcp -> 192.168.15.1:81" in lines(w.fw.dump())
 
 
+@pytest.mark.parametrize("thread_from", [500, 0], ids=["checks-on-the-loop", "checks-in-a-thread"])
 async def test_another_tools_dnat_is_warned_of_and_shown_as_not_in_place(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, thread_from: int
 ) -> None:
     """Issue 11, the truth in show: a port Docker also DNATs is warned of when the
     forward is added, marked not in place in show (with the doctor's line), and
-    counted in status; doctor exits with problems."""
+    counted in status; doctor exits with problems. The same when the checks run in a
+    worker thread (as they do from ``hostcheck.THREAD_FROM`` forwards on)."""
+    from netagent.agent import hostcheck
     from netagent.backends import hostfw
+
+    monkeypatch.setattr(hostcheck, "THREAD_FROM", thread_from)
 
     docker = (Path(__file__).parent / "samples" / "docker.iptables-save").read_text()
     docker = docker[docker.index("*nat") :]  # its DNAT (its FORWARD DROP: test_doctor.py)
