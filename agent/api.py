@@ -24,6 +24,7 @@ from .errors import BackendFailed, InvalidArgument, NetagentError, NotFound, Rea
 from .keystatus import IN_PLACE, PENDING
 from .reconcile import FIREWALL, PURGE_ORPHANS, Reconciler
 from .schema import Request, prefix_error
+from .serial import SerialThread
 from .traffic import Traffic
 from .turns import Turns
 
@@ -117,6 +118,8 @@ class Service:
         self.cluster = cluster
         self.started = time.time()
         self._commit = anyio.Lock()
+        #: the journal's appends, one after the other in a thread of their own (``serial``)
+        self._journal = SerialThread("netagent-journal")
         self._static_memo: dict[str, tuple[Intent, dict[str, Any]]] = {}
         self.traffic = Traffic(state, firewall, ctx.net)
         #: the doctor's findings about other tools (``agent/hostcheck.py``)
@@ -242,11 +245,11 @@ class Service:
         A ``mirror`` change's line is only written (see :meth:`mutate`)."""
         try:
             if not mirror:
-                await anyio.to_thread.run_sync(self.store.append, changes)
+                await self._journal.call(self.store.append, changes)
             elif len(changes) <= MIRROR_INLINE:
                 self.store.append(changes, sync=False)  # ~0.1 ms: not worth a thread hop
             else:  # a listing of 1,000 peers is ~20 ms of encoding: not on the loop
-                await anyio.to_thread.run_sync(self.store.append, changes, False)
+                await self._journal.call(self.store.append, changes, False)
         except OSError as exc:
             if not mirror:
                 raise BackendFailed(

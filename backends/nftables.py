@@ -43,6 +43,7 @@ import anyio
 
 from netagent.agent import intents as I
 from netagent.agent.errors import BackendFailed, HostTimeout
+from netagent.agent.serial import SerialThread
 
 from .firewall import Batch, Counts, DriftWatcher, FirewallBackend, FirewallSpec, VxlanGuard
 from .libnft import open_lib
@@ -351,6 +352,10 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
         self.lib = open_lib()
         #: the counters' one nfnetlink socket (``backends/nftcount.py``)
         self._counters = Reader()
+        #: libnftables' calls and the counter reads, each in a thread of its own
+        #: (``agent/serial.py``: a hop of ~30 us, not the pool's ~80)
+        self._lib_thread = SerialThread("netagent-nft")
+        self._count_thread = SerialThread("netagent-nftcount")
 
     @classmethod
     def probe(cls) -> tuple[bool, str]:
@@ -377,10 +382,13 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
             # every transaction off the loop, even one element: a commit waits for any
             # other process's nf_tables transaction to end (a big iptables-restore holds
             # the kernel's commit mutex), and a big one of ours (10,000 elements) takes
-            # ~0.1-1 s; the hop costs a request ~0.15 ms (docs/architecture.md)
+            # ~0.1-1 s; the hop to its own thread costs a request ~0.03-0.1 ms
+            # (docs/architecture.md)
             try:
                 with anyio.fail_after(LIB_TIMEOUT):
-                    rc, out, err = await anyio.to_thread.run_sync(self.lib.run, script, json_output)
+                    rc, out, err = await self._lib_thread.call(
+                        self.lib.run, script, json_output, abandon_on_cancel=True
+                    )
             except TimeoutError:
                 raise HostTimeout(
                     f"nftables did not answer within {LIB_TIMEOUT:g} s (its call goes on in "
@@ -526,7 +534,7 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
         if len(forwards) <= SINGLE_READS:
             wanted = [(f.key, e) for f in forwards for e in forward_elems(f)]
             try:
-                got = await anyio.to_thread.run_sync(
+                got = await self._count_thread.call(
                     self._counters.element_counters, FAMILY, TABLE, [e for _k, e in wanted]
                 )
             except OSError:
@@ -555,11 +563,13 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
             return out
 
         try:
-            return await anyio.to_thread.run_sync(read)
+            return await self._count_thread.call(read)
         except OSError:
             return None
 
     async def close(self) -> None:
+        self._count_thread.close()
+        self._lib_thread.close()
         self._counters.close()
 
     async def purge(self) -> list[str]:

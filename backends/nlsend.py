@@ -22,27 +22,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import queue
 import struct
-import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
-import structlog
 from pyroute2 import AsyncIPRoute
 
-log = structlog.get_logger("netagent.netlink")
-T = TypeVar("T")
+from netagent.agent.serial import SerialThread
 
 RTM_NEWLINK, RTM_DELLINK, RTM_SETLINK = 16, 17, 19
 #: the requests whose kernel work is long enough to keep off the loop
 SLOW = frozenset({RTM_NEWLINK, RTM_DELLINK, RTM_SETLINK})
 NLMSG_ERROR = 2
 _HDR = struct.Struct("IHHII")
-#: seconds ``close`` waits for the thread to finish what was queued
-CLOSE_WAIT = 5.0
-
-_Job = tuple[Callable[..., Any], tuple[Any, ...]]
 
 
 def error_answer(request: bytes, code: int) -> bytes:
@@ -54,52 +46,23 @@ def error_answer(request: bytes, code: int) -> bytes:
     return head + struct.pack("i", -code) + echo
 
 
-class SendThread:
-    """Runs sends (and what must follow them) one after the other, in the order queued."""
+class SendThread(SerialThread):
+    """Sends (and what must follow them: :meth:`then`, :meth:`call`) one after the
+    other, in the order queued."""
 
     def __init__(self) -> None:
+        super().__init__("netagent-nlsend")
         self._loop = asyncio.get_running_loop()
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="netagent-nlsend", daemon=True)
-        self._thread.start()
 
     def send(self, sock: Any, raw: Any, data: bytes) -> None:
         """Send ``data`` on ``raw``, the socket of the pyroute2 socket ``sock`` (taken on
         the loop: pyroute2 keeps a socket per thread); a refusal is answered to ``sock``."""
-        self._jobs.put((self._send, (sock, raw, data)))
-
-    async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` in the thread, after every send queued so far (kernel work that
-        follows a link request: a sysctl of the link it made, which takes the rtnl lock
-        as well); its result or its exception."""
-        fut: asyncio.Future[T] = self._loop.create_future()
-
-        def job() -> None:
-            try:
-                result = fn(*args)
-            except BaseException as exc:  # the caller's to handle
-                self._loop.call_soon_threadsafe(_settle, fut, None, exc)
-            else:
-                self._loop.call_soon_threadsafe(_settle, fut, result, None)
-
-        self._jobs.put((job, ()))
-        return await fut
+        self.submit(self._send, sock, raw, data)
 
     def then(self, fn: Callable[..., Any], *args: Any) -> None:
         """Call ``fn(*args)`` in the thread once every send queued so far has gone (a
         namespace's file descriptor that a queued request names is closed after it)."""
-        self._jobs.put((fn, args))
-
-    def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            fn, args = job
-            try:
-                fn(*args)
-            except Exception:  # a bug: never let the thread die with sends queued
-                log.exception("a queued netlink job failed")
+        self.submit(fn, *args)
 
     def _send(self, sock: Any, raw: Any, data: bytes) -> None:
         try:
@@ -109,19 +72,6 @@ class SendThread:
             # a closed loop: nobody waits any more
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(_answer, sock, answer)
-
-    def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join(timeout=CLOSE_WAIT)
-
-
-def _settle(fut: asyncio.Future[T], result: T | None, exc: BaseException | None) -> None:
-    if fut.done():  # the caller stopped waiting (its time limit)
-        return
-    if exc is not None:
-        fut.set_exception(exc)
-    else:
-        fut.set_result(result)  # type: ignore[arg-type]
 
 
 def _answer(sock: Any, answer: bytes) -> None:

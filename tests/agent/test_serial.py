@@ -1,0 +1,85 @@
+"""``agent/serial.py``: calls run in order in one thread of their own; a caller that is
+cancelled waits for its call unless it abandons it; the thread ends when idle and comes
+back with the next call; closed, it takes nothing more (no root)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import anyio
+import pytest
+
+from netagent.agent import serial
+from netagent.agent.serial import SerialThread
+
+from .world import until
+
+
+async def test_calls_run_in_order_in_the_thread_and_answer_what_they_returned() -> None:
+    worker = SerialThread("test-serial")
+    seen: list[tuple[int, str]] = []
+    try:
+
+        def step(n: int) -> int:
+            seen.append((n, threading.current_thread().name))
+            return n * 10
+
+        for n in range(3):
+            worker.submit(step, n)
+        assert await worker.call(step, 3) == 30
+        assert seen == [(n, "test-serial") for n in range(4)]
+        with pytest.raises(ZeroDivisionError):
+            await worker.call(lambda: 1 // 0)
+        worker.submit(lambda: 1 // 0)  # nobody waits: logged, and the thread goes on
+        assert await worker.call(step, 5) == 50
+    finally:
+        worker.close()
+
+
+async def test_a_cancelled_caller_waits_for_its_call_unless_it_abandons_it() -> None:
+    worker = SerialThread("test-serial")
+    release = threading.Event()
+    done: list[str] = []
+    try:
+
+        def slow(name: str) -> str:
+            release.wait(5)
+            done.append(name)
+            return name
+
+        t0 = time.monotonic()
+        with anyio.move_on_after(0.05):
+            await worker.call(slow, "abandoned", abandon_on_cancel=True)
+        assert time.monotonic() - t0 < 1.0 and done == []  # it stopped waiting at once
+        release.set()
+        await until(lambda: done == ["abandoned"], "the abandoned call to finish anyway")
+        release.clear()
+        timer = threading.Timer(0.2, release.set)
+        timer.start()
+        with anyio.move_on_after(0.05) as scope:
+            got = await worker.call(slow, "kept")
+        # the time limit fell due, and the call was waited for all the same
+        assert scope.cancel_called and got == "kept" and done[-1] == "kept"
+        timer.join()
+    finally:
+        release.set()
+        worker.close()
+
+
+async def test_the_thread_ends_when_idle_and_starts_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(serial, "IDLE", 0.05)
+    worker = SerialThread("test-serial")
+    assert await worker.call(lambda: 6) == 6
+    first = worker._thread
+    assert first is not None
+    await until(lambda: worker._thread is None, "the idle thread to end")
+    first.join(timeout=5)  # (it returns right after saying so)
+    assert not first.is_alive()
+    assert await worker.call(lambda: 7) == 7
+    second = worker._thread
+    assert second is not None and second is not first
+    worker.close()
+    assert not second.is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        worker.submit(print)
