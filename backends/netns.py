@@ -29,6 +29,10 @@ import errno
 import os
 import socket
 import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 CLONE_NEWNET = 0x40000000
 MS_BIND, MS_REC, MS_SHARED = 0x1000, 0x4000, 1 << 20
@@ -53,6 +57,36 @@ def _check(result: int, what: str) -> None:
 def _mount(source: str, target: str, flags: int) -> int:
     libc = _c()
     return int(libc.mount(source.encode(), target.encode(), b"none", flags, None))
+
+
+def in_own_thread(name: str, work: Callable[[], T]) -> T:
+    """``work()`` in a short-lived thread of its own, which ends with it: what it does to
+    its thread (``unshare``, ``setns``: they change the calling thread only) ends there.
+    Its result, or what it raised."""
+    result: list[T | BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(work())
+        except BaseException as exc:
+            result.append(exc)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    thread.join()
+    got = result[0]
+    if isinstance(got, BaseException):
+        raise got
+    return got
+
+
+def enter(path: str) -> None:
+    """The calling thread into the network namespace bound at ``path``."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _check(_c().setns(fd, CLONE_NEWNET), f"setns {path}")
+    finally:
+        os.close(fd)
 
 
 def share_dir(directory: str) -> None:
@@ -95,35 +129,24 @@ def add(path: str) -> socket.socket:
     share_dir(os.path.dirname(path))
     fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0)
     os.close(fd)
-    result: list[socket.socket | BaseException] = []
 
-    def run() -> None:
-        try:
-            _check(_c().unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
-            own = f"/proc/self/task/{threading.get_native_id()}/ns/net"
-            _check(_mount(own, path, MS_BIND), f"binding the new namespace to {path}")
-            announce_by_default()
-            # SOCK_DGRAM (netlink takes it as SOCK_RAW): pyroute2 takes fileno= only so
-            result.append(
-                socket.socket(
-                    socket.AF_NETLINK,
-                    socket.SOCK_DGRAM | socket.SOCK_CLOEXEC,
-                    socket.NETLINK_ROUTE,
-                )
-            )
-        except BaseException as exc:
-            result.append(exc)
+    def make() -> socket.socket:
+        _check(_c().unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+        own = f"/proc/self/task/{threading.get_native_id()}/ns/net"
+        _check(_mount(own, path, MS_BIND), f"binding the new namespace to {path}")
+        announce_by_default()
+        # SOCK_DGRAM (netlink takes it as SOCK_RAW): pyroute2 takes fileno= only so
+        return socket.socket(
+            socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE
+        )
 
-    thread = threading.Thread(target=run, name="netagent-netns", daemon=True)
-    thread.start()
-    thread.join()
-    got = result[0]
-    if isinstance(got, BaseException):
+    try:
+        return in_own_thread("netagent-netns", make)
+    except BaseException:
         _c().umount2(path.encode(), MNT_DETACH)
         with contextlib.suppress(OSError):
             os.unlink(path)
-        raise got
-    return got
+        raise
 
 
 def delete(path: str) -> None:

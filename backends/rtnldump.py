@@ -12,12 +12,12 @@ import struct
 from collections.abc import Callable
 from typing import TypeVar
 
+from . import netns
 from .netlink import Link
 from .rtnl import (
     _IFINFOMSG,
     _NLMSGHDR,
     _RTATTR,
-    CLONE_NEWNET,
     IFLA_IFNAME,
     NLM_F_DUMP,
     NLM_F_REQUEST,
@@ -39,32 +39,12 @@ def in_netns(path: str, work: Callable[[], T]) -> T:
     the daemon is ever left in another namespace, and nothing forks. What ``work``
     creates there (a socket) stays in that namespace; what it opens under /proc/sys/net
     is that namespace's."""
-    import ctypes
-    import threading
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    result: list[T | BaseException] = []
+    def inside() -> T:
+        netns.enter(path)
+        return work()
 
-    def run() -> None:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns {path}: {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            result.append(work())
-        except BaseException as exc:
-            result.append(exc)
-
-    thread = threading.Thread(target=run, name="netagent-setns", daemon=True)
-    thread.start()
-    thread.join()
-    got = result[0]
-    if isinstance(got, BaseException):
-        raise got
-    return got
+    return netns.in_own_thread("netagent-setns", inside)
 
 
 def dump_links(path: str | None = None, timeout: float = TIMEOUT) -> list[Link]:
