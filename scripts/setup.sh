@@ -58,5 +58,15 @@ fi
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
-"$venv/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]'
+# editable as a path (compat): setuptools' default editable finder is imported by every
+# interpreter the venv starts, ~13 ms of each CLI command (docs/cli.md)
+"$venv/bin/python" -m pip install -q --disable-pip-version-check \
+  --config-settings editable_mode=compat -e '.[test]'
+# the console script pip wrote, without its `import re` (~7 ms of every command here: re
+# pulls in enum; its argv[0] rewrite is for Windows' .exe launchers). Same interpreter
+shebang=$(head -n 1 "$venv/bin/netagent")
+printf '%s\n' "$shebang" 'import sys' 'from netagent.cli.entry import main' \
+  'if __name__ == "__main__":' '    sys.exit(main())' > "$venv/bin/netagent.new"
+chmod 755 "$venv/bin/netagent.new"
+mv "$venv/bin/netagent.new" "$venv/bin/netagent"
 echo "setup: ready ($venv${mode:+, $mode})"
