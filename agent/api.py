@@ -21,8 +21,8 @@ import structlog
 
 from . import clusterapi, doctor_api, ops, quarantine
 from .errors import BackendFailed, InvalidArgument, NetagentError, NotFound, ReadOnly, UnknownOp
-from .keystatus import IN_PLACE, PENDING
-from .reconcile import FIREWALL, PURGE_ORPHANS, Reconciler
+from .keystatus import IN_PLACE, PENDING, PassResult
+from .reconcile import FIREWALL, PURGE_ORPHANS, Reconciler, Ticket
 from .schema import Request, prefix_error
 from .serial import SerialThread
 from .traffic import Traffic
@@ -194,8 +194,9 @@ class Service:
     ) -> dict[str, Any]:
         """Validate and record a change, persist it, realize it; then answer.
 
-        ``meanwhile`` runs while the change is realized, once it is recorded (and not
-        at all when nothing changed); the answer waits for it too.
+        ``meanwhile`` runs while the change is recorded and realized, from when it is
+        proposed (and not at all when nothing changed: it overlaps the journal's
+        fdatasync, which waits in a thread); the answer, or the error, waits for it too.
 
         ``mirror``: the change mirrors records kept durable elsewhere (the cluster's
         peers, in etcd), and nobody waits for an answer: its journal line goes into the
@@ -204,21 +205,26 @@ class Service:
         lists it again. A write that fails does not hold the peer back (etcd is the
         truth): it is realized all the same, the log says so, and the next change writes
         a whole snapshot."""
-        async with self._commit:
-            changes = self.state.propose(fn)
-            if changes:
-                await self._check_free(changes)
-                await self._persist(changes, mirror)
-                self.state.commit(changes)
-                ticket = self.reconciler.note(changes)
-        if not changes:
-            return {"changed": False, "changes": [], "changes_total": 0}
+        result: PassResult | None = None
         if meanwhile is None:
-            result = await self.reconciler.wait(ticket)
-        else:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(meanwhile)
+            changes, ticket = await self._record(fn, mirror)
+            if ticket is not None:
                 result = await self.reconciler.wait(ticket)
+        else:
+            look = meanwhile
+            refused: Exception | None = None
+            async with anyio.create_task_group() as tg:
+                try:
+                    changes, ticket = await self._record(fn, mirror, lambda: tg.start_soon(look))
+                except Exception as exc:  # raised once ``meanwhile`` is done, not in a group
+                    refused = exc
+                else:
+                    if ticket is not None:
+                        result = await self.reconciler.wait(ticket)
+            if refused is not None:
+                raise refused
+        if result is None:
+            return {"changed": False, "changes": [], "changes_total": 0}
         reply: dict[str, Any] = {
             "changed": True,
             "changes": [c.to_wire() for c in changes[:MAX_LISTED]],
@@ -233,6 +239,24 @@ class Service:
                 errors=result.errors,
             )
         return reply
+
+    async def _record(
+        self,
+        fn: Callable[[DesiredState], object],
+        mirror: bool,
+        proposed: Callable[[], object] = lambda: None,
+    ) -> tuple[list[Change], Ticket | None]:
+        """Propose, check, persist and commit a change, under the commit lock; the
+        reconciler's ticket for it (None when nothing changed)."""
+        async with self._commit:
+            changes = self.state.propose(fn)
+            if not changes:
+                return changes, None
+            proposed()
+            await self._check_free(changes)
+            await self._persist(changes, mirror)
+            self.state.commit(changes)
+            return changes, self.reconciler.note(changes)
 
     async def _check_free(self, changes: list[Change]) -> None:
         for c in changes:

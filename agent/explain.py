@@ -14,6 +14,7 @@ real probe (``agent/nfttrace.py``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import fwtrace as T
@@ -35,7 +36,7 @@ def _forward(state: DesiredState, proto: str, port: int, host_ip: Any, family: i
 
 
 def _plug_of(state: DesiredState, ip: Any) -> Any:
-    plugs: list[Any] = state.of_kind("plug")
+    plugs: Sequence[Any] = state.of_kind("plug")
     for plug in plugs:
         if any(a.ip == ip for a in plug.addresses):
             return plug
@@ -43,7 +44,7 @@ def _plug_of(state: DesiredState, ip: Any) -> Any:
 
 
 def _bridge_of(state: DesiredState, ip: Any) -> Any:
-    bridges: list[Any] = state.of_kind("bridge")
+    bridges: Sequence[Any] = state.of_kind("bridge")
     for br in bridges:
         if any(ip in a.network for a in br.addresses if a.version == ip.version):
             return br

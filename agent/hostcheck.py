@@ -12,7 +12,7 @@ the same port.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -82,7 +82,7 @@ class HostCheck:
     def _bridge_ports(self) -> dict[str, int]:
         links = self.ctx.links
         out: dict[str, int] = {}
-        bridges: list[Any] = self.ctx.state.of_kind("bridge")
+        bridges: Sequence[Any] = self.ctx.state.of_kind("bridge")
         for br in bridges:
             link = links.named(br.name)
             if link is not None:
@@ -91,8 +91,8 @@ class HostCheck:
 
     async def read(self) -> hostview.HostView:
         state = self.ctx.state
-        found: list[Any] = state.of_kind("bridge")
-        forwards: list[Any] = state.of_kind("forward")
+        found: Sequence[Any] = state.of_kind("bridge")
+        forwards: Sequence[Any] = state.of_kind("forward")
         bridges = [br.name for br in found]
         ports = {(f.proto, p) for f in forwards for p in _few(f.host_ports)}
         with anyio.fail_after(READ_TIMEOUT):
@@ -103,7 +103,7 @@ class HostCheck:
     def _sysctls(self) -> dict[str, str]:
         """The sysctls the checks read, through the netlink protocol (the daemon's own
         namespace; a file each)."""
-        bridges: list[Any] = self.ctx.state.of_kind("bridge")
+        bridges: Sequence[Any] = self.ctx.state.of_kind("bridge")
         out: dict[str, str] = {}
         for path in doctor.sysctl_paths([br.name for br in bridges]):
             value = self.ctx.net.sysctl(path)
@@ -210,8 +210,8 @@ class HostCheck:
             await self.refresh(read=True)
         ports = set(_few(fwd.host_ports))
         try:
-            # sock_diag answers in ~0.1 ms: less than a worker thread's hop costs
-            listeners = hostview.listeners_now()
+            # sock_diag answers in ~25 us: less than a worker thread's hop costs
+            listeners = hostview.listeners_now(fwd.proto, fwd.family)
         except OSError:
             with anyio.fail_after(READ_TIMEOUT):
                 listeners = await anyio.to_thread.run_sync(hostview.read_listeners)

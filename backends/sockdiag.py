@@ -72,13 +72,22 @@ def _dump(sock: socket.socket, family: int, proto: int, state: int) -> list[Boun
             off += (length + 3) & ~3
 
 
-def bound_sockets(timeout: float = TIMEOUT) -> list[Bound]:
-    """TCP sockets in LISTEN and UDP sockets bound and unconnected, IPv4 and IPv6;
-    OSError (a timeout included) when the kernel does not answer within ``timeout``."""
+_PROTOS = {"tcp": (socket.IPPROTO_TCP, TCP_LISTEN), "udp": (socket.IPPROTO_UDP, UDP_BOUND)}
+_FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
+
+
+def bound_sockets(timeout: float = TIMEOUT, only: tuple[str, int] | None = None) -> list[Bound]:
+    """TCP sockets in LISTEN and UDP sockets bound and unconnected, IPv4 and IPv6, or
+    ``only`` those of one protocol and IP version (``("tcp", 4)``: one dump of four, what
+    a new forward's check needs); OSError (a timeout included) when the kernel does not
+    answer within ``timeout``."""
+    if only is None:
+        which = [(p, f) for p in _PROTOS.values() for f in _FAMILIES.values()]
+    else:
+        which = [(_PROTOS[only[0]], _FAMILIES[only[1]])]
     out: list[Bound] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as sock:
         sock.settimeout(timeout)
-        for proto, state in ((socket.IPPROTO_TCP, TCP_LISTEN), (socket.IPPROTO_UDP, UDP_BOUND)):
-            for family in (socket.AF_INET, socket.AF_INET6):
-                out += _dump(sock, family, proto, state)
+        for (proto, state), family in which:
+            out += _dump(sock, family, proto, state)
     return out

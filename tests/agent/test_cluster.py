@@ -339,7 +339,7 @@ async def test_records_that_cannot_be_used_are_shown_not_programmed(tmp_path: Pa
             and "not valid" in rows["10.244.50.0/24"]["error"]
         )
         assert "VNI 2" in rows["10.244.51.0/24"]["error"]
-        assert h1.w.state.of_kind("peer") == [] and h1.routes() == {}
+        assert h1.w.state.of_kind("peer") == () and h1.routes() == {}
 
 
 # ---- etcd out of reach ----------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from netagent.agent import intents as I
-from netagent.backends import nftables
+from netagent.backends import nftables, nftelems
 from netagent.backends.firewall import FirewallSpec, VxlanGuard
 from netagent.backends.nftables import NftablesBackend, Observed, parse_table
 
@@ -304,6 +304,27 @@ def test_plan_update_lines(nft: NftablesBackend) -> None:
     ]
     assert batch.touched == {fwd82.key, bound.key} and not batch.rebuild
     assert nft.plan_update(SPEC, [], []).empty
+
+
+def test_an_update_carries_its_elements_for_the_nfnetlink_writer(nft: NftablesBackend) -> None:
+    fwd82 = I.make_forward("82", "192.168.15.2:82")
+    batch = nft.plan_update(SPEC, added=[fwd82], removed=[FWD80])
+    assert isinstance(batch.payload, nftelems.ElementScript) and batch.payload.writable
+    assert batch.payload.gone == [("dnat_tcp4", "80", "192.168.15.2 . 80")]
+    assert batch.payload.new == [("dnat_tcp4", "82", "192.168.15.2 . 82")]
+    data, acked = nftelems.batch("inet", "netagent", batch.payload.gone, batch.payload.new, 7)
+    assert acked == [8, 9]  # one delete message, one add message, between begin and end
+    assert data.count(b"dnat_tcp4\0") == 2 and nftelems.value_bytes("192.168.15.2 . 82") in data
+    # an interval (a range that keeps its ports) is two kernel elements: nft writes it
+    ranged = I.make_forward("9000-9009", "192.168.15.2:9000-9009")
+    payload = nft.plan_update(SPEC, [ranged], []).payload
+    assert isinstance(payload, nftelems.ElementScript) and not payload.writable
+
+
+def test_value_bytes_are_as_nf_tables_stores_them() -> None:
+    assert nftelems.value_bytes("10.0.0.2 . 80") == bytes([10, 0, 0, 2, 0, 80, 0, 0])
+    assert nftelems.value_bytes("10.0.0.2") == bytes([10, 0, 0, 2])
+    assert len(nftelems.value_bytes("fd00::2 . 443")) == 20
 
 
 def test_a_big_update_is_told_in_counts(nft: NftablesBackend) -> None:

@@ -66,6 +66,17 @@ def test_sock_diag_lists_what_proc_lists(sockets: list[socket.socket]) -> None:
     assert by_diag == want  # the four bound ones, and not the connected pair
 
 
+@pytest.mark.parametrize("only", [("tcp", 4), ("tcp", 6), ("udp", 4), ("udp", 6)])
+def test_one_protocol_and_version_alone(
+    sockets: list[socket.socket], only: tuple[str, int]
+) -> None:
+    mine = {_inode(s) for s in sockets}
+    every = [b for b in sockdiag.bound_sockets() if b.inode in mine]
+    some = [b for b in sockdiag.bound_sockets(only=only) if b.inode in mine]
+    assert len(some) == 1  # each of the four bound sockets is of another pair
+    assert some == [b for b in every if (b.proto, b.family) == only]
+
+
 def test_read_listeners_uses_sock_diag(sockets: list[socket.socket]) -> None:
     got = {(x.proto, x.inode) for x in hostview.read_listeners()}
     assert ("udp", _inode(sockets[1])) in got
