@@ -91,17 +91,20 @@ class FirewallSync:
     def name(self) -> str:
         return self.backend.name
 
-    def spec(self, state: DesiredState) -> FirewallSpec:
+    def spec(self, state: DesiredState, forwards: bool = True) -> FirewallSpec:
         """The forwards, and the bridges' NAT needs: netagent's bridges, and the other
-        plugins' bridges behind chained CNI attachments (hairpin only)."""
+        plugins' bridges behind chained CNI attachments (hairpin only). Without
+        ``forwards``, a spec for an update that does not read them (``empty`` then asks
+        the state)."""
         from .kinds.attachment import chained_bridges
 
-        forwards: Any = tuple(state.of_kind("forward"))
+        found: Any = tuple(state.of_kind("forward")) if forwards else ()
         bridges: Any = tuple(state.of_kind("bridge"))
         names = {b.name for b in bridges}
         extra = state.derived("fwsync.chained", "attachment", lambda: chained_bridges(state))
         bridges += tuple(b for b in extra if b.name not in names)
-        return FirewallSpec(forwards=forwards, bridges=bridges, vxlan=vxlan_guard(state))
+        lean = None if forwards else state.count("forward")
+        return FirewallSpec(found, bridges, vxlan_guard(state), lean_count=lean)
 
     def note(self, change: Change) -> None:
         """A committed change of a firewall kind (told apart by their kind's name: an
@@ -142,7 +145,9 @@ class FirewallSync:
         return self.backend.plan(spec, observed)
 
     async def sync(self, state: DesiredState) -> list[str]:
-        spec = self.spec(state)
+        # an update that reads no forwards gets none (the full sync takes them after)
+        lean = not self._full and self.filters is None and not self.backend.update_reads_forwards
+        spec = self.spec(state, forwards=not lean)
         added, removed = self._added, self._removed
         self._added, self._removed = [], []
         peers_added, peers_removed = self._peers_added, self._peers_removed
@@ -179,6 +184,8 @@ class FirewallSync:
                     steps = [*steps, *await self._guard_update(spec, peers_added, peers_removed)]
                     full = self._full_guard
                 if full:
+                    if spec.lean_count is not None:
+                        spec = self.spec(state)
                     steps = await self._full_sync(spec)
                 if self.filters is not None:
                     look, self._look_filters = self._look_filters or full, False

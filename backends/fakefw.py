@@ -90,6 +90,7 @@ def _forward_line(fwd: I.Forward) -> str:
 
 class FakeFirewall(Faults, FirewallBackend[FakeRuleset, FakePayload]):
     name = "fake"
+    update_reads_forwards = False  # as nftables: an update is the changed forwards alone
 
     def __init__(self, calls: list[tuple[Any, ...]] | None = None) -> None:
         Faults.__init__(self)

@@ -346,6 +346,7 @@ def _peer_steps(gone: list[tuple[str, str]], new: list[tuple[str, str]]) -> list
 class NftablesBackend(FirewallBackend[Observed, list[str]]):
     name = "nftables"
     guards_localhost = True
+    update_reads_forwards = False  # an update is the changed forwards' elements alone
 
     def __init__(self) -> None:
         from .nftcount import Reader

@@ -112,3 +112,38 @@ async def test_a_drift_while_a_sync_runs_is_repaired_by_the_next(tmp_path: Path)
             lambda: {"fwd/tcp/80", "fwd/tcp/81"} <= set(w.fw.forwards), "both forwards back"
         )
         assert flushed and w.fw.table
+
+
+async def test_an_update_gets_a_lean_spec_and_a_failed_one_a_full_sync_of_all(
+    tmp_path: Path,
+) -> None:
+    """A backend whose update reads no forwards (nftables, the fake) is given none (a
+    copy of 10,000 per change costs ~0.1 ms); when the update fails, the full sync that
+    follows plans every forward."""
+    w = make_world(tmp_path)
+    async with w.running():
+        await w.call("forward.add", **F80)  # the first sync is a full one
+        specs: list[Any] = []
+        real_update, real_plan = w.fw.plan_update, w.fw.plan
+
+        def update(spec: Any, added: Any, removed: Any) -> Any:
+            specs.append(("update", spec))
+            return real_update(spec, added, removed)
+
+        def plan(spec: Any, observed: Any) -> Any:
+            specs.append(("plan", spec))
+            return real_plan(spec, observed)
+
+        w.fw.plan_update = update  # type: ignore[method-assign]
+        w.fw.plan = plan  # type: ignore[method-assign]
+        await w.call("forward.add", **F81)
+        ((what, spec),) = specs
+        assert what == "update" and spec.forwards == () and spec.lean_count == 2
+        assert not spec.empty
+        specs.clear()
+        w.fw.drop_forward("fwd/tcp/80")  # someone deleted one: the next update fails
+        w.fw.fail("apply", BackendFailed("nft: No such file or directory"))
+        await w.call("forward.del", host_ports="80")
+        assert [s[0] for s in specs] == ["update", "plan"]
+        assert {f.key for f in specs[1][1].forwards} == {"fwd/tcp/81"}
+        assert set(w.fw.forwards) == {"fwd/tcp/81"}
