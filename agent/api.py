@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import structlog
 
-from . import clusterapi, doctor_api, ops, quarantine
+from . import clusterapi, doctor_api, gcidle, ops, quarantine
 from .errors import BackendFailed, InvalidArgument, NetagentError, NotFound, ReadOnly, UnknownOp
 from .keystatus import IN_PLACE, PENDING, PassResult
 from .reconcile import FIREWALL, PURGE_ORPHANS, Reconciler, Ticket
@@ -305,6 +305,10 @@ class Service:
         """A declarative document of the kinds' add requests: add or update each, in
         one pass; with ``prune`` also remove what the document does not name."""
         assert isinstance(req, ops.Apply)
+        with gcidle.paused():
+            return await self._apply_parsed(req)
+
+    async def _apply_parsed(self, req: ops.Apply) -> Any:
         parsed: list[tuple[int, str, Request]] = []
         turns = Turns()  # 10,000 requests are ~70 ms of parsing: not in one stretch
         for n, item in enumerate(req.intents, 1):

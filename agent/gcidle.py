@@ -18,9 +18,10 @@ objects is found too.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import anyio
 import structlog
@@ -33,6 +34,29 @@ QUIET = 2.0
 CHECK = 1.0
 #: seconds between idle collections that scan the frozen objects too
 THAW_EVERY = 600.0
+
+
+_paused = 0
+_was_enabled = True
+
+
+@contextlib.contextmanager
+def paused() -> Iterator[None]:
+    """No collection while a big request builds its objects (``apply`` of 10,000
+    forwards makes ~200,000, and the collector ran ~300 times in it, three of them full:
+    ~80 ms of ~550). Nested and concurrent uses share one pause; the collector runs
+    again when the last ends, and the idle collection above finds the cycles."""
+    global _paused, _was_enabled
+    if _paused == 0:
+        _was_enabled = gc.isenabled()
+    _paused += 1
+    gc.disable()
+    try:
+        yield
+    finally:
+        _paused -= 1
+        if _paused == 0 and _was_enabled:
+            gc.enable()
 
 
 def _collections() -> tuple[int, int]:

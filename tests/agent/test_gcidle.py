@@ -125,3 +125,22 @@ def test_the_collection_freezes_what_survives_and_a_thaw_finds_frozen_garbage() 
         assert frozen() is None  # a thaw scans it all
     finally:
         gc.unfreeze()
+
+
+def test_a_pause_holds_the_collector_until_the_last_one_ends() -> None:
+    assert gc.isenabled()
+    try:
+        first, second = gcidle.paused(), gcidle.paused()
+        first.__enter__()
+        second.__enter__()  # a second request's pause, overlapping the first
+        assert not gc.isenabled()
+        first.__exit__(None, None, None)
+        assert not gc.isenabled()  # the other still builds its objects
+        second.__exit__(None, None, None)
+        assert gc.isenabled()
+        gc.disable()  # someone else's choice is kept
+        with gcidle.paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
