@@ -23,7 +23,6 @@ an attachment has no interface of its own: it records the container's addresses 
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from netagent.backends.netlink import Link, alias_for
 from ..errors import BackendFailed, BadRequest, InvalidArgument, InvalidName, NotFound
 from ..schema import Request
 from ..values import IPInterface, check_families, check_name, parse_interfaces
-from .base import Actions, Context, Kind, OwnedName, Placed, want
+from .base import Actions, Context, Kind, OwnedName, Placed, cached, want
 from .bridge import Bridge, bridge_key
 from .linkops import (
     BridgedPair,
@@ -165,7 +164,7 @@ class Attachment:
         if (self.pid is None) != (self.pid_start is None):
             raise InvalidArgument("a --pid attachment records the process and its start")
 
-    @functools.cached_property
+    @cached
     def key(self) -> str:
         return attachment_key(self.container_id, self.ifname)
 

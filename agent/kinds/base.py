@@ -18,9 +18,9 @@ iterate kinds through the registry (``agent/kinds/__init__.py``).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Hashable, Iterable, Mapping
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar, overload
 
 from ..errors import InvalidArgument, NameTaken
 from ..values import IPInterface
@@ -49,6 +49,35 @@ class Intent(Protocol):
 
 
 IntentT = TypeVar("IntentT", bound=Intent)
+V = TypeVar("V")
+
+
+class cached(Generic[V]):
+    """``functools.cached_property`` without Python 3.11's lock: its first read took
+    ~4.5 us (an ``apply`` of 10,000 forwards reads ``key`` and ``family`` of each new
+    one: ~90 ms of ~150 under a profiler, ~25 ms without), this one ~0.5. Intents are
+    frozen values built in one thread; two threads computing the same value at once
+    would only compute it twice."""
+
+    def __init__(self, fn: Callable[[Any], V]) -> None:
+        self.fn = fn
+        self.name = fn.__name__
+        self.__doc__ = fn.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> cached[V]: ...
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> V: ...
+    def __get__(self, obj: object | None, owner: type | None = None) -> V | cached[V]:
+        if obj is None:
+            return self
+        value = self.fn(obj)
+        obj.__dict__[self.name] = value  # read from the instance from now on
+        return value
+
 
 #: (namespace name or None for the host, segment key, address): where an intent puts an
 #: address. The segment is what must not hold one address twice (a bridge, a wire).

@@ -9,7 +9,6 @@ forwards and bridges in the desired state.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -18,7 +17,7 @@ from ..errors import InUse, InvalidAddress, InvalidArgument, InvalidPort, NotFou
 from ..ops import ForwardAdd, ForwardDel
 from ..schema import Request
 from ..values import IPAddress, Proto, parse_host_ip, parse_ip, parse_port, parse_proto
-from .base import Context, Kind, want
+from .base import Context, Kind, cached, want
 
 if TYPE_CHECKING:
     from ..state import DesiredState
@@ -55,7 +54,7 @@ class Forward:
                 "IP versions; NAT cannot translate between them"
             )
 
-    @functools.cached_property
+    @cached
     def family(self) -> int:
         return self.dest_ip.version
 
@@ -67,7 +66,7 @@ class Forward:
     def port_spec(self) -> str:
         return port_spec(self.host_port, self.count)
 
-    @functools.cached_property
+    @cached
     def key(self) -> str:
         return forward_key(self.proto, self.host_port, self.count, self.host_ip, self.family)
 
@@ -240,6 +239,8 @@ class ForwardKind(Kind[Forward]):
         rules for ``ctl forward`` and a container's port mappings)."""
         check_against_bridges(state, fwd)
         for port in fwd.host_ports:
+            if not state.has_indexed("port", (fwd.proto, port)):
+                continue  # nothing has it (most ports of a 10,000-forward apply)
             for other in self.covering(state, fwd.proto, port):
                 if other == fwd:
                     continue

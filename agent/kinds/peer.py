@@ -16,7 +16,6 @@ costs the same at 1,000 peers as at one.
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import InvalidArgument, NotFound
 from ..schema import Request
-from .base import Actions, Context, Kind, want
+from .base import Actions, Context, Kind, cached, want
 from .vxlan import check_ipv4, check_mac, check_subnet, vxlan_key
 
 if TYPE_CHECKING:
@@ -55,7 +54,7 @@ class Peer:
         if not isinstance(self.host, str) or len(self.host) > 253:
             raise InvalidArgument("peer host name must be a string of at most 253 characters")
 
-    @functools.cached_property
+    @cached
     def key(self) -> str:  # asked of 1,000 peers per status: a network's str is costly
         return peer_key(self.subnet)
 
