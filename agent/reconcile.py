@@ -22,6 +22,7 @@ safety net under the events. One log line per pass.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import time
 from collections.abc import Awaitable, Iterable
@@ -432,12 +433,12 @@ class Reconciler:
         deferred: set[str] = set()
         done: set[str] = set()
         second: set[str] = set()  # tried again after its prerequisites
-        queue = list(keys)
+        queue = collections.deque(keys)  # popped from the front: 10,000 keys
         deadline = time.perf_counter() + PERIODIC_BUDGET
         swept = 0  # at least one per pass: the sweep always moves on
         turns = Turns()
         while queue:
-            key = queue.pop(0)
+            key = queue.popleft()
             if key in done:
                 continue
             if key in periodic and (self._tickets or (swept and time.perf_counter() > deadline)):
@@ -447,7 +448,7 @@ class Reconciler:
                 # for something sooner meanwhile)
                 back = dict.fromkeys(k for k in left if k not in self._pending)
                 self._sweep = {**back, **self._sweep}
-                queue = [k for k in queue if k not in periodic]
+                queue = collections.deque(k for k in queue if k not in periodic)
                 self._kick()
                 continue
             done.add(key)
@@ -480,7 +481,7 @@ class Reconciler:
                     done.discard(key)
                     if old is not None:
                         self._previous.setdefault(key, old)
-                    queue[:0] = [*needs, key]
+                    queue.extendleft(reversed([*needs, key]))
                     continue
                 changed = (
                     self.book.record(key, actions, result)
