@@ -22,7 +22,14 @@ from typing import TYPE_CHECKING, Any, cast
 import anyio
 import structlog
 
-from netagent.backends.firewall import AnyBackend, Batch, Counts, FirewallSpec, VxlanGuard
+from netagent.backends.firewall import (
+    COUNTERS_TIMEOUT,
+    AnyBackend,
+    Batch,
+    Counts,
+    FirewallSpec,
+    VxlanGuard,
+)
 
 from .errors import NetagentError
 
@@ -44,7 +51,6 @@ ISOLATE_CHUNK = 1024
 #: seconds one conntrack run may take
 CONNTRACK_TIMEOUT = 10.0
 #: seconds reading the forwards' counters may take
-COUNTERS_TIMEOUT = 5.0
 _DELETED = re.compile(r"(\d+) flow entr(?:y|ies) ha(?:s|ve) been deleted")
 
 
@@ -159,8 +165,11 @@ class FirewallSync:
             bridges = frozenset(spec.bridges)
             full = full or bridges != self._synced_bridges
             steps: list[str] = []
-            # before the rules go: which removed forwards never carried a connection
-            idle = await self._idle(removed) if removed and self.conntrack else set()
+            # before the rules go: which removed forwards never carried a connection (an
+            # update reads their counters as it applies, in the same call)
+            counted = [f for f in removed if f.key in self._counted] if self.conntrack else []
+            update = not full and bool(added or removed) and not spec.empty
+            idle = await self._idle(counted) if counted and not update else set()
             if spec.empty:
                 # nothing desired: the firewall holds nothing of netagent's (an empty table
                 # or empty chains would be something left behind)
@@ -172,7 +181,11 @@ class FirewallSync:
                 if not full and (added or removed):
                     batch = self.backend.plan_update(spec, added, removed)
                     try:
-                        await self.backend.apply(batch)
+                        if counted:
+                            counts = await self.backend.apply_counted(batch, counted)
+                            idle = _never_used(counted, counts)
+                        else:
+                            await self.backend.apply(batch)
                         steps = batch.steps
                         self._counted.difference_update(f.key for f in removed)
                         self._counted.update(f.key for f in added)
@@ -223,18 +236,13 @@ class FirewallSync:
             return []
         return batch.steps
 
-    async def _idle(self, removed: list[Forward]) -> set[str]:
+    async def _idle(self, counted: list[Forward]) -> set[str]:
         """The keys of removed forwards that never carried a connection: counted since
-        their rule was made (``_counted``), and their counter still at zero. Their
-        tracked connections need no walk of the conntrack table (~12 ms a dump). The
-        counters are read before the rules go; when they cannot be, every one walks."""
-        candidates = [f for f in removed if f.key in self._counted]
-        if not candidates:
-            return set()
-        counts = await self.counters(candidates)
-        if counts is None:
-            return set()
-        return {f.key for f in candidates if counts.get(f.key, (1, 0))[0] == 0}
+        their rule was made (``counted``: in ``_counted``), and their counter still at
+        zero. Their tracked connections need no walk of the conntrack table (~12 ms a
+        dump). The counters are read before the rules go; when they cannot be, every one
+        walks."""
+        return _never_used(counted, await self.counters(counted))
 
     async def counters(self, forwards: Sequence[Forward]) -> dict[str, Counts] | None:
         """The backend's counters, or None (not counted, or the read failed: the
@@ -372,6 +380,13 @@ class FirewallSync:
                     cleared=cleared,
                 )
         return steps
+
+
+def _never_used(counted: list[Forward], counts: dict[str, Counts] | None) -> set[str]:
+    """The keys whose counter read zero (none when the counters could not be read)."""
+    if counts is None:
+        return set()
+    return {f.key for f in counted if counts.get(f.key, (1, 0))[0] == 0}
 
 
 def vxlan_guard(state: DesiredState) -> VxlanGuard | None:

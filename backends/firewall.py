@@ -39,7 +39,9 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, ClassVar, Generic, Protocol, TypeVar
 
-from netagent.agent.errors import BackendUnavailable, InvalidArgument
+import anyio
+
+from netagent.agent.errors import BackendUnavailable, InvalidArgument, NetagentError
 
 if TYPE_CHECKING:
     from netagent.agent import intents as I
@@ -51,6 +53,9 @@ BUILTIN: dict[str, str] = {
 }
 #: the order ``--firewall auto`` tries
 AUTO_ORDER = ("nftables", "iptables")
+#: seconds a backend's counters may take to read (they are a help, never a reason for a
+#: request to fail)
+COUNTERS_TIMEOUT = 5.0
 
 ObservedT = TypeVar("ObservedT")
 #: (packets, bytes)
@@ -175,6 +180,21 @@ class FirewallBackend(ABC, Generic[ObservedT, PayloadT]):
         the first packet of each connection only (established flows skip NAT), so these
         count connections' first packets, at no cost beyond the lookup."""
         return None
+
+    async def apply_counted(
+        self, batch: Batch[PayloadT], forwards: Sequence[I.Forward]
+    ) -> dict[str, Counts] | None:
+        """:meth:`apply`, and the counters of ``forwards`` as they were just before
+        (None: not read; a read that fails is None, never a failed apply). This default
+        is the two calls; a backend may make them one."""
+        counts = None
+        try:
+            with anyio.move_on_after(COUNTERS_TIMEOUT):
+                counts = await self.counters(forwards)
+        except (OSError, NetagentError):
+            pass
+        await self.apply(batch)
+        return counts
 
     async def close(self) -> None:
         """Release what the backend holds open (called once, at shutdown)."""

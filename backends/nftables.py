@@ -357,8 +357,9 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
         self._counters = Reader()
         #: an update's map elements, by nfnetlink (``backends/nftelems.py``)
         self._elements = Writer()
-        #: libnftables' calls and the counter reads, each in a thread of its own
-        #: (``agent/serial.py``: a hop of ~30 us, not the pool's ~80)
+        #: libnftables' calls (and the element writer) and the counter reads, each in a
+        #: thread of its own (``agent/serial.py``: a hop of ~30 us, not the pool's ~80);
+        #: a removal reads its counters in the writer's call (``apply_counted``)
         self._lib_thread = SerialThread("netagent-nft")
         self._count_thread = SerialThread("netagent-nftcount")
 
@@ -545,41 +546,39 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
         each map they are in, in a worker thread. A forward not installed has no entry."""
         if not forwards:
             return {}
-        if len(forwards) <= SINGLE_READS:
-            wanted = [(f.key, e) for f in forwards for e in forward_elems(f)]
-            try:
-                got = await self._count_thread.call(
-                    self._counters.element_counters, FAMILY, TABLE, [e for _k, e in wanted]
-                )
-            except OSError:
-                return None
-            out: dict[str, Counts] = {}
-            for (key, _e), counts in zip(wanted, got, strict=True):
-                if counts is not None:
-                    p, b = out.get(key, (0, 0))
-                    out[key] = (p + counts[0], b + counts[1])
-            return out
-        from . import nftcount
-
-        def read() -> dict[str, Counts]:
-            wanted: dict[str, list[tuple[str, bytes]]] = {}
-            for f in forwards:
-                for name, key, _value in forward_elems(f):
-                    wanted.setdefault(name, []).append((f.key, nftcount.key_bytes(key)))
-            out: dict[str, Counts] = {}
-            for name, keys in wanted.items():
-                got = self._counters.dump_counters(FAMILY, TABLE, name)
-                for fkey, kb in keys:
-                    c = got.get(kb)
-                    if c is not None:
-                        p, b = out.get(fkey, (0, 0))
-                        out[fkey] = (p + c[0], b + c[1])
-            return out
-
+        wanted = [(f.key, e) for f in forwards for e in forward_elems(f)]
+        read = self._counters.forward_counts
+        if len(forwards) > SINGLE_READS:
+            read = self._counters.dumped_counts
         try:
-            return await self._count_thread.call(read)
+            return await self._count_thread.call(read, FAMILY, TABLE, wanted)
         except OSError:
             return None
+
+    async def apply_counted(
+        self, batch: Batch[list[str]], forwards: Sequence[I.Forward]
+    ) -> dict[str, Counts] | None:
+        """A removal's update: the removed forwards' counters read right before their
+        elements go, in the same call to the kernel's thread (one hop, not two)."""
+        payload = batch.payload
+        if not isinstance(payload, ElementScript) or not payload.writable:
+            return await super().apply_counted(batch, forwards)
+        wanted = [(f.key, e) for f in forwards for e in forward_elems(f)]
+
+        def read_then_write() -> dict[str, Counts] | None:
+            try:
+                counts: dict[str, Counts] | None = self._counters.forward_counts(
+                    FAMILY, TABLE, wanted
+                )
+            except OSError:
+                counts = None
+            self._elements.write(FAMILY, TABLE, payload.gone, payload.new)
+            return counts
+
+        try:
+            return await self._in_lib_thread(read_then_write)
+        except OSError as exc:
+            raise BackendFailed(f"nft: could not process the map elements: {exc}") from None
 
     async def close(self) -> None:
         self._count_thread.close()

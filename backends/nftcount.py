@@ -206,6 +206,37 @@ class Reader:
                 self._drop()
                 raise
 
+    def forward_counts(
+        self, family: str, table: str, wanted: list[tuple[str, Elem]]
+    ) -> dict[str, tuple[int, int]]:
+        """(packets, bytes) by forward key, summed over its elements (``wanted``:
+        (forward key, element) pairs), read element by element; a forward none of whose
+        elements is there has no entry. OSError as :meth:`element_counters`."""
+        got = self.element_counters(family, table, [e for _k, e in wanted])
+        out: dict[str, tuple[int, int]] = {}
+        for (key, _e), counts in zip(wanted, got, strict=True):
+            if counts is not None:
+                p, b = out.get(key, (0, 0))
+                out[key] = (p + counts[0], b + counts[1])
+        return out
+
+    def dumped_counts(
+        self, family: str, table: str, wanted: list[tuple[str, Elem]]
+    ) -> dict[str, tuple[int, int]]:
+        """:meth:`forward_counts` for many: one dump of each map they are in."""
+        by_map: dict[str, list[tuple[str, bytes]]] = {}
+        for fkey, (name, key, _value) in wanted:
+            by_map.setdefault(name, []).append((fkey, key_bytes(key)))
+        out: dict[str, tuple[int, int]] = {}
+        for name, keys in by_map.items():
+            got = self.dump_counters(family, table, name)
+            for fkey, kb in keys:
+                c = got.get(kb)
+                if c is not None:
+                    p, b = out.get(fkey, (0, 0))
+                    out[fkey] = (p + c[0], b + c[1])
+        return out
+
 
 def _answers(data: bytes, first: int, out: list[tuple[int, int] | None], left: set[int]) -> None:
     """One datagram of answers to element reads ``first`` .. ``first + len(out) - 1``
