@@ -14,9 +14,8 @@ from __future__ import annotations
 import errno
 import socket
 import struct
-import threading
 
-from .netfilter import open_socket
+from .netfilter import KeptSocket
 
 NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = 1, 2
@@ -171,7 +170,7 @@ class Unsupported(OSError):
     """The kernel does not filter conntrack dumps (before Linux 5.8)."""
 
 
-class Conntrack:
+class Conntrack(KeptSocket):
     """One long-lived ctnetlink socket, used from a worker thread.
 
     The kernel does a dump's work inside the requesting syscalls, walking the whole
@@ -181,15 +180,7 @@ class Conntrack:
     release the GIL), one at a time."""
 
     def __init__(self) -> None:
-        self._sock: socket.socket | None = None
-        self._seq = 0
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        with self._lock:
-            if self._sock is not None:
-                self._sock.close()
-                self._sock = None
+        super().__init__(TIMEOUT)
 
     async def clear_flows(self, family: int, flows: set[Flow]) -> dict[Flow, int]:
         """Delete the tracked connections of many forwarded ports with one dump (of the
@@ -201,20 +192,14 @@ class Conntrack:
         return await anyio.to_thread.run_sync(self._clear_flows, family, flows)
 
     def _clear_flows(self, family: int, flows: set[Flow]) -> dict[Flow, int]:
-        with self._lock:
-            try:
-                return self._clear_flows_locked(family, flows)
-            except BaseException:
-                if self._sock is not None:
-                    self._sock.close()
-                    self._sock = None
-                raise
+        with self.held() as sock:
+            return self._clear_flows_held(sock, family, flows)
 
-    def _clear_flows_locked(self, family: int, flows: set[Flow]) -> dict[Flow, int]:
+    def _clear_flows_held(
+        self, sock: socket.socket, family: int, flows: set[Flow]
+    ) -> dict[Flow, int]:
         af = socket.AF_INET if family == 4 else socket.AF_INET6
-        sock = self._socket()
-        self._seq += 1
-        sock.sendall(dnat_request(af, self._seq))
+        sock.sendall(dnat_request(af, self.next_seqs()))
         hits: list[tuple[bytes, Flow]] = []
         while True:
             batch, done, code = dnat_entries(sock.recv(1 << 16))
@@ -227,16 +212,10 @@ class Conntrack:
                 break
         deleted: dict[Flow, int] = {}
         for orig, flow in hits:
-            self._seq += 1
-            sock.sendall(delete_request(af, orig, self._seq))
+            sock.sendall(delete_request(af, orig, self.next_seqs()))
             _batch, _done, code = entries(sock.recv(1 << 12))
             if code == 0:
                 deleted[flow] = deleted.get(flow, 0) + 1
             elif code != errno.ENOENT:
                 raise OSError(code, "conntrack delete failed")
         return deleted
-
-    def _socket(self) -> socket.socket:
-        if self._sock is None:
-            self._sock = open_socket(TIMEOUT)
-        return self._sock

@@ -30,9 +30,8 @@ import ipaddress
 import os
 import socket
 import struct
-import threading
 
-from .netfilter import open_socket
+from .netfilter import KeptSocket
 from .nftcount import NFPROTO, NLA_F_NESTED, NLMSG_ERROR, Elem, _attr, key_bytes
 
 NFNL_SUBSYS_NFTABLES = 10
@@ -155,26 +154,18 @@ def batch(
     return b"".join(parts), acked
 
 
-class Writer:
-    """Element batches over one nfnetlink socket, kept open; one at a time (a lock). A
-    call that fails or times out closes the socket (what it left unread goes with it),
-    and the next opens another."""
+class Writer(KeptSocket):
+    """Element batches over one nfnetlink socket, kept open; one at a time. A call that
+    fails or times out closes the socket, and the next opens another
+    (``netfilter.KeptSocket``)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._sock: socket.socket | None = None
+        super().__init__(TIMEOUT)
         self._sndbuf = 0
-        self._seq = 0
-
-    def close(self) -> None:
-        with self._lock:
-            self._drop()
 
     def _drop(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-            self._sndbuf = 0
+        super()._drop()
+        self._sndbuf = 0
 
     def write(self, family: str, table: str, gone: list[Elem], new: list[Elem]) -> None:
         """Delete ``gone`` and add ``new`` in one transaction. OSError with the
@@ -182,23 +173,15 @@ class Writer:
         within :data:`TIMEOUT`."""
         if not gone and not new:
             return
-        with self._lock:
-            try:
-                self._write(family, table, gone, new)
-            except BaseException:
-                self._drop()
-                raise
+        with self.held() as sock:
+            self._write(sock, family, table, gone, new)
 
-    def _write(self, family: str, table: str, gone: list[Elem], new: list[Elem]) -> None:
-        if self._sock is None:
-            self._sock = open_socket(TIMEOUT)
-        sock = self._sock
-        count = len(gone) + len(new)
-        if self._seq + count + 2 >= 0xFFFFFFFF:
-            self._seq = 0
-        first = self._seq + 1
+    def _write(
+        self, sock: socket.socket, family: str, table: str, gone: list[Elem], new: list[Elem]
+    ) -> None:
+        # a sequence number for each element message at most, and the begin and end
+        first = self.next_seqs(len(gone) + len(new) + 2)
         data, acked = batch(family, table, gone, new, first)
-        self._seq = first + len(acked) + 1
         if len(data) + 4096 > self._sndbuf:
             # a batch is one message, and the kernel refuses one bigger than the socket's
             # send buffer (EMSGSIZE): a 10,000-element batch is ~320 KB
@@ -207,7 +190,7 @@ class Writer:
         sock.sendall(data)
         # the kernel runs the batch inside sendmsg: its answers are queued by now
         left = set(acked)
-        ours = range(first, self._seq + 1)
+        ours = range(first, first + len(acked) + 2)
         while left:
             reply = sock.recv(1 << 16)
             off = 0
