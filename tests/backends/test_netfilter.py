@@ -15,7 +15,7 @@ def test_the_socket_is_kept_and_a_failure_inside_closes_it() -> None:
             pass
         with kept.held() as again:
             assert again is first  # kept across calls
-        with pytest.raises(OSError), kept.held() as sock:
+        with pytest.raises(OSError, match="did not answer"), kept.held() as sock:
             raise OSError("the kernel did not answer")
         assert sock.fileno() == -1  # closed with what it left unread
         with kept.held() as other:
