@@ -50,7 +50,6 @@ THREAD_PLAN = 500
 ISOLATE_CHUNK = 1024
 #: seconds one conntrack run may take
 CONNTRACK_TIMEOUT = 10.0
-#: seconds reading the forwards' counters may take
 _DELETED = re.compile(r"(\d+) flow entr(?:y|ies) ha(?:s|ve) been deleted")
 
 

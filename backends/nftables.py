@@ -379,10 +379,9 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
 
     async def _in_lib_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Every transaction off the loop, even one element: a commit waits for any other
-        process's nf_tables transaction to end (a big iptables-restore holds the kernel's
-        commit mutex), and a big one of ours (10,000 elements) takes ~0.1-1 s; the hop to
-        its own thread costs a request ~0.03-0.1 ms (docs/architecture.md). One thread
-        for libnftables and the element writer: transactions in the order asked."""
+        process's nf_tables transaction (a big iptables-restore holds the commit mutex),
+        and a big one of ours takes ~0.1-1 s; the hop costs ~0.1 ms (docs/architecture.md).
+        One thread for libnftables and the element writer: transactions in order."""
         try:
             with anyio.fail_after(LIB_TIMEOUT):
                 return await self._lib_thread.call(fn, *args, abandon_on_cancel=True)
@@ -529,11 +528,7 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
             return
         if isinstance(batch.payload, ElementScript) and batch.payload.writable:
             # elements alone, by nfnetlink (backends/nftelems.py: ~0.03 ms, not ~0.26)
-            gone, new = batch.payload.gone, batch.payload.new
-            try:
-                await self._in_lib_thread(self._elements.write, FAMILY, TABLE, gone, new)
-            except OSError as exc:
-                raise BackendFailed(f"nft: could not process the map elements: {exc}") from None
+            await self._write_elements(batch.payload)
             return
         script = "\n".join(batch.payload) + "\n"
         await self._nft("-f", "-", stdin=script.encode())
@@ -546,14 +541,33 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
         each map they are in, in a worker thread. A forward not installed has no entry."""
         if not forwards:
             return {}
-        wanted = [(f.key, e) for f in forwards for e in forward_elems(f)]
-        read = self._counters.forward_counts
-        if len(forwards) > SINGLE_READS:
-            read = self._counters.dumped_counts
+        read, wanted = self._counts_read(forwards)
         try:
             return await self._count_thread.call(read, FAMILY, TABLE, wanted)
         except OSError:
             return None
+
+    def _counts_read(
+        self, forwards: Sequence[I.Forward]
+    ) -> tuple[Callable[[str, str, list[tuple[str, Elem]]], dict[str, Counts]], list[Any]]:
+        """How to read their counters (a few by element, many by a map's dump), and what."""
+        wanted = [(f.key, e) for f in forwards for e in forward_elems(f)]
+        if len(forwards) > SINGLE_READS:
+            return self._counters.dumped_counts, wanted
+        return self._counters.forward_counts, wanted
+
+    async def _write_elements(self, payload: ElementScript, before: Any = None) -> Any:
+        """The elements' batch in the nft thread, after ``before()`` (its result returned)."""
+
+        def job() -> Any:
+            result = before() if before is not None else None
+            self._elements.write(FAMILY, TABLE, payload.gone, payload.new)
+            return result
+
+        try:
+            return await self._in_lib_thread(job)
+        except OSError as exc:
+            raise BackendFailed(f"nft: could not process the map elements: {exc}") from None
 
     async def apply_counted(
         self, batch: Batch[list[str]], forwards: Sequence[I.Forward]
@@ -563,22 +577,15 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
         payload = batch.payload
         if not isinstance(payload, ElementScript) or not payload.writable:
             return await super().apply_counted(batch, forwards)
-        wanted = [(f.key, e) for f in forwards for e in forward_elems(f)]
+        read, wanted = self._counts_read(forwards)
 
-        def read_then_write() -> dict[str, Counts] | None:
+        def counts() -> dict[str, Counts] | None:
             try:
-                counts: dict[str, Counts] | None = self._counters.forward_counts(
-                    FAMILY, TABLE, wanted
-                )
-            except OSError:
-                counts = None
-            self._elements.write(FAMILY, TABLE, payload.gone, payload.new)
-            return counts
+                return read(FAMILY, TABLE, wanted)
+            except OSError:  # the counters are a help: the write goes on
+                return None
 
-        try:
-            return await self._in_lib_thread(read_then_write)
-        except OSError as exc:
-            raise BackendFailed(f"nft: could not process the map elements: {exc}") from None
+        return await self._write_elements(payload, counts)  # type: ignore[no-any-return]
 
     async def close(self) -> None:
         self._count_thread.close()
