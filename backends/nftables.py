@@ -201,11 +201,9 @@ def forward_elems(fwd: I.Forward) -> list[Elem]:
         key = f"{host} . {ports}" if host is not None else ports
         return [(map_name(fwd.proto, fwd.family, host is not None, True), key, dest)]
     name = map_name(fwd.proto, fwd.family, host is not None)
-    out = []
-    for hport, dport in fwd.pairs():
-        key = f"{host} . {hport}" if host is not None else str(hport)
-        out.append((name, key, f"{dest} . {dport}"))
-    return out
+    pairs = [(fwd.host_port, fwd.dest_port)] if fwd.count == 1 else fwd.pairs()
+    on = "" if host is None else f"{host} . "
+    return [(name, f"{on}{hport}", f"{dest} . {dport}") for hport, dport in pairs]
 
 
 def _elem_lines(verb: str, elems: list[Elem], keys_only: bool = False) -> list[str]:

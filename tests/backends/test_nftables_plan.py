@@ -23,6 +23,7 @@ from netagent.agent import intents as I
 from netagent.backends import nftables, nftelems
 from netagent.backends.firewall import FirewallSpec, VxlanGuard
 from netagent.backends.nftables import NftablesBackend, Observed, parse_table
+from netagent.backends.nftcount import key_bytes
 
 V_NET_0 = I.Bridge(
     "v-net-0",
@@ -325,6 +326,29 @@ def test_value_bytes_are_as_nf_tables_stores_them() -> None:
     assert nftelems.value_bytes("10.0.0.2 . 80") == bytes([10, 0, 0, 2, 0, 80, 0, 0])
     assert nftelems.value_bytes("10.0.0.2") == bytes([10, 0, 0, 2])
     assert len(nftelems.value_bytes("fd00::2 . 443")) == 20
+
+
+def test_an_element_is_encoded_as_its_attributes_are_nested() -> None:
+    """The element's precomputed frame gives the bytes built attribute by attribute
+    (a port key and its value, a concatenated IPv6 key, a key alone for a delete)."""
+    from netagent.backends.nftcount import ELEM_KEY, NFTA_DATA_VALUE, NFTA_LIST_ELEM, _attr
+
+    def nested(key: bytes, value: bytes | None) -> bytes:
+        inner = _attr(ELEM_KEY, _attr(NFTA_DATA_VALUE, key), nested=True)
+        if value is not None:
+            inner += _attr(nftelems.ELEM_DATA, _attr(NFTA_DATA_VALUE, value), nested=True)
+        return _attr(NFTA_LIST_ELEM, inner, nested=True)
+
+    cases = [
+        (key_bytes("80"), nftelems.value_bytes("10.0.0.2 . 80")),
+        (key_bytes("fd00::1 . 443"), nftelems.value_bytes("fd00::2 . 8443")),
+        (key_bytes("10.0.0.1 . 80"), nftelems.value_bytes("10.0.0.2")),
+        (key_bytes("80"), None),
+        (key_bytes("fd00::1 . 443"), None),
+    ]
+    for key, value in cases:
+        assert nftelems._element(key, value) == nested(key, value), (key, value)
+    assert key_bytes("8080") == bytes([0x1F, 0x90]) and key_bytes("1000-1999") == bytes([3, 232])
 
 
 def test_a_big_update_is_told_in_counts(nft: NftablesBackend) -> None:
