@@ -54,10 +54,9 @@ class SerialThread:
                 self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread.start()
 
-    async def call(self, fn: Callable[..., T], *args: Any, abandon_on_cancel: bool = False) -> T:
-        """``fn(*args)`` in the thread: its result, or what it raised. Cancelled meanwhile
-        (a time limit), the caller waits for the call to end unless ``abandon_on_cancel``
-        (then it goes on, and the calls after it wait for it)."""
+    def start(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """``fn(*args)`` in the thread, given now; the future of its result (or of what
+        it raised), to await later (a journal's sync beside the pass it covers)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
 
@@ -70,6 +69,13 @@ class SerialThread:
                 loop.call_soon_threadsafe(_settle, fut, result, None)
 
         self.submit(job)
+        return fut
+
+    async def call(self, fn: Callable[..., T], *args: Any, abandon_on_cancel: bool = False) -> T:
+        """``fn(*args)`` in the thread: its result, or what it raised. Cancelled meanwhile
+        (a time limit), the caller waits for the call to end unless ``abandon_on_cancel``
+        (then it goes on, and the calls after it wait for it)."""
+        fut = self.start(fn, *args)
         if abandon_on_cancel:
             return await fut
         with anyio.CancelScope(shield=True):

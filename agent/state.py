@@ -199,22 +199,41 @@ class DesiredState:
     def propose(self, fn: Callable[[DesiredState], object]) -> list[Change]:
         """The changes ``fn`` makes, validated; the state is left as it was. Raises what
         ``fn`` raises (and nothing changed)."""
+        changes = self.apply(fn)
+        self.take_back(changes)
+        return changes
+
+    def apply(self, fn: Callable[[DesiredState], object]) -> list[Change]:
+        """The changes ``fn`` makes, validated, and left made: the state, unless the
+        caller takes them back (:meth:`take_back`) before anything else reads it. Raises
+        what ``fn`` raises (and nothing changed)."""
         if self._log is not None:
             raise RuntimeError("proposals do not nest")
         log: list[Change] = []
         self._log = log
         try:
             fn(self)
-        finally:
+        except BaseException:
             self._log = None
-            self._undoing = True  # the commit puts the same objects back: keep the memo
-            for change in reversed(log):
+            self._restore(reversed(log))
+            raise
+        self._log = None
+        return net_changes(log)
+
+    def take_back(self, changes: list[Change]) -> None:
+        """Undo changes that :meth:`apply` made (the state is as it was before)."""
+        self._restore(reversed(changes))
+
+    def _restore(self, changes: Iterable[Change]) -> None:
+        self._undoing = True  # a commit may put the same objects back: keep the memo
+        try:
+            for change in changes:
                 if change.old is None:
                     self._delete(change.key)
                 else:
                     self._put(change.old)
+        finally:
             self._undoing = False
-        return net_changes(log)
 
     def commit(self, changes: Iterable[Change]) -> None:
         """Make proposed (and persisted) changes the state."""

@@ -428,10 +428,18 @@ class StateStore:
         return self._fd
 
     def append(self, changes: list[Change], sync: bool = True) -> None:
-        """Make changes durable. Returns only when they are on disk; without ``sync``,
-        when the kernel has them (a change mirrored from etcd: a few hundred bytes into
-        the page cache, done on the event loop; the next synced line takes them to disk
-        with it)."""
+        """Make changes durable: :meth:`write`, then :meth:`sync` (without ``sync``,
+        the line is in the kernel's page cache only)."""
+        self.write(changes)
+        if sync:
+            self.sync()
+
+    def write(self, changes: list[Change]) -> None:
+        """The changes' journal line, written (into the page cache: a crash of the
+        daemon keeps it, a crash of the host may not until :meth:`sync`). A line that
+        cannot be written whole (disk full, I/O error) is taken back, so later lines do
+        not follow a broken one, and OSError raised; the caller undoes the change in
+        memory."""
         if not changes:
             return
         line = entry_line(self.seq + 1, _encode_changes(changes))
@@ -442,11 +450,7 @@ class StateStore:
             while view:
                 n = os.write(fd, view)
                 view = view[n:]
-            if sync:
-                os.fdatasync(fd)
         except OSError:
-            # disk full or an I/O error: take back the part that was written, so later
-            # lines do not follow a broken one; the caller undoes the change in memory
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, end)
             raise
@@ -455,6 +459,13 @@ class StateStore:
         superseded = self.quarantine.settle({c.key for c in changes})
         if superseded:
             log.info("quarantined intents superseded", keys=[q.key for q in superseded])
+
+    def sync(self) -> None:
+        """Every line written so far on disk (fdatasync; blocking: the caller's thread).
+        OSError when the disk refuses: the lines may not survive a crash of the host."""
+        fd = self._fd
+        if fd is not None:
+            os.fdatasync(fd)
 
     def needs_compaction(self) -> bool:
         """The journal is long, or behind the state (a mirrored change it missed)."""

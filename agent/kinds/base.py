@@ -201,6 +201,14 @@ class Kind(ABC, Generic[IntentT]):
         return [i.to_dict() for i in ctx.state.of_kind(self.name)]
 
     # ---- the kernel -----------------------------------------------------------------
+    def must_look(self, ctx: Context, intent: IntentT) -> bool:
+        """Whether :meth:`check_free` has to ask the kernel (something of the intent's
+        names exists); when not, it is known free without a wait."""
+        return any(
+            ctx.net.host_index(ifname) is not None if ns is None else ctx.net.ns_exists(ns)
+            for ns, ifname in self.names(intent)
+        )
+
     async def check_free(self, ctx: Context, intent: IntentT) -> None:
         """Before a new intent is recorded: it must not name what exists and is not
         netagent's. A namespace, bridge or interface someone else made is never taken

@@ -140,6 +140,9 @@ class NamespaceKind(Kind[Namespace]):
         ]
 
     # ---- the kernel -----------------------------------------------------------------
+    def must_look(self, ctx: Context, intent: Namespace) -> bool:
+        return ctx.net.ns_exists(intent.name)
+
     async def check_free(self, ctx: Context, intent: Namespace) -> None:
         if ctx.net.ns_exists(intent.name) and not await self.owned(ctx, intent.name):
             raise foreign(intent.name)

@@ -299,7 +299,7 @@ async def test_a_peer_is_journaled_without_a_disk_flush_and_a_failed_write_holds
                 def refuse(*args: Any, **kw: Any) -> None:
                     raise OSError(28, "No space left on device")
 
-                monkeypatch.setattr(h1.w.store, "append", refuse)
+                monkeypatch.setattr(h1.w.store, "write", refuse)
                 monkeypatch.setattr(h1.w.store, "compact", refuse)
             store.put(PREFIX + f"10.244.{n}.0-24", rec.encode(), lease)
             await until(lambda net=net: str(net) in h1.routes(), f"host{n} programmed")  # type: ignore[misc]

@@ -20,7 +20,6 @@ import anyio
 import pytest
 
 from netagent.agent.keystatus import DRIFTED, IN_PLACE
-from netagent.agent.state import Change
 from netagent.backends import rtnl
 from netagent.backends.netlink import NETAGENT_GROUP, Link
 
@@ -278,20 +277,36 @@ async def test_a_netagent_link_of_a_key_no_longer_desired_is_not_repaired(
 async def test_only_committed_state_is_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """While a request is being made durable its change is not the state yet: the event
-    source must not act on it (it might still be refused)."""
+    """A change that waits for the kernel before it is recorded (a name of it exists:
+    whose is it?) is not the state yet: the event source must not act on it (it might
+    still be refused). Once its journal line is written it is the state, while the
+    line's flush still runs: an interface that appears is attached by it."""
     w = await world(tmp_path)
-    writing = [threading.Event(), threading.Event()]
-    written = [threading.Event(), threading.Event()]
-    append = w.store.append
+    asked, answer = anyio.Event(), anyio.Event()
+    host_index, link = w.net.host_index, w.net.link
 
-    def slow(changes: list[Change]) -> None:
-        n = sum(e.is_set() for e in writing)
-        writing[n].set()
-        assert written[n].wait(LIMIT)
-        append(changes)
+    def seen(name: str) -> int | None:
+        return 600 if name == "v-net-1" and not answer.is_set() else host_index(name)
 
-    monkeypatch.setattr(w.store, "append", slow)
+    async def gated(ns: str | None, name: str) -> Link | None:
+        if (ns, name) != (None, "v-net-1") or answer.is_set():
+            return await link(ns, name)
+        asked.set()
+        await answer.wait()
+        return None  # it went meanwhile: the name is free
+
+    flushing, flush = threading.Event(), threading.Event()
+    sync = w.store.sync
+
+    def slow_sync() -> None:
+        if "rule/v-net-1/eth*" in w.store.journal.read_text():
+            flushing.set()
+            assert flush.wait(LIMIT)
+        sync()
+
+    monkeypatch.setattr(w.net, "host_index", seen)
+    monkeypatch.setattr(w.net, "link", gated)
+    monkeypatch.setattr(w.store, "sync", slow_sync)
     replies: list[object] = []
 
     async def requests() -> None:
@@ -301,33 +316,28 @@ async def test_only_committed_state_is_read(
     try:
         async with w.running(), anyio.create_task_group() as tg:
             tg.start_soon(requests)
-            await until(writing[0].is_set, "the bridge's journal write began")
+            with anyio.fail_after(LIMIT):
+                await asked.wait()
             assert "br/v-net-1" not in w.state
             stray = Link(600, "v-net-1", "bridge", alias="netagent:br/v-net-1")
             w.events._handle(rtnl.LinkEvent(True, stray))
             assert not w.rec.busy() and w.published("link-removed") == []
-            written[0].set()
+            answer.set()
 
-            await until(writing[1].is_set, "the rule's journal write began")
-            assert "rule/v-net-1/eth*" not in w.state
+            await until(flushing.is_set, "the rule's journal flush began")
+            assert "rule/v-net-1/eth*" in w.state and len(replies) == 1
+            bridge = w.link("v-net-1").index
             # the kernel announces the new bridge (committed, up: nothing to repair)
             w.events._handle(rtnl.LinkEvent(False, w.link("v-net-1")))
-            assert not w.rec.busy()
+            assert w.rec.status["br/v-net-1"].state == IN_PLACE
             w.events._handle(rtnl.LinkEvent(False, w.net.make_foreign_link("eth0")))
-            assert not w.rec.busy()  # the rule is not committed: no hint
-            written[1].set()
+            await until(lambda: w.link("eth0").master == bridge, "eth0 attached")
+            assert len(replies) == 1, "answered before the rule's line was on disk"
+            flush.set()
             await until(lambda: len(replies) == 2, "both requests answered")
-
-            # committed: an interface that appears now is handed on and attached
-            w.events._handle(rtnl.LinkEvent(False, w.net.make_foreign_link("eth1")))
-            assert w.rec.busy()
-            bridge = w.link("v-net-1").index
-            await until(lambda: w.link("eth1").master == bridge, "eth1 attached")
     finally:
-        for event in written:
-            event.set()
-    # eth0 was in the link cache when the rule was ensured: it was attached then
-    assert w.link("eth0").master == bridge
+        answer.set()
+        flush.set()
 
 
 # ---- catching up before an attach ---------------------------------------------------

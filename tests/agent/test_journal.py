@@ -1,0 +1,150 @@
+"""The journal under the API: a change is the state once its line is written, the
+line's flush runs beside the pass that realizes it and the answer waits for both; a
+disk that refuses the write changes nothing, one that refuses the flush is said."""
+
+from __future__ import annotations
+
+import errno
+import threading
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from netagent.agent import hostview
+from netagent.agent.errors import NetagentError
+from netagent.agent.reconcile import FIREWALL
+
+from .test_api import seed, snapshot
+from .world import LIMIT, make_world, until
+
+
+async def test_a_new_forwards_look_for_other_owners_overlaps_its_journal_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listeners are read while the journal's line goes to disk (in its thread),
+    not after: the journal's flush waits here until the look has read them."""
+    w = make_world(tmp_path)
+    async with w.running():
+        await seed(w)
+        looked = threading.Event()
+        seen: list[bool] = []
+        sync = w.store.sync
+
+        def listeners(proto: str, family: int) -> list[hostview.Listener]:
+            assert (proto, family) == ("tcp", 4)
+            looked.set()
+            return [hostview.Listener("tcp", 4, "0.0.0.0", 81, 1)]
+
+        def slow_sync() -> None:
+            seen.append(looked.wait(5))
+            sync()
+
+        monkeypatch.setattr(hostview, "listeners_now", listeners)
+        monkeypatch.setattr(hostview, "socket_owners", lambda *_a: {})
+        monkeypatch.setattr(w.store, "sync", slow_sync)
+        reply = await w.call("forward.add", host_ports="81", destination="192.168.15.1:81")
+        assert seen == [True]
+        assert any("81" in line for line in reply["warnings"]), reply["warnings"]
+
+
+async def test_the_answer_waits_for_the_flush_which_runs_beside_the_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change is the state once its line is written; the pass realizes it while the
+    line's fdatasync runs, and the answer comes only when both are done."""
+    w = make_world(tmp_path)
+    async with w.running():
+        await seed(w)
+        flushing, flush = threading.Event(), threading.Event()
+        sync = w.store.sync
+
+        def slow_sync() -> None:
+            flushing.set()
+            assert flush.wait(LIMIT)
+            sync()
+
+        monkeypatch.setattr(w.store, "sync", slow_sync)
+        replies: list[Any] = []
+        async with anyio.create_task_group() as tg:
+
+            async def add() -> None:
+                replies.append(
+                    await w.call("forward.add", host_ports="81", destination="192.168.15.1:81")
+                )
+
+            tg.start_soon(add)
+            await until(flushing.is_set, "the flush began")
+            assert "fwd/tcp/81" in w.state
+            await until(lambda: "fwd/tcp/81" in w.fw.dump(), "realized while the flush runs")
+            await until(lambda: not w.rec.busy(), "the pass is done")
+            for _ in range(10):  # turns of the loop: an answer would be on its way now
+                await anyio.sleep(0)
+            assert replies == []
+            flush.set()
+        assert replies[0]["changed"]
+
+
+async def test_a_flush_the_disk_refuses_fails_the_request_and_says_what_is_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = make_world(tmp_path)
+    async with w.running():
+        await seed(w)
+
+        def broken() -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(w.store, "sync", broken)
+        with pytest.raises(NetagentError) as exc:
+            await w.call("forward.add", host_ports="81", destination="192.168.15.1:81")
+        assert exc.value.code == 5002
+        assert "in place, but not on disk" in exc.value.message
+        assert "Input/output error" in exc.value.message
+        assert "fwd/tcp/81" in w.state and "fwd/tcp/81" in w.fw.dump()
+        assert w.store.behind
+        monkeypatch.undo()
+        await w.call("forward.add", host_ports="82", destination="192.168.15.1:82")
+        assert not w.store.behind, "the next change wrote a whole snapshot"
+    again = make_world(tmp_path)
+    assert {"fwd/tcp/81", "fwd/tcp/82"} <= set(again.state.intents)
+
+
+# ---- the journal refuses ------------------------------------------------------------
+async def test_a_journal_that_fails_fails_the_request_and_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = make_world(tmp_path)
+    async with w.running():
+        await seed(w)
+        await w.call("attach.add", pattern="tap*", bridge="v-net-0")
+        before = snapshot(w)
+
+        def full(changes: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(w.store, "write", full)
+        monkeypatch.setattr(w.store, "append", lambda changes, sync=True: full(changes))
+        attempts: list[tuple[str, dict[str, Any]]] = [
+            ("ns.add", {"name": "blue"}),
+            ("bridge.add", {"name": "v-net-0", "addresses": ["192.168.15.6/24"]}),
+            ("plug.del", {"ns": "red", "bridge": "v-net-0"}),
+            ("forward.add", {"host_ports": "81", "destination": "192.168.15.1:81"}),
+            ("forward.del", {"host_ports": "80"}),
+            ("apply", {"intents": [{"kind": "ns", "name": "red"}], "prune": True}),
+            ("purge", {}),
+        ]
+        for op, args in attempts:
+            with pytest.raises(NetagentError) as exc:
+                await w.call(op, **args)
+            assert exc.value.code == 5002, op
+            assert "No space left on device; nothing was changed" in exc.value.message
+            assert snapshot(w) == before, op
+        # the firewall's bookkeeping was not touched either: the next sync is an update
+        assert (w.sync._added, w.sync._removed) == ([], [])
+
+        monkeypatch.undo()
+        reply = await w.call("forward.add", host_ports="81", destination="192.168.15.1:81")
+        assert reply["actions"][FIREWALL] == ["add forward fwd/tcp/81: 81/tcp -> 192.168.15.1:81"]
+    assert "fwd/tcp/81" in w.store.journal.read_text()
