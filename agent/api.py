@@ -26,6 +26,7 @@ from .keystatus import IN_PLACE, PENDING, PassResult
 from .reconcile import FIREWALL, PURGE_ORPHANS, Reconciler, Ticket
 from .schema import Request, prefix_error
 from .serial import SerialThread
+from .shared import SharedBuild
 from .traffic import Traffic
 from .turns import Turns
 
@@ -43,6 +44,8 @@ log = structlog.get_logger("netagent.api")
 
 #: a 10,000-intent apply answers with the first ones and the count
 MAX_LISTED = 200
+#: the turns of a ``show`` build (see ``_build_show``)
+SHOW_SLICE = 0.005
 #: up to this many mirrored changes (a peer or a few) are journaled on the event loop
 MIRROR_INLINE = 16
 
@@ -122,6 +125,7 @@ class Service:
         #: the journal's appends, one after the other in a thread of their own (``serial``)
         self._journal = SerialThread("netagent-journal")
         self._static_memo: dict[str, tuple[Intent, dict[str, Any]]] = {}
+        self._shows = SharedBuild(self._build_show)
         self.traffic = Traffic(state, firewall, ctx.net)
         #: the doctor's findings about other tools (``agent/hostcheck.py``)
         self.checker = checker
@@ -487,6 +491,9 @@ class Service:
         return clusterapi.peers(self.cluster)
 
     async def _show(self, req: Request) -> Any:
+        return await self._shows.get()  # the requests arriving meanwhile share a build
+
+    async def _build_show(self) -> dict[str, Any]:
         """What is desired and whether each part is in place, as the reconciler last
         saw it: in place once its ensure succeeded and nothing the kernel said since
         (events, drift) contradicts it; a firewall kind only while the firewall is."""
@@ -494,7 +501,10 @@ class Service:
         fw = rec.status.get(FIREWALL)
         fw_ok = fw is not None and fw.state == IN_PLACE
         items = []
-        turns = Turns()
+        # longer turns than a request's own: one build answers every show asked while
+        # the one before it ran (``agent/shared.py``), and among dozens of clients that
+        # ask without pause each turn costs a round of all of them
+        turns = Turns(SHOW_SLICE)
         for intent in self.state.ordered():
             if turns.due():
                 await anyio.sleep(0)  # thousands of items: let cheap requests go between

@@ -20,15 +20,16 @@ SLICE = 0.001
 
 
 class Turns:
-    __slots__ = ("_since",)
+    __slots__ = ("_since", "_slice")
 
-    def __init__(self) -> None:
+    def __init__(self, slice_s: float = SLICE) -> None:
         self._since = time.perf_counter()
+        self._slice = slice_s
 
     def due(self) -> bool:
-        """True once this slice has run :data:`SLICE` (then ``await anyio.sleep(0)``)."""
+        """True once this slice has run its time (then ``await anyio.sleep(0)``)."""
         now = time.perf_counter()
-        if now - self._since < SLICE:
+        if now - self._since < self._slice:
             return False
         self._since = now
         return True

@@ -1,0 +1,156 @@
+"""SharedBuild: the requests that arrive while a build runs share the next one, and none
+gets an answer whose build started before it arrived."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from netagent.agent.shared import SharedBuild
+
+from .world import LIMIT, make_world
+
+
+class Builds:
+    def __init__(self) -> None:
+        self.started = 0
+        self.gates: list[anyio.Event] = []
+        self.fail: Exception | None = None
+        self.finished: list[int] = []
+
+    async def build(self) -> int:
+        self.started += 1
+        n = self.started
+        gate = anyio.Event()
+        self.gates.append(gate)
+        await gate.wait()
+        if self.fail is not None:
+            raise self.fail
+        self.finished.append(n)
+        return n
+
+
+async def until_started(b: Builds, n: int) -> None:
+    with anyio.fail_after(LIMIT):
+        while b.started < n:
+            await anyio.sleep(0)
+
+
+async def test_those_arriving_during_a_build_share_the_next_one() -> None:
+    b = Builds()
+    shared = SharedBuild(b.build)
+    got: dict[str, int] = {}
+
+    async def get(name: str) -> None:
+        got[name] = await shared.get()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(get, "first")
+        await until_started(b, 1)
+        for name in ("second", "third", "fourth"):  # arrive while build 1 runs
+            tg.start_soon(get, name)
+        for _ in range(10):
+            await anyio.sleep(0)
+        assert b.started == 1  # they wait for it to end, not build beside it
+        b.gates[0].set()
+        await until_started(b, 2)
+        tg.start_soon(get, "late")  # arrives while build 2 runs: gets build 3
+        for _ in range(10):
+            await anyio.sleep(0)
+        b.gates[1].set()
+        await until_started(b, 3)
+        b.gates[2].set()
+    assert got == {"first": 1, "second": 2, "third": 2, "fourth": 2, "late": 3}
+    assert b.started == 3 and shared.shared == 2
+
+
+async def test_a_failed_build_fails_its_sharers_and_the_next_call_builds_again() -> None:
+    b = Builds()
+    shared = SharedBuild(b.build)
+    errors: list[str] = []
+
+    async def get() -> None:
+        try:
+            await shared.get()
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    b.fail = RuntimeError("the kernel did not answer")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(get)
+        await until_started(b, 1)
+        tg.start_soon(get)
+        tg.start_soon(get)
+        b.gates[0].set()
+        await until_started(b, 2)
+        b.gates[1].set()
+    assert errors == ["the kernel did not answer"] * 3
+    b.fail = None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(get)
+        await until_started(b, 3)
+        b.gates[2].set()
+    assert b.started == 3 and len(errors) == 3
+
+
+async def test_a_caller_that_goes_away_does_not_take_the_build_from_the_others() -> None:
+    b = Builds()
+    shared = SharedBuild(b.build)
+    got: list[int] = []
+    scopes: list[anyio.CancelScope] = []
+
+    async def leaver() -> None:
+        with anyio.CancelScope() as scope:
+            scopes.append(scope)
+            await shared.get()
+
+    async def stayer() -> None:
+        got.append(await shared.get())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(leaver)
+        await until_started(b, 1)
+        tg.start_soon(stayer)
+        for _ in range(10):
+            await anyio.sleep(0)
+        scopes[0].cancel()  # the builder's client left: its build goes on for the next
+        for _ in range(10):
+            await anyio.sleep(0)
+        b.gates[0].set()
+        await until_started(b, 2)
+        b.gates[1].set()
+    assert got == [2] and b.finished == [1, 2]
+
+
+async def test_shows_asked_together_share_a_build_and_none_is_older_than_its_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = make_world(tmp_path)
+    async with w.running():
+        await w.call("ns.add", name="red")
+        counters = w.api.traffic.show
+
+        async def slow(items: Any) -> None:  # the kernel's counters take a while
+            await anyio.sleep(0.02)
+            await counters(items)
+
+        monkeypatch.setattr(w.api.traffic, "show", slow)
+        replies: list[dict[str, Any]] = []
+
+        async def show() -> None:
+            replies.append(await w.call("show"))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(show)
+        assert len(replies) == 20 and w.api._shows.shared >= 10
+        assert all(r["intents"] == replies[0]["intents"] for r in replies)
+        # asked after a change: the change is in it, whatever was being built before
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(show)
+            await w.call("ns.add", name="blue")
+            late = await w.call("show")
+        assert {i["key"] for i in late["intents"]} == {"ns/red", "ns/blue"}
