@@ -168,26 +168,33 @@ class Reconciler:
         tell the firewall, mark the keys (and ``also``); the ticket resolves after the
         pass that covers them."""
         keys: set[str] = set(also)
-        for c in changes:
-            kind = self.state.kinds.of_key(c.key)
+        removals, previous, book = self._removals, self._previous, self.book
+        of_key, fw_note = self.state.kinds.of_key, self.firewall.note
+        firewall = False
+        for c in changes:  # an apply of 10,000 forwards: locals, not attribute lookups
+            key = c.key
             if c.new is None:
                 assert c.old is not None
-                self._removals[c.key] = c.old
-                self._previous.pop(c.key, None)
+                removals[key] = c.old
+                previous.pop(key, None)
             else:
-                gone = self._removals.get(c.key)
+                gone = removals.get(key)
                 if gone is not None and gone == c.new:
-                    del self._removals[c.key]  # wanted again as it was: nothing to remove
+                    del removals[key]  # wanted again as it was: nothing to remove
                 if c.old is not None:
-                    self._previous.setdefault(c.key, c.old)
-                self.book.requested(c.key)
-            keys.add(c.key)
+                    previous.setdefault(key, c.old)
+                book.requested(key)
+            keys.add(key)
+            kind = of_key(key)
             if kind is not None and kind.firewall:
-                self.firewall.note(c)
-                keys.update((FIREWALL, HOST))
+                fw_note(c)
+                firewall = True
+        if firewall:
+            keys.update((FIREWALL, HOST))
+        pending, sweep = self._pending, self._sweep
         for key in keys:
-            self._pending[key] = "request"
-            self._sweep.pop(key, None)
+            pending[key] = "request"
+            sweep.pop(key, None)
         ticket = Ticket(keys)
         self._tickets.append(ticket)
         self._kick()

@@ -125,6 +125,17 @@ def parse_interface(value: object, what: str = "address") -> IPInterface:
 
 
 @functools.lru_cache(maxsize=4096)
+def _not_a_destination(ip: IPAddress) -> str | None:
+    """Why an address cannot be anything but the host's own (its loopback too)."""
+    if ip.is_loopback:
+        return (
+            "is the host itself; netagent forwards to namespaces and other hosts (a "
+            "service on the host listens on the port itself)"
+        )
+    return _unusable(ip)
+
+
+@functools.lru_cache(maxsize=4096)
 def _ip(text: str) -> IPAddress:
     return ipaddress.ip_address(text)
 
@@ -149,12 +160,7 @@ def parse_ip(value: object, what: str = "address", loopback: bool = False) -> IP
         raise InvalidAddress(
             f"{what} {value!r} is not an IP address; e.g. 192.168.15.2 or fd00:15::2"
         ) from None
-    why = _unusable(ip)
-    if why is None and ip.is_loopback and not loopback:
-        why = (
-            "is the host itself; netagent forwards to namespaces and other hosts (a "
-            "service on the host listens on the port itself)"
-        )
+    why = _unusable(ip) if loopback else _not_a_destination(ip)
     if why is not None:
         raise InvalidAddress(f"{what} {value!r} cannot be used: it {why}")
     return ip
