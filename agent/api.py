@@ -44,6 +44,8 @@ log = structlog.get_logger("netagent.api")
 
 #: a 10,000-intent apply answers with the first ones and the count
 MAX_LISTED = 200
+#: seconds a request waits for the disk to confirm its journal line (fdatasync)
+FLUSH_TIMEOUT = 30.0
 #: the turns of a ``show`` build (see ``_build_show``)
 SHOW_SLICE = 0.005
 #: up to this many mirrored changes (a peer or a few) are journaled on the event loop
@@ -299,8 +301,14 @@ class Service:
         result = await self.reconciler.wait(ticket)
         if synced is not None:
             try:
-                with anyio.CancelScope(shield=True):
-                    await synced
+                with anyio.CancelScope(shield=True), anyio.fail_after(FLUSH_TIMEOUT):
+                    await asyncio.shield(synced)  # the flush goes on; the answer does not
+            except TimeoutError:  # the line is written: the flush takes it when it can
+                raise BackendFailed(
+                    f"in place, but the disk has not confirmed the journal in "
+                    f"{self.store.dir} within {FLUSH_TIMEOUT:g} s; the change may not "
+                    "survive a crash of the host"
+                ) from None
             except OSError as exc:
                 self.store.behind = True  # the next change writes a whole snapshot
                 raise BackendFailed(

@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 import pytest
+from anyio import wait_all_tasks_blocked
 
 from netagent.agent import hostview
 from netagent.agent.errors import NetagentError
@@ -79,8 +80,7 @@ async def test_the_answer_waits_for_the_flush_which_runs_beside_the_pass(
             assert "fwd/tcp/81" in w.state
             await until(lambda: "fwd/tcp/81" in w.fw.dump(), "realized while the flush runs")
             await until(lambda: not w.rec.busy(), "the pass is done")
-            for _ in range(10):  # turns of the loop: an answer would be on its way now
-                await anyio.sleep(0)
+            await wait_all_tasks_blocked()  # the request waits: for the flush alone
             assert replies == []
             flush.set()
         assert replies[0]["changed"]
@@ -148,3 +148,28 @@ async def test_a_journal_that_fails_fails_the_request_and_changes_nothing(
         reply = await w.call("forward.add", host_ports="81", destination="192.168.15.1:81")
         assert reply["actions"][FIREWALL] == ["add forward fwd/tcp/81: 81/tcp -> 192.168.15.1:81"]
     assert "fwd/tcp/81" in w.store.journal.read_text()
+
+
+async def test_a_flush_the_disk_does_not_confirm_in_time_is_said_not_waited_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from netagent.agent import api
+
+    w = make_world(tmp_path)
+    async with w.running():
+        await seed(w)
+        release = threading.Event()
+
+        def stuck() -> None:
+            assert release.wait(LIMIT)
+
+        monkeypatch.setattr(api, "FLUSH_TIMEOUT", 0.2)
+        monkeypatch.setattr(w.store, "sync", stuck)
+        try:
+            with pytest.raises(NetagentError) as exc:
+                await w.call("forward.add", host_ports="81", destination="192.168.15.1:81")
+            assert exc.value.code == 5002
+            assert "has not confirmed the journal" in exc.value.message
+            assert "fwd/tcp/81" in w.state and "fwd/tcp/81" in w.fw.dump()
+        finally:
+            release.set()

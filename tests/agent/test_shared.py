@@ -8,10 +8,11 @@ from typing import Any
 
 import anyio
 import pytest
+from anyio import wait_all_tasks_blocked
 
 from netagent.agent.shared import SharedBuild
 
-from .world import LIMIT, make_world
+from .world import make_world, until
 
 
 class Builds:
@@ -34,9 +35,7 @@ class Builds:
 
 
 async def until_started(b: Builds, n: int) -> None:
-    with anyio.fail_after(LIMIT):
-        while b.started < n:
-            await anyio.sleep(0)
+    await until(lambda: b.started >= n, f"build {n} started")
 
 
 async def test_those_arriving_during_a_build_share_the_next_one() -> None:
@@ -52,14 +51,12 @@ async def test_those_arriving_during_a_build_share_the_next_one() -> None:
         await until_started(b, 1)
         for name in ("second", "third", "fourth"):  # arrive while build 1 runs
             tg.start_soon(get, name)
-        for _ in range(10):
-            await anyio.sleep(0)
+        await wait_all_tasks_blocked()  # each has asked and waits
         assert b.started == 1  # they wait for it to end, not build beside it
         b.gates[0].set()
         await until_started(b, 2)
         tg.start_soon(get, "late")  # arrives while build 2 runs: gets build 3
-        for _ in range(10):
-            await anyio.sleep(0)
+        await wait_all_tasks_blocked()
         b.gates[1].set()
         await until_started(b, 3)
         b.gates[2].set()
@@ -114,11 +111,9 @@ async def test_a_caller_that_goes_away_does_not_take_the_build_from_the_others()
         tg.start_soon(leaver)
         await until_started(b, 1)
         tg.start_soon(stayer)
-        for _ in range(10):
-            await anyio.sleep(0)
+        await wait_all_tasks_blocked()
         scopes[0].cancel()  # the builder's client left: its build goes on for the next
-        for _ in range(10):
-            await anyio.sleep(0)
+        await wait_all_tasks_blocked()  # the cancellation delivered
         b.gates[0].set()
         await until_started(b, 2)
         b.gates[1].set()
@@ -132,12 +127,13 @@ async def test_shows_asked_together_share_a_build_and_none_is_older_than_its_req
     async with w.running():
         await w.call("ns.add", name="red")
         counters = w.api.traffic.show
+        gate = [anyio.Event()]
 
-        async def slow(items: Any) -> None:  # the kernel's counters take a while
-            await anyio.sleep(0.02)
+        async def held(items: Any) -> None:  # the kernel's counters, answered when let
+            await gate[0].wait()
             await counters(items)
 
-        monkeypatch.setattr(w.api.traffic, "show", slow)
+        monkeypatch.setattr(w.api.traffic, "show", held)
         replies: list[dict[str, Any]] = []
 
         async def show() -> None:
@@ -146,11 +142,22 @@ async def test_shows_asked_together_share_a_build_and_none_is_older_than_its_req
         async with anyio.create_task_group() as tg:
             for _ in range(20):
                 tg.start_soon(show)
-        assert len(replies) == 20 and w.api._shows.shared >= 10
+            await wait_all_tasks_blocked()  # the first build runs, the 19 others wait
+            gate[0].set()
+        # the first builds alone; of the 19 asked meanwhile one builds, 18 share it
+        assert len(replies) == 20 and w.api._shows.shared == 18
         assert all(r["intents"] == replies[0]["intents"] for r in replies)
         # asked after a change: the change is in it, whatever was being built before
+        gate[0] = anyio.Event()
+        replies.clear()
         async with anyio.create_task_group() as tg:
             tg.start_soon(show)
+            await wait_all_tasks_blocked()  # its build waits for the counters
             await w.call("ns.add", name="blue")
-            late = await w.call("show")
+            tg.start_soon(show)
+            await wait_all_tasks_blocked()
+            gate[0].set()
+        assert len(replies) == 2
+        late = replies[-1]
         assert {i["key"] for i in late["intents"]} == {"ns/red", "ns/blue"}
+        assert {i["key"] for i in replies[0]["intents"]} == {"ns/red"}
