@@ -151,7 +151,11 @@ class FirewallSync:
 
     async def sync(self, state: DesiredState) -> list[str]:
         # an update that reads no forwards gets none (the full sync takes them after)
-        lean = not self._full and self.filters is None and not self.backend.update_reads_forwards
+        lean = (
+            not self._full
+            and not self.backend.update_reads_forwards
+            and (self.filters is None or not self.filters.reads_forwards(self._look_filters))
+        )
         spec = self.spec(state, forwards=not lean)
         added, removed = self._added, self._removed
         self._added, self._removed = [], []
@@ -201,6 +205,8 @@ class FirewallSync:
                     steps = await self._full_sync(spec)
                 if self.filters is not None:
                     look, self._look_filters = self._look_filters or full, False
+                    if spec.lean_count is not None and self.filters.reads_forwards(look):
+                        spec = self.spec(state)  # asked to look while the update ran
                     steps = [*steps, *await self.filters.sync(spec, look)]
             self._synced_bridges = bridges
             self.pending = []

@@ -22,10 +22,10 @@ DNAT rule starts with ``fib daddr type local`` (CNI portmap's GHSA-jv3w-x3r3-g6r
 Every change is one transaction of nft's language (atomic, all or nothing), run through
 in-process libnftables when it is there (see ``LibNftables``), else as ``nft -f -`` with
 the script on stdin (``NETAGENT_NFT=process`` forces that); what exists is read with
-``nft -j list table``. Changes are written in nft's own syntax,
-not JSON, because nft 1.0.6 (Debian 12) crashes with a segmentation fault parsing a JSON
-``dnat`` whose address comes from a map of concatenations (``addr . port``), which is the
-one rule this design needs. No other table is ever read or written.
+``nft -j list table``. Changes are written in nft's own syntax, not JSON, because nft
+1.0.6 (Debian 12) crashes with a segmentation fault parsing a JSON ``dnat`` whose address
+comes from a map of concatenations (``addr . port``), the rule this design needs. No
+other table is ever read or written.
 """
 
 from __future__ import annotations
@@ -67,9 +67,6 @@ MAPS = [
 ]
 _ADDR_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
 _L3 = {4: "ip", 6: "ip6"}
-
-
-_L4 = {"tcp": "tcp", "udp": "udp"}
 
 
 def _dnat_rule(proto: str, version: int, bound: bool, ranged: bool) -> str:
@@ -291,6 +288,8 @@ def parse_table(doc: dict[str, Any]) -> Observed:
 LIB_TIMEOUT = 30.0
 #: up to this many forwards, counters are read element by element
 SINGLE_READS = 64
+#: up to this many elements, an update is written on the loop (while writes are quick)
+QUICK_ELEMENTS = 16
 
 
 def forward_counts(observed: Observed, forwards: Sequence[I.Forward]) -> dict[str, Counts]:
@@ -355,9 +354,8 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
         self._counters = Reader()
         #: an update's map elements, by nfnetlink (``backends/nftelems.py``)
         self._elements = Writer()
-        #: libnftables' calls (and the element writer) and the counter reads, each in a
-        #: thread of its own (``agent/serial.py``: a hop of ~30 us, not the pool's ~80);
-        #: a removal reads its counters in the writer's call (``apply_counted``)
+        #: libnftables' calls and the element writer, and the counter reads, each in a
+        #: thread of its own (``agent/serial.py``); a removal's counters: ``apply_counted``
         self._lib_thread = SerialThread("netagent-nft")
         self._count_thread = SerialThread("netagent-nftcount")
 
@@ -375,14 +373,15 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
             return False, f"nft cannot talk to the kernel: {result.stderr.decode().strip()}"
         return True, f"{nft} answers and the kernel has nf_tables"
 
-    async def _in_lib_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        """Every transaction off the loop, even one element: a commit waits for any other
-        process's nf_tables transaction (a big iptables-restore holds the commit mutex),
-        and a big one of ours takes ~0.1-1 s; the hop costs ~0.1 ms (docs/architecture.md).
-        One thread for libnftables and the element writer: transactions in order."""
+    async def _in_lib_thread(self, fn: Callable[..., T], *args: Any, quick: bool = False) -> T:
+        """In the nft thread (libnftables' and the element writer's, in order): a big
+        transaction takes ~0.1-1 s, and a commit waits for any other process's (its
+        mutex). A ``quick`` one (a few elements: ~0.03 ms, the hop ~0.25) runs on the loop
+        unless one was slow lately (``SerialThread.call_quick``, docs/architecture.md)."""
+        call = self._lib_thread.call_quick if quick else self._lib_thread.call
         try:
             with anyio.fail_after(LIB_TIMEOUT):
-                return await self._lib_thread.call(fn, *args, abandon_on_cancel=True)
+                return await call(fn, *args, abandon_on_cancel=True)
         except TimeoutError:
             raise HostTimeout(
                 f"nftables did not answer within {LIB_TIMEOUT:g} s (its call goes on in "
@@ -555,15 +554,18 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
         return self._counters.forward_counts, wanted
 
     async def _write_elements(self, payload: ElementScript, before: Any = None) -> Any:
-        """The elements' batch in the nft thread, after ``before()`` (its result returned)."""
+        """The elements' batch, after ``before()`` (its result returned): in the nft
+        thread, or a few elements on the loop (``_in_lib_thread``; with ``before``, a
+        counter read, only while no other read holds the counters' socket)."""
 
         def job() -> Any:
             result = before() if before is not None else None
             self._elements.write(FAMILY, TABLE, payload.gone, payload.new)
             return result
 
+        quick = payload.size <= QUICK_ELEMENTS and (before is None or self._count_thread.idle)
         try:
-            return await self._in_lib_thread(job)
+            return await self._in_lib_thread(job, quick=quick)
         except OSError as exc:
             raise BackendFailed(f"nft: could not process the map elements: {exc}") from None
 

@@ -216,3 +216,8 @@ class ElementScript(list[str]):
     @property
     def writable(self) -> bool:
         return writable(self.gone) and writable(self.new)
+
+    @property
+    def size(self) -> int:
+        """How many elements it deletes and adds."""
+        return len(self.gone) + len(self.new)

@@ -270,6 +270,12 @@ class FilterChains:
         #: how many restores ran (a reading of the host older than one is stale)
         self.writes = 0
 
+    def reads_forwards(self, look: bool) -> bool:
+        """Whether a sync (``look`` or not) reads the spec's forwards: when it must find
+        the frameworks that filter, or one does (no filter table anywhere, and an update
+        of 10,000 forwards' firewall need not copy them: ~0.2 ms of each request)."""
+        return look or self._targets is None or bool(self._targets)
+
     def targets(self, guard: bool) -> list[Target]:
         """The frameworks and families with a filter table now (and the guard's, which
         gets its chain whether or not someone else filters there)."""

@@ -83,3 +83,46 @@ async def test_the_thread_ends_when_idle_and_starts_again(monkeypatch: pytest.Mo
     assert not second.is_alive()
     with pytest.raises(RuntimeError, match="closed"):
         worker.submit(print)
+
+
+async def test_a_quick_call_runs_here_when_nothing_is_queued(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``call_quick`` runs in the caller's thread when the thread has nothing to do;
+    behind a queued call it waits its turn in the thread (the order holds); one that was
+    slow sends the next ones to the thread for ``QUICK_BACKOFF`` seconds."""
+    worker = SerialThread("test-serial")
+    release = threading.Event()
+    order: list[tuple[str, str]] = []
+    try:
+
+        def note(what: str, wait: float = 0.0) -> str:
+            if wait:
+                time.sleep(wait)
+            order.append((what, threading.current_thread().name))
+            return what
+
+        here = threading.current_thread().name
+        assert worker.idle
+        assert await worker.call_quick(note, "idle") == "idle"
+        with pytest.raises(ZeroDivisionError):
+            await worker.call_quick(lambda: 1 // 0)
+        worker.submit(release.wait, 5)  # the thread is busy, and more is queued
+        worker.submit(note, "queued")
+        assert not worker.idle
+        threading.Timer(0.05, release.set).start()
+        assert await worker.call_quick(note, "behind") == "behind"
+        assert order == [("idle", here), ("queued", "test-serial"), ("behind", "test-serial")]
+        await until(lambda: worker.idle, "the thread to finish")
+        monkeypatch.setattr(serial, "QUICK_LIMIT", 0.01)
+        order.clear()
+        await worker.call_quick(note, "slow", 0.03)  # here, but slow
+        await worker.call_quick(note, "after")
+        assert order == [("slow", here), ("after", "test-serial")] and worker.slow_quick == 1
+        worker._quick_after = 0.0  # the back-off is over
+        await until(lambda: worker.idle, "the thread to finish")
+        await worker.call_quick(note, "again")
+        assert order[-1] == ("again", here)
+    finally:
+        release.set()
+        worker.close()
