@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from .kinds.forward import Forward
     from .kinds.peer import Peer
     from .state import Change, DesiredState
+    from .values import IPAddress
 
 log = structlog.get_logger("netagent.firewall")
 
@@ -109,7 +110,8 @@ class FirewallSync:
         extra = state.derived("fwsync.chained", "attachment", lambda: chained_bridges(state))
         bridges += tuple(b for b in extra if b.name not in names)
         lean = None if forwards else state.count("forward")
-        return FirewallSpec(found, bridges, vxlan_guard(state), lean_count=lean)
+        dests = frozenset(cast("list[IPAddress]", state.indexed("fwd-dest")))
+        return FirewallSpec(found, bridges, vxlan_guard(state), lean_count=lean, dest_ips=dests)
 
     def note(self, change: Change) -> None:
         """A committed change of a firewall kind (told apart by their kind's name: an
@@ -151,11 +153,7 @@ class FirewallSync:
 
     async def sync(self, state: DesiredState) -> list[str]:
         # an update that reads no forwards gets none (the full sync takes them after)
-        lean = (
-            not self._full
-            and not self.backend.update_reads_forwards
-            and (self.filters is None or not self.filters.reads_forwards(self._look_filters))
-        )
+        lean = not self._full and not self.backend.update_reads_forwards
         spec = self.spec(state, forwards=not lean)
         added, removed = self._added, self._removed
         self._added, self._removed = [], []
@@ -205,8 +203,6 @@ class FirewallSync:
                     steps = await self._full_sync(spec)
                 if self.filters is not None:
                     look, self._look_filters = self._look_filters or full, False
-                    if spec.lean_count is not None and self.filters.reads_forwards(look):
-                        spec = self.spec(state)  # asked to look while the update ran
                     steps = [*steps, *await self.filters.sync(spec, look)]
             self._synced_bridges = bridges
             self.pending = []

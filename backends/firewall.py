@@ -32,9 +32,11 @@ Third-party backends register under the entry point group ``netagent.firewall_ba
 
 from __future__ import annotations
 
+import functools
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, ClassVar, Generic, Protocol, TypeVar
@@ -88,6 +90,22 @@ class FirewallSpec:
     #: a lean spec, for an update that reads no forwards (``update_reads_forwards``):
     #: ``forwards`` left empty, and how many there are
     lean_count: int | None = None
+    #: the forwards' destination addresses, each once, when the desired state keeps
+    #: them (its index); None: read from ``forwards`` (see :meth:`destinations`)
+    dest_ips: frozenset[I.IPAddress] | None = None
+
+    @functools.cached_property
+    def forward_ids(self) -> frozenset[int]:
+        """The forwards' ``id``s, built once per spec (specs are compared by the identity
+        of their forwards: the reconciler hands the same objects each time)."""
+        return frozenset(map(id, self.forwards))
+
+    def destinations(self) -> AbstractSet[I.IPAddress]:
+        """Every forward's destination address, each once (a lean spec's too): with
+        10,000 forwards to a few addresses, a few, not a pass over the 10,000."""
+        if self.dest_ips is not None:
+            return self.dest_ips
+        return {f.dest_ip for f in self.forwards}
 
     @property
     def empty(self) -> bool:

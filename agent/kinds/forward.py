@@ -222,7 +222,8 @@ class ForwardKind(Kind[Forward]):
         ports: list[tuple[str, Hashable]] = [
             ("port", (intent.proto, port)) for port in intent.host_ports
         ]
-        return [("forwarding", intent.family), *ports]
+        # "fwd-dest": the destinations, each once (``FirewallSpec.dest_ips``)
+        return [("forwarding", intent.family), ("fwd-dest", intent.dest_ip), *ports]
 
     def covering(self, state: DesiredState, proto: str, port: int) -> list[Forward]:
         found = [state.get(k) for k in state.lookup("port", (proto, port))]

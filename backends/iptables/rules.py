@@ -302,7 +302,7 @@ def desired_chains(spec: FirewallSpec, version: int) -> Chains:
 
 def spec_families(spec: FirewallSpec) -> set[int]:
     """The IP versions the spec has something for."""
-    found = {f.family for f in spec.forwards}
+    found: set[int] = {ip.version for ip in spec.destinations()}
     found |= {a.version for br in spec.bridges for a in br.addresses}
     if spec.vxlan is not None:
         found.add(4)
@@ -344,11 +344,11 @@ def is_update_of(
         return False
     if len(new.forwards) != len(old.forwards) - len(removed) + len(added):
         return False
-    ids = {id(f) for f in old.forwards}
+    ids = old.forward_ids
     gone = {id(f) for f in removed}
     if not gone <= ids or len(gone) != len(removed):
         return False
-    now = {id(f) for f in new.forwards}
+    now = new.forward_ids
     return len(now) == len(new.forwards) and (ids - gone) | {id(f) for f in added} == now
 
 

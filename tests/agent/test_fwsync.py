@@ -149,37 +149,35 @@ async def test_an_update_gets_a_lean_spec_and_a_failed_one_a_full_sync_of_all(
         assert set(w.fw.forwards) == {"fwd/tcp/81"}
 
 
-async def test_filter_chains_with_no_framework_to_write_leave_the_update_lean(
-    tmp_path: Path,
-) -> None:
-    """With the filter chains' keeper in place (the default) but no framework that
-    filters, an update is as lean as without it; asked to look at the filter tables, the
-    sync that follows hands the keeper every forward (a framework it then finds gets
-    chains that know every destination)."""
-    from netagent.backends.xtfilter import FilterChains, Target
+
+async def test_a_lean_update_tells_the_filter_chains_every_destination(tmp_path: Path) -> None:
+    """The filter chains accept forwarded traffic to each destination outside the
+    bridges: a lean update (no forwards in its spec) still tells them every destination,
+    each once, from the desired state's index, as it changes."""
+    from netagent.backends.xtfilter import FilterChains, outside_bridges
 
     w = make_world(tmp_path)
     filters = FilterChains()
     filters.targets = lambda guard: []  # type: ignore[method-assign]
-    seen: list[tuple[bool, int]] = []
+    seen: list[tuple[int, list[str]]] = []
     real_sync = filters.sync
 
     async def sync(spec: Any, look: bool) -> list[str]:
-        seen.append((look, len(spec.forwards)))
+        seen.append((len(spec.forwards), [str(ip) for ip in outside_bridges(spec, 4)]))
         return await real_sync(spec, look)
 
     filters.sync = sync  # type: ignore[method-assign]
     w.sync.filters = filters
     async with w.running():
-        await w.call("forward.add", **F80)  # the first sync is a full one: it looks
-        await w.call("forward.add", **F81)
-        assert seen == [(True, 1), (False, 0)]
-        w.sync.look()  # the periodic pass, or another tool made a filter table
-        await w.call("forward.add", **F82)
-        assert seen[-1] == (True, 3)
-        assert set(w.fw.forwards) == {"fwd/tcp/80", "fwd/tcp/81", "fwd/tcp/82"}
-    # a framework that filters reads the forwards on every sync
-    filters._targets = {Target("nft", 4)}
-    assert filters.reads_forwards(False)
-    filters._targets = set()
-    assert not filters.reads_forwards(False) and filters.reads_forwards(True)
+        await w.call("forward.add", **F80)  # the first sync is a full one
+        await w.call("forward.add", **F81)  # the same destination
+        await w.call("forward.add", host_ports="90", destination="192.168.16.7:90")
+        await w.call("forward.del", host_ports="80")
+        await w.call("forward.del", host_ports="81")
+        assert seen == [
+            (1, ["192.168.15.1"]),
+            (0, ["192.168.15.1"]),
+            (0, ["192.168.15.1", "192.168.16.7"]),
+            (0, ["192.168.15.1", "192.168.16.7"]),
+            (0, ["192.168.16.7"]),
+        ]
