@@ -14,9 +14,12 @@ call, so an object that is dropped leaves no thread behind.
 
 A call that is nearly always short (one nf_tables element, ~0.03 ms) costs more in the
 hop than in its work: :meth:`SerialThread.call_quick` runs it in the caller's thread when
-nothing is queued for the thread (the order holds), unless such a call took longer than
-:data:`QUICK_LIMIT` in the last :data:`QUICK_BACKOFF` seconds (the kernel's commit mutex
-held by another process's transaction: then they go to the thread for a while).
+nothing is queued for the thread (the order holds). One that waited (off the CPU) longer
+than :data:`QUICK_LIMIT`, the kernel's commit mutex held by another process's
+transaction, stalled the caller that long: the next such calls go to the thread for
+:data:`QUICK_BACKOFF` seconds, twice as long after each stall, up to
+:data:`QUICK_BACKOFF_MAX` (a host whose other tools make big transactions settles in
+the thread). Time on the CPU (a garbage collection in the middle) is not waiting.
 """
 
 from __future__ import annotations
@@ -36,10 +39,11 @@ log = structlog.get_logger("netagent.serial")
 T = TypeVar("T")
 #: seconds without work after which the thread ends (the next call starts one)
 IDLE = 30.0
-#: a quick call in the caller's thread that took longer (s) sends the next to the thread
+#: a quick call in the caller's thread that waited longer (s) sends the next to the thread
 QUICK_LIMIT = 0.002
-#: for this long (s)
+#: for this long (s) after the first stall, doubled after each one, up to the max
 QUICK_BACKOFF = 30.0
+QUICK_BACKOFF_MAX = 3600.0
 
 _Job = tuple[Callable[..., Any], tuple[Any, ...]]
 
@@ -57,6 +61,7 @@ class SerialThread:
         self._pending = 0
         #: no quick call in the caller's thread before this (``time.monotonic``)
         self._quick_after = 0.0
+        self._quick_backoff = QUICK_BACKOFF
         #: quick calls that were slow (each sent the next ones to the thread)
         self.slow_quick = 0
 
@@ -109,22 +114,26 @@ class SerialThread:
         self, fn: Callable[..., T], *args: Any, abandon_on_cancel: bool = False
     ) -> T:
         """``fn(*args)``, a call that is nearly always short: right here when nothing is
-        queued for the thread and no such call was slow lately, else as :meth:`call`."""
+        queued for the thread and no such call stalled lately, else as :meth:`call`."""
         if self._pending or time.monotonic() < self._quick_after:
             return await self.call(fn, *args, abandon_on_cancel=abandon_on_cancel)
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), time.thread_time()
         try:
             return fn(*args)
         finally:
             took = time.monotonic() - t0
-            if took > QUICK_LIMIT:
+            waited = took - (time.thread_time() - cpu0)
+            if waited > QUICK_LIMIT:
                 self.slow_quick += 1
-                self._quick_after = time.monotonic() + QUICK_BACKOFF
+                backoff = self._quick_backoff
+                self._quick_after = time.monotonic() + backoff
+                self._quick_backoff = min(backoff * 2, QUICK_BACKOFF_MAX)
                 log.info(
-                    "a quick call was slow; the next go to the thread",
+                    "a quick call waited; the next go to the thread",
                     thread=self.name,
                     took_ms=round(took * 1000, 1),
-                    for_s=QUICK_BACKOFF,
+                    waited_ms=round(waited * 1000, 1),
+                    for_s=backoff,
                 )
 
     def _run(self) -> None:

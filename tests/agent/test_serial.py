@@ -89,8 +89,9 @@ async def test_a_quick_call_runs_here_when_nothing_is_queued(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """``call_quick`` runs in the caller's thread when the thread has nothing to do;
-    behind a queued call it waits its turn in the thread (the order holds); one that was
-    slow sends the next ones to the thread for ``QUICK_BACKOFF`` seconds."""
+    behind a queued call it waits its turn in the thread (the order holds); one that waited
+    off the CPU sends the next ones to the thread for ``QUICK_BACKOFF`` seconds, twice
+    as long after the next stall; time on the CPU is no stall."""
     worker = SerialThread("test-serial")
     release = threading.Event()
     order: list[tuple[str, str]] = []
@@ -116,13 +117,26 @@ async def test_a_quick_call_runs_here_when_nothing_is_queued(
         await until(lambda: worker.idle, "the thread to finish")
         monkeypatch.setattr(serial, "QUICK_LIMIT", 0.01)
         order.clear()
-        await worker.call_quick(note, "slow", 0.03)  # here, but slow
+
+        def busy() -> str:  # 30 ms on the CPU (a garbage collection, say): no wait
+            end = time.thread_time() + 0.03
+            while time.thread_time() < end:
+                pass
+            return "busy"
+
+        assert await worker.call_quick(busy) == "busy" and worker.slow_quick == 0
+        t0 = time.monotonic()
+        await worker.call_quick(note, "slow", 0.03)  # here, but it waited (off the CPU)
         await worker.call_quick(note, "after")
         assert order == [("slow", here), ("after", "test-serial")] and worker.slow_quick == 1
+        assert worker._quick_after >= t0 + serial.QUICK_BACKOFF
         worker._quick_after = 0.0  # the back-off is over
         await until(lambda: worker.idle, "the thread to finish")
         await worker.call_quick(note, "again")
         assert order[-1] == ("again", here)
+        t1 = time.monotonic()
+        await worker.call_quick(note, "slow again", 0.03)  # twice as long a back-off now
+        assert worker._quick_after >= t1 + 2 * serial.QUICK_BACKOFF
     finally:
         release.set()
         worker.close()
