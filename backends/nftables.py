@@ -377,7 +377,7 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
         """In the nft thread (libnftables' and the element writer's, in order): a big
         transaction takes ~0.1-1 s, and a commit waits for any other process's (its
         mutex). A ``quick`` one (a few elements: ~0.03 ms, the hop ~0.25) runs on the loop
-        unless one was slow lately (``SerialThread.call_quick``, docs/architecture.md)."""
+        unless one stalled lately (``SerialThread.call_quick``, docs/architecture.md)."""
         call = self._lib_thread.call_quick if quick else self._lib_thread.call
         try:
             with anyio.fail_after(LIB_TIMEOUT):
