@@ -110,7 +110,7 @@ class FirewallSync:
         extra = state.derived("fwsync.chained", "attachment", lambda: chained_bridges(state))
         bridges += tuple(b for b in extra if b.name not in names)
         lean = None if forwards else state.count("forward")
-        dests = frozenset(cast("list[IPAddress]", state.indexed("fwd-dest")))
+        dests = cast("frozenset[IPAddress]", state.indexed_set("fwd-dest"))
         return FirewallSpec(found, bridges, vxlan_guard(state), lean_count=lean, dest_ips=dests)
 
     def note(self, change: Change) -> None:

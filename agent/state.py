@@ -133,6 +133,12 @@ class DesiredState:
         """The values an index holds (``indexed("ns")``: namespaces intents act in)."""
         return list(self._index.get(name, ()))
 
+    def indexed_set(self, name: str) -> frozenset[Hashable]:
+        """The values an index holds, as a snapshot: built from the index's dict, whose
+        stored hashes it reuses (1,000 addresses: ~13 us, where hashing them again costs
+        ~290: ``ipaddress`` hashes in Python)."""
+        return frozenset(self._index.get(name, {}))
+
     def used_on(self, segment: str, version: int) -> AbstractSet[int]:
         """The IPv``version`` addresses intents use on ``segment``, as integers (a
         lease's scan compares integers: 1,000 containers on a bridge cost it
