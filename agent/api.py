@@ -22,8 +22,8 @@ import structlog
 
 from . import clusterapi, doctor_api, gcidle, ops, quarantine
 from .errors import BackendFailed, InvalidArgument, NetagentError, NotFound, ReadOnly, UnknownOp
-from .keystatus import IN_PLACE, PENDING, PassResult
-from .reconcile import FIREWALL, PURGE_ORPHANS, Reconciler, Ticket
+from .keystatus import IN_PLACE, PENDING, PassResult, Ticket
+from .reconcile import FIREWALL, PURGE_ORPHANS, Reconciler
 from .schema import Request, prefix_error
 from .serial import SerialThread
 from .shared import SharedBuild

@@ -79,6 +79,15 @@ async def attempt(
         return None, f"{type(exc).__name__}: {exc}", False
 
 
+class Ticket:
+    """A request's claim on the pass that covers its keys (``Reconciler.note``)."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self.keys = frozenset(keys)
+        self.done = anyio.Event()
+        self.result = PassResult()
+
+
 class StatusBook:
     """Each key's :class:`KeyStatus`, the failing keys' retry times and the conditions;
     what changes them publishes on the bus (``recovered``, ``error``, ``condition``,

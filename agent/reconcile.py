@@ -36,13 +36,14 @@ from . import orphans
 from .bus import EventBus
 from .fwsync import FirewallSync
 from .hostcheck import HostCheck
-from .keystatus import PassResult, StatusBook, attempt
+from .keystatus import PassResult, StatusBook, Ticket, attempt
 from .kinds.attach import attach_links
 from .kinds.base import Context, Intent
 from .orphans import Orphan
 from .probe import NOOP, Probe
 from .state import Change, DesiredState
 from .turns import Turns
+from .waves import Outcome, ensure_wave, take_wave
 
 log = structlog.get_logger("netagent.reconcile")
 
@@ -79,15 +80,6 @@ FINDINGS_DELAY_MAX = 2.0
 SWEEP_REST = 19.0
 #: what marked a key, in the order a pass's trigger is named after them
 WHYS = ("event", "retry", "resync", "start", "periodic", "foreign", "findings")
-
-
-class Ticket:
-    """A request's claim on the pass that covers its keys."""
-
-    def __init__(self, keys: Iterable[str]) -> None:
-        self.keys = frozenset(keys)
-        self.done = anyio.Event()
-        self.result = PassResult()
 
 
 @dataclass
@@ -438,6 +430,7 @@ class Reconciler:
         announces a deleted bridge's ports leaving before the bridge itself goes, so a
         pass can start with the plugs alone and find their bridge gone."""
         deferred: set[str] = set()
+        order = self.state.kinds.order_of_key
         done: set[str] = set()
         second: set[str] = set()  # tried again after its prerequisites
         queue = collections.deque(keys)  # popped from the front: 10,000 keys
@@ -480,29 +473,33 @@ class Reconciler:
                     self.book.fail(key, why, result)
                 continue
             old = self._previous.pop(key, None)
-            needs = [n for n in kind.needs(intent) if n not in done and n in self.state]
-            if needs and key not in second and not self.book.is_failing(key):
-                actions, error, timed_out = await attempt(kind.ensure(self.ctx, intent, old), key)
-                if actions is None and not timed_out:
-                    second.add(key)
-                    done.discard(key)
-                    if old is not None:
-                        self._previous.setdefault(key, old)
-                    queue.extendleft(reversed([*needs, key]))
-                    continue
-                changed = (
-                    self.book.record(key, actions, result)
-                    if actions is not None
-                    else self.book.fail(key, error or "failed", result)
-                )
-            else:
-                changed = await self._step(key, kind.ensure(self.ctx, intent, old), result)
-            if old is not None and self.book.is_failing(key):
-                # the retry must still know what this replaces (a stale address to remove)
-                self._previous.setdefault(key, old)
-            if changed:
-                # what hangs off a changed (recreated, readdressed) key comes back with it
-                queue.extend(d.key for d in self.state.dependents(key) if d.key not in done)
+            wave = [(key, intent, old)]
+            if kind.at_once and key not in periodic:  # and the keys that may go with it
+                skip = periodic | self._removals.keys()  # the sweep's; replacements
+                for k, i in take_wave(self.state, kind, intent, queue, done, skip):
+                    wave.append((k, i, self._previous.pop(k, None)))
+            # when it fails, the prerequisites not ensured in this pass go first, then it
+            needs = {
+                k: [n for n in kind.needs(i) if n not in done and n in self.state]
+                for k, i, _old in wave
+                if k not in second and not self.book.is_failing(k)
+            }
+            retry: list[str] = []  # after the prerequisites they failed for (a wave again)
+            first: dict[str, None] = {}
+            outcomes = await ensure_wave(self.ctx, kind, wave)
+            for (k, _i, was), outcome in zip(wave, outcomes, strict=True):
+                if needs.get(k) and outcome[0] is None and not outcome[2]:
+                    second.add(k)
+                    done.discard(k)
+                    retry.append(k)
+                    first.update(dict.fromkeys(needs[k]))
+                elif self._record(k, outcome, result):
+                    # what hangs off a changed (recreated, readdressed) key comes back
+                    queue.extend(d.key for d in self.state.dependents(k) if d.key not in done)
+                if was is not None and (k in retry or self.book.is_failing(k)):
+                    # the retry must still know what this replaces (a stale address)
+                    self._previous.setdefault(k, was)
+            queue.extendleft(reversed([*sorted(first, key=lambda n: (order(n), n)), *retry]))
         return deferred
 
     async def _remove(self, key: str, result: PassResult) -> None:
@@ -554,10 +551,12 @@ class Reconciler:
     async def _step(self, key: str, aw: Awaitable[list[str]], result: PassResult) -> bool:
         """Run one ensure/remove; record what it did or why it failed. True when it
         changed something."""
-        actions, error, _timed_out = await attempt(aw, key)
+        return self._record(key, await attempt(aw, key), result)
+
+    def _record(self, key: str, outcome: Outcome, result: PassResult) -> bool:
+        actions, error, _timed_out = outcome
         if actions is None:
-            self.book.fail(key, error or "failed", result)
-            return False
+            return self.book.fail(key, error or "failed", result)
         return self.book.record(key, actions, result)
 
     def _log_pass(self, batch: _Batch, t0: float, result: PassResult) -> None:

@@ -258,6 +258,7 @@ class AttachmentKind(Kind[Attachment]):
     name = "attachment"
     key_prefix = KEY_PREFIX
     order = 4
+    at_once = True
     #: its pass syncs the firewall: a chained attachment's bridge needs hairpin NAT (the
     #: sync is a full one only when the bridges it needs changed; see agent/fwsync.py)
     firewall = True

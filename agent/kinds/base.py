@@ -128,6 +128,9 @@ class Kind(ABC, Generic[IntentT]):
     #: False for a kind with no kernel steps of its own (the firewall realizes it): the
     #: reconciler then asks only :meth:`refused`
     has_steps: ClassVar[bool] = True
+    #: its intents' ensures may run at once, those that share no namespace and no name
+    #: (``agent/waves.py``: their waits on the kernel overlap)
+    at_once: ClassVar[bool] = False
 
     # ---- the persisted form ---------------------------------------------------------
     @abstractmethod

@@ -122,6 +122,7 @@ class PlugKind(Kind[Plug]):
     name = "plug"
     key_prefix = "plug"
     order = 3
+    at_once = True
     plural = "plugs"
     rename_hint = " (--ifname)"
 

@@ -149,7 +149,6 @@ async def test_an_update_gets_a_lean_spec_and_a_failed_one_a_full_sync_of_all(
         assert set(w.fw.forwards) == {"fwd/tcp/81"}
 
 
-
 async def test_a_lean_update_tells_the_filter_chains_every_destination(tmp_path: Path) -> None:
     """The filter chains accept forwarded traffic to each destination outside the
     bridges: a lean update (no forwards in its spec) still tells them every destination,

@@ -20,9 +20,9 @@ import pytest
 from netagent.agent import keystatus, reconcile
 from netagent.agent.api import kind_change
 from netagent.agent.errors import BackendFailed
-from netagent.agent.keystatus import DRIFTED, FAILING, IN_PLACE, PassResult
+from netagent.agent.keystatus import DRIFTED, FAILING, IN_PLACE, PassResult, Ticket
 from netagent.agent.ops import BY_OP
-from netagent.agent.reconcile import FIREWALL, Ticket
+from netagent.agent.reconcile import FIREWALL
 from netagent.agent.state import DesiredState
 
 from .world import LIMIT, World, lines, make_world, until
