@@ -89,8 +89,18 @@ def enter(path: str) -> None:
         os.close(fd)
 
 
+#: held while the directory is made a mount point: two namespaces made at once (a wave of
+#: them, ``agent/waves.py``) would bind it twice, the second mount hiding the first's
+_SHARING = threading.Lock()
+
+
 def share_dir(directory: str) -> None:
     """The namespace directory as a shared mount point (what ``ip netns add`` makes)."""
+    with _SHARING:
+        _share_dir(directory)
+
+
+def _share_dir(directory: str) -> None:
     os.makedirs(directory, mode=0o755, exist_ok=True)
     if _mount("", directory, MS_SHARED | MS_REC) == 0:
         return

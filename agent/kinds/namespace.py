@@ -107,6 +107,7 @@ class NamespaceKind(Kind[Namespace]):
     key_prefix = "ns"
     order = 0
     plural = "namespaces"
+    at_once = True
 
     def from_dict(self, d: Mapping[str, Any]) -> Namespace:
         return Namespace(want(d, "name"))

@@ -40,10 +40,10 @@ async def built(tmp_path: Path) -> World:
     return w
 
 
-def watch_plugs(w: World, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """Record which plug ensures run together: each one's key is in ``active`` for as long
-    as its ensure lasts (held open 20 ms)."""
-    kind = w.state.kinds.get("plug")
+def watch_plugs(w: World, monkeypatch: pytest.MonkeyPatch, name: str = "plug") -> dict[str, Any]:
+    """Record which ensures of kind ``name`` run together: each one's key is in ``active``
+    for as long as its ensure lasts (held open 20 ms)."""
+    kind = w.state.kinds.get(name)
     assert kind is not None and kind.at_once
     seen: dict[str, Any] = {"active": set(), "together": [], "calls": []}
     real = kind.ensure
@@ -126,3 +126,16 @@ async def test_a_wave_holds_at_most_WAVE_keys(
     assert result.errors == {}
     assert [len(t) for t in seen["together"]] == [1, 2, 3, 1]  # a wave of 3, then 1
     assert all(w.rec.status[plug_key(ns, "v-net-0")].state == IN_PLACE for ns in NAMESPACES)
+
+
+async def test_namespaces_asked_for_together_are_made_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = make_world(tmp_path)
+    seen = watch_plugs(w, monkeypatch, "ns")
+    items = [{"kind": "ns", "name": ns} for ns in NAMESPACES]
+    async with w.running():
+        await w.call("apply", intents=items)
+    assert frozenset(f"ns/{ns}" for ns in NAMESPACES) in seen["together"]
+    assert sorted(w.net.ns_names()) == sorted(NAMESPACES)
+    assert all(w.rec.status[f"ns/{ns}"].state == IN_PLACE for ns in NAMESPACES)
