@@ -198,3 +198,46 @@ def test_link_requests_leave_from_the_sender_thread_and_answer_as_the_kernel_did
     assert got["refused_s"] < 1.0
     assert got["sends1"] is None
     assert got["up"] is False and got["gone"] is True
+
+
+_HOST_LOOKUP = """
+import asyncio, json
+from netagent.backends.pyroute import PyrouteNetlink
+from netagent.backends.pyroute_msgs import drain, link_from_msg
+
+async def main():
+    net = PyrouteNetlink()
+    await net.start()
+    try:
+        await net.add_bridge("look0")
+        await net.ns_add("look")
+        await net.add_veth("lookv", None, "lookp", "look", master=net.host_index("look0"), up=True)
+        await net.set_link(None, net.host_index("lookv"), alias="netagent:plug/look/look0")
+        out = {}
+        for name in ("look0", "lookv", "lo"):
+            raw = await net.link(None, name)  # the raw socket, by index
+            msgs = await net.ipr.link("get", ifname=name)  # pyroute2, by name
+            drain(net.ipr)
+            out[name] = [repr(raw), repr(link_from_msg(msgs[0]))]
+        out["gone"] = repr(await net.link(None, "nosuch0"))
+        print(json.dumps(out))
+    finally:
+        await net.close()
+
+asyncio.run(main())
+"""
+
+
+def test_a_host_link_looked_up_on_the_raw_socket_is_what_pyroute2_reads_by_name(
+    sandbox: Sandbox,
+) -> None:
+    """``PyrouteNetlink.link(None, name)`` reads the link by index on the raw socket with
+    netagent's own parser: every field as pyroute2 has it (a bridge, a veth whose peer is
+    in a namespace, with a master and a mark; lo), and None for a name nobody has."""
+    out = sandbox.run([sys.executable, "-c", _HOST_LOOKUP], timeout=60).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got.pop("gone") == "None"
+    for name, (raw, by_name) in got.items():
+        assert raw == by_name, name
+    assert "master=None" not in got["lookv"][0] and "plug/look/look0" in got["lookv"][0]
+    assert "link_netnsid=None" not in got["lookv"][0]  # its peer is in the namespace
