@@ -290,6 +290,7 @@ class FakeNetlink(Faults):
                 peer=b if same else None,
                 link_netnsid=None if same else 0,
                 mac=mac,
+                far_peer=None if same else b,
             ),
             ns,
         )
@@ -303,6 +304,7 @@ class FakeNetlink(Faults):
                 peer=a if same else None,
                 link_netnsid=None if same else 0,
                 mac=peer_mac,
+                far_peer=None if same else a,
             ),
             peer_ns,
         )

@@ -79,6 +79,8 @@ class Link:
     #: set when the veth's peer lives in another namespace
     link_netnsid: int | None = None
     mac: str | None = None
+    #: a veth's peer index in that other namespace (IFLA_LINK beside IFLA_LINK_NETNSID)
+    far_peer: int | None = None
 
     @property
     def owner_key(self) -> str | None:

@@ -29,6 +29,9 @@ def link_from_msg(msg: Any) -> Link:
         peer=(msg.get_attr("IFLA_LINK") or None) if kind == "veth" and netnsid is None else None,
         link_netnsid=netnsid,
         mac=msg.get_attr("IFLA_ADDRESS"),
+        far_peer=(msg.get_attr("IFLA_LINK") or None)
+        if kind == "veth" and netnsid is not None
+        else None,
     )
 
 

@@ -136,9 +136,11 @@ def parse(data: bytes) -> list[Event]:
             attrs = _attrs(data, body + _IFINFOMSG.size, off + length, _LINK_ATTRS)
             master = attrs.get(IFLA_MASTER)
             link = attrs.get(IFLA_LINK)
-            peer = None
+            peer = far_peer = None
             if link is not None and IFLA_LINK_NETNSID not in attrs:
                 peer = struct.unpack("I", link[:4])[0] or None
+            elif link is not None:
+                far_peer = struct.unpack("I", link[:4])[0] or None
             kind = None
             info = attrs.get(IFLA_LINKINFO)
             if info is not None:
@@ -161,6 +163,7 @@ def parse(data: bytes) -> list[Event]:
                 peer=peer if kind == "veth" else None,
                 link_netnsid=struct.unpack("i", netnsid[:4])[0] if netnsid else None,
                 mac=mac.hex(":") if mac and len(mac) == 6 else None,
+                far_peer=far_peer if kind == "veth" else None,
             )
             events.append(LinkEvent(mtype == RTM_DELLINK, link_rec))
         elif mtype in (RTM_NEWADDR, RTM_DELADDR) and length >= _NLMSGHDR.size + _IFADDRMSG.size:

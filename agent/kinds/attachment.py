@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from netagent.backends.netlink import Link, alias_for
 
-from ..errors import BackendFailed, BadRequest, InvalidArgument, InvalidName, NotFound
+from ..errors import BadRequest, InvalidArgument, InvalidName, NotFound
 from ..schema import Request
 from ..values import IPInterface, check_families, check_name, parse_interfaces
 from .base import Actions, Context, Kind, OwnedName, Placed, cached, want
@@ -40,6 +40,7 @@ from .linkops import (
     BridgedPair,
     ensure_bridged_pair,
     gather,
+    new_pair,
 )
 
 if TYPE_CHECKING:
@@ -399,23 +400,20 @@ class AttachmentKind(Kind[Attachment]):
             raise NotFound(
                 f"{att.netns} is gone or names another namespace now; not plugged"
             ) from None
-        host_index = net.host_index(att.host_ifname)
-        inner = await net.link(att.netns, att.ifname)
-        if host_index is None or inner is None:
-            raise BackendFailed(f"veth {att.host_ifname} vanished right after creation")
+        host_index, inner = await new_pair(net, att.host_ifname, att.netns, att.ifname)
         await gather(
             net.set_link(None, host_index, alias=alias_for(att.key)),
-            net.set_link(att.netns, inner.index, alias=alias_for(att.key), up=True),
+            net.set_link(att.netns, inner, alias=alias_for(att.key), up=True),
         )
         acts.add(f"mark {att.host_ifname} and {where}, set {where} up")
         for addr in att.addresses:
             acts.add(f"add {addr} to {where}")
-            await net.add_address(att.netns, inner.index, addr)
+            await net.add_address(att.netns, inner, addr)
         for addr in att.addresses:
             gw = br.gateway(addr.version)
             if gw is None:
                 continue
-            if await net.add_default_route(att.netns, inner.index, gw.ip):
+            if await net.add_default_route(att.netns, inner, gw.ip):
                 acts.add(f"route default via {gw.ip} in {att.netns}")
             else:
                 acts.add(f"kept the default route already in {att.netns}")

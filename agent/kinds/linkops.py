@@ -10,7 +10,7 @@ import anyio
 
 from netagent.backends.netlink import RTPROT_NETAGENT, Link, Netlink, NsRef, alias_for
 
-from ..errors import NameTaken, NotFound
+from ..errors import BackendFailed, NameTaken, NotFound
 from ..values import IPInterface
 from .base import Actions
 
@@ -92,6 +92,20 @@ async def ensure_default_route(
             if acts.add(f"move the default route in {where} to {gw.ip}"):
                 await net.replace_default_route(ns, link.index, gw.ip)
             return
+
+
+async def new_pair(net: Netlink, host_ifname: str, ns: str, ifname: str) -> tuple[int, int]:
+    """The host and inner indexes of a veth pair just made, both from the host end (the
+    kernel gives its peer's index in the namespace, IFLA_LINK): one lookup on the host's
+    raw socket, none in the namespace unless the kernel does not say it."""
+    host = await net.link(None, host_ifname)
+    inner = None if host is None else host.far_peer
+    if host is not None and inner is None:
+        found = await net.link(ns, ifname)
+        inner = None if found is None else found.index
+    if host is None or inner is None:
+        raise BackendFailed(f"veth {host_ifname} vanished right after creation")
+    return host.index, inner
 
 
 async def gather(*aws: Awaitable[Any]) -> None:

@@ -17,7 +17,6 @@ from netagent.backends.netlink import Link, alias_for, mac_for
 
 from ..errors import (
     AddressInUse,
-    BackendFailed,
     BadRequest,
     Conflict,
     InvalidAddress,
@@ -34,6 +33,7 @@ from .linkops import (
     BridgedPair,
     ensure_bridged_pair,
     gather,
+    new_pair,
 )
 from .namespace import ns_key
 
@@ -252,10 +252,7 @@ class PlugKind(Kind[Plug]):
             mac=mac_for(plug.key, "host"),
             peer_mac=mac_for(plug.key, "ns"),
         )
-        host_index = net.host_index(plug.host_ifname)
-        inner = await net.link(plug.ns, plug.ifname)
-        if host_index is None or inner is None:
-            raise BackendFailed(f"veth {plug.host_ifname} vanished right after creation")
+        host_index, inner = await new_pair(net, plug.host_ifname, plug.ns, plug.ifname)
         # addressed while still down, so that coming up announces it: a gratuitous ARP
         # (arp_notify) and an unsolicited neighbour advertisement (ndisc_notify); in a
         # namespace netagent made, every interface does so by default
@@ -264,10 +261,10 @@ class PlugKind(Kind[Plug]):
             await net.set_ns_sysctls(plug.ns, announce(plug.ifname))
         for addr in plug.addresses:
             acts.add(f"add {addr} to {where}")
-            await net.add_address(plug.ns, inner.index, addr)
+            await net.add_address(plug.ns, inner, addr)
         await gather(
             net.set_link(None, host_index, alias=alias_for(plug.key)),
-            net.set_link(plug.ns, inner.index, alias=alias_for(plug.key), up=True),
+            net.set_link(plug.ns, inner, alias=alias_for(plug.key), up=True),
             # lo is index 1 in every namespace (the namespace kind keeps its own up)
             *([] if own else [net.set_link(plug.ns, 1, up=True)]),
         )
@@ -276,7 +273,7 @@ class PlugKind(Kind[Plug]):
             gw = br.gateway(addr.version)
             if gw is None:
                 continue
-            if await net.add_default_route(plug.ns, inner.index, gw.ip):
+            if await net.add_default_route(plug.ns, inner, gw.ip):
                 acts.add(f"route default via {gw.ip} in {plug.ns}")
             else:
                 acts.add(f"kept the default route already in {plug.ns}")

@@ -220,6 +220,7 @@ async def main():
             drain(net.ipr)
             out[name] = [repr(raw), repr(link_from_msg(msgs[0]))]
         out["gone"] = repr(await net.link(None, "nosuch0"))
+        out["inner"] = (await net.link("look", "lookp")).index
         print(json.dumps(out))
     finally:
         await net.close()
@@ -237,7 +238,9 @@ def test_a_host_link_looked_up_on_the_raw_socket_is_what_pyroute2_reads_by_name(
     out = sandbox.run([sys.executable, "-c", _HOST_LOOKUP], timeout=60).stdout
     got = json.loads(out.strip().splitlines()[-1])
     assert got.pop("gone") == "None"
+    inner = got.pop("inner")
     for name, (raw, by_name) in got.items():
         assert raw == by_name, name
     assert "master=None" not in got["lookv"][0] and "plug/look/look0" in got["lookv"][0]
     assert "link_netnsid=None" not in got["lookv"][0]  # its peer is in the namespace
+    assert f"far_peer={inner}," in got["lookv"][0] or f"far_peer={inner})" in got["lookv"][0]
