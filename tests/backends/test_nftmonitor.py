@@ -1,0 +1,115 @@
+"""The nf_tables watcher's reading (``backends/nftmonitor.py``) over a socket pair: what
+arrives while ``hold`` says so (a pass of the daemon is running) waits in the socket,
+then is read; never longer than HOLD_MAX."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import anyio
+import pytest
+
+from netagent.backends import nftmonitor
+from netagent.backends.nftmonitor import NftMonitorWatcher, Transactions
+
+LIMIT = 5.0
+
+
+def _nfmsg(msg: int, family: int, attrs: list[tuple[int, bytes]]) -> bytes:
+    body = struct.pack("=BBH", family, 0, 0)
+    for kind, value in attrs:
+        n = 4 + len(value)
+        body += struct.pack("=HH", n, kind) + value + b"\0" * ((4 - n % 4) % 4)
+    return struct.pack("=IHHII", 16 + len(body), 10 << 8 | msg, 0, 0, 0) + body
+
+
+#: someone else (pid 777) deletes a rule of netagent's nat table
+FOREIGN = _nfmsg(8, 2, [(1, b"nat\0"), (2, b"NETAGENT-DNAT\0")]) + _nfmsg(
+    15, 0, [(1, struct.pack(">I", 42)), (2, struct.pack(">I", 777)), (3, b"iptables\0")]
+)
+
+
+async def until(cond: Callable[[], object], what: str) -> None:
+    deadline = time.monotonic() + LIMIT
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {LIMIT:g} s: {what}")
+        await anyio.sleep(0.002)
+
+
+@dataclass
+class Reader:
+    """A watcher reading one end of a socket pair (``send`` puts FOREIGN in the other)."""
+
+    watcher: NftMonitorWatcher
+    sock: socket.socket
+    peer: socket.socket
+    tx: Transactions
+    seen: list[str] = field(default_factory=list)
+
+    def send(self) -> None:
+        self.peer.send(FOREIGN)
+
+    async def read(self) -> None:
+        await self.watcher._read(self.sock, self.tx, self.seen.append)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.peer.close()
+
+
+def reader(held: Callable[[], bool], asked: list[float]) -> Reader:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ours.setblocking(False)
+    watcher = NftMonitorWatcher((" ip nat",))
+
+    def hold() -> bool:
+        asked.append(time.monotonic())
+        return held()
+
+    watcher.hold = hold
+    return Reader(watcher, ours, theirs, Transactions(watcher.markers, lambda pid: False))
+
+
+@pytest.mark.parametrize("release", ["pass ends", "time limit"])
+async def test_what_arrives_during_a_pass_is_read_after_it(
+    release: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    in_pass = True
+    asked: list[float] = []
+    if release == "time limit":
+        monkeypatch.setattr(nftmonitor, "HOLD_MAX", 0.05)
+    r = reader(lambda: in_pass, asked)
+    seen = r.seen
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(r.read)
+        r.send()
+        t0 = time.monotonic()
+        # held: asked again and again, nothing read meanwhile
+        await until(lambda: len(asked) >= 5, "the watcher asks whether a pass runs")
+        if release == "pass ends":
+            assert seen == []
+            in_pass = False
+        await until(lambda: seen, "the drift is reported")
+        waited = time.monotonic() - t0
+        tg.cancel_scope.cancel()
+    r.close()
+    assert seen == ["iptables (pid 777) changed netagent's rules: delete rule ip nat"]
+    if release == "time limit":
+        assert 0.05 <= waited < LIMIT  # read although the pass still runs
+
+
+async def test_nothing_held_is_read_at_once() -> None:
+    asked: list[float] = []
+    r = reader(lambda: False, asked)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(r.read)
+        r.send()
+        await until(lambda: r.seen, "the drift is reported")
+        tg.cancel_scope.cancel()
+    r.close()
+    assert asked and len(r.seen) == 1  # asked, and not kept waiting
