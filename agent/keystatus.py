@@ -110,8 +110,9 @@ class StatusBook:
 
     def requested(self, key: str) -> None:
         """A request changed ``key``: pending, and no retry of the old one."""
-        self.status[key] = KeyStatus(PENDING, reason="requested")
-        self.retry.pop(key, None)
+        self.status[key] = KeyStatus(PENDING, None, 0, 0.0, None, "requested")
+        if self.retry:
+            self.retry.pop(key, None)
 
     def drifted(self, key: str, reason: str) -> None:
         """``key`` was in place and the kernel says it is not (a failing or pending key
