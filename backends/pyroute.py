@@ -261,37 +261,37 @@ class PyrouteNetlink:
         peer_ns_id: tuple[int, int] | None = None,
     ) -> None:
         peer_spec: dict[str, Any] = {"ifname": peer, "group": NETAGENT_GROUP}
-        fd: int | None = None
-        if peer_ns is not None and peer_ns_id is not None:
-            # the namespace is opened once and checked: the kernel is given that very
-            # file (pyroute2 passes an int as the fd), not a path that may have changed
-            fd = self.namespaces.open_checked(peer_ns, peer_ns_id)
-            peer_spec["net_ns_fd"] = fd
-        elif peer_ns is not None:
-            peer_spec["net_ns_fd"] = str(self._path(peer_ns))
-        if peer_mac is not None:
-            peer_spec["address"] = peer_mac
         spec: dict[str, Any] = {"ifname": name, "kind": "veth", "group": NETAGENT_GROUP}
-        if ns is not None:
-            spec["net_ns_fd"] = str(self._path(ns))
-        if master is not None:
-            spec["master"] = master
-        if up:
-            spec["state"] = "up"
-        if mac is not None:
-            spec["address"] = mac
-        if mtu is not None:
-            spec["mtu"] = mtu
-            peer_spec["mtu"] = mtu
+        # the namespaces' files: opened here (checked against an identity when given),
+        # closed once the request has gone. pyroute2 closes one it opened when an answer
+        # of the request's sequence number comes on any of its sockets: of 600 plugs in
+        # one apply, one's came before the send, and the number, reused, misled it
+        fds: list[int] = []
         try:
-            await self._timed(
-                ns, f"creating veth {name}", self.ipr.link("add", **spec, peer=peer_spec)
-            )
+            if peer_ns is not None:
+                fds.append(
+                    self.namespaces.open_checked(peer_ns, peer_ns_id)
+                    if peer_ns_id is not None
+                    else os.open(self._path(peer_ns), os.O_RDONLY | os.O_CLOEXEC)
+                )
+                peer_spec["net_ns_fd"] = fds[-1]
+            if ns is not None:
+                fds.append(os.open(self._path(ns), os.O_RDONLY | os.O_CLOEXEC))
+                spec["net_ns_fd"] = fds[-1]
+            if peer_mac is not None:
+                peer_spec["address"] = peer_mac
+            if master is not None:
+                spec["master"] = master
+            if up:
+                spec["state"] = "up"
+            if mac is not None:
+                spec["address"] = mac
+            if mtu is not None:
+                spec["mtu"] = peer_spec["mtu"] = mtu
+            await self._timed(ns, f"creating {name}", self.ipr.link("add", **spec, peer=peer_spec))
         finally:
-            if fd is not None:
-                # after the request has gone: its bytes name this descriptor, and a
-                # number closed and reused before the send would name another file
-                assert self.sender is not None
+            assert self.sender is not None
+            for fd in fds:
                 self.sender.then(os.close, fd)
         if master is not None and ns is None:
             # before the peer is up: the port's carrier, and IPv6 with it, never came up
