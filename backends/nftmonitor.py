@@ -265,19 +265,22 @@ class NftMonitorWatcher:
         loop = asyncio.get_running_loop()
         ready = asyncio.Event()
         loop.add_reader(sock.fileno(), ready.set)
+        draining = False  # a backlog is read to its end in turns, held once at most
         try:
             while True:
                 await ready.wait()
                 ready.clear()
-                if self.hold is not None and self.hold():
+                if self.hold is not None and not draining and self.hold():
                     until = time.monotonic() + HOLD_MAX
                     while self.hold() and time.monotonic() < until:
                         await anyio.sleep(HOLD_POLL)
+                draining = True
                 turns = Turns()
                 while not turns.due():  # then yield: a burst must not hold the loop
                     try:
                         data = sock.recv(1 << 16)
                     except BlockingIOError:
+                        draining = False
                         break
                     except OSError as exc:
                         if exc.errno != errno.ENOBUFS:

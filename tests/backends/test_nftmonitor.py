@@ -17,6 +17,8 @@ from netagent.backends import nftmonitor
 from netagent.backends.nftmonitor import NftMonitorWatcher, Transactions
 
 LIMIT = 5.0
+#: the asks of one hold of 0.05 s at most (one every HOLD_POLL, 5 ms)
+HOLD_ASKS = 11
 
 
 def _nfmsg(msg: int, family: int, attrs: list[tuple[int, bytes]]) -> bytes:
@@ -113,3 +115,26 @@ async def test_nothing_held_is_read_at_once() -> None:
         tg.cancel_scope.cancel()
     r.close()
     assert asked and len(r.seen) == 1  # asked, and not kept waiting
+
+
+async def test_a_backlog_is_held_once_then_read_to_its_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pass that runs on (a big apply) holds the reading once: what is waiting is then
+    read to its end in turns, not held again before each turn."""
+    monkeypatch.setattr(nftmonitor, "HOLD_MAX", 0.05)
+    asked: list[float] = []
+    r = reader(lambda: True, asked)  # a pass that never ends
+    datagrams = 20
+    r.peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    r.peer.setblocking(False)  # a full buffer fails the test, never hangs it
+    async with anyio.create_task_group() as tg:
+        for _ in range(datagrams):  # 500 transactions each: a turn reads one or two
+            r.peer.send(FOREIGN * 500)
+        tg.start_soon(r.read)
+        await until(lambda: len(r.seen) == datagrams * 500, "the backlog is read")
+        tg.cancel_scope.cancel()
+    r.close()
+    # held before the backlog (and once more after its end, when the socket's last
+    # readiness is seen), each up to HOLD_MAX, i.e. ~10 asks: not before every turn
+    assert 0 < len(asked) <= 4 * HOLD_ASKS
