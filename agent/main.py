@@ -269,7 +269,6 @@ async def run_daemon(config: Config, recover: bool = False) -> None:
                     host = NftMonitorWatcher(())
                     tg.start_soon(host.run, lambda what: None)
                 seen = watch_others(host, rec, fw, checker)
-                host.hold = lambda: rec.in_pass  # a pass is not kept waiting by its commit
                 if watcher is not None:
 
                     def drifted(what: str) -> None:

@@ -257,10 +257,6 @@ class Reconciler:
     def failing(self) -> dict[str, str]:
         return self.book.failing()
 
-    @property
-    def in_pass(self) -> bool:
-        return self._in_pass
-
     def busy(self) -> bool:
         """Something is marked, waits, or a pass is running."""
         return bool(self._pending or self._sweep or self._links or self._tickets or self._in_pass)

@@ -32,7 +32,6 @@ import errno
 import os
 import socket
 import struct
-import time
 from collections.abc import Callable, Iterable
 
 import anyio
@@ -77,10 +76,6 @@ LOST = "# ERROR: We lost some netlink events!"
 RCVBUF = 8 << 20
 #: pause before a broken socket is opened again
 RESTART_DELAY = 1.0
-#: seconds notifications may wait in the socket while ``hold`` says so (see there), and
-#: how often it is asked meanwhile
-HOLD_MAX = 0.25
-HOLD_POLL = 0.005
 _HDR = struct.Struct("=IHHII")
 _ATTR = struct.Struct("=HH")
 
@@ -236,11 +231,6 @@ class NftMonitorWatcher:
         #: told about foreign transactions that did not touch the markers (set by the
         #: daemon before ``run``); None: nobody asks
         self.on_foreign: ForeignCallback | None = None
-        #: while this says so (the daemon: a pass is running), what arrived waits in the
-        #: socket, HOLD_MAX s at most: a pass's own commit of 10,000 iptables rules is
-        #: 10,000 notifications, ~25 ms of the loop to read, which the pass's answer
-        #: waited for (read after it, they are the same transaction, ours)
-        self.hold: Callable[[], bool] | None = None
 
     async def run(self, on_drift: DriftCallback) -> None:
         me = os.getpid()
@@ -265,22 +255,15 @@ class NftMonitorWatcher:
         loop = asyncio.get_running_loop()
         ready = asyncio.Event()
         loop.add_reader(sock.fileno(), ready.set)
-        draining = False  # a backlog is read to its end in turns, held once at most
         try:
             while True:
                 await ready.wait()
                 ready.clear()
-                if self.hold is not None and not draining and self.hold():
-                    until = time.monotonic() + HOLD_MAX
-                    while self.hold() and time.monotonic() < until:
-                        await anyio.sleep(HOLD_POLL)
-                draining = True
                 turns = Turns()
                 while not turns.due():  # then yield: a burst must not hold the loop
                     try:
                         data = sock.recv(1 << 16)
                     except BlockingIOError:
-                        draining = False
                         break
                     except OSError as exc:
                         if exc.errno != errno.ENOBUFS:
