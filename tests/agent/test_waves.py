@@ -40,7 +40,7 @@ async def built(tmp_path: Path) -> World:
     return w
 
 
-def watch_plugs(w: World, monkeypatch: pytest.MonkeyPatch, name: str = "plug") -> dict[str, Any]:
+def watch_ensures(w: World, monkeypatch: pytest.MonkeyPatch, name: str = "plug") -> dict[str, Any]:
     """Record which ensures of kind ``name`` run together: each one's key is in ``active``
     for as long as its ensure lasts (held open 20 ms)."""
     kind = w.state.kinds.get(name)
@@ -66,7 +66,7 @@ async def test_a_recreated_bridge_brings_its_plugs_back_at_once_never_two_of_a_n
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     w = await built(tmp_path)
-    seen = watch_plugs(w, monkeypatch)
+    seen = watch_ensures(w, monkeypatch)
     for br in BRIDGES:  # someone deletes both bridges
         await w.net.del_link(None, w.link(br).index)
         w.rec.drift(f"br/{br}", f"{br} was deleted")
@@ -100,7 +100,7 @@ async def test_plugs_that_find_their_bridge_gone_together_are_tried_again_togeth
     with the plugs alone. They fail together for want of the bridge; that is no failure
     of theirs: the bridge is ensured, then they are tried again, at once again."""
     w = await built(tmp_path)
-    seen = watch_plugs(w, monkeypatch)
+    seen = watch_ensures(w, monkeypatch)
     await w.net.del_link(None, w.link("v-net-0").index)
     v0 = sorted(plug_key(ns, "v-net-0") for ns in NAMESPACES)
     w.rec.mark(v0)
@@ -117,7 +117,7 @@ async def test_a_wave_holds_at_most_WAVE_keys(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     w = await built(tmp_path)
-    seen = watch_plugs(w, monkeypatch)
+    seen = watch_ensures(w, monkeypatch)
     monkeypatch.setattr(waves, "WAVE", 3)
     await w.net.del_link(None, w.link("v-net-0").index)
     w.rec.drift("br/v-net-0", "v-net-0 was deleted")
@@ -132,7 +132,7 @@ async def test_namespaces_asked_for_together_are_made_together(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     w = make_world(tmp_path)
-    seen = watch_plugs(w, monkeypatch, "ns")
+    seen = watch_ensures(w, monkeypatch, "ns")
     items = [{"kind": "ns", "name": ns} for ns in NAMESPACES]
     async with w.running():
         await w.call("apply", intents=items)
