@@ -135,35 +135,40 @@ def _not_a_destination(ip: IPAddress) -> str | None:
     return _unusable(ip)
 
 
-@functools.lru_cache(maxsize=4096)
-def _ip(text: str) -> IPAddress:
-    return ipaddress.ip_address(text)
-
-
 def parse_host_ip(value: object, what: str = "--host-ip") -> IPAddress:
     """An address of this host a forward is bound to (its loopback addresses too)."""
     return parse_ip(value, what, loopback=True)
 
 
 def parse_ip(value: object, what: str = "address", loopback: bool = False) -> IPAddress:
-    if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
-        return value
-    if not isinstance(value, str):
+    if type(value) is not str:
+        if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+            return value
         raise InvalidAddress(f"{what} must be a string like 192.168.15.2")
     if "%" in value:
         # fe80::1%eth0: the scope is text the firewall cannot take (and could hold a
         # line break); a scoped address cannot be forwarded to anyway
         raise InvalidAddress(f"{what} {value!r} carries a scope (%...); give the address alone")
-    try:
-        ip = _ip(value)  # cached: a 10,000-forward apply names the same few addresses
-    except ValueError:
+    ip, why = _read_ip(value, loopback)
+    if ip is None:
         raise InvalidAddress(
             f"{what} {value!r} is not an IP address; e.g. 192.168.15.2 or fd00:15::2"
-        ) from None
-    why = _unusable(ip) if loopback else _not_a_destination(ip)
+        )
     if why is not None:
         raise InvalidAddress(f"{what} {value!r} cannot be used: it {why}")
     return ip
+
+
+@functools.lru_cache(maxsize=4096)
+def _read_ip(text: str, loopback: bool) -> tuple[IPAddress | None, str | None]:
+    """(the address, why it cannot be used) of a text, or (None, None) when it is no
+    address; cached by the text (a 10,000-forward apply names the same few addresses,
+    and a text hashes in C where an address hashes in Python)."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None, None
+    return ip, (_unusable(ip) if loopback else _not_a_destination(ip))
 
 
 def parse_port(value: object, what: str = "port") -> int:
@@ -180,8 +185,22 @@ def parse_port(value: object, what: str = "port") -> int:
     return port
 
 
+def _one_port(value: object) -> int:
+    """The port a text of digits names, or 0 for anything else (which the parsers then
+    read the long way, to say what is wrong): the short path of each item of a
+    10,000-forward apply."""
+    if type(value) is str and value.isdigit() and value.isascii() and len(value) <= 5:
+        port = int(value)
+        if port <= 65535:
+            return port
+    return 0
+
+
 def parse_port_range(value: object, what: str = "port") -> tuple[int, int]:
     """``80`` or ``8000-8009``; returns (first, last)."""
+    port = _one_port(value)
+    if port:
+        return port, port
     if isinstance(value, int) and not isinstance(value, bool):
         port = parse_port(value, what)
         return port, port
@@ -218,6 +237,9 @@ def parse_destination(value: object, what: str = "destination") -> tuple[IPAddre
             f"destination {value!r} needs an address and a port, e.g. 192.168.15.2:80"
         )
     ip = parse_ip(host, "destination address")
+    lo = _one_port(port)
+    if lo:
+        return ip, lo, lo
     lo, hi = parse_port_range(port, "destination port")
     return ip, lo, hi
 
@@ -246,6 +268,9 @@ def short_hash(text: str, length: int = 8) -> str:
 
 def parse_host_ports(value: object, what: str = "host port") -> tuple[int, int]:
     """``80`` or ``8000-8009`` (or a number) -> (first port, count)."""
+    port = _one_port(value)
+    if port:
+        return port, 1
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise InvalidPort(f"{what} must be a port like 80 or a range like 8000-8009")
     lo, hi = parse_port_range(value, what)

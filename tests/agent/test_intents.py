@@ -187,3 +187,50 @@ def test_patterns_overlap(a: str, b: str, overlap: bool) -> None:
 def test_bad_patterns(pattern: str) -> None:
     with pytest.raises(E.InvalidPattern):
         G.check_pattern(pattern)
+
+
+@pytest.mark.parametrize(
+    "text", ["1", "80", "080", "00080", "65535", "0", "65536", "99999", "123456", "", "\u0663"]
+)
+def test_one_port_as_text_reads_as_the_number_does(text: str) -> None:
+    """The text of one port takes a short path through the parsers: it must give what
+    the number gives, and refuse what the number's path refuses."""
+    ip = ipaddress.ip_address("192.168.15.2")
+    n = int(text) if text.isascii() and text.isdigit() else None
+    if n is not None and 1 <= n <= 65535:
+        assert V.parse_port_range(text) == V.parse_port_range(n) == (n, n)
+        assert V.parse_host_ports(text) == (n, 1)
+        assert V.parse_destination(f"192.168.15.2:{text}") == (ip, n, n)
+        return
+    if n is not None:
+        with pytest.raises(E.InvalidPort):
+            V.parse_port_range(n)
+    with pytest.raises(E.InvalidPort):
+        V.parse_port_range(text)
+    with pytest.raises(E.InvalidPort):
+        V.parse_host_ports(text)
+    with pytest.raises(E.InvalidPort):
+        V.parse_destination(f"192.168.15.2:{text}")
+
+
+def test_a_forward_takes_numbers_only() -> None:
+    f = I.make_forward("80", "192.168.15.2:8080")
+    for field, value in (("host_port", "80"), ("dest_port", "8080"), ("count", True)):
+        with pytest.raises(E.InvalidPort):
+            type(f)(**{**f.__dict__, field: value})
+    with pytest.raises(E.InvalidPort, match="out of range"):
+        type(f)(**{**f.__dict__, "host_port": 0})
+    with pytest.raises(E.InvalidArgument, match="protocol"):
+        type(f)(**{**f.__dict__, "proto": "sctp"})
+
+
+def test_addresses_read_from_text_are_checked_each_time() -> None:
+    """Addresses are cached by their text: a refused one is refused again, and a host
+    address allowed for --host-ip is not thereby allowed as a destination."""
+    assert V.parse_host_ip("127.0.0.1") == ipaddress.ip_address("127.0.0.1")
+    for _ in range(2):
+        with pytest.raises(E.InvalidAddress, match="host itself"):
+            V.parse_ip("127.0.0.1", "destination address")
+        with pytest.raises(E.InvalidAddress, match="not an IP address"):
+            V.parse_ip("192.168.15.999")
+    assert V.parse_ip("192.168.15.2") is V.parse_ip("192.168.15.2")
