@@ -161,24 +161,25 @@ class Reconciler:
         pass that covers them."""
         keys: set[str] = set(also)
         removals, previous, book = self._removals, self._previous, self.book
-        of_key, fw_note = self.state.kinds.of_key, self.firewall.note
+        firewall_kinds, fw_note = self.state.kinds.firewall_names, self.firewall.note
         firewall = False
         for c in changes:  # an apply of 10,000 forwards: locals, not attribute lookups
-            key = c.key
-            if c.new is None:
+            key, new = c.key, c.new
+            if new is None:
                 assert c.old is not None
                 removals[key] = c.old
                 previous.pop(key, None)
+                kind = c.old.kind
             else:
                 gone = removals.get(key)
-                if gone is not None and gone == c.new:
+                if gone is not None and gone == new:
                     del removals[key]  # wanted again as it was: nothing to remove
                 if c.old is not None:
                     previous.setdefault(key, c.old)
                 book.requested(key)
+                kind = new.kind
             keys.add(key)
-            kind = of_key(key)
-            if kind is not None and kind.firewall:
+            if kind in firewall_kinds:
                 fw_note(c)
                 firewall = True
         if firewall:
@@ -326,11 +327,15 @@ class Reconciler:
         if self._sweep and not self._tickets and time.monotonic() >= self._sweep_at:
             chunk = set(itertools.islice(self._sweep, CHUNK))
         keys = urgent | chunk
-        for key in list(keys):
-            intent = self.state.get(key)
-            if intent is not None:
-                needs = self.state.kinds.of(intent).needs(intent)
-                keys.update(k for k in needs if k in self._pending or k in self._sweep)
+        # and what they need that is marked: asked of the needed keys (a few namespaces
+        # and bridges), not of each key (10,000 forwards need nothing)
+        for needed, users in self.state.needed().items():
+            if (
+                needed not in keys
+                and (needed in self._pending or needed in self._sweep)
+                and not users.isdisjoint(keys)
+            ):
+                keys.add(needed)
         whys = {self._pending.pop(k) for k in keys if k in self._pending}
         swept = [k for k in keys if k in self._sweep]
         for key in swept:
@@ -363,23 +368,21 @@ class Reconciler:
     async def _pass(self, batch: _Batch) -> PassResult:
         t0 = time.perf_counter()
         result = PassResult()
-        order = self.state.kinds.order_of_key
+        kinds, intents, removals = self.state.kinds, self.state.intents, self._removals
+        parts = kinds.split(batch.keys)
         self._in_pass = True
         try:
             # the firewall first (a forward's DNAT, a bridge's rules, a removal's rules
             # gone before its parts), unless the pass is peers' alone (the guard follows)
-            firewall_last = FIREWALL in batch.keys and self.state.kinds.firewall_follows(batch.keys)
+            firewall_last = FIREWALL in batch.keys and kinds.firewall_follows(parts)
             if FIREWALL in batch.keys and not firewall_last:
                 await self._step(FIREWALL, self.firewall.sync(self.state), result)
-            removing = sorted(
-                (k for k in batch.keys if k in self._removals and k not in self.state),
-                key=lambda k: (-order(k), k),
-            )
+            removing = [
+                k for k in kinds.in_order(parts, True) if k in removals and k not in intents
+            ]
             for key in removing:
                 await self._remove(key, result)
-            ensuring = sorted(
-                (k for k in batch.keys if k in self.state), key=lambda k: (order(k), k)
-            )
+            ensuring = [k for k in kinds.in_order(parts) if k in intents]
             # what the sweep's budget left is marked again, and not this pass's
             batch.keys -= await self._ensure_all(ensuring, result, batch.periodic)
             if firewall_last:
@@ -436,7 +439,8 @@ class Reconciler:
         queue = collections.deque(keys)  # popped from the front: 10,000 keys
         deadline = time.perf_counter() + PERIODIC_BUDGET
         swept = 0  # at least one per pass: the sweep always moves on
-        turns = Turns()
+        turns, n = Turns(), 0
+        intents, of, ctx, book = self.state.intents, self.state.kinds.of, self.ctx, self.book
         while queue:
             key = queue.popleft()
             if key in done:
@@ -453,24 +457,25 @@ class Reconciler:
                 continue
             done.add(key)
             swept += key in periodic
-            intent = self.state.get(key)
+            intent = intents.get(key)
             if intent is None:
                 continue
             gone = self._removals.pop(key, None)
             if gone is not None and gone != intent:
                 # replaced by a different intent of the same key: the old one goes first
                 await self._remove_intent(key, gone, result)
-            kind = self.state.kinds.of(intent)
-            if turns.due():  # 10,000 forwards' verdicts: let events and requests in
+            kind = of(intent)
+            n += 1
+            if not n % 64 and turns.due():  # 10,000 forwards' verdicts: let others in
                 await anyio.sleep(0)
             if not kind.has_steps:
                 # realized by the firewall step of this pass: only its verdict to record
                 # (no task, no time limit: 10,000 forwards must cost microseconds each)
-                why = kind.refused(self.ctx, intent)
+                why = kind.refused(ctx, intent)
                 if why is None:
-                    self.book.ok(key)
+                    book.ok(key)
                 else:
-                    self.book.fail(key, why, result)
+                    book.fail(key, why, result)
                 continue
             old = self._previous.pop(key, None)
             wave = [(key, intent, old)]

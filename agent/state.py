@@ -15,7 +15,7 @@ index, so the checks that span kinds are written once here.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -99,32 +99,45 @@ class DesiredState:
         self.external_namespace = external_namespace
 
     # ---- the index ------------------------------------------------------------------
-    def _entries(self, intent: Intent) -> list[tuple[str, Hashable]]:
+    def _entries(self, intent: Intent, kind: Kind[Any] | None = None) -> list[tuple[str, Hashable]]:
         """What the index holds for an intent (asked of its kind once per intent
         object: a proposal puts, takes back and commits the same objects)."""
         memo = self._memo.get(intent.key)
         if memo is not None and memo[0] is intent:
             return memo[1]
-        entries = self._compute_entries(intent)
+        entries = self._compute_entries(intent, kind or self.kinds.of(intent))
         self._memo[intent.key] = (intent, entries)
         return entries
 
-    def _compute_entries(self, intent: Intent) -> list[tuple[str, Hashable]]:
-        # 10,000 forwards in one apply: most relations are empty, and an empty one
-        # costs a test, not a list built and joined
-        kind = self.kinds.of(intent)
-        out: list[tuple[str, Hashable]] = [("needs", k) for k in kind.needs(intent)]
-        names = kind.names(intent)
-        if names:
-            out += [("name", n) for n in names]
-        for ns, segment, addr in kind.addresses(intent):
-            out.append(("ns-addr", ns))
-            out.append(("segment-ip", (segment, addr.ip)))
-        namespaces = kind.namespaces(intent)
-        if namespaces:
-            out += [("ns", ns) for ns in namespaces]
-        out.extend(kind.index(intent))
+    @staticmethod
+    def _compute_entries(intent: Intent, kind: Kind[Any]) -> list[tuple[str, Hashable]]:
+        # 10,000 forwards in one apply: a relation the kind does not declare is not
+        # asked, and an empty one costs a test, not a list built and joined
+        has = kind.relations
+        out: list[tuple[str, Hashable]] = []
+        if "needs" in has:
+            needs = kind.needs(intent)
+            if needs:
+                out += [("needs", k) for k in needs]
+        if "names" in has:
+            names = kind.names(intent)
+            if names:
+                out += [("name", n) for n in names]
+        if "addresses" in has:
+            for ns, segment, addr in kind.addresses(intent):
+                out.append(("ns-addr", ns))
+                out.append(("segment-ip", (segment, addr.ip)))
+        if "namespaces" in has:
+            namespaces = kind.namespaces(intent)
+            if namespaces:
+                out += [("ns", ns) for ns in namespaces]
+        if "index" in has:
+            out.extend(kind.index(intent))
         return out
+
+    def needed(self) -> Mapping[Hashable, AbstractSet[str]]:
+        """Each key some intent needs -> the keys of those that need it. Read only."""
+        return self._index.get("needs", {})
 
     def lookup(self, name: str, value: Hashable) -> set[str]:
         """Keys of the intents indexed under (name, value); a copy."""
@@ -152,10 +165,10 @@ class DesiredState:
         return self._segment_ips.get((segment, version), frozenset())
 
     # ---- low level: every mutation goes through these two ---------------------------
-    def _put(self, intent: Intent) -> Change | None:
+    def _put(self, intent: Intent, kind: Kind[Any] | None = None) -> Change | None:
         key = intent.key
         old = self.intents.get(key)
-        if old == intent:
+        if old is not None and old == intent:
             return None
         if old is not None:
             self._unindex(old)
@@ -163,7 +176,7 @@ class DesiredState:
         self._by_kind[intent.kind][key] = intent
         self._generation[intent.kind] += 1
         index = self._index
-        for name, value in self._entries(intent):
+        for name, value in self._entries(intent, kind):
             values = index[name]
             keys = values.get(value)
             if keys is None:
@@ -352,12 +365,13 @@ class DesiredState:
         overlapping subnets."""
         kind = self.kinds.of(intent)
         key = intent.key
-        for ns, ifname in kind.names(intent):
-            owner = self.name_owner(ns, ifname)
-            if owner is not None and owner != key:
-                where = f"{ifname} in {ns}" if ns else ifname
-                raise NameTaken(f"interface name {where} is already used by {owner}")
-        for ns, segment, addr in kind.addresses(intent):
+        if "names" in kind.relations:
+            for ns, ifname in kind.names(intent):
+                owner = self.name_owner(ns, ifname)
+                if owner is not None and owner != key:
+                    where = f"{ifname} in {ns}" if ns else ifname
+                    raise NameTaken(f"interface name {where} is already used by {owner}")
+        for ns, segment, addr in kind.addresses(intent) if "addresses" in kind.relations else ():
             for user in sorted(self.lookup("segment-ip", (segment, addr.ip)) - {key}):
                 raise AddressInUse(
                     f"{addr.ip} is already used on {self.label(segment)} by "
@@ -377,7 +391,7 @@ class DesiredState:
                             f"each its own subnet, or remove {other_key} first",
                             conflicts_with=other_key,
                         )
-        return self._put(intent)
+        return self._put(intent, kind)
 
     def remove(self, key: str, what: str) -> Change | None:
         """Remove an intent that nothing else needs (else InUse, naming the first)."""

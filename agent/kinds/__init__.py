@@ -7,6 +7,7 @@ means adding its module, listing it in :func:`default_kinds`, declaring its requ
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -23,6 +24,10 @@ class Registry:
             for name in (kind.name, *kind.aliases):
                 self._by_name[name] = kind
             self._by_prefix[kind.key_prefix] = kind
+        #: the names of the kinds whose changes reach the firewall
+        self.firewall_names = frozenset(k.name for k in self._kinds if k.firewall)
+        #: the names of the kinds that may have to ask the kernel before a change
+        self.looking_names = frozenset(k.name for k in self._kinds if k.may_look)
 
     def __iter__(self) -> Iterator[Kind[Any]]:
         return iter(self._kinds)
@@ -41,19 +46,63 @@ class Registry:
         kind = self.of_key(key)
         return kind.order if kind is not None else len(self._kinds)
 
-    def firewall_follows(self, keys: Iterable[str]) -> bool:
-        """Whether every key of a firewall kind among ``keys`` is of a kind whose
-        firewall part follows its kernel steps (peers coming, moving or going: their
-        route is there, or gone, ~1-2 ms sooner), and there is one."""
-        found = False
-        for key in keys:
-            kind = self.of_key(key)
-            if kind is None or not kind.firewall:
-                continue
-            if not kind.firewall_follows:
-                return False
-            found = True
-        return found
+    def split(self, keys: Iterable[str]) -> list[tuple[Kind[Any] | None, list[str]]]:
+        """``keys`` by kind, in the kinds' order, each kind's sorted; those of no kind
+        (the reconciler's own) last, with None. Sorted once, then cut at each kind's
+        prefix: a pass of 10,000 keys costs no Python call per key."""
+        ordered = sorted(keys)
+        found: dict[str, list[str]] = {}
+        cuts: list[tuple[int, int]] = []
+        for kind in self._kinds:
+            lo = bisect.bisect_left(ordered, kind.key_prefix + "/")
+            hi = bisect.bisect_left(ordered, kind.key_prefix + "0", lo)  # "0" follows "/"
+            found[kind.name] = ordered[lo:hi]
+            cuts.append((lo, hi))
+        rest: list[str] = []
+        if sum(hi - lo for lo, hi in cuts) < len(ordered):  # the few keys between cuts
+            at = 0
+            for lo, hi in sorted(cuts):
+                rest += ordered[at:lo]
+                at = hi
+            rest += ordered[at:]
+            for key in rest[:]:
+                owner = self.of_key(key)  # a kind's prefix alone: before its other keys
+                if owner is not None:
+                    found[owner.name].insert(0, key)
+                    rest.remove(key)
+        parts: list[tuple[Kind[Any] | None, list[str]]] = [
+            (kind, found[kind.name]) for kind in self._kinds if found[kind.name]
+        ]
+        if rest:
+            parts.append((None, rest))
+        return parts
+
+    def in_order(
+        self, parts: list[tuple[Kind[Any] | None, list[str]]], reverse: bool = False
+    ) -> list[str]:
+        """The keys of :meth:`split` in realize order (by kind, then key; kinds of one
+        order together), or in removal order (``reverse``: by kind backwards, then key)."""
+        last = len(self._kinds)
+        by_order: dict[int, list[str]] = {}
+        for kind, keys in parts:
+            order = kind.order if kind is not None else last
+            held = by_order.get(order)
+            if held is None:
+                by_order[order] = keys
+            else:
+                by_order[order] = sorted([*held, *keys])
+        out: list[str] = []
+        for order in sorted(by_order, reverse=reverse):
+            out += by_order[order]
+        return out
+
+    @staticmethod
+    def firewall_follows(parts: list[tuple[Kind[Any] | None, list[str]]]) -> bool:
+        """Whether every key of a firewall kind among the keys of :meth:`split` is of a
+        kind whose firewall part follows its kernel steps (peers coming, moving or
+        going: their route is there, or gone, ~1-2 ms sooner), and there is one."""
+        kinds = [kind for kind, _keys in parts if kind is not None and kind.firewall]
+        return bool(kinds) and all(kind.firewall_follows for kind in kinds)
 
     def sort_key(self, intent: Intent) -> tuple[int, str]:
         return self._by_name[intent.kind].order, intent.key

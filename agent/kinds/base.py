@@ -109,6 +109,10 @@ def _no_claims() -> Claims:
     return Claims(None)
 
 
+#: what a kind may say of an intent for the desired state's index
+RELATIONS = ("needs", "names", "addresses", "namespaces", "index")
+
+
 class Kind(ABC, Generic[IntentT]):
     #: the kind's one name: in documents, ops (``<name>.add``) and the CLI
     name: ClassVar[str]
@@ -131,6 +135,20 @@ class Kind(ABC, Generic[IntentT]):
     #: its intents' ensures may run at once, those that share no namespace and no name
     #: (``agent/waves.py``: their waits on the kernel overlap)
     at_once: ClassVar[bool] = False
+    #: the relations it declares (of ``needs``, ``names``, ``addresses``, ``namespaces``,
+    #: ``index``: those it overrides); the others are empty for each of its intents and
+    #: the desired state does not ask them (set for each kind by ``__init_subclass__``)
+    relations: ClassVar[frozenset[str]] = frozenset()
+    #: whether :meth:`must_look` can ever say yes (a kind that owns no names and keeps
+    #: the default never has to ask the kernel before a change is recorded)
+    may_look: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        cls.relations = frozenset(
+            r for r in RELATIONS if getattr(cls, r) is not getattr(Kind, r)
+        )
+        cls.may_look = "names" in cls.relations or cls.must_look is not Kind.must_look
 
     # ---- the persisted form ---------------------------------------------------------
     @abstractmethod

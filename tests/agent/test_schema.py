@@ -229,3 +229,12 @@ def test_ops_without_fields_take_no_words(req: type[Request]) -> None:
     assert req.from_argv([]) == {}
     assert req.from_argv(["x"]) is None
     assert req.parse({}) == req()
+
+
+def test_an_apply_entrys_kind_is_ignored_only_when_asked() -> None:
+    entry = {"kind": "fwd", "host_ports": "80", "destination": "192.168.15.2:80"}
+    req = ops.ForwardAdd.parse(entry, ignore="kind")
+    assert req.host_ports == (80, 1) and req.proto == "tcp" and req.host_ip is None
+    assert req == ops.ForwardAdd.parse({k: v for k, v in entry.items() if k != "kind"})
+    with pytest.raises(BadRequest, match="unknown argument 'kind'"):
+        ops.ForwardAdd.parse(entry)
