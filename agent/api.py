@@ -207,9 +207,9 @@ class Service:
         on disk, and a request does not wait for a disk flush and then for the kernel,
         one after the other.
 
-        ``meanwhile`` runs while the change is recorded and realized, from when it is
-        proposed (and not at all when nothing changed); the answer, or the error, waits
-        for it too.
+        ``meanwhile`` runs once the change is recorded (not at all when nothing changed
+        or the change was refused), while the reconciler's pass realizes it; the answer
+        waits for both.
 
         ``mirror``: the change mirrors records kept durable elsewhere (the cluster's
         peers, in etcd), and nobody waits for an answer: its journal line goes into the
@@ -219,24 +219,12 @@ class Service:
         truth): it is realized all the same, the log says so, and the next change writes
         a whole snapshot."""
         result: PassResult | None = None
-        if meanwhile is None:
-            changes, ticket, synced = await self._record(fn, mirror)
-            if ticket is not None:
-                result = await self._realized(ticket, synced)
-        else:
-            look = meanwhile
-            refused: Exception | None = None
-            async with anyio.create_task_group() as tg:
-                try:
-                    changes, ticket, synced = await self._record(
-                        fn, mirror, lambda: tg.start_soon(look)
-                    )
-                    if ticket is not None:
-                        result = await self._realized(ticket, synced)
-                except Exception as exc:  # raised once ``meanwhile`` is done, not in a group
-                    refused = exc
-            if refused is not None:
-                raise refused
+        changes, ticket, synced = await self._record(fn, mirror)
+        if ticket is not None:
+            if meanwhile is not None and changes:
+                # the pass is the reconciler's task: it runs while this one looks
+                await meanwhile()
+            result = await self._realized(ticket, synced)
         if result is None:
             return {"changed": False, "changes": [], "changes_total": 0}
         reply: dict[str, Any] = {
@@ -258,7 +246,6 @@ class Service:
         self,
         fn: Callable[[DesiredState], object],
         mirror: bool,
-        proposed: Callable[[], object] = lambda: None,
         also: tuple[str, ...] = (),
     ) -> tuple[list[Change], Ticket | None, asyncio.Future[None] | None]:
         """Make a change the state, under the commit lock: validated, checked, its
@@ -277,7 +264,6 @@ class Service:
             if not changes:
                 ticket = self.reconciler.note([], also=also) if also else None
                 return changes, ticket, None
-            proposed()
             big = mirror and len(changes) > MIRROR_INLINE
             if big or self._must_look(changes):
                 self.state.take_back(changes)
@@ -301,8 +287,11 @@ class Service:
         result = await self.reconciler.wait(ticket)
         if synced is not None:
             try:
-                with anyio.CancelScope(shield=True), anyio.fail_after(FLUSH_TIMEOUT):
-                    await asyncio.shield(synced)  # the flush goes on; the answer does not
+                if synced.done():  # the usual case: the flush ended during the pass
+                    synced.result()
+                else:
+                    with anyio.CancelScope(shield=True), anyio.fail_after(FLUSH_TIMEOUT):
+                        await asyncio.shield(synced)  # the flush goes on; the answer not
             except TimeoutError:  # the line is written: the flush takes it when it can
                 raise BackendFailed(
                     f"in place, but the disk has not confirmed the journal in "

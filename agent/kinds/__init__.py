@@ -14,6 +14,9 @@ from typing import Any
 from ..errors import InvalidArgument
 from .base import Intent, Kind
 
+#: up to this many keys, :meth:`Registry.split` looks each up
+FEW_KEYS = 16
+
 
 class Registry:
     def __init__(self, kinds: Iterable[Kind[Any]]) -> None:
@@ -49,8 +52,17 @@ class Registry:
     def split(self, keys: Iterable[str]) -> list[tuple[Kind[Any] | None, list[str]]]:
         """``keys`` by kind, in the kinds' order, each kind's sorted; those of no kind
         (the reconciler's own) last, with None. Sorted once, then cut at each kind's
-        prefix: a pass of 10,000 keys costs no Python call per key."""
+        prefix: a pass of 10,000 keys costs no Python call per key (a few keys are
+        looked up one by one: cheaper than the cuts)."""
         ordered = sorted(keys)
+        if len(ordered) <= FEW_KEYS:
+            by: dict[Kind[Any] | None, list[str]] = {}
+            for key in ordered:
+                by.setdefault(self.of_key(key), []).append(key)
+            few: list[tuple[Kind[Any] | None, list[str]]] = [
+                (kind, by[kind]) for kind in self._kinds if kind in by
+            ]
+            return [*few, (None, by[None])] if None in by else few
         found: dict[str, list[str]] = {}
         cuts: list[tuple[int, int]] = []
         for kind in self._kinds:
