@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import anyio
@@ -71,12 +71,28 @@ async def attempt(
             return await aw, None, False
     except TimeoutError:
         return None, f"did not finish within {STEP_TIMEOUT:g} s", True
-    except NetagentError as exc:
-        return None, exc.message, False
-    except Exception as exc:  # the kernel said no (NetlinkError, OSError), or a bug
-        if not isinstance(exc, OSError) and type(exc).__name__ != "NetlinkError":
-            log.exception("unexpected failure", key=key)
-        return None, f"{type(exc).__name__}: {exc}", False
+    except Exception as exc:
+        return None, _why(exc, key), False
+
+
+def attempt_now(
+    fn: Callable[[], list[str]], key: str | None = None
+) -> tuple[list[str] | None, str | None, bool]:
+    """:func:`attempt` for a step that never waits (a file of /proc/sys read and
+    written): a time limit could not stop it, so none is set up."""
+    try:
+        return fn(), None, False
+    except Exception as exc:
+        return None, _why(exc, key), False
+
+
+def _why(exc: Exception, key: str | None) -> str:
+    if isinstance(exc, NetagentError):
+        return exc.message
+    # the kernel said no (NetlinkError, OSError), or a bug
+    if not isinstance(exc, OSError) and type(exc).__name__ != "NetlinkError":
+        log.exception("unexpected failure", key=key)
+    return f"{type(exc).__name__}: {exc}"
 
 
 class Ticket:

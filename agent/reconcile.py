@@ -36,7 +36,7 @@ from . import orphans
 from .bus import EventBus
 from .fwsync import FirewallSync
 from .hostcheck import HostCheck
-from .keystatus import PassResult, StatusBook, Ticket, attempt
+from .keystatus import PassResult, StatusBook, Ticket, attempt, attempt_now
 from .kinds.attach import attach_links
 from .kinds.base import Context, Intent
 from .orphans import Orphan
@@ -388,7 +388,7 @@ class Reconciler:
             if firewall_last:
                 await self._step(FIREWALL, self.firewall.sync(self.state), result)
             if HOST in batch.keys:
-                await self._step(HOST, self._host(), result)
+                self._record(HOST, attempt_now(self._host, HOST), result)
             if batch.keys & {ORPHANS, PURGE_ORPHANS}:
                 await self._step(ORPHANS, self._orphans(PURGE_ORPHANS in batch.keys), result)
             if batch.keys & {FINDINGS, READ_HOST} and self.checker is not None:
@@ -542,7 +542,7 @@ class Reconciler:
         self.orphans, self.orphans_checked = found, time.time()
         return done
 
-    async def _host(self) -> list[str]:
+    def _host(self) -> list[str]:
         """IP forwarding on for each IP version something routed needs (kinds say so
         with the ``forwarding`` index: bridges' addresses, forwards)."""
         done = []

@@ -145,9 +145,7 @@ class Kind(ABC, Generic[IntentT]):
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
-        cls.relations = frozenset(
-            r for r in RELATIONS if getattr(cls, r) is not getattr(Kind, r)
-        )
+        cls.relations = frozenset(r for r in RELATIONS if getattr(cls, r) is not getattr(Kind, r))
         cls.may_look = "names" in cls.relations or cls.must_look is not Kind.must_look
 
     # ---- the persisted form ---------------------------------------------------------

@@ -20,6 +20,7 @@ from netagent.agent.keystatus import (
     PassResult,
     StatusBook,
     attempt,
+    attempt_now,
 )
 
 
@@ -100,6 +101,22 @@ async def test_attempt_says_why_a_step_failed_and_whether_it_ran_out_of_time(
     assert await attempt(kernel()) == (None, "OSError: [Errno 16] busy", False)
     actions, why, timed_out = await attempt(hangs())
     assert actions is None and timed_out and "0.05 s" in (why or "")
+
+
+def test_a_step_that_never_waits_says_why_it_failed_the_same_way() -> None:
+    def refused() -> list[str]:
+        raise NameTaken("veth0 belongs to someone else")
+
+    def kernel() -> list[str]:
+        raise OSError(errno.EACCES, "denied")
+
+    assert attempt_now(lambda: ["enabled net.ipv4.ip_forward"]) == (
+        ["enabled net.ipv4.ip_forward"],
+        None,
+        False,
+    )
+    assert attempt_now(refused) == (None, "veth0 belongs to someone else", False)
+    assert attempt_now(kernel) == (None, "PermissionError: [Errno 13] denied", False)
 
 
 def test_repairs_are_published_but_for_the_quiet_keys() -> None:

@@ -29,9 +29,7 @@ def reference_order(keys: list[str], reverse: bool = False) -> list[str]:
 def some_keys(rng: random.Random, n: int) -> list[str]:
     prefixes = [k.key_prefix for k in KINDS]
     words = ["a", "b", "red", "v-net-0", "x/y", "0", "Z", "-"]
-    keys = {
-        f"{rng.choice(prefixes)}/{rng.choice(words)}{rng.randrange(50)}" for _ in range(n)
-    }
+    keys = {f"{rng.choice(prefixes)}/{rng.choice(words)}{rng.randrange(50)}" for _ in range(n)}
     keys |= set(rng.sample(sorted(PSEUDO), 3))
     # near misses of a prefix: not of that kind (of none, or another's)
     keys |= {"fwdx/1", "ns", "plug-/2", "bridge0/3"}
@@ -133,8 +131,12 @@ def test_index_entries_skip_only_what_is_empty() -> None:
         ("plug.add", {"ns": "red", "bridge": "v-net-0", "addresses": ["192.168.15.1/24"]}),
         (
             "wire.add",
-            {"ns_a": "red", "ns_b": "blue", "addresses_a": ["10.9.0.1/30"],
-             "addresses_b": ["10.9.0.2/30"]},
+            {
+                "ns_a": "red",
+                "ns_b": "blue",
+                "addresses_a": ["10.9.0.1/30"],
+                "addresses_b": ["10.9.0.2/30"],
+            },
         ),
         ("attach.add", {"pattern": "tap*", "bridge": "v-net-0"}),
         ("forward.add", {"host_ports": "8000-8002", "destination": "192.168.15.1:9000-9002"}),
