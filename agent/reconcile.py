@@ -418,7 +418,7 @@ class Reconciler:
             self.book.publish_repairs(batch.trigger, result, quiet=(HOST, "attach", ORPHANS))
         if batch.periodic:
             self._sweep_at = time.monotonic() + SWEEP_REST * (time.perf_counter() - t0)
-        self._log_pass(batch, t0, result)
+        await self._log_pass(batch, t0, result)
         return result
 
     async def _ensure_all(
@@ -564,9 +564,9 @@ class Reconciler:
             return self.book.fail(key, error or "failed", result)
         return self.book.record(key, actions, result)
 
-    def _log_pass(self, batch: _Batch, t0: float, result: PassResult) -> None:
-        self.passes += 1
+    async def _log_pass(self, batch: _Batch, t0: float, result: PassResult) -> None:
         now = time.perf_counter()
+        self.passes += 1
         ms = (now - t0) * 1000
         self.probe.reconcile_pass(batch.trigger, now - t0)
         if batch.event_since is not None:
@@ -581,12 +581,13 @@ class Reconciler:
             "ms": round(ms, 2),
             "at": time.time(),
         }
-        # a pass that only looked at announced interfaces is a debug line (a burst of
-        # 1,000 veths is hundreds of them), and so is a slice of the sweep that found
-        # everything in place (a sweep over 1,000 containers is many slices)
+        # debug lines: passes that only looked at announced interfaces (a burst of 1,000
+        # veths makes hundreds), and slices of the sweep that found everything in place
         quiet = not result.errors and (
             batch.keys <= {FINDINGS} or (batch.trigger == "periodic" and not changed)
         )
+        if batch.tickets:  # the answers go out before the line is made
+            await anyio.sleep(0)
         (log.debug if quiet else log.info)(
             "reconcile pass",
             trigger=batch.trigger,

@@ -237,6 +237,7 @@ class Server:
         t0 = time.perf_counter()
         req_id: Any = None
         op = "?"
+        said: dict[str, Any] = {}  # the request's log line: written once it is answered
         try:
             try:
                 req_id, op, args = protocol.parse_request(line)
@@ -248,24 +249,23 @@ class Server:
                 reply = protocol.reply_ok(req_id, result)
                 seconds = time.perf_counter() - t0
                 self.probe.request(op, "ok", seconds)
-                log.info(
-                    "request",
-                    op=op,
-                    ok=True,
-                    changed=result.get("changed") if isinstance(result, dict) else None,
-                    duration_ms=round(seconds * 1000, 2),
-                )
+                said = {
+                    "op": op,
+                    "ok": True,
+                    "changed": result.get("changed") if isinstance(result, dict) else None,
+                    "duration_ms": round(seconds * 1000, 2),
+                }
         except NetagentError as exc:
             reply = protocol.reply_error(req_id, exc)
-            self.probe.request(op, exc.name, time.perf_counter() - t0)
-            log.info(
-                "request",
-                op=op,
-                ok=False,
-                code=exc.code,
-                error=exc.message,
-                duration_ms=round((time.perf_counter() - t0) * 1000, 2),
-            )
+            seconds = time.perf_counter() - t0
+            self.probe.request(op, exc.name, seconds)
+            said = {
+                "op": op,
+                "ok": False,
+                "code": exc.code,
+                "error": exc.message,
+                "duration_ms": round(seconds * 1000, 2),
+            }
         except Exception as exc:
             log.exception("request failed", op=op)
             reply = protocol.reply_error(req_id, Internal(f"internal error: {exc}"))
@@ -277,7 +277,11 @@ class Server:
                 # as a failed request with a traceback
                 await self._events(stream, req_id, args)
                 return True
-        await self._send(stream, reply)
+        try:
+            await self._send(stream, reply)
+        finally:
+            if said:  # after the answer: the client does not wait for its formatting
+                log.info("request", **said)
         return False
 
     async def _events(self, stream: SocketStream, req_id: Any, args: dict[str, Any]) -> None:

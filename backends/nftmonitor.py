@@ -274,8 +274,8 @@ class NftMonitorWatcher:
                     for line in lines:
                         self._feed(tx, line, on_drift)
                 else:
-                    ready.set()
-                await anyio.sleep(0)
+                    ready.set()  # more may wait: read on after the others' turn
+                    await anyio.sleep(0)
         finally:
             loop.remove_reader(sock.fileno())
 

@@ -390,9 +390,9 @@ def record_passes(w: World, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, 
     seen: list[tuple[str, int]] = []
     log_pass = w.rec._log_pass
 
-    def recorded(batch: Any, t0: float, result: PassResult) -> None:
+    async def recorded(batch: Any, t0: float, result: PassResult) -> None:
         seen.append((batch.trigger, len(batch.keys - reconcile.PSEUDO)))
-        log_pass(batch, t0, result)
+        await log_pass(batch, t0, result)
 
     monkeypatch.setattr(w.rec, "_log_pass", recorded)
     return seen
