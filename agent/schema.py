@@ -108,8 +108,9 @@ class Field(Generic[T]):
     def __get__(self, obj: Request | None, owner: type | None = None) -> Field[T] | T:
         if obj is None:
             return self
-        value: T = obj._values[self.name]
-        return value
+        # a request holds its values as its own attributes (``Request.__init__``), which
+        # Python reads before this; here only for one made without this field
+        raise AttributeError(f"{type(obj).__name__} has no value for {self.name!r}")
 
 
 def arg(value: Value[T], label: str, help: str = "", metavar: str | None = None) -> Field[T]:
@@ -227,24 +228,23 @@ class Request:
         cls._known = {n: f for f in cls.fields for n in (f.name, *f.aliases)}
 
     def __init__(self, **values: Any) -> None:
-        self._values = values
-        # each field's value also as the instance's own attribute: read without the
-        # field's ``__get__`` (a 10,000-forward apply reads 40,000 of them)
+        # each field's value as the instance's own attribute: read without the field's
+        # ``__get__`` (a 10,000-forward apply reads 40,000 of them)
         self.__dict__.update(values)
 
     def __repr__(self) -> str:
-        inner = ", ".join(f"{k}={v!r}" for k, v in self._values.items())
+        inner = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({inner})"
 
     def __eq__(self, other: object) -> bool:
         return (
             isinstance(other, Request)
             and type(other) is type(self)
-            and (other._values == self._values)
+            and vars(other) == vars(self)
         )
 
     def __hash__(self) -> int:
-        return hash((type(self), tuple(sorted(self._values.items(), key=str))))
+        return hash((type(self), tuple(sorted(vars(self).items(), key=str))))
 
     # ---- the daemon's side: what arrived -> typed values ------------------------------
     @classmethod
