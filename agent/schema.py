@@ -238,9 +238,7 @@ class Request:
 
     def __eq__(self, other: object) -> bool:
         return (
-            isinstance(other, Request)
-            and type(other) is type(self)
-            and vars(other) == vars(self)
+            isinstance(other, Request) and type(other) is type(self) and vars(other) == vars(self)
         )
 
     def __hash__(self) -> int:

@@ -157,6 +157,7 @@ def attach_single(count: int, bridge: str, prefix: str) -> dict[str, object]:
         "n": len(lat),
         "p50_ms": lat[len(lat) // 2] * 1000,
         "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000,
+        "max_ms": lat[-1] * 1000,
     }
 
 
