@@ -13,6 +13,11 @@ findings about other tools are refreshed then, ``agent/hostcheck.py``).
 Own changes are not drift: nf_tables names the committing *task*, so the daemon's pid,
 any of its threads (big transactions run off the event loop), and the pids the backend
 says are its own (``own_pids``: the iptables-restore processes it runs) are ignored.
+The notifications of the daemon's own element writes (one transaction per forward
+added or removed) never reach the watcher: each names the socket it came from (the
+message header's port id), and a socket filter drops those of the daemon's kept
+netfilter sockets (``netfilter.OPEN``), in the kernel, so a forward's pass does not wake
+the watcher to read and discard them.
 iptables-nft (Debian's default iptables) is nf_tables underneath, so the same watcher
 serves the iptables backend; iptables-legacy changes never show here.
 
@@ -28,10 +33,13 @@ notifications (ENOBUFS) count as drift: what changed is unknown, so the backend 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import errno
 import os
 import socket
 import struct
+import sys
 from collections.abc import Callable, Iterable
 
 import anyio
@@ -40,7 +48,7 @@ import structlog
 from netagent.agent.turns import Turns
 
 from .firewall import DriftCallback
-from .netfilter import NETLINK_NETFILTER
+from .netfilter import NETLINK_NETFILTER, OPEN
 
 log = structlog.get_logger("netagent.drift")
 
@@ -78,6 +86,11 @@ RCVBUF = 8 << 20
 RESTART_DELAY = 1.0
 _HDR = struct.Struct("=IHHII")
 _ATTR = struct.Struct("=HH")
+SO_ATTACH_FILTER, SO_DETACH_FILTER = 26, 27
+#: classic BPF: a word loaded from the packet, a jump if equal to k, a return of k
+BPF_LD_W_ABS, BPF_JEQ_K, BPF_RET_K = 0x20, 0x15, 0x06
+_INSN = struct.Struct("=HBBI")  # struct sock_filter
+_FPROG = struct.Struct("@HP")  # struct sock_fprog: a count and a pointer
 
 #: called with the tables a foreign transaction touched and who committed it
 ForeignCallback = Callable[[frozenset[str], str], None]
@@ -205,6 +218,39 @@ def parse(data: bytes) -> list[str]:
     return out
 
 
+def drop_program(portids: Iterable[int]) -> list[tuple[int, int, int, int]]:
+    """A classic BPF program that drops a datagram whose first message came from one
+    of ``portids`` (the header's port id, at offset 12) and keeps any other. A datagram
+    holds the notifications of one transaction: the kernel sends each transaction's
+    own, one after the other, under its commit mutex."""
+    ids = sorted({p & 0xFFFFFFFF for p in portids})
+    prog = [(BPF_LD_W_ABS, 0, 0, 12)]
+    for i, portid in enumerate(ids):
+        # BPF loads words in network order; the header's port id is in the host's
+        loaded = int.from_bytes(portid.to_bytes(4, sys.byteorder), "big")
+        prog.append((BPF_JEQ_K, len(ids) - i, 0, loaded))  # equal: on to the drop
+    return [*prog, (BPF_RET_K, 0, 0, 0xFFFFFFFF), (BPF_RET_K, 0, 0, 0)]
+
+
+def ignore_portids(sock: socket.socket, portids: frozenset[int]) -> None:
+    """Have the kernel drop, before they are queued on ``sock``, the notifications of
+    transactions from these netlink port ids (none: keep everything). Failing, keep
+    everything: the watcher then reads and discards them (they are the daemon's own)."""
+    try:
+        if not portids:
+            with contextlib.suppress(OSError):  # ENOENT: none attached
+                sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
+            return
+        code = b"".join(_INSN.pack(*insn) for insn in drop_program(portids))
+        buf = ctypes.create_string_buffer(code, len(code))
+        prog = _FPROG.pack(len(code) // _INSN.size, ctypes.addressof(buf))
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, prog)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
+        log.debug("cannot filter the firewall watcher's socket", error=str(exc))
+
+
 def open_socket(rcvbuf: int = RCVBUF) -> socket.socket:
     sock = socket.socket(
         socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
@@ -241,11 +287,17 @@ class NftMonitorWatcher:
             except OSError as exc:
                 log.warning("cannot watch nf_tables; the periodic pass finds drift", error=str(exc))
                 return
+
+            def own(portids: frozenset[int], sock: socket.socket = sock) -> None:
+                ignore_portids(sock, portids)
+
+            OPEN.follow(own)
             try:
                 await self._read(sock, tx, on_drift)
             except OSError as exc:
                 log.warning("the firewall watcher failed; restarting it", error=str(exc))
             finally:
+                OPEN.unfollow(own)  # before the socket (its number) is free
                 sock.close()
             # what happened while it was down is unknown: look once
             on_drift("the firewall watcher restarted")

@@ -92,3 +92,58 @@ def test_elements_by_nfnetlink_are_what_nft_makes() -> None:
     assert out["closed_after_error"] is True
     assert out["many"] == 2500  # three messages of at most 1,000 in one batch
     assert out["after_delete"] == 500
+
+
+FILTER_SCRIPT = r"""
+import json, select, socket, struct, subprocess, time
+from netagent.backends import netfilter, nftmonitor
+from netagent.backends.nftelems import Writer
+
+subprocess.run(["nft", "add table inet t"], check=True)
+subprocess.run(["nft", "add map inet t p4 { type inet_service : ipv4_addr . inet_service ; }"],
+               check=True)
+mon = nftmonitor.open_socket()
+follow = lambda ids: nftmonitor.ignore_portids(mon, ids)
+netfilter.OPEN.follow(follow)
+w = Writer()
+w.write("inet", "t", [], [("p4", "8000", "10.0.0.2 . 80")])  # ours: never queued on mon
+own = w._sock.getsockname()[0]
+raw = netfilter.open_socket(2.0)  # this process's too, but not a kept socket: kept
+w._write(raw, "inet", "t", [], [("p4", "8001", "10.0.0.2 . 81")])
+subprocess.run(["nft", "add element inet t p4 { 8002 : 10.0.0.2 . 82 }"], check=True)
+w.close()  # its port id goes from the filter first
+w.write("inet", "t", [], [("p4", "8003", "10.0.0.2 . 83")])  # a new socket of ours
+subprocess.run(["nft", "add element inet t p4 { 8004 : 10.0.0.2 . 84 }"], check=True)
+lines, portids, gens = [], [], 0
+deadline = time.monotonic() + 5
+while gens < 3 and time.monotonic() < deadline:
+    if not select.select([mon], [], [], 0.5)[0]:
+        continue
+    data = mon.recv(1 << 16)
+    off = 0
+    while off + 20 <= len(data):
+        length, kind, _f, _s, pid = struct.unpack_from("=IHHII", data, off)
+        portids.append(pid)
+        off += (length + 3) & ~3
+    for line in nftmonitor.parse(data):
+        lines.append(line)
+        gens += line.startswith("# new generation")
+netfilter.OPEN.unfollow(follow)
+print(json.dumps({"lines": lines, "portids": portids, "own": [own, w._sock.getsockname()[0]],
+                  "raw": raw.getsockname()[0]}))
+"""
+
+
+def test_the_watcher_s_filter_drops_the_notifications_of_our_kept_sockets() -> None:
+    """nf_tables names the socket of each transaction in its notifications: with the
+    filter, those of the kept sockets (both writers' in turn) never reach the watcher,
+    and everyone else's do, in order (another socket of the same process, nft)."""
+    with open_sandbox() as box:
+        result = box.run([sys.executable, "-c", FILTER_SCRIPT])
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    elements = [line for line in out["lines"] if line.startswith("add element")]
+    gens = [line for line in out["lines"] if line.startswith("# new generation")]
+    assert elements == ["add element inet t"] * 3, out["lines"]
+    assert len(gens) == 3 and "(nft)" in gens[1] and "(nft)" in gens[2], gens
+    assert not set(out["own"]) & set(out["portids"])
+    assert out["raw"] in out["portids"]
