@@ -46,6 +46,9 @@ log = structlog.get_logger("netagent.api")
 MAX_LISTED = 200
 #: seconds a request waits for the disk to confirm its journal line (fdatasync)
 FLUSH_TIMEOUT = 30.0
+#: a journal flush on the loop that took longer (s, the loop's lag budget) sends the
+#: next ones to the journal's thread for a while (``SerialThread.start_quick``)
+FLUSH_QUICK_LIMIT = 0.005
 #: the turns of a ``show`` build (see ``_build_show``)
 SHOW_SLICE = 0.005
 #: up to this many mirrored changes (a peer or a few) are journaled on the event loop
@@ -125,7 +128,7 @@ class Service:
         self.started = time.time()
         self._commit = anyio.Lock()
         #: the journal's appends, one after the other in a thread of their own (``serial``)
-        self._journal = SerialThread("netagent-journal")
+        self._journal = SerialThread("netagent-journal", quick_limit=FLUSH_QUICK_LIMIT)
         self._static_memo: dict[str, tuple[Intent, dict[str, Any]]] = {}
         self._shows = SharedBuild(self._build_show)
         self.traffic = Traffic(state, firewall, ctx.net)
@@ -202,10 +205,10 @@ class Service:
         """Validate and record a change, realize it; then answer.
 
         The change is the state once its journal line is written (:meth:`_record`);
-        the line's fdatasync runs in the journal's thread beside the pass that realizes
-        the change, and the answer waits for both: nothing is acknowledged before it is
-        on disk, and a request does not wait for a disk flush and then for the kernel,
-        one after the other.
+        the line's fdatasync follows at once, on the loop while the disk's flushes are
+        quick, else in the journal's thread beside the pass that realizes the change
+        (``SerialThread.start_quick``, docs/architecture.md); the answer waits for both:
+        nothing is acknowledged before it is on disk.
 
         ``meanwhile`` runs once the change is recorded (not at all when nothing changed
         or the change was refused), while the reconciler's pass realizes it; the answer
@@ -277,7 +280,7 @@ class Service:
                 except BackendFailed:
                     self.state.take_back(changes)
                     raise
-            synced = None if mirror else self._journal.start(self.store.sync)
+            synced = None if mirror else self._journal.start_quick(self.store.sync)
             await self._compact_if_due()
             return changes, self.reconciler.note(changes, also=also), synced
 

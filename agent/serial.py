@@ -12,14 +12,17 @@ anyway (one libnftables handle; a journal's lines in order).
 The thread ends after :data:`IDLE` seconds without work and starts again with the next
 call, so an object that is dropped leaves no thread behind.
 
-A call that is nearly always short (one nf_tables element, ~0.03 ms) costs more in the
-hop than in its work: :meth:`SerialThread.call_quick` runs it in the caller's thread when
-nothing is queued for the thread (the order holds). One that waited (off the CPU) longer
-than :data:`QUICK_LIMIT`, the kernel's commit mutex held by another process's
-transaction, stalled the caller that long: the next such calls go to the thread for
-:data:`QUICK_BACKOFF` seconds, twice as long after each stall, up to
-:data:`QUICK_BACKOFF_MAX` (a host whose other tools make big transactions settles in
-the thread). Time on the CPU (a garbage collection in the middle) is not waiting.
+A call that is nearly always short (one nf_tables element, ~0.03 ms; a journal line's
+flush on a disk that flushes in ~0.3 ms) costs more in the hop than in its work:
+:meth:`SerialThread.call_quick` (and :meth:`SerialThread.start_quick`, for a call whose
+result is awaited later) runs it in the caller's thread when nothing is queued for the
+thread (the order holds). One that waited (off the CPU) longer than :data:`QUICK_LIMIT`
+(or the thread's own ``quick_limit``), the kernel's commit mutex held by another
+process's transaction or a slow disk, stalled the caller that long: the next such calls
+go to the thread for :data:`QUICK_BACKOFF` seconds, twice as long after each stall, up
+to :data:`QUICK_BACKOFF_MAX` (a host whose other tools make big transactions, or whose
+disk is slow, settles in the thread). Time on the CPU (a garbage collection in the
+middle) is not waiting.
 """
 
 from __future__ import annotations
@@ -51,8 +54,11 @@ _Job = tuple[Callable[..., Any], tuple[Any, ...]]
 class SerialThread:
     """Runs calls one after the other, in the order given, in a thread of its own."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, quick_limit: float | None = None) -> None:
         self.name = name
+        #: a quick call that waited longer (s) sends the next to the thread (None:
+        #: QUICK_LIMIT)
+        self.quick_limit = quick_limit
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -115,19 +121,48 @@ class SerialThread:
     ) -> T:
         """``fn(*args)``, a call that is nearly always short: right here when nothing is
         queued for the thread and no such call stalled lately, else as :meth:`call`."""
-        if self._pending or time.monotonic() < self._quick_after:
+        if not self._quick_now():
             return await self.call(fn, *args, abandon_on_cancel=abandon_on_cancel)
+        return self._here(fn, args)
+
+    def start_quick(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """:meth:`start` for a call that is nearly always short: when :meth:`call_quick`
+        would run it here, it runs now and its future is done (with what it returned or
+        raised), else it goes to the thread."""
+        if not self._quick_now():
+            return self.start(fn, *args)
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        try:
+            fut.set_result(self._here(fn, args))
+        except Exception as exc:  # the caller's, through the future, as from the thread
+            fut.set_exception(exc)
+        return fut
+
+    def back_off(self) -> float:
+        """Send the quick calls of the next while to the thread, as a quick call that
+        stalled does: for QUICK_BACKOFF seconds, twice as long each time, up to
+        QUICK_BACKOFF_MAX. The seconds."""
+        backoff = self._quick_backoff
+        self._quick_after = time.monotonic() + backoff
+        self._quick_backoff = min(backoff * 2, QUICK_BACKOFF_MAX)
+        return backoff
+
+    def _quick_now(self) -> bool:
+        return not self._pending and time.monotonic() >= self._quick_after
+
+    def _here(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        """``fn(*args)`` in the caller's thread; one that waited (off the CPU) longer
+        than the quick limit sends the next quick calls to the thread for a while."""
         t0, cpu0 = time.monotonic(), time.thread_time()
         try:
             return fn(*args)
         finally:
             took = time.monotonic() - t0
             waited = took - (time.thread_time() - cpu0)
-            if waited > QUICK_LIMIT:
+            limit = QUICK_LIMIT if self.quick_limit is None else self.quick_limit
+            if waited > limit:
                 self.slow_quick += 1
-                backoff = self._quick_backoff
-                self._quick_after = time.monotonic() + backoff
-                self._quick_backoff = min(backoff * 2, QUICK_BACKOFF_MAX)
+                backoff = self.back_off()
                 log.info(
                     "a quick call waited; the next go to the thread",
                     thread=self.name,

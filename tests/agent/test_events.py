@@ -295,6 +295,7 @@ async def test_only_committed_state_is_read(
         await answer.wait()
         return None  # it went meanwhile: the name is free
 
+    w.slow_disk()
     flushing, flush = threading.Event(), threading.Event()
     sync = w.store.sync
 

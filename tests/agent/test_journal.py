@@ -1,11 +1,13 @@
-"""The journal under the API: a change is the state once its line is written, the
-line's flush runs beside the pass that realizes it and the answer waits for both; a
-disk that refuses the write changes nothing, one that refuses the flush is said."""
+"""The journal under the API: a change is the state once its line is written; the
+line's flush runs on the loop while flushes are quick, beside the pass that realizes it
+(in the journal's thread) once one was slow, and the answer waits for both; a disk that
+refuses the write changes nothing, one that refuses the flush is said."""
 
 from __future__ import annotations
 
 import errno
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ import anyio
 import pytest
 from anyio import wait_all_tasks_blocked
 
-from netagent.agent import hostview
+from netagent.agent import api, hostview
 from netagent.agent.errors import NetagentError
 from netagent.agent.reconcile import FIREWALL
 
@@ -29,6 +31,7 @@ async def test_a_new_forwards_look_for_other_owners_overlaps_its_journal_flush(
     w = make_world(tmp_path)
     async with w.running():
         await seed(w)
+        w.slow_disk()
         looked = threading.Event()
         seen: list[bool] = []
         sync = w.store.sync
@@ -58,6 +61,7 @@ async def test_the_answer_waits_for_the_flush_which_runs_beside_the_pass(
     w = make_world(tmp_path)
     async with w.running():
         await seed(w)
+        w.slow_disk()
         flushing, flush = threading.Event(), threading.Event()
         sync = w.store.sync
 
@@ -153,11 +157,10 @@ async def test_a_journal_that_fails_fails_the_request_and_changes_nothing(
 async def test_a_flush_the_disk_does_not_confirm_in_time_is_said_not_waited_for(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from netagent.agent import api
-
     w = make_world(tmp_path)
     async with w.running():
         await seed(w)
+        w.slow_disk()
         release = threading.Event()
 
         def stuck() -> None:
@@ -173,3 +176,39 @@ async def test_a_flush_the_disk_does_not_confirm_in_time_is_said_not_waited_for(
             assert "fwd/tcp/81" in w.state and "fwd/tcp/81" in w.fw.dump()
         finally:
             release.set()
+
+
+async def test_a_quick_flush_runs_on_the_loop_and_a_slow_one_sends_the_next_to_the_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the disk flushes quickly, a change's flush runs right after its line is
+    written, on the loop (no thread's hop); one that took over the journal's quick limit
+    sends the next flushes to the journal's thread, beside the pass."""
+    w = make_world(tmp_path)
+    journal = w.api._journal
+    assert journal.quick_limit == api.FLUSH_QUICK_LIMIT
+    journal.quick_limit = LIMIT  # the real disk's flushes of the seed never count as slow
+    where: list[str] = []
+    sync = w.store.sync
+
+    def noted() -> None:
+        where.append(threading.current_thread().name)
+        sync()
+
+    async with w.running():
+        await seed(w)
+        monkeypatch.setattr(w.store, "sync", noted)
+        await w.call("forward.add", host_ports="81", destination="192.168.15.1:81")
+        assert where == [threading.current_thread().name]
+        journal.quick_limit = 0.02
+
+        def slow() -> None:
+            time.sleep(0.04)
+            noted()
+
+        monkeypatch.setattr(w.store, "sync", slow)
+        await w.call("forward.add", host_ports="82", destination="192.168.15.1:82")
+        assert journal.slow_quick == 1 and where[-1] == threading.current_thread().name
+        monkeypatch.setattr(w.store, "sync", noted)
+        await w.call("forward.add", host_ports="83", destination="192.168.15.1:83")
+        assert where[-1] == "netagent-journal"

@@ -140,3 +140,30 @@ async def test_a_quick_call_runs_here_when_nothing_is_queued(
     finally:
         release.set()
         worker.close()
+
+
+async def test_a_quick_start_is_done_at_once_when_the_thread_is_idle() -> None:
+    """``start_quick`` (the journal's flush): with nothing queued it runs here and its
+    future is done, with the result or what was raised; behind a queued call it goes to
+    the thread, in order; one that waited too long sends the next to the thread."""
+    worker = SerialThread("test-serial")
+    release = threading.Event()
+    here = threading.current_thread().name
+    try:
+        fut = worker.start_quick(lambda: threading.current_thread().name)
+        assert fut.done() and fut.result() == here
+        failed = worker.start_quick(lambda: 1 // 0)
+        assert failed.done() and isinstance(failed.exception(), ZeroDivisionError)
+        worker.submit(release.wait, 5)
+        behind = worker.start_quick(lambda: threading.current_thread().name)
+        assert not behind.done()
+        release.set()
+        assert await behind == "test-serial"
+        await until(lambda: worker.idle, "the thread to finish")
+        stalled = worker.start_quick(time.sleep, serial.QUICK_LIMIT * 3)
+        assert stalled.done() and worker.slow_quick == 1
+        after = worker.start_quick(lambda: threading.current_thread().name)
+        assert await after == "test-serial"  # backed off: in the thread
+    finally:
+        release.set()
+        worker.close()

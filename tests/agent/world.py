@@ -86,6 +86,12 @@ class World:
         if failure is not None:
             raise failure
 
+    def slow_disk(self) -> None:
+        """The journal's flushes go to its thread from now on, as after a flush that
+        took too long on the loop (``SerialThread.start_quick``): what a test of the
+        flush beside the pass needs."""
+        self.api._journal.back_off()
+
     def published(self, type_: str) -> list[dict[str, Any]]:
         return [e for e in self.bus.recent if e["type"] == type_]
 
