@@ -14,7 +14,8 @@ from netagent.agent import keystatus, ops
 from netagent.agent.errors import BackendFailed, NetagentError, NotFound
 from netagent.agent.reconcile import FIREWALL
 
-from .world import RO, RW, World, lines, make_world, until
+from ..support.wait import until
+from .world import RO, RW, World, lines, make_world
 
 BR: dict[str, Any] = {"name": "v-net-0", "addresses": ["192.168.15.5/24"]}
 PLUG: dict[str, Any] = {"ns": "red", "bridge": "v-net-0", "addresses": ["192.168.15.1/24"]}

@@ -27,7 +27,8 @@ from netagent.agent.errors import InvalidArgument
 from netagent.agent.subnets import Record, Settings, node_id, vtep_mac
 from netagent.backends.fakeetcd import FakeStore
 
-from .world import World, make_world, until
+from ..support.wait import until
+from .world import World, make_world
 
 PREFIX = "/netagent/network/subnets/"
 

@@ -19,7 +19,8 @@ from netagent.agent.kinds import attachment as att_mod
 from netagent.agent.values import short_hash
 from netagent.cni import queue
 
-from .world import World, lines, make_world, until
+from ..support.wait import until
+from .world import World, lines, make_world
 
 NETNS = "/var/run/netns/cni-1"
 CONF: dict[str, Any] = {

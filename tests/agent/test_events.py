@@ -23,7 +23,8 @@ from netagent.agent.keystatus import DRIFTED, IN_PLACE
 from netagent.backends import rtnl
 from netagent.backends.netlink import NETAGENT_GROUP, Link
 
-from .world import LIMIT, World, make_world, until
+from ..support.wait import LIMIT, until
+from .world import World, make_world
 
 AF_BRIDGE = 7
 NLMSG_DONE = 3

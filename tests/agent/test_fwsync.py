@@ -12,7 +12,8 @@ from typing import Any
 
 from netagent.agent.errors import BackendFailed
 
-from .world import World, make_world, until
+from ..support.wait import until
+from .world import World, make_world
 
 F80: dict[str, Any] = {"host_ports": "80", "destination": "192.168.15.1:80"}
 F81: dict[str, Any] = {"host_ports": "81", "destination": "192.168.15.1:81"}

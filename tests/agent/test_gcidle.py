@@ -12,7 +12,7 @@ import pytest
 
 from netagent.agent import gcidle
 
-from .world import until
+from ..support.wait import until
 
 REAL = gcidle.collect_and_freeze
 

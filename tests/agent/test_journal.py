@@ -19,8 +19,9 @@ from netagent.agent import api, hostview
 from netagent.agent.errors import NetagentError
 from netagent.agent.reconcile import FIREWALL
 
+from ..support.wait import LIMIT, until
 from .test_api import seed, snapshot
-from .world import LIMIT, make_world, until
+from .world import make_world
 
 
 async def test_a_new_forwards_look_for_other_owners_overlaps_its_journal_flush(

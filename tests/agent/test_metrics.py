@@ -23,7 +23,8 @@ from netagent.agent.kinds import default_kinds
 from netagent.agent.metrics import Exporter, MetricsProbe, Snapshot
 from netagent.agent.probe import Probe
 
-from .world import make_world, until
+from ..support.wait import until
+from .world import make_world
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

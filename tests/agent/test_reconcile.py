@@ -25,7 +25,8 @@ from netagent.agent.ops import BY_OP
 from netagent.agent.reconcile import FIREWALL
 from netagent.agent.state import DesiredState
 
-from .world import LIMIT, World, lines, make_world, until
+from ..support.wait import LIMIT, until
+from .world import World, lines, make_world
 
 PLUG = "plug/red/v-net-0"
 BRIDGE = "br/v-net-0"

@@ -13,7 +13,8 @@ import structlog
 
 from netagent.backends.netlink import Link
 
-from .world import World, make_world, until
+from ..support.wait import until
+from .world import World, make_world
 
 
 def foreign_veth(w: World, name: str, peer: str) -> tuple[Link, Link]:

@@ -12,7 +12,8 @@ from anyio import wait_all_tasks_blocked
 
 from netagent.agent.shared import SharedBuild
 
-from .world import make_world, until
+from ..support.wait import until
+from .world import make_world
 
 
 class Builds:

@@ -25,7 +25,7 @@ from netagent.agent.bus import EventBus
 from netagent.agent.errors import NotFound
 from netagent.agent.transport import Server
 
-LIMIT = 5.0
+from ..support.wait import LIMIT, until
 
 
 class StubApi:
@@ -104,14 +104,6 @@ async def serving(tmp_path: Path, client_timeout: float = 5.0) -> AsyncIterator[
 
 def request(op: str, req_id: object = None, **args: object) -> bytes:
     return protocol.encode({"v": 1, "id": req_id, "op": op, "args": args})
-
-
-async def until(cond: Any, what: str) -> None:
-    deadline = time.monotonic() + LIMIT
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {LIMIT:g} s: {what}")
-        await anyio.sleep(0.002)
 
 
 # ---- framing ------------------------------------------------------------------------

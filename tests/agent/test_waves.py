@@ -17,7 +17,8 @@ import pytest
 from netagent.agent import waves
 from netagent.agent.keystatus import IN_PLACE
 
-from .world import LIMIT, World, make_world
+from ..support.wait import LIMIT
+from .world import World, make_world
 
 NAMESPACES = ("red", "blue", "green", "grey")
 BRIDGES = ("v-net-0", "v-net-1")

@@ -13,8 +13,7 @@ Every wait has a deadline: a test that would hang fails instead.
 from __future__ import annotations
 
 import contextlib
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -42,8 +41,8 @@ from netagent.backends.firewall import AnyBackend
 from netagent.backends.hostfw import HostFirewall
 from netagent.backends.netlink import Link
 
-#: seconds any one wait in these tests may take
-LIMIT = 5.0
+from ..support.wait import LIMIT
+
 RW = Peer(pid=1, uid=0, gid=0, access="rw")
 RO = Peer(pid=2, uid=1000, gid=1000, access="ro")
 
@@ -161,15 +160,6 @@ def make_world(
 
         net.on_link = update
     return World(net, fw, state, store, links, bus, ctx, sync, rec, counters, api, events, host)
-
-
-async def until(cond: Callable[[], object], what: str, timeout: float = LIMIT) -> None:
-    """Wait for a condition, with a deadline (never a fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g} s: {what}")
-        await anyio.sleep(0.002)
 
 
 def lines(text: str) -> list[str]:

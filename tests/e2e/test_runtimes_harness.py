@@ -22,7 +22,6 @@ import pytest
 from netagent.cli.sandbox import Sandbox
 from tests.support.images import Images, remove_session_images, session_images
 from tests.support.libcni import CNIConfig, CNIError, NetworkConfigList, RuntimeConf, SandboxExec
-from tests.support.private import wait_for
 from tests.support.runtimes import (
     HTTPD,
     Containerd,
@@ -32,6 +31,7 @@ from tests.support.runtimes import (
     outside_client,
     wait_http,
 )
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
 REFERENCE = "/usr/lib/cni"
@@ -306,9 +306,9 @@ def test_libcni_driver_with_reference_plugins(sandbox: Sandbox, workdir: Path) -
     assert len(leases) == 2
     cni.gc_network_list(net, [("g1", "eth0")])
     wait_for(
-        lambda: len([p for p in (data / "refnet").iterdir() if p.name.startswith("10.")]) == 1,
-        5,
         "the stale lease to go",
+        lambda: len([p for p in (data / "refnet").iterdir() if p.name.startswith("10.")]) == 1,
+        timeout=5,
     )
     assert [a["containerId"] for a in cni.cached_attachments()] == ["g1"]
     cni.del_network_list(net, RuntimeConf("g1", "/run/netns/g1"))

@@ -23,11 +23,12 @@ import os
 import signal
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
-from netagent.cli.sandbox import Sandbox, SandboxError
+from netagent.cli.sandbox import Sandbox
+
+from .wait import WaitTimeout, wait_for
 
 OVERLAID = ("/run", "/var/lib", "/etc", "/opt")
 
@@ -178,28 +179,9 @@ def kill_processes(pids: Iterable[int], timeout: float = 10) -> list[int]:
         procs = _processes()
         return [p for p in pids if p in procs and procs[p][1] != "Z"]
 
-    wait_for(lambda: not alive(), timeout, "killed processes to exit", quiet=True)
+    with contextlib.suppress(WaitTimeout):  # what is still alive is the answer
+        wait_for("killed processes to exit", lambda: not alive(), timeout=timeout)
     return alive()
-
-
-def wait_for(
-    check: Callable[[], object],
-    timeout: float,
-    what: str,
-    interval: float = 0.02,
-    quiet: bool = False,
-) -> None:
-    """Poll ``check`` until it is true; SandboxError after ``timeout`` seconds (or just
-    return when ``quiet``)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if check():
-            return
-        if time.monotonic() >= deadline:
-            if quiet:
-                return
-            raise SandboxError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 # ---- crun: the rlimit workaround ------------------------------------------------------

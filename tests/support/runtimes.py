@@ -17,6 +17,7 @@ Use as context managers::
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -32,6 +33,7 @@ from netagent.cli.sandbox import Sandbox, SandboxError
 from . import private
 from .libcni import CNIConfig, NetworkConfigList, RuntimeConf, SandboxExec, sandbox_cache_dir
 from .traffic import http_get, outside_client, wait_http
+from .wait import WaitTimeout, wait_for
 
 __all__ = ["HTTPD", "Containerd", "Dockerd", "Podman", "http_get", "outside_client", "wait_http"]
 
@@ -305,7 +307,7 @@ class Containerd(Runtime):
             self.proc = self.box.popen(
                 ["containerd", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT
             )
-        private.wait_for(self._ready, 30, "containerd to answer")
+        wait_for("containerd to answer", self._ready, timeout=30)
 
     def _ready(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
@@ -403,12 +405,12 @@ class Containerd(Runtime):
         # not ``task rm -f``: it kills with --all, which needs the task's cgroup, and
         # crun runs without cgroups here, so it would wait forever
         self.ctr("task", "kill", "-s", "SIGKILL", cid, check=False, timeout=30)
-        private.wait_for(
-            lambda: self._task_status(cid) in ("STOPPED", None),
-            20,
-            f"task {cid} to stop",
-            quiet=True,
-        )
+        with contextlib.suppress(WaitTimeout):  # the removals below say what failed
+            wait_for(
+                f"task {cid} to stop",
+                lambda: self._task_status(cid) in ("STOPPED", None),
+                timeout=20,
+            )
         self.ctr("task", "rm", cid, check=False, timeout=30)
         r = self.ctr("container", "rm", cid, check=False, timeout=30)
         if r.returncode != 0:
@@ -498,7 +500,7 @@ class Dockerd(Runtime):
             self.proc = self.box.popen(
                 [*argv, *self.extra_args], stdout=log, stderr=subprocess.STDOUT
             )
-        private.wait_for(self._ready, 60, "dockerd to answer")
+        wait_for("dockerd to answer", self._ready, timeout=60)
 
     def _ready(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:

@@ -14,8 +14,12 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+import anyio
+
 T = TypeVar("T")
 
+#: seconds any one wait of the in-process (unit) tests may take
+LIMIT = 5.0
 #: how much of the last value or error a timeout message shows
 _SHOWN = 600
 
@@ -61,3 +65,13 @@ def wait_for(
     if detail is not None:
         message += f"\n{detail()}"
     raise WaitTimeout(message)
+
+
+async def until(cond: Callable[[], object], what: str, timeout: float = LIMIT) -> None:
+    """``wait_for`` inside an event loop (the in-process tests): polls ``cond`` every
+    2 ms without blocking the loop, and fails with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise WaitTimeout(f"not within {timeout:g} s: {what}")
+        await anyio.sleep(0.002)
