@@ -25,18 +25,18 @@ the script on stdin (``NETAGENT_NFT=process`` forces that); what exists is read 
 ``nft -j list table``. Changes are written in nft's own syntax, not JSON, because nft
 1.0.6 (Debian 12) crashes with a segmentation fault parsing a JSON ``dnat`` whose address
 comes from a map of concatenations (``addr . port``), the rule this design needs. No
-other table is ever read or written.
+other table is ever read or written. Map elements alone go over raw nfnetlink
+(``backends/nftelems.py``), and so do those of a table made anew, after it
+(``TableScript``: nothing of a table that is not there works before it is made).
 """
 
 from __future__ import annotations
 
 import functools
-import ipaddress
 import json
 import os
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
@@ -47,13 +47,14 @@ from netagent.agent.serial import SerialThread
 
 from .firewall import Batch, Counts, DriftWatcher, FirewallBackend, FirewallSpec, VxlanGuard
 from .libnft import open_lib
-from .nftelems import ElementScript, Writer
+from .nftcount import Elem
+from .nftelems import ElementScript, TableScript, Writer, split_writable
 from .nftmonitor import NftMonitorWatcher
+from .nftobserve import Observed, parse_table
 
 TABLE = "netagent"
 FAMILY = "inet"
 
-Elem = tuple[str, str, str]  # (map name, key, value) in a normalized text form
 T = TypeVar("T")
 
 
@@ -212,76 +213,6 @@ def _elem_lines(verb: str, elems: list[Elem], keys_only: bool = False) -> list[s
         body = ", ".join(k if keys_only else f"{k} : {v}" for _m, k, v in group)
         lines.append(f"{verb} element {FAMILY} {TABLE} {name} {{ {body} }}")
     return lines
-
-
-def _norm(value: Any) -> str:
-    if isinstance(value, dict) and "concat" in value:
-        return " . ".join(_norm(v) for v in value["concat"])
-    if isinstance(value, dict) and "elem" in value:  # an element with its counter
-        return _norm(value["elem"].get("val"))
-    if isinstance(value, dict) and "range" in value:  # an interval of a ranged map
-        lo, hi = value["range"]
-        return f"{_norm(lo)}-{_norm(hi)}"
-    if isinstance(value, str):
-        try:
-            return str(ipaddress.ip_address(value))
-        except ValueError:
-            return value
-    return str(value)
-
-
-@dataclass
-class Observed:
-    present: bool = False
-    elems: set[Elem] = field(default_factory=set)
-    rules: dict[str, list[tuple[str, int]]] = field(
-        default_factory=dict
-    )  # comment -> (chain, handle)
-    chains: set[str] = field(default_factory=set)
-    maps: set[str] = field(default_factory=set)
-    sets: set[str] = field(default_factory=set)
-    #: (set name, element)
-    set_elems: set[tuple[str, str]] = field(default_factory=set)
-    #: the maps declared with ``counter`` (a table written before counters has none)
-    counted: set[str] = field(default_factory=set)
-    #: (map, key) -> the element's counter, when it has one
-    counts: dict[tuple[str, str], Counts] = field(default_factory=dict)
-
-
-def _counter(key: Any) -> Counts | None:
-    if isinstance(key, dict) and "elem" in key:
-        c = key["elem"].get("counter")
-        if isinstance(c, dict):
-            return int(c.get("packets", 0)), int(c.get("bytes", 0))
-    return None
-
-
-def parse_table(doc: dict[str, Any]) -> Observed:
-    obs = Observed(present=True)
-    for item in doc.get("nftables", []):
-        if "map" in item:
-            m = item["map"]
-            name = m["name"]
-            obs.maps.add(name)
-            if any(isinstance(st, dict) and "counter" in st for st in m.get("stmt", ())):
-                obs.counted.add(name)
-            for k, v in m.get("elem", []):
-                key = _norm(k)
-                obs.elems.add((name, key, _norm(v)))
-                counts = _counter(k)
-                if counts is not None:
-                    obs.counts[(name, key)] = counts
-        elif "set" in item:
-            st = item["set"]
-            obs.sets.add(st["name"])
-            for e in st.get("elem", []):
-                obs.set_elems.add((st["name"], _norm(e)))
-        elif "chain" in item:
-            obs.chains.add(item["chain"]["name"])
-        elif "rule" in item:
-            r = item["rule"]
-            obs.rules.setdefault(r.get("comment", ""), []).append((r["chain"], r["handle"]))
-    return obs
 
 
 #: seconds one libnftables call may take (a full rebuild of 10,000 forwards: ~1 s)
@@ -484,17 +415,23 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
         present: bool,
     ) -> Batch[list[str]]:
         # add + delete + create: atomic whether or not the table exists now
-        lines = [f"add table {FAMILY} {TABLE}", f"delete table {FAMILY} {TABLE}"]
-        lines.append(_table_text(extra))
-        lines += _elem_lines("add", sorted(elems))
-        lines += _set_lines("add", sorted(peers))
+        table = [f"add table {FAMILY} {TABLE}", f"delete table {FAMILY} {TABLE}"]
+        table.append(_table_text(extra))
+        ordered, peer_lines = sorted(elems), _set_lines("add", sorted(peers))
+        lines = [*table, *_elem_lines("add", ordered), *peer_lines]
         what = "rebuild" if present else "create"
         count = 2 * len(MAPS) + 1 + len(extra)
         peers_text = f", {len(peers)} VXLAN peers" if peers else ""
         steps = [
             f"{what} table {FAMILY} {TABLE} ({count} rules, {len(elems)} map elements{peers_text})"
         ]
-        return Batch(steps=steps, payload=lines, rebuild=True)
+        if present:
+            # what is there keeps working until the one transaction replaces it
+            return Batch(steps=steps, payload=lines, rebuild=True)
+        # nothing there to keep: the table, then its elements by nfnetlink (TableScript)
+        direct, intervals = split_writable(ordered)
+        head = [*table, *_elem_lines("add", intervals), *peer_lines]
+        return Batch(steps=steps, payload=TableScript(lines, head, direct), rebuild=True)
 
     def plan_update(
         self, spec: FirewallSpec, added: list[I.Forward], removed: list[I.Forward]
@@ -526,6 +463,11 @@ class NftablesBackend(FirewallBackend[Observed, list[str]]):
         if isinstance(batch.payload, ElementScript) and batch.payload.writable:
             # elements alone, by nfnetlink (backends/nftelems.py: ~0.03 ms, not ~0.26)
             await self._write_elements(batch.payload)
+            return
+        if isinstance(batch.payload, TableScript):
+            # a new table: its rules by libnftables, then its elements by nfnetlink
+            await self._nft("-f", "-", stdin=("\n".join(batch.payload.head) + "\n").encode())
+            await self._write_elements(batch.payload.elements)
             return
         script = "\n".join(batch.payload) + "\n"
         await self._nft("-f", "-", stdin=script.encode())

@@ -36,7 +36,7 @@ COUNTER_BYTES, COUNTER_PACKETS = 1, 2
 TIMEOUT = 1.0
 
 _HDR = struct.Struct("=IHHII")
-Elem = tuple[str, str, str]  # (map name, key text, value text), as backends/nftables.py
+Elem = tuple[str, str, str]  # (map name, key text, value text), as backends/nftables.py writes them
 
 
 def _attr(kind: int, payload: bytes, nested: bool = False) -> bytes:

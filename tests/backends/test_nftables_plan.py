@@ -22,8 +22,9 @@ import pytest
 from netagent.agent import intents as I
 from netagent.backends import nftables, nftelems
 from netagent.backends.firewall import FirewallSpec, VxlanGuard
-from netagent.backends.nftables import NftablesBackend, Observed, parse_table
+from netagent.backends.nftables import NftablesBackend
 from netagent.backends.nftcount import key_bytes
+from netagent.backends.nftobserve import Observed, parse_table
 
 V_NET_0 = I.Bridge(
     "v-net-0",
@@ -114,6 +115,24 @@ def test_nothing_there_is_a_full_create(nft: NftablesBackend) -> None:
     ]
     assert "set vxlan_peers { type ipv4_addr; }" in table
     assert "type filter hook input priority 0; policy accept;" in table
+    # nothing there to keep working: the table, its intervals and the peers by
+    # libnftables, then the other elements by nfnetlink (the same table, sooner)
+    assert isinstance(batch.payload, nftelems.TableScript)
+    assert batch.payload.head == [
+        *batch.payload[:3],
+        f"add element {T} dnat_tcp4r {{ 7000-7099 : 192.168.15.3 }}",
+        f"add element {T} dnat_udp4hr {{ 10.0.0.1 . 5000-5009 : 10.0.0.9 }}",
+        f"add element {T} vxlan_peers {{ 198.51.100.2, 198.51.100.3 }}",
+    ]
+    assert batch.payload.elements.writable and not batch.payload.elements.gone
+    assert [e[0] for e in batch.payload.elements.new] == [
+        "dnat_tcp4",
+        "dnat_tcp4h",
+        "dnat_tcp6",
+        "dnat_tcp6h",
+        "dnat_udp4",
+        "dnat_udp4",
+    ]
 
 
 DAMAGE: dict[str, Callable[[list[dict[str, Any]]], None]] = {
@@ -139,6 +158,9 @@ def test_a_damaged_table_is_rebuilt_whole(
     batch = nft.plan(SPEC, observed(damage))
     assert batch.rebuild
     assert batch.steps == ["rebuild table inet netagent (41 rules, 8 map elements, 2 VXLAN peers)"]
+    # one transaction: what is there keeps working until it is replaced
+    assert type(batch.payload) is list
+    assert batch.payload == nft.plan(SPEC, Observed(present=False)).payload
 
 
 # ---- elements -----------------------------------------------------------------------
