@@ -65,9 +65,14 @@ TIMEOUT = 5.0
 _BATCH_BODY = struct.pack("=BBH", socket.AF_UNSPEC, 0, socket.htons(NFNL_SUBSYS_NFTABLES))
 
 
+def _interval(elem: Elem) -> bool:
+    """A ranged map's element (``1000-1999``), which :class:`Writer` does not write."""
+    return "-" in elem[1]
+
+
 def writable(elems: list[Elem]) -> bool:
     """Whether these elements can go by :class:`Writer`: no intervals among them."""
-    return all("-" not in key for _m, key, _v in elems)
+    return not any(map(_interval, elems))
 
 
 def split_writable(elems: list[Elem]) -> tuple[list[Elem], list[Elem]]:
@@ -75,7 +80,7 @@ def split_writable(elems: list[Elem]) -> tuple[list[Elem], list[Elem]]:
     direct: list[Elem] = []
     other: list[Elem] = []
     for e in elems:
-        (other if "-" in e[1] else direct).append(e)
+        (other if _interval(e) else direct).append(e)
     return direct, other
 
 
