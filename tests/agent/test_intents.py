@@ -160,6 +160,11 @@ def test_masquerade_needs_address() -> None:
         ("tap[0-3]", "tap2", True),
         ("tap[!0-3]", "tap2", False),
         ("*", "anything", True),
+        ("*", "a:b@c", True),  # a star stands for any characters
+        ("a?b", "a:b", False),  # a question mark for one of the pattern alphabet's
+        ("a[!-_.a-zA-Z0-9]", "ab", False),  # a class of nothing
+        ("veth-*-br", "veth--br", True),
+        ("a*b*c", "aXbYbZc", True),
     ],
 )
 def test_glob_match(pattern: str, name: str, hit: bool) -> None:
