@@ -25,7 +25,7 @@ import structlog
 from netagent.backends import rtnl, rtnldump
 
 from .keystatus import IN_PLACE
-from .kinds.attach import AttachRule, rule_for
+from .kinds.attach import NOTHING, AttachRule, decide
 from .turns import Turns
 
 if TYPE_CHECKING:
@@ -212,7 +212,9 @@ class EventSource:
             if intent is not None and self.state.kinds.of(intent).drifted(intent, link, self.links):
                 self.rec.drift(key, f"{link.name} changed")
             return
-        if link.kind != "bridge" and rule_for(self._rules(), link.name) is not None:
+        # the one attach decision, on what the cache knows now: a pass only for a link
+        # it would attach or report (not for the announcements of an attach it made)
+        if decide(self._rules(), link, self.links) is not NOTHING:
             self.rec.mark_links([link.index])
 
     # ---- inside the namespaces ------------------------------------------------------

@@ -33,6 +33,7 @@ import anyio
 import structlog
 
 from . import orphans
+from .alarm import Alarm
 from .bus import EventBus
 from .fwsync import FirewallSync
 from .hostcheck import HostCheck
@@ -126,7 +127,7 @@ class Reconciler:
         self._removals: dict[str, Intent] = {}
         #: the intent an updated key replaced, until the key is ensured
         self._previous: dict[str, Intent] = {}
-        self._wake = anyio.Event()
+        self._alarm = Alarm()
         self.book = StatusBook(bus)
         #: each key's state, and what keeps one from working that no ensure can fix
         #: (the book's, read by the API; only the book changes them)
@@ -152,9 +153,6 @@ class Reconciler:
         self._sweep_at = 0.0
 
     # ---- marking --------------------------------------------------------------------
-    def _kick(self) -> None:
-        self._wake.set()
-
     def note(self, changes: list[Change], also: Iterable[str] = ()) -> Ticket:
         """A request's committed changes: remember what to remove and what is replaced,
         tell the firewall, mark the keys (and ``also``); the ticket resolves after the
@@ -190,7 +188,7 @@ class Reconciler:
             sweep.pop(key, None)
         ticket = Ticket(keys)
         self._tickets.append(ticket)
-        self._kick()
+        self._alarm.ring()
         return ticket
 
     async def wait(self, ticket: Ticket) -> PassResult:
@@ -207,7 +205,7 @@ class Reconciler:
             self._mark(key, why)
             if why == "event":
                 self.book.drifted(key, why)
-        self._kick()
+        self._alarm.ring()
 
     def drift(self, key: str, reason: str) -> None:
         """Something the kernel said: ``key`` is not as wanted until repaired."""
@@ -219,7 +217,7 @@ class Reconciler:
         if self._event_since is None:
             self._event_since = time.perf_counter()
         self._links.update(indexes)
-        self._kick()
+        self._alarm.ring()
 
     def _mark(self, key: str, why: str) -> None:
         if why != "periodic":
@@ -247,7 +245,7 @@ class Reconciler:
                     sorted([*self._sweep, *fresh], key=lambda k: (order(k), k))
                 )
             self.firewall.look()
-        self._kick()
+        self._alarm.ring()
 
     def condition(self, key: str, reason: str | None) -> None:
         """Something outside the reconciler's reach keeps ``key`` from working (an empty
@@ -313,9 +311,7 @@ class Reconciler:
                 wake_at = min(wake_at, self._findings_at)
             if self._sweep:
                 wake_at = min(wake_at, self._sweep_at)
-            with anyio.move_on_after(max(wake_at - now, 0.0)):
-                await self._wake.wait()
-            self._wake = anyio.Event()
+            await self._alarm.sleep(wake_at - now)
 
     def _take(self, trigger: str | None = None) -> _Batch:
         """What the next pass covers: every requested, event and retry key, at most a
@@ -368,31 +364,10 @@ class Reconciler:
     async def _pass(self, batch: _Batch) -> PassResult:
         t0 = time.perf_counter()
         result = PassResult()
-        kinds, intents, removals = self.state.kinds, self.state.intents, self._removals
-        parts = kinds.split(batch.keys)
         self._in_pass = True
         try:
-            # the firewall first (a forward's DNAT, a bridge's rules, a removal's rules
-            # gone before its parts), unless the pass is peers' alone (the guard follows)
-            firewall_last = FIREWALL in batch.keys and kinds.firewall_follows(parts)
-            if FIREWALL in batch.keys and not firewall_last:
-                await self._step(FIREWALL, self.firewall.sync(self.state), result)
-            removing = [
-                k for k in kinds.in_order(parts, True) if k in removals and k not in intents
-            ]
-            for key in removing:
-                await self._remove(key, result)
-            ensuring = [k for k in kinds.in_order(parts) if k in intents]
-            # what the sweep's budget left is marked again, and not this pass's
-            batch.keys -= await self._ensure_all(ensuring, result, batch.periodic)
-            if firewall_last:
-                await self._step(FIREWALL, self.firewall.sync(self.state), result)
-            if HOST in batch.keys:
-                self._record(HOST, attempt_now(self._host, HOST), result)
-            if batch.keys & {ORPHANS, PURGE_ORPHANS}:
-                await self._step(ORPHANS, self._orphans(PURGE_ORPHANS in batch.keys), result)
-            if batch.keys & {FINDINGS, READ_HOST} and self.checker is not None:
-                await self._step(FINDINGS, self.checker.refresh(READ_HOST in batch.keys), result)
+            if batch.keys:  # else announced interfaces alone: straight to their attach
+                await self._keys(batch, result)
             if batch.links:
                 links = [lk for i in batch.links if (lk := self.ctx.links.get(i)) is not None]
                 try:
@@ -420,6 +395,30 @@ class Reconciler:
             self._sweep_at = time.monotonic() + SWEEP_REST * (time.perf_counter() - t0)
         await self._log_pass(batch, t0, result)
         return result
+
+    async def _keys(self, batch: _Batch, result: PassResult) -> None:
+        """The marked keys' part of a pass, in the one order."""
+        kinds, intents, removals = self.state.kinds, self.state.intents, self._removals
+        parts = kinds.split(batch.keys)
+        # the firewall first (a forward's DNAT, a bridge's rules, a removal's rules gone
+        # before its parts), unless the pass is peers' alone (the guard follows)
+        firewall_last = FIREWALL in batch.keys and kinds.firewall_follows(parts)
+        if FIREWALL in batch.keys and not firewall_last:
+            await self._step(FIREWALL, self.firewall.sync(self.state), result)
+        removing = [k for k in kinds.in_order(parts, True) if k in removals and k not in intents]
+        for key in removing:
+            await self._remove(key, result)
+        ensuring = [k for k in kinds.in_order(parts) if k in intents]
+        # what the sweep's budget left is marked again, and not this pass's
+        batch.keys -= await self._ensure_all(ensuring, result, batch.periodic)
+        if firewall_last:
+            await self._step(FIREWALL, self.firewall.sync(self.state), result)
+        if HOST in batch.keys:
+            self._record(HOST, attempt_now(self._host, HOST), result)
+        if batch.keys & {ORPHANS, PURGE_ORPHANS}:
+            await self._step(ORPHANS, self._orphans(PURGE_ORPHANS in batch.keys), result)
+        if batch.keys & {FINDINGS, READ_HOST} and self.checker is not None:
+            await self._step(FINDINGS, self.checker.refresh(READ_HOST in batch.keys), result)
 
     async def _ensure_all(
         self, keys: list[str], result: PassResult, periodic: frozenset[str] = frozenset()
@@ -453,7 +452,7 @@ class Reconciler:
                 back = dict.fromkeys(k for k in left if k not in self._pending)
                 self._sweep = {**back, **self._sweep}
                 queue = collections.deque(k for k in queue if k not in periodic)
-                self._kick()
+                self._alarm.ring()
                 continue
             done.add(key)
             swept += key in periodic
