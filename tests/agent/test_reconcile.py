@@ -515,4 +515,26 @@ async def test_an_event_for_a_key_the_sweep_has_yet_to_reach_is_served_at_once(
     assert w.rec.status["ns/n5"].state == IN_PLACE
 
 
+
+@pytest.mark.parametrize("sweep_larger", [False, True])
+async def test_what_a_marked_key_needs_that_the_sweep_holds_comes_into_its_pass(
+    tmp_path: Path, sweep_larger: bool
+) -> None:
+    """A plug marked by an event while its namespace waits in the sweep: the pass takes
+    the namespace too (realized first), whichever of the sweep and the needed keys is
+    walked; what is needed and not in the sweep, or needed by nothing marked, stays."""
+    w = make_world(tmp_path)
+    note(w, *SEED, ("ns.add", {"name": "blue"}))
+    with anyio.fail_after(LIMIT):
+        await w.rec.run_until_idle("start")
+    rec = w.rec
+    rec._sweep = dict.fromkeys(["ns/red", "ns/blue", "fwd/tcp/80"])
+    if sweep_larger:
+        rec._sweep.update(dict.fromkeys(f"x/{i}" for i in range(len(w.state.needed()) + 1)))
+    rec._sweep_at = time.monotonic() + 3600  # no slice of the sweep itself is due
+    rec._pending = {PLUG: "event"}
+    batch = rec._take()
+    assert batch.keys == {PLUG, "ns/red"}
+    assert "ns/red" not in rec._sweep and "ns/blue" in rec._sweep
+
 # ---- attach rules -------------------------------------------------------------------
