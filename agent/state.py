@@ -93,6 +93,9 @@ class DesiredState:
         #: (segment, IP version) -> the addresses in use there, as integers: the
         #: "segment-ip" index seen by segment, kept with it (``used_on``)
         self._segment_ips: dict[tuple[str, int], set[int]] = defaultdict(set)
+        #: (segment, IP version) -> (first, low): every address from ``first`` up to
+        #: ``low`` is in use there (a lease's scan starts at ``low``; ``lease_start``)
+        self._segment_low: dict[tuple[str, int], tuple[int, int]] = {}
         self._log: list[Change] | None = None
         self._memo: dict[str, tuple[Intent, list[tuple[str, Hashable]]]] = {}
         self._undoing = False
@@ -164,6 +167,16 @@ class DesiredState:
         microseconds, not a walk of every address on every segment). Read only."""
         return self._segment_ips.get((segment, version), frozenset())
 
+    def lease_start(self, segment: str, version: int, first: int) -> int:
+        """Where a lease's scan from ``first`` may start: every address below it (from
+        ``first``) is in use on ``segment``. A freed address moves it back."""
+        low = self._segment_low.get((segment, version))
+        return low[1] if low is not None and low[0] == first else first
+
+    def leased_from(self, segment: str, version: int, first: int, low: int) -> None:
+        """A lease's scan found every address from ``first`` up to ``low`` in use."""
+        self._segment_low[(segment, version)] = (first, low)
+
     # ---- low level: every mutation goes through these two ---------------------------
     def _put(self, intent: Intent, kind: Kind[Any] | None = None) -> Change | None:
         key = intent.key
@@ -217,11 +230,15 @@ class DesiredState:
 
     def _note_ip(self, value: Hashable, used: bool) -> None:
         segment, ip = cast("tuple[str, IPAddress]", value)
-        group = self._segment_ips[(segment, ip.version)]
+        where = (segment, ip.version)
+        group = self._segment_ips[where]
         if used:
             group.add(int(ip))
         else:
             group.discard(int(ip))
+            low = self._segment_low.get(where)
+            if low is not None and int(ip) < low[1]:
+                self._segment_low[where] = (low[0], max(low[0], int(ip)))
 
     # ---- transactions ---------------------------------------------------------------
     def propose(self, fn: Callable[[DesiredState], object]) -> list[Change]:

@@ -33,21 +33,31 @@ def free_address(
     The scan compares integers with the state's set of the segment's addresses
     (``DesiredState.used_on``, kept with the index): asking the index per candidate (an
     ``ipaddress`` object and its hash each) made an ADD with 1,000 containers on a
-    bridge cost ~5 ms more than with 10, gathering the addresses per ADD ~1.5 ms."""
+    bridge cost ~5 ms more than with 10, gathering the addresses per ADD ~1.5 ms. The
+    scan starts where the last one found the first unused address."""
     net = gateway.network
     first = int(net.network_address) + 1
     last = int(net.broadcast_address) - (1 if gateway.version == 4 else 0)
     if net.prefixlen >= net.max_prefixlen - 1:
         first, last = int(net.network_address), int(net.broadcast_address)
-    used = state.used_on(segment, gateway.version)
+    version = gateway.version
+    used = state.used_on(segment, version)
     taken = {int(gateway.ip)}
     taken.update(
         int(ip) for ip in skip if isinstance(ip, (ipaddress.IPv4Address, ipaddress.IPv6Address))
     )
-    for n, value in enumerate(range(first, last + 1)):
+    # from where the last scan found the first address not in use (the 1,000 used below
+    # it cost ~0.25 ms a lease to walk again); a freed address moves that point back
+    low: int | None = None
+    for n, value in enumerate(range(state.lease_start(segment, version, first), last + 1)):
         if n >= SCAN_LIMIT:
             break
-        if value not in used and value not in taken:
+        if value in used:
+            continue
+        if low is None:
+            low = value
+            state.leased_from(segment, version, first, low)
+        if value not in taken:
             return ipaddress.ip_interface(f"{ipaddress.ip_address(value)}/{net.prefixlen}")
     raise AddressInUse(
         f"no free address is left in {net} on {state.label(segment)}; remove a plug or "

@@ -103,3 +103,44 @@ def test_the_addresses_in_use_follow_every_change_a_refused_one_included(
     assert state.used_on("br/br0", 4) == as_ints("10.9.0.6")
     do(state, "plug.add", ns="c", bridge="br0")
     assert addresses(state, "c") == ["10.9.0.2/29", "fd00:9::2/64"]
+
+
+def test_each_lease_is_the_lowest_free_address_over_adds_and_removals() -> None:
+    """The scan starts where the last one found the first free address; whatever mix
+    of leases, requested addresses, removals and refused requests comes before, the
+    lease is the lowest address no plug holds (brute force beside it)."""
+    import random
+
+    seed = random.randrange(1 << 30)
+    print(f"seed {seed}")
+    rnd = random.Random(seed)
+    s = DesiredState(default_kinds(), external_namespace=lambda n: False)
+    do(s, "bridge.add", name="br0", addresses=["10.9.0.1/27"])  # .2 to .30 for plugs
+    names = [f"n{i}" for i in range(40)]
+    for ns in names:
+        do(s, "ns.add", name=ns)
+    held: dict[str, int] = {}
+    for _ in range(400):
+        ns = rnd.choice(names)
+        if ns in held:
+            do(s, "plug.del", ns=ns, bridge="br0")
+            del held[ns]
+            continue
+        free = [h for h in range(2, 31) if h not in held.values()]
+        if rnd.random() < 0.2:  # a requested address: taken when free, refused when not
+            host = rnd.randrange(2, 31)
+            if host in held.values():
+                with pytest.raises(E.AddressInUse):
+                    do(s, "plug.add", ns=ns, bridge="br0", addresses=[f"10.9.0.{host}/27"])
+            else:
+                do(s, "plug.add", ns=ns, bridge="br0", addresses=[f"10.9.0.{host}/27"])
+                held[ns] = host
+            continue
+        if not free:
+            with pytest.raises(E.AddressInUse):
+                do(s, "plug.add", ns=ns, bridge="br0")
+            continue
+        do(s, "plug.add", ns=ns, bridge="br0")
+        got = int(addresses(s, ns)[0].split("/")[0].rsplit(".", 1)[1])
+        assert got == min(free), f"seed {seed}: leased .{got}, lowest free .{min(free)}"
+        held[ns] = got
