@@ -144,3 +144,48 @@ def test_a_pause_holds_the_collector_until_the_last_one_ends() -> None:
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_a_pause_ends_frozen() -> None:
+    """What a paused request built is frozen when the pause ends (the collections after
+    it do not walk it again)."""
+    try:
+        gc.unfreeze()
+        with gcidle.paused():
+            built = [object() for _ in range(10)] + [[i] for i in range(1000)]
+        assert gc.get_freeze_count() >= len(built) - 10  # the lists (objects are untracked)
+    finally:
+        gc.unfreeze()
+
+
+async def test_an_apply_collects_while_its_pass_runs(tmp_path: Any) -> None:
+    """``apply`` pauses the collector while it parses and records, not while its pass
+    makes the kernel's side (pyroute2's cyclic messages would pile up for one long
+    collection after it)."""
+    from .world import make_world
+
+    w = make_world(tmp_path)
+    seen: dict[str, bool] = {}
+    add_bridge = w.net.add_bridge
+
+    async def recording(name: str, mac: str | None = None) -> None:
+        seen["pass"] = gc.isenabled()
+        await add_bridge(name, mac)
+
+    w.net.add_bridge = recording  # type: ignore[method-assign]
+    kind = w.state.kinds.get("bridge")
+    assert kind is not None
+    add = kind.add
+
+    def parsing(state: Any, req: Any) -> Any:
+        seen["parse"] = gc.isenabled()
+        return add(state, req)
+
+    kind.add = parsing  # type: ignore[method-assign]
+    try:
+        async with w.running():
+            await w.call("apply", intents=[{"kind": "bridge", "name": "br0"}])
+        assert seen == {"parse": False, "pass": True}
+        assert gc.isenabled()
+    finally:
+        gc.unfreeze()
