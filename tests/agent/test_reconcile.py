@@ -515,7 +515,6 @@ async def test_an_event_for_a_key_the_sweep_has_yet_to_reach_is_served_at_once(
     assert w.rec.status["ns/n5"].state == IN_PLACE
 
 
-
 @pytest.mark.parametrize("sweep_larger", [False, True])
 async def test_what_a_marked_key_needs_that_the_sweep_holds_comes_into_its_pass(
     tmp_path: Path, sweep_larger: bool
@@ -536,5 +535,6 @@ async def test_what_a_marked_key_needs_that_the_sweep_holds_comes_into_its_pass(
     batch = rec._take()
     assert batch.keys == {PLUG, "ns/red"}
     assert "ns/red" not in rec._sweep and "ns/blue" in rec._sweep
+
 
 # ---- attach rules -------------------------------------------------------------------
